@@ -1,0 +1,231 @@
+"""`ScoreMachine`: the IS, ES, LS and ELS machines of Kamb & Ganguli (2025) as denoisers (SPEC sections 1-2).
+
+Every machine is one call of `elsfast.reduce.softmax_reduce` per group set (`elsfast.patches.group_sets`),
+per class when class-conditional:
+
+    IS   one group; keys and values are whole training images
+    ES   IS over every circular translate of every training image (circular padding only)
+    LS   one group per pixel; keys are the P x P patches at that pixel, values their centre pixels
+    ELS  patches at every position (circular) or every position of the same border class (zero padding)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .patches import PADDINGS, extract_patches, group_sets
+from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, softmax_reduce
+from .reduce.registry import check_backend_name
+
+__all__ = ["MACHINES", "MachineStats", "ScoreMachine"]
+
+MACHINES = ("is", "es", "ls", "els")
+
+
+@dataclass
+class MachineStats:
+    """What the last `denoise` call did: backends used, dictionary chunks streamed, query-entry pairs scored."""
+
+    backends: set[str]
+    chunks: int = 0
+    pairs: int = 0
+
+
+def _check_abar(abar: float | torch.Tensor) -> float:
+    if isinstance(abar, torch.Tensor):
+        if abar.numel() != 1:
+            raise ValueError(f"abar must be a single number, got a tensor of shape {tuple(abar.shape)}")
+        abar = abar.item()
+    abar = float(abar)
+    if not (0.0 < abar < 1.0):
+        raise ValueError(f"abar must lie strictly between 0 and 1, got {abar}")
+    return abar
+
+
+def _check_patch_size(patch_size: int) -> int:
+    if isinstance(patch_size, bool) or int(patch_size) != patch_size:
+        raise ValueError(f"patch_size must be an odd positive integer, got {patch_size!r}")
+    patch_size = int(patch_size)
+    if patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"patch_size must be an odd positive integer, got {patch_size}")
+    return patch_size
+
+
+class ScoreMachine:
+    """An analytic denoiser `D(x_t, abar) = E[x_0 | x_t]` over a training set.
+
+    Args:
+        train_images: `[N, C, H, W]` float in [-1, 1], or uint8 (mapped by u / 127.5 - 1). Kept as given (uint8
+            stays uint8); patches are built from it chunk by chunk.
+        train_labels: optional `[N]` integer labels, needed for class-conditional calls.
+        machine: "is", "es", "ls" or "els".
+        padding: "zeros" or "circular": how patches at the border are completed (ES needs "circular").
+        backend: reduction backend name or "auto" (see `elsfast.reduce.backend_names()`).
+        device: where the training set lives and the computation runs (default: the images' device).
+        memory_budget: bytes of working memory per reduction; sets the dictionary chunk sizes.
+        dtype: compute dtype, torch.float32 (default) or torch.float64.
+    """
+
+    def __init__(
+        self,
+        train_images: torch.Tensor,
+        train_labels: torch.Tensor | Sequence[int] | None = None,
+        *,
+        machine: str = "els",
+        padding: str = "zeros",
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if machine not in MACHINES:
+            raise ValueError(f"unknown machine {machine!r}; known: {', '.join(MACHINES)}")
+        if padding not in PADDINGS:
+            raise ValueError(f"unknown padding {padding!r}; known: {', '.join(PADDINGS)}")
+        if machine == "es" and padding == "zeros":
+            raise ValueError(
+                "the ES machine is defined by circular translations; with zero padding it reduces to IS: "
+                "use machine='is', or padding='circular' for ES"
+            )
+        check_backend_name(backend)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
+            shape = tuple(train_images.shape) if isinstance(train_images, torch.Tensor) else type(train_images)
+            raise ValueError(f"train_images must be a tensor [N, C, H, W], got {shape}")
+        if train_images.shape[0] == 0:
+            raise ValueError("train_images is empty: the dictionary needs at least one image")
+        if train_images.dtype != torch.uint8:
+            if not train_images.is_floating_point():
+                raise ValueError(f"train_images must be uint8 or float, got {train_images.dtype}")
+            if not torch.isfinite(train_images).all():
+                raise ValueError("train_images contains NaN or infinite values")
+            lo, hi = train_images.min().item(), train_images.max().item()
+            if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+                raise ValueError(f"float train_images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+            train_images = train_images.to(dtype)
+        self.device = torch.device(device) if device is not None else train_images.device
+        self.images = train_images.to(self.device).contiguous()
+        self.labels = None
+        if train_labels is not None:
+            labels = torch.as_tensor(train_labels)
+            if labels.dim() != 1 or labels.shape[0] != self.images.shape[0]:
+                raise ValueError(
+                    f"train_labels must have shape [{self.images.shape[0]}], got {tuple(labels.shape)}"
+                )
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise ValueError(f"train_labels must be integers, got {labels.dtype}")
+            self.labels = labels.to(torch.int64).cpu()
+        self.machine, self.padding, self.backend = machine, padding, backend
+        self.memory_budget, self.dtype = int(memory_budget), dtype
+        self.last_stats = MachineStats(set())
+        self._class_images: dict[int, torch.Tensor] = {}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the training images."""
+        return tuple(self.images.shape[1:])
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        return (
+            f"ScoreMachine(machine={self.machine!r}, padding={self.padding!r}, backend={self.backend!r}, "
+            f"train={n}x{c}x{h}x{w}, conditional={self.labels is not None}, device={self.device})"
+        )
+
+    def class_images(self, label: int) -> torch.Tensor:
+        """The training images of one class `[N_c, C, H, W]` (cached)."""
+        if label not in self._class_images:
+            index = (self.labels == label).nonzero().flatten()
+            if index.numel() == 0:
+                raise ValueError(f"class {label} has no training images: its dictionary would be empty")
+            self._class_images[label] = self.images[index.to(self.device)]
+        return self._class_images[label]
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"x must be a tensor [B, C, H, W], got {getattr(x, 'shape', type(x))}")
+        if tuple(x.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"x has shape [B, C, H, W] = {list(x.shape)} but the training images are "
+                f"[C, H, W] = {list(self.image_shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a float tensor, got {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
+        return x.to(self.device, self.dtype)
+
+    def _check_labels(self, labels: torch.Tensor | Sequence[int] | None, batch: int) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        if self.labels is None:
+            raise ValueError("labels were given but the machine has no train_labels: pass train_labels=...")
+        labels = torch.as_tensor(labels).cpu()
+        if labels.dim() != 1 or labels.shape[0] != batch:
+            raise ValueError(f"labels must have shape [{batch}] (one per sample), got {tuple(labels.shape)}")
+        return labels.to(torch.int64)
+
+    def denoise(
+        self,
+        x: torch.Tensor,
+        abar: float,
+        patch_size: int = 3,
+        labels: torch.Tensor | Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """The machine's `E[x_0 | x_t = x]` for a batch `x` `[B, C, H, W]` at noise level `abar` in (0, 1).
+
+        `patch_size` (odd) is ignored by IS and ES. `labels` `[B]` restricts each sample's dictionary to the
+        training images of its class. Returns `[B, C, H, W]` in the machine's dtype, on its device.
+        """
+        abar = _check_abar(abar)
+        x = self._check_x(x)
+        patch_size = _check_patch_size(patch_size)
+        labels = self._check_labels(labels, x.shape[0])
+        self.last_stats = MachineStats(set())
+        if labels is None:
+            return self._denoise(x, self.images, abar, patch_size)
+        out = torch.empty_like(x)
+        for label in labels.unique().tolist():
+            rows = (labels == label).nonzero().flatten().to(x.device)
+            out[rows] = self._denoise(x[rows], self.class_images(label), abar, patch_size)
+        return out
+
+    def eps(self, x: torch.Tensor, abar: float, patch_size: int = 3, labels=None) -> torch.Tensor:
+        """Noise prediction `(x - sqrt(abar) D) / sqrt(1 - abar)`, same arguments as `denoise`."""
+        d = self.denoise(x, abar, patch_size, labels)
+        abar = float(abar)
+        return (x.to(d) - math.sqrt(abar) * d) / math.sqrt(1.0 - abar)
+
+    def score(self, x: torch.Tensor, abar: float, patch_size: int = 3, labels=None) -> torch.Tensor:
+        """Score `(sqrt(abar) D - x) / (1 - abar)`, same arguments as `denoise`."""
+        d = self.denoise(x, abar, patch_size, labels)
+        abar = float(abar)
+        return (math.sqrt(abar) * d - x.to(d)) / (1.0 - abar)
+
+    def _reduce(self, queries: torch.Tensor, dictionary, abar: float) -> torch.Tensor:
+        result = softmax_reduce(
+            queries, dictionary, abar=abar, backend=self.backend, memory_budget=self.memory_budget
+        )
+        self.last_stats.backends.add(result.backend)
+        self.last_stats.chunks += result.chunks
+        self.last_stats.pairs += result.pairs
+        return result.values
+
+    def _denoise(self, x: torch.Tensor, images: torch.Tensor, abar: float, patch_size: int) -> torch.Tensor:
+        B, C, H, W = x.shape
+        if self.machine in ("is", "es"):
+            dictionary = ImageDictionary(images, shifts=self.machine == "es")
+            return self._reduce(x.reshape(1, B, -1), dictionary, abar).reshape(B, C, H, W)
+        out = torch.empty(B, C, H * W, dtype=x.dtype, device=x.device)
+        for positions in group_sets(H, W, patch_size, self.padding, self.machine):
+            G, S = positions.shape
+            queries = extract_patches(x, patch_size, self.padding, positions).reshape(G, S * B, -1)
+            dictionary = PatchDictionary(images, patch_size, self.padding, positions)
+            values = self._reduce(queries, dictionary, abar)  # (G, S * B, C)
+            out[:, :, positions.flatten().to(x.device)] = values.reshape(G * S, B, C).permute(1, 2, 0)
+        return out.reshape(B, C, H, W)

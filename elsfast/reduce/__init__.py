@@ -1,0 +1,21 @@
+"""The softmax-over-dictionary core: one function (`softmax_reduce`), many backends."""
+
+from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
+from .dictionary import Dictionary, ImageDictionary, PatchDictionary
+from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
+from .state import ReduceState
+
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "Backend",
+    "BackendUnavailable",
+    "Dictionary",
+    "ImageDictionary",
+    "PatchDictionary",
+    "ReduceState",
+    "Reduction",
+    "backend_names",
+    "backend_reasons",
+    "register_backend",
+    "softmax_reduce",
+]

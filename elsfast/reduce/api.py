@@ -1,0 +1,66 @@
+"""`softmax_reduce`: the one core operation behind every machine (SPEC section 5).
+
+Shape letters, used in every docstring of `elsfast.reduce`:
+
+    G  groups: independent softmaxes over separate dictionaries (LS: one per pixel; ELS with zero padding:
+       one per border class; ELS circular, IS, ES: one)
+    M  queries per group (noisy patches or images)
+    N  training images in the dictionary; each contributes S entries to every group (N * S entries a group)
+    D  key dimension: C*P*P for patches, C*H*W for whole images
+    E  value dimension: C for a patch's centre pixel, C*H*W for whole images
+
+For queries q `(G, M, D)` and noise level abar, with a = sqrt(abar) and T = 2 (1 - abar):
+
+    out[g, m] = sum_j softmax_j( -||q[g, m] - a k[g, j]||^2 / T ) v[g, j]
+
+over the entries j of group g of the dictionary. Machines, the sampler and adapters call only this function;
+which backend runs it is chosen here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import torch_backend  # noqa: F401  (registers the torch backend)
+from .dictionary import Dictionary
+from .registry import select_backend
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Reduction", "softmax_reduce"]
+
+DEFAULT_MEMORY_BUDGET = 512 << 20
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Result of `softmax_reduce`: `values` `(G, M, E)`, the backend that ran, how many dictionary chunks it
+    streamed, and the number of query-entry pairs it scored."""
+
+    values: torch.Tensor
+    backend: str
+    chunks: int
+    pairs: int
+
+
+def softmax_reduce(
+    queries: torch.Tensor,
+    dictionary: Dictionary,
+    *,
+    abar: float,
+    backend: str = "auto",
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+) -> Reduction:
+    """Softmax-weighted mean of the dictionary's values for each query.
+
+    Args:
+        queries: `(G, M, D)` float32 or float64; the computation runs in this dtype on its device.
+        dictionary: the keys and values, built chunk by chunk (`elsfast.reduce.dictionary`).
+        abar: noise level in (0, 1).
+        backend: a registered backend name, or "auto".
+        memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use.
+    """
+    chosen = select_backend(backend, queries, dictionary)
+    state, chunks = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget)
+    G, M, _ = queries.shape
+    return Reduction(state.finalize(), chosen.NAME, chunks, G * M * dictionary.size)

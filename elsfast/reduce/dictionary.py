@@ -1,0 +1,126 @@
+"""Dictionaries: where the keys and values of the core reduction come from, built chunk by chunk.
+
+A dictionary holds training images (uint8 or float, never expanded to patches as a whole) and knows how to turn
+the images `[start, stop)` into the keys and values of every group. Backends ask for one chunk at a time, so the
+float32 patch dictionary is never materialised (SPEC section 5). Shape letters are those of `elsfast.reduce.api`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..patches import centre_pixels, extract_patches
+
+__all__ = ["Dictionary", "ImageDictionary", "PatchDictionary", "as_float"]
+
+
+def as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images -> `dtype` in [-1, 1] (u / 127.5 - 1); float images are cast to `dtype`."""
+    if images.dtype == torch.uint8:
+        return images.to(dtype) / 127.5 - 1
+    return images.to(dtype)
+
+
+@dataclass(frozen=True)
+class Dictionary:
+    """Base class. `images` `[N, C, H, W]` are the training images that contribute to the dictionary.
+
+    Subclasses define `num_groups` (G), `entries_per_image` (S), `key_dim` (D), `value_dim` (E) and `entries`.
+    """
+
+    images: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def size(self) -> int:
+        """Entries per group: N * S."""
+        return self.num_images * self.entries_per_image
+
+    def bytes_per_image(self, itemsize: int) -> int:
+        """Working memory one training image costs inside a chunk (keys, values, norms and the copies made
+        while building them), in bytes."""
+        per_entry = self.num_groups * self.entries_per_image * (2 * self.key_dim + self.value_dim + 1)
+        return itemsize * per_entry
+
+    def entries(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys `(G, (stop - start) * S, D)` and values `(G, (stop - start) * S, E)` of images `[start, stop)`."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class PatchDictionary(Dictionary):
+    """LS/ELS: the P x P patches of every image at the positions of each group; the value is the centre pixel.
+
+    `positions` `(G, S)` flat pixel indices (see `elsfast.patches.group_sets`).
+    """
+
+    patch_size: int
+    padding: str
+    positions: torch.Tensor
+
+    @property
+    def num_groups(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def entries_per_image(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def key_dim(self) -> int:
+        return self.images.shape[1] * self.patch_size**2
+
+    @property
+    def value_dim(self) -> int:
+        return self.images.shape[1]
+
+    def entries(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = as_float(self.images[start:stop], dtype)
+        G = self.num_groups
+        keys = extract_patches(chunk, self.patch_size, self.padding, self.positions).reshape(G, -1, self.key_dim)
+        values = centre_pixels(chunk, self.positions).reshape(G, -1, self.value_dim)
+        return keys, values
+
+
+@dataclass(frozen=True)
+class ImageDictionary(Dictionary):
+    """IS (`shifts=False`): whole images, value = the image. ES (`shifts=True`): every circular translate of every
+    image (H*W entries per image), value = the translated image. G = 1, D = E = C*H*W."""
+
+    shifts: bool = False
+
+    num_groups = 1
+
+    @property
+    def entries_per_image(self) -> int:
+        return self.images.shape[2] * self.images.shape[3] if self.shifts else 1
+
+    @property
+    def key_dim(self) -> int:
+        return self.images[0].numel()
+
+    @property
+    def value_dim(self) -> int:
+        return self.key_dim
+
+    def bytes_per_image(self, itemsize: int) -> int:
+        # keys double as values, plus one copy while building the translates
+        return itemsize * self.entries_per_image * (2 * self.key_dim + 1)
+
+    def entries(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = as_float(self.images[start:stop], dtype)
+        n, C, H, W = chunk.shape
+        if not self.shifts:
+            keys = chunk.reshape(1, n, C * H * W)
+            return keys, keys
+        # The H x W windows of the circularly extended image are its H*W circular translates.
+        ext = torch.cat([chunk, chunk[:, :, : H - 1]], dim=2)
+        ext = torch.cat([ext, ext[:, :, :, : W - 1]], dim=3)  # [n, C, 2H - 1, 2W - 1]
+        windows = ext.unfold(2, H, 1).unfold(3, W, 1)  # [n, C, H, W, H, W]
+        keys = windows.permute(2, 3, 0, 1, 4, 5).reshape(1, H * W * n, C * H * W)
+        return keys, keys

@@ -1,0 +1,139 @@
+"""The one deterministic DDIM sampler (eta = 0, no clipping) for machines and networks (SPEC section 1).
+
+With n steps on the grid t_i = i / n the sampler starts from x ~ N(0, I) placed at t_{n-1} and, for
+i = n-1, ..., 1, with x0 = D(x, abar_i) and eps = (x - sqrt(abar_i) x0) / sqrt(1 - abar_i), sets
+
+    x <- sqrt(abar_{i-1}) x0 + sqrt(1 - abar_{i-1}) eps,
+
+which is DDIM's update (Song et al. 2021, eq. 12 with sigma = 0). The last update lands on abar_0 = 1, so the
+output is the denoiser's x0 prediction: n steps make n - 1 denoiser evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .machine import ScoreMachine
+from .reduce import DEFAULT_MEMORY_BUDGET
+from .scales import PatchSizeSpec, resolve_patch_size
+from .schedules import get_schedule
+
+__all__ = ["Denoiser", "ddim_sample", "sample"]
+
+Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
+"""denoiser(x, abar, step) -> x0 prediction, x `[B, C, H, W]`."""
+
+StepCallback = Callable[[dict], None]
+
+
+def ddim_sample(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    *,
+    steps: int = 20,
+    schedule: str | Callable[[float], float] = "cosine-legacy",
+    progress: bool = True,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Run the reverse process from noise `x` `[B, C, H, W]` placed at t = (steps - 1) / steps.
+
+    `callback`, if given, receives after every update a dict with `i`, `t`, `abar`, `x` (the new state) and
+    `denoised` (the x0 prediction at step i).
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2, got {steps}")
+    abar_of = get_schedule(schedule)
+    for i in tqdm(range(steps - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
+        t = i / steps
+        abar, abar_prev = abar_of(t), abar_of((i - 1) / steps)
+        x0 = denoiser(x, abar, i)
+        eps = (x - math.sqrt(abar) * x0) / math.sqrt(1.0 - abar)
+        x = math.sqrt(abar_prev) * x0 + math.sqrt(max(0.0, 1.0 - abar_prev)) * eps
+        if callback is not None:
+            callback({"i": i, "t": t, "abar": abar, "x": x, "denoised": x0})
+    return x
+
+
+def _labels_for(labels, n: int) -> torch.Tensor | None:
+    if labels is None:
+        return None
+    if isinstance(labels, int):
+        return torch.full((n,), labels, dtype=torch.int64)
+    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    if labels.numel() != n:
+        raise ValueError(f"labels must be one int or {n} ints (one per sample), got {labels.numel()}")
+    return labels
+
+
+def sample(
+    source: ScoreMachine | torch.Tensor | str | Path,
+    n: int = 16,
+    *,
+    steps: int = 20,
+    patch_size: PatchSizeSpec = 3,
+    machine: str = "els",
+    padding: str = "zeros",
+    labels: int | Sequence[int] | torch.Tensor | None = None,
+    seed: int = 0,
+    schedule: str | Callable[[float], float] = "cosine-legacy",
+    backend: str = "auto",
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    train_labels: torch.Tensor | Sequence[int] | None = None,
+    data_root: str | Path | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    noise: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
+
+    Args:
+        source: a `ScoreMachine` (its machine, padding, backend and device are used as they are), a tensor of
+            training images `[N, C, H, W]` (with `train_labels` for conditional sampling), or a dataset name
+            or path understood by `elsfast.datasets.load` (train split; its labels come along).
+        patch_size: an odd int, a list with one size per step, a callable of t, or the name of a published
+            calibrated list (see `elsfast.scales.reference_scales()`).
+        labels: class label(s) for class-conditional sampling: one int or one per sample.
+        seed: seeds the initial noise, drawn on the CPU so that a seed gives the same noise on every device.
+        noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
+        callback: called after every step (see `ddim_sample`).
+    """
+    if isinstance(source, ScoreMachine):
+        m = source
+    else:
+        if isinstance(source, str | Path):
+            from . import datasets
+
+            data = datasets.load(str(source), split="train", root=data_root)
+            images, train_labels = data.images, data.labels
+        else:
+            images = source
+        m = ScoreMachine(
+            images,
+            train_labels,
+            machine=machine,
+            padding=padding,
+            backend=backend,
+            device=device,
+            memory_budget=memory_budget,
+        )
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    size_at = resolve_patch_size(patch_size, steps)
+    sample_labels = _labels_for(labels, n)
+    if noise is None:
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(n, *m.image_shape, generator=generator, dtype=m.dtype)
+    elif tuple(noise.shape) != (n, *m.image_shape):
+        raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
+
+    def denoiser(x: torch.Tensor, abar: float, i: int) -> torch.Tensor:
+        return m.denoise(x, abar, size_at(i / steps, i), sample_labels)
+
+    x = noise.to(m.device, m.dtype)
+    return ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=callback)
