@@ -3,7 +3,7 @@
 Importing elsfast imports nothing optional (no Triton, FAISS or compiled extension).
 """
 
-from . import schedules
+from . import datasets, schedules
 from .machine import MACHINES, ScoreMachine
 from .reduce import backend_names, softmax_reduce
 from .sampling import ddim_sample, sample
@@ -16,6 +16,7 @@ __all__ = [
     "ScoreMachine",
     "__version__",
     "backend_names",
+    "datasets",
     "ddim_sample",
     "reference_scales",
     "sample",

@@ -114,9 +114,7 @@ class ScoreMachine:
         if train_labels is not None:
             labels = torch.as_tensor(train_labels)
             if labels.dim() != 1 or labels.shape[0] != self.images.shape[0]:
-                raise ValueError(
-                    f"train_labels must have shape [{self.images.shape[0]}], got {tuple(labels.shape)}"
-                )
+                raise ValueError(f"train_labels must have shape [{self.images.shape[0]}], got {tuple(labels.shape)}")
             if labels.is_floating_point() or labels.dtype == torch.bool:
                 raise ValueError(f"train_labels must be integers, got {labels.dtype}")
             self.labels = labels.to(torch.int64).cpu()
@@ -208,9 +206,7 @@ class ScoreMachine:
         return (math.sqrt(abar) * d - x.to(d)) / (1.0 - abar)
 
     def _reduce(self, queries: torch.Tensor, dictionary, abar: float) -> torch.Tensor:
-        result = softmax_reduce(
-            queries, dictionary, abar=abar, backend=self.backend, memory_budget=self.memory_budget
-        )
+        result = softmax_reduce(queries, dictionary, abar=abar, backend=self.backend, memory_budget=self.memory_budget)
         self.last_stats.backends.add(result.backend)
         self.last_stats.chunks += result.chunks
         self.last_stats.pairs += result.pairs

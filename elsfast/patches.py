@@ -34,8 +34,8 @@ def pad_images(images: torch.Tensor, r: int, padding: str) -> torch.Tensor:
     if padding == "zeros":
         return F.pad(images, (r, r, r, r))
     H, W = images.shape[-2:]
-    rows = (torch.arange(-r, H + r, device=images.device) % H)
-    cols = (torch.arange(-r, W + r, device=images.device) % W)
+    rows = torch.arange(-r, H + r, device=images.device) % H
+    cols = torch.arange(-r, W + r, device=images.device) % W
     return images[:, :, rows][:, :, :, cols]
 
 
@@ -72,7 +72,7 @@ def extract_patches(images: torch.Tensor, patch_size: int, padding: str, positio
     The feature order within a patch is (channel, row, column). Only the requested patches are copied; the
     full `[n, H, W, D]` patch tensor is never formed.
     """
-    n, C, H, W = images.shape
+    n, C, _H, W = images.shape
     P = patch_size
     padded = pad_images(images, P // 2, padding)
     # windows[y, x, i] is the P x P window of image i whose top-left corner is padded pixel (y, x), i.e. the patch

@@ -48,7 +48,7 @@ def reference_denoise(x, train, abar, *, machine, padding="zeros", patch_size=3,
             for z in range(W):
                 q = xp[:, y : y + P, z : z + P].ravel()
                 keys, values = [], []
-                for d, dpad in zip(dic, dp):
+                for d, dpad in zip(dic, dp, strict=False):
                     for y2 in range(H):
                         for z2 in range(W):
                             if machine == "ls":

@@ -32,7 +32,14 @@ def fp32_tolerance(x: torch.Tensor, train: torch.Tensor, abar: float, patch_size
     return 8 * EPS32 * (2 * a * q * k + a * a * k * k) / T + 1e-6
 
 
-COMBOS = [("is", "zeros"), ("es", "circular"), ("ls", "zeros"), ("ls", "circular"), ("els", "zeros"), ("els", "circular")]
+COMBOS = [
+    ("is", "zeros"),
+    ("es", "circular"),
+    ("ls", "zeros"),
+    ("ls", "circular"),
+    ("els", "zeros"),
+    ("els", "circular"),
+]
 
 
 def _problem(seed, N, C, H, W, B, abar, classes=None):
@@ -136,9 +143,15 @@ def _budget_for(make, x, abar, P, target, labels=None):
     return lo
 
 
-@pytest.mark.parametrize(("machine", "padding", "conditional"), [
-    ("els", "circular", False), ("ls", "zeros", False), ("is", "zeros", False), ("els", "circular", True),
-])
+@pytest.mark.parametrize(
+    ("machine", "padding", "conditional"),
+    [
+        ("els", "circular", False),
+        ("ls", "zeros", False),
+        ("is", "zeros", False),
+        ("els", "circular", True),
+    ],
+)
 def test_chunking_does_not_change_the_result(machine, padding, conditional):
     # 14 images: 2 chunks of 7, 7 of 2, 5 unequal chunks (3,3,3,3,2), and one chunk per image
     train, x, train_labels, labels = _problem(5, 14, 1, 6, 6, 3, 0.7)
@@ -155,7 +168,7 @@ def test_chunking_does_not_change_the_result(machine, padding, conditional):
         chunks, out = _chunks_and_output(make(budget), x, 0.7, 3, labels)
         assert chunks == target
         torch.testing.assert_close(out, whole, rtol=0, atol=1e-12)
-        chunks32, out32 = _chunks_and_output(make(budget, torch.float32), x, 0.7, 3, labels)
+        _chunks32, out32 = _chunks_and_output(make(budget, torch.float32), x, 0.7, 3, labels)
         torch.testing.assert_close(out32.double(), whole, rtol=0, atol=1e-5)
 
 
@@ -170,7 +183,7 @@ def test_chunking_invariance_boundary_broken_conditional():
         return _chunks_and_output(m, x, 0.4, 3, labels)
 
     budgets = [int(1.25**k) for k in range(0, 80)]
-    counts, outs = zip(*(run(b) for b in budgets))
+    counts, outs = zip(*(run(b) for b in budgets), strict=False)
     assert counts[0] > counts[-1] and len(set(counts)) >= 4, counts
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=1e-12)
@@ -228,11 +241,20 @@ def small():
     return ScoreMachine(train, torch.tensor([0, 0, 1, 1])), torch.zeros(2, 1, 5, 5)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"patch_size": 4}, "odd"), ({"patch_size": 0}, "odd"), ({"patch_size": -3}, "odd"), ({"patch_size": 2.5}, "odd"),
-    ({"abar": 0.0}, "between 0 and 1"), ({"abar": 1.0}, "between 0 and 1"), ({"abar": -0.5}, "between 0 and 1"),
-    ({"labels": [0]}, "one per sample"), ({"labels": [0, 5]}, "class 5 has no training images"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"patch_size": 4}, "odd"),
+        ({"patch_size": 0}, "odd"),
+        ({"patch_size": -3}, "odd"),
+        ({"patch_size": 2.5}, "odd"),
+        ({"abar": 0.0}, "between 0 and 1"),
+        ({"abar": 1.0}, "between 0 and 1"),
+        ({"abar": -0.5}, "between 0 and 1"),
+        ({"labels": [0]}, "one per sample"),
+        ({"labels": [0, 5]}, "class 5 has no training images"),
+    ],
+)
 def test_bad_denoise_arguments(small, kwargs, match):
     m, x = small
     args = {"abar": 0.5, "patch_size": 3} | kwargs

@@ -12,15 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ..patches import centre_pixels, extract_patches
+from ..pixels import to_float
 
-__all__ = ["Dictionary", "ImageDictionary", "PatchDictionary", "as_float"]
-
-
-def as_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 images -> `dtype` in [-1, 1] (u / 127.5 - 1); float images are cast to `dtype`."""
-    if images.dtype == torch.uint8:
-        return images.to(dtype) / 127.5 - 1
-    return images.to(dtype)
+__all__ = ["Dictionary", "ImageDictionary", "PatchDictionary"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +74,7 @@ class PatchDictionary(Dictionary):
         return self.images.shape[1]
 
     def entries(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = as_float(self.images[start:stop], dtype)
+        chunk = to_float(self.images[start:stop], dtype)
         G = self.num_groups
         keys = extract_patches(chunk, self.patch_size, self.padding, self.positions).reshape(G, -1, self.key_dim)
         values = centre_pixels(chunk, self.positions).reshape(G, -1, self.value_dim)
@@ -113,7 +107,7 @@ class ImageDictionary(Dictionary):
         return itemsize * self.entries_per_image * (2 * self.key_dim + 1)
 
     def entries(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = as_float(self.images[start:stop], dtype)
+        chunk = to_float(self.images[start:stop], dtype)
         n, C, H, W = chunk.shape
         if not self.shifts:
             keys = chunk.reshape(1, n, C * H * W)

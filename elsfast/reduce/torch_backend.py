@@ -29,9 +29,7 @@ QUERY_TILE = 1024
 LOG2E = 1.0 / math.log(2.0)
 
 
-def plan_chunks(
-    queries: torch.Tensor, dictionary: Dictionary, memory_budget: int
-) -> tuple[int, int, int]:
+def plan_chunks(queries: torch.Tensor, dictionary: Dictionary, memory_budget: int) -> tuple[int, int, int]:
     """Sizes for a memory budget in bytes: (training images per dictionary chunk, query tile, key tile).
 
     The budget covers the logit tile, the running state, the queries and one dictionary chunk. A chunk holds

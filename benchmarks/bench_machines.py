@@ -1,0 +1,115 @@
+"""Throughput of one machine evaluation on the CPU (issue #2 target: under 5 s and 1 GB), against the plain
+`scaled_dot_product_attention` formulation of the same reduction.
+
+Run:  pytest benchmarks/bench_machines.py -m benchmark --benchmark-only --benchmark-enable \
+          --benchmark-json=benchmarks/results/cpu-machines.json
+"""
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from elsfast import ScoreMachine
+from elsfast.patches import extract_patches, group_sets
+from elsfast.reduce import PatchDictionary
+
+pytestmark = pytest.mark.benchmark
+
+ABAR = 0.5
+
+
+def sdpa_denoise(m: ScoreMachine, x: torch.Tensor, abar: float, P: int) -> torch.Tensor:
+    """The same ELS/LS evaluation as one `scaled_dot_product_attention` call per group set, with the augmented
+    keys of SPEC section 5: q' = [2a q / T, 1], k' = [k, -a^2 |k|^2 / T]; the whole dictionary is materialised."""
+    a, T = math.sqrt(abar), 2 * (1 - abar)
+    B, C, H, W = x.shape
+    out = torch.empty(B, C, H * W)
+    for positions in group_sets(H, W, P, m.padding, m.machine):
+        G, S = positions.shape
+        q = extract_patches(x, P, m.padding, positions).reshape(G, S * B, -1)
+        d = PatchDictionary(m.images, P, m.padding, positions)
+        k, v = d.entries(0, d.num_images, torch.float32)
+        q_aug = torch.cat([q * (2 * a / T), torch.ones(*q.shape[:2], 1)], dim=-1)
+        k_aug = torch.cat([k, -(a * a / T) * (k * k).sum(-1, keepdim=True)], dim=-1)
+        values = F.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)
+        out[:, :, positions.flatten()] = values.reshape(G * S, B, C).permute(1, 2, 0)
+    return out.reshape(B, C, H, W)
+
+
+def _problem(N=1000, B=8, size=28, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(N, 1, size, size, generator=g) * 2 - 1, torch.randn(B, 1, size, size, generator=g)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of a fresh process doing one evaluation (torch itself included)."""
+    code = (
+        "import torch, resource, elsfast; torch.manual_seed(0);"
+        "t = torch.rand(1000, 1, 28, 28) * 2 - 1; x = torch.randn(8, 1, 28, 28);"
+        f"elsfast.ScoreMachine(t, machine='els', padding='zeros').denoise(x, {ABAR}, 5);"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    baseline = "import torch, resource, elsfast; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+
+    def run(c):
+        return float(subprocess.run([sys.executable, "-c", c], capture_output=True, text=True, check=True).stdout)
+
+    return run(code), run(baseline)
+
+
+@pytest.mark.parametrize("machine", ["els", "ls"])
+def test_random1000_p5_zeros(benchmark, machine):
+    """1,000 random 28x28 one-channel training images, batch 8, P = 5, zero padding (issue #2)."""
+    benchmark.group = f"random1000-{machine}-p5"
+    train, x = _problem()
+    m = ScoreMachine(train, machine=machine, padding="zeros")
+    out = m.denoise(x, ABAR, 5)
+    pairs = m.last_stats.pairs
+    seconds_sdpa = None
+    if machine == "els":
+        import time
+
+        start = time.perf_counter()
+        ref = sdpa_denoise(m, x, ABAR, 5)
+        seconds_sdpa = time.perf_counter() - start
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+    benchmark.pedantic(m.denoise, args=(x, ABAR, 5), rounds=3, iterations=1, warmup_rounds=0)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(pairs=pairs, pairs_per_s=pairs / seconds)
+    if seconds_sdpa is not None:
+        peak, base = _peak_rss_mb()
+        benchmark.extra_info.update(
+            sdpa_seconds=seconds_sdpa,
+            speedup_vs_sdpa=seconds_sdpa / seconds,
+            peak_rss_mb=peak,
+            torch_import_rss_mb=base,
+        )
+
+
+def test_mnist1000_els_p5(benchmark):
+    """The same evaluation on the first 1,000 real MNIST digits (many near-identical background patches)."""
+    root = Path(os.environ.get("ELSFAST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (root / "mnist").is_dir():
+        pytest.skip(f"MNIST not found under {root} (set ELSFAST_DATA)")
+    from elsfast import datasets
+
+    data = datasets.load("mnist", root=root, limit=1000)
+    benchmark.group = "mnist1000-els-p5"
+    m = ScoreMachine(data.images, machine="els", padding="zeros")
+    x = math.sqrt(ABAR) * (data.images[:8].float() / 127.5 - 1) + math.sqrt(1 - ABAR) * _problem()[1]
+    m.denoise(x, ABAR, 5)
+    benchmark.pedantic(m.denoise, args=(x, ABAR, 5), rounds=3, iterations=1)
+    benchmark.extra_info.update(pairs=m.last_stats.pairs, pairs_per_s=m.last_stats.pairs / benchmark.stats.stats.median)
+
+
+if __name__ == "__main__":
+    print(json.dumps(dict(zip(("peak_rss_mb", "torch_import_rss_mb"), _peak_rss_mb(), strict=False))))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

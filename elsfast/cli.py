@@ -1,0 +1,491 @@
+"""The `elsfast` command line: `elsfast sample`, `elsfast info`, `elsfast scales`.
+
+    elsfast sample --out grid.png                      # 16 ELS samples from the embedded MNIST subset
+    elsfast sample --dataset mnist --data-root /data --n 64 --patch-size 5 --out grid.png --save x.npz
+    elsfast info                                       # versions, devices, backends, datasets, scale lists
+    elsfast scales                                     # the published calibrated patch-size lists
+
+Every library error (ValueError, FileNotFoundError, BackendUnavailable) and every bad argument prints one
+line, `elsfast: error: <message>`, to stderr and exits with status 2. Ctrl-C exits with 130. Output files are
+written only once sampling has finished, and atomically (see `elsfast.imageio`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["build_parser", "main", "parse_bytes"]
+
+PROG = "elsfast"
+DEFAULT_DATASET = "mnist-embedded"
+DEFAULT_OUT = "samples.png"
+DEFAULT_PATCH_SIZE = 3
+
+
+class CLIError(Exception):
+    """A bad command line: reported as one `elsfast: error: ...` line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors raise CLIError (one line, no usage dump) instead of exiting."""
+
+    def error(self, message: str):  # type: ignore[override]
+        hint = "" if "(see '" in message else f" (see '{self.prog} --help')"
+        raise CLIError(f"{message}{hint}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# argument types
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = _int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _odd_patch_size(text: str) -> int:
+    value = _int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"the patch size must be an odd positive integer, got {value}")
+    return value
+
+
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count with an optional binary suffix: `1048576`, `512K`, `512M`, `2G`, `1.5GiB` (K = 1024)."""
+    m = _BYTES.match(text)
+    if m is None:
+        raise ValueError(f"expected a byte count such as 536870912, 512M or 2G, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise ValueError(f"the byte count must be positive, got {text!r}")
+    return value
+
+
+def _bytes_arg(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _labels_arg(text: str) -> int | list[int] | str:
+    """`cycle`, one int, or a comma list of ints (non-negative)."""
+    text = text.strip()
+    if text.lower() == "cycle":
+        return "cycle"
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected one class index, a comma list of class indices or 'cycle', got {text!r}"
+        ) from None
+    if any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"class indices must be non-negative, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _scales_arg(text: str) -> str:
+    from .scales import reference_scales
+
+    scales = reference_scales()
+    if text not in scales:
+        raise argparse.ArgumentTypeError(
+            f"unknown calibrated scales {text!r}; known: {', '.join(sorted(scales))} (see 'elsfast scales')"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `elsfast` command (errors raise `CLIError`)."""
+    from . import __version__
+    from .machine import MACHINES
+    from .patches import PADDINGS
+    from .schedules import SCHEDULES
+
+    parser = _Parser(
+        prog=PROG,
+        description="Analytic patch-based diffusion score machines (Kamb & Ganguli 2025).",
+        epilog="Run 'elsfast COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = commands.add_parser(
+        "sample",
+        help="draw samples with an analytic machine and save them as a PNG grid",
+        description=(
+            "Draw samples with an analytic score machine (DDIM, eta = 0) over a training set and write them "
+            f"as a PNG grid (--out, default {DEFAULT_OUT} unless only --save is given) and/or as raw float "
+            "tensors in [-1, 1] (--save). Files are written only at the end, atomically."
+        ),
+    )
+    g = s.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        metavar="NAME|PATH",
+        help=(
+            "training set: mnist, fashion-mnist, cifar10, faces, mnist-embedded (2,000 MNIST digits shipped "
+            "with the package, needs no data), or the path of an .npz file or image folder "
+            f"(default: {DEFAULT_DATASET})"
+        ),
+    )
+    g.add_argument("--data-root", metavar="DIR", help="data directory of the named datasets ($ELSFAST_DATA)")
+    g.add_argument("--pad-to", type=_at_least(1), metavar="SIZE", help="zero-pad the images to SIZE x SIZE (28 -> 32)")
+    g.add_argument("--limit", type=_at_least(1), metavar="N", help="use only the first N training images")
+
+    g = s.add_argument_group("machine")
+    g.add_argument("--machine", default="els", choices=MACHINES, help="which machine (default: els)")
+    g.add_argument("--padding", default="zeros", choices=PADDINGS, help="patch border padding (default: zeros)")
+    sizes = g.add_mutually_exclusive_group()
+    sizes.add_argument(
+        "--patch-size",
+        type=_odd_patch_size,
+        metavar="P",
+        help=f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; ignored by is/es)",
+    )
+    sizes.add_argument(
+        "--scales",
+        type=_scales_arg,
+        metavar="NAME",
+        help="a published calibrated patch-size list P(t) instead of --patch-size (see 'elsfast scales')",
+    )
+    g.add_argument("--backend", default="auto", help="reduction backend, or auto (default; see 'elsfast info')")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
+    g.add_argument(
+        "--memory-budget",
+        type=_bytes_arg,
+        metavar="BYTES",
+        help="working memory per reduction, e.g. 512M or 2G (default: 512M)",
+    )
+
+    g = s.add_argument_group("sampling")
+    g.add_argument("--n", type=_at_least(1), default=16, metavar="N", help="number of samples (default: 16)")
+    g.add_argument("--steps", type=_at_least(2), default=20, metavar="K", help="DDIM steps (default: 20)")
+    g.add_argument(
+        "--schedule",
+        default="cosine-legacy",
+        choices=tuple(SCHEDULES),
+        help="noise schedule (default: %(default)s)",
+    )
+    g.add_argument("--seed", type=_int, default=0, help="seed of the initial noise (default: 0)")
+    g.add_argument(
+        "--labels",
+        type=_labels_arg,
+        metavar="L",
+        help=(
+            "class-conditional sampling (labelled datasets only): one class for all samples, a comma list "
+            "of N classes, or 'cycle' (sample i gets class i %% num_classes)"
+        ),
+    )
+
+    g = s.add_argument_group("output")
+    g.add_argument("--out", metavar="PATH.png", help=f"PNG grid of the samples (default: {DEFAULT_OUT})")
+    g.add_argument("--save", metavar="PATH", help="also save the raw samples [n, C, H, W] as .pt or .npz")
+    g.add_argument("--nrow", type=_at_least(1), metavar="K", help="images per grid row (default: ceil(sqrt(n)))")
+    g.add_argument(
+        "--scale",
+        type=_at_least(1),
+        metavar="S",
+        help="integer upscaling of the grid (default: 2 for images of at most 32 px, else 1)",
+    )
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_sample)
+
+    i = commands.add_parser(
+        "info",
+        help="versions, devices, backends, datasets and calibrated scale lists",
+        description="Print versions, devices, reduction backends, datasets and calibrated scale lists.",
+    )
+    i.add_argument("--data-root", metavar="DIR", help="data directory of the named datasets ($ELSFAST_DATA)")
+    i.set_defaults(func=_cmd_info)
+
+    c = commands.add_parser(
+        "scales",
+        help="list the published calibrated patch-size lists",
+        description="List the published calibrated patch-size lists P(t) (entry i belongs to t = i / 20).",
+    )
+    c.set_defaults(func=_cmd_scales)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------------
+# commands
+
+
+def _resolve_device(text: str):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"argument --device: not a torch device: {text!r} (try cpu, cuda, cuda:0 or auto)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError("argument --device: CUDA is not available here (try --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"argument --device: {text} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise CLIError("argument --device: MPS is not available here (try --device cpu)")
+    return device
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """Cheap checks, before any data is loaded."""
+    from .imageio import SAMPLE_SUFFIXES
+    from .reduce.registry import check_backend_name
+
+    if args.machine == "es" and args.padding == "zeros":
+        raise CLIError(
+            "the es machine is defined by circular translations and needs --padding circular "
+            "(with zero padding it reduces to --machine is)"
+        )
+    try:
+        check_backend_name(args.backend)
+    except ValueError as e:
+        raise CLIError(f"argument --backend: {e}") from None
+    if args.out is None and args.save is None:
+        args.out = DEFAULT_OUT
+    if args.out is not None:
+        if Path(args.out).suffix.lower() != ".png":
+            raise CLIError(f"argument --out: the grid is written as PNG, so the path must end in .png: {args.out!r}")
+        if Path(args.out).is_dir():
+            raise CLIError(f"argument --out: {args.out!r} is a directory")
+    if args.save is not None:
+        if Path(args.save).suffix.lower() not in SAMPLE_SUFFIXES:
+            raise CLIError(
+                f"argument --save: the format is chosen by the suffix, {' or '.join(SAMPLE_SUFFIXES)}: {args.save!r}"
+            )
+        if Path(args.save).is_dir():
+            raise CLIError(f"argument --save: {args.save!r} is a directory")
+    if isinstance(args.labels, list) and len(args.labels) != args.n:
+        raise CLIError(f"argument --labels: a list needs one class per sample ({args.n}), got {len(args.labels)}")
+
+
+def _sample_labels(spec, data, n: int):
+    """The per-sample labels `[n]` for --labels `spec`, checked against the training labels."""
+    import torch
+
+    if spec is None:
+        return None
+    if data.labels is None:
+        raise CLIError(f"argument --labels: the dataset {data.name!r} has no labels, so it cannot be sampled by class")
+    present = set(data.labels.unique().tolist())
+    num_classes = data.num_classes if data.num_classes else max(present) + 1
+    if spec == "cycle":
+        labels = torch.arange(n, dtype=torch.int64) % num_classes
+    elif isinstance(spec, int):
+        labels = torch.full((n,), spec, dtype=torch.int64)
+    else:
+        labels = torch.tensor(spec, dtype=torch.int64)
+    wanted = set(labels.tolist())
+    too_big = sorted(v for v in wanted if v >= num_classes)
+    if too_big:
+        raise CLIError(
+            f"argument --labels: class {too_big[0]} does not exist ({data.name!r} has {num_classes} classes)"
+        )
+    missing = sorted(wanted - present)
+    if missing:
+        which = f"class {missing[0]} has" if len(missing) == 1 else f"classes {', '.join(map(str, missing))} have"
+        raise CLIError(
+            f"argument --labels: {which} no training images among the {len(data.labels)} loaded (raise --limit?)"
+        )
+    return labels
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    _check_sample_args(args)
+    device = _resolve_device(args.device)
+
+    import torch
+
+    from . import datasets
+    from .imageio import save_grid, save_samples
+    from .machine import ScoreMachine
+    from .reduce import DEFAULT_MEMORY_BUDGET
+    from .sampling import sample
+
+    started = time.perf_counter()
+    try:
+        data = datasets.load(args.dataset, "train", args.data_root, pad_to=args.pad_to, limit=args.limit)
+    except datasets.DatasetNotFoundError as e:
+        raise CLIError(f"{e} On the command line: --data-root DIR.") from None
+    labels = _sample_labels(args.labels, data, args.n)
+    machine = ScoreMachine(
+        data.images,
+        data.labels,
+        machine=args.machine,
+        padding=args.padding,
+        backend=args.backend,
+        device=device,
+        memory_budget=args.memory_budget or DEFAULT_MEMORY_BUDGET,
+    )
+    patch_size = args.scales if args.scales is not None else (args.patch_size or DEFAULT_PATCH_SIZE)
+    samples = sample(
+        machine,
+        args.n,
+        steps=args.steps,
+        patch_size=patch_size,
+        labels=labels,
+        seed=args.seed,
+        schedule=args.schedule,
+        progress=not args.quiet,
+    ).cpu()
+    seconds = time.perf_counter() - started
+
+    written = []
+    if args.save is not None:
+        written.append(str(save_samples(samples, args.save)))
+    if args.out is not None:
+        scale = args.scale or (2 if max(samples.shape[-2:]) <= 32 else 1)
+        written.append(str(save_grid(samples, args.out, nrow=args.nrow, scale=scale)))
+    C, H, W = samples.shape[1:]
+    if not torch.isfinite(samples).all():
+        print("elsfast: warning: the samples contain NaN or infinite values", file=sys.stderr)
+    size = args.scales if args.scales is not None else f"P={patch_size}"
+    if args.machine in ("is", "es"):
+        size = "whole images"
+    print(
+        f"elsfast: {args.n} samples [{C}, {H}, {W}] from {data.name} ({len(data)} images; {args.machine}, "
+        f"{args.padding}, {size}, {args.steps} steps, {device}) in {seconds:.1f} s -> {', '.join(written)}"
+    )
+    return 0
+
+
+def _backend_table() -> list[tuple[str, dict[str, str]]]:
+    """For every registered backend, per device tried, 'yes' or 'no (reasons)'."""
+    import torch
+
+    from .reduce.dictionary import PatchDictionary
+    from .reduce.registry import backend_names, backend_reasons
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table: dict[str, dict[str, str]] = {name: {} for name in backend_names()}
+    for dev in devices:
+        try:
+            queries = torch.zeros(1, 1, 1, device=dev)
+            dictionary = PatchDictionary(
+                torch.zeros(1, 1, 1, 1, device=dev), 1, "zeros", torch.zeros(1, 1, dtype=torch.long)
+            )
+            reasons = backend_reasons(queries, dictionary)
+        except Exception as e:  # a broken backend must not break `info`
+            reasons = {name: [f"{type(e).__name__}: {e}"] for name in table}
+        for name, why in reasons.items():
+            table.setdefault(name, {})[dev] = "yes" if not why else f"no ({'; '.join(why)})"
+    return list(table.items())
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import __version__, datasets
+    from .scales import reference_scales
+
+    print(f"elsfast {__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {_version_of('numpy')}")
+    print("devices:")
+    print("  cpu: yes")
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]
+        print(f"  cuda: yes ({len(names)}: {', '.join(names)}; CUDA {torch.version.cuda})")
+    else:
+        print("  cuda: no")
+    mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    print(f"  mps: {'yes' if mps else 'no'}")
+    print("backends (in auto order):")
+    for name, per_device in _backend_table():
+        print(f"  {name}: " + ", ".join(f"{dev} {state}" for dev, state in per_device.items()))
+    print("datasets:")
+    for name, ok in datasets.available(args.data_root).items():
+        print(f"  {name}: {'available' if ok else 'not found'}")
+    print("calibrated scales:")
+    for name in sorted(reference_scales()):
+        print(f"  {name}")
+    return 0
+
+
+def _version_of(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except Exception:
+        return "?"
+
+
+def _cmd_scales(args: argparse.Namespace) -> int:
+    from .scales import reference_scales
+
+    scales = reference_scales()
+    width = max(map(len, scales))
+    for name in sorted(scales):
+        print(f"{name:<{width}}  {','.join(map(str, scales[name]))}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def _fail(message: str, status: int = 2) -> int:
+    message = " ".join(str(message).split())  # one line, whatever the library put in it
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `elsfast` command line on `argv` (default: sys.argv[1:]); returns the exit status."""
+    from .reduce.registry import BackendUnavailable
+
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version
+            return e.code if isinstance(e.code, int) else 0
+        return args.func(args)
+    except CLIError as e:
+        return _fail(str(e))
+    except (ValueError, FileNotFoundError, BackendUnavailable) as e:
+        return _fail(str(e) or type(e).__name__)
+    except OSError as e:  # permissions, full disk, ...: still one line
+        return _fail(str(e) or type(e).__name__)
+    except MemoryError:
+        return _fail("out of memory; try a smaller --memory-budget, --limit or --n", status=1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if "out of memory" in str(e).lower():
+            return _fail("out of memory; try a smaller --memory-budget, --limit or --n", status=1)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The DDIM sampler, schedules and patch-size specs (SPEC section 1) and the paper's Fig. 3 toy (SPEC section 2)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import elsfast
+from elsfast.scales import reference_scales, resolve_patch_size
+from elsfast.schedules import abar_cosine, abar_cosine_legacy, get_schedule
+
+
+def test_schedules():
+    assert abar_cosine_legacy(0.0) == 1.0
+    assert abar_cosine_legacy(1.0) == pytest.approx(math.cos(math.pi / 2 / 1.008) ** 2)
+    assert abar_cosine(0.0) == pytest.approx(1.0)
+    assert abar_cosine(1.0) == pytest.approx(0.0, abs=1e-12)
+    ts = [i / 50 for i in range(51)]
+    for f in (abar_cosine, abar_cosine_legacy):
+        values = [f(t) for t in ts]
+        assert all(a > b for a, b in itertools.pairwise(values))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        get_schedule("linear-ish")
+
+
+def test_sampler_makes_n_minus_one_evaluations_on_the_grid():
+    calls = []
+
+    def denoiser(x, abar, i):
+        calls.append((i, abar))
+        return torch.zeros_like(x)
+
+    x = torch.randn(2, 1, 3, 3)
+    out = elsfast.ddim_sample(denoiser, x, steps=20, progress=False)
+    assert [i for i, _ in calls] == list(range(19, 0, -1))
+    assert [a for _, a in calls] == [abar_cosine_legacy(i / 20) for i in range(19, 0, -1)]
+    # the last update lands on abar = 1: the output is the last x0 prediction
+    torch.testing.assert_close(out, torch.zeros_like(x))
+
+
+def test_sampler_update_is_ddim():
+    # with D(x) = c x the DDIM recursion has a closed form per step; check one step by hand
+    seen = []
+    x = torch.randn(1, 1, 2, 2)
+
+    def denoiser(x_t, abar, i):
+        return 0.5 * x_t
+
+    elsfast.ddim_sample(denoiser, x, steps=3, progress=False, callback=seen.append)
+    a2, a1 = abar_cosine_legacy(2 / 3), abar_cosine_legacy(1 / 3)
+    x0 = 0.5 * x
+    eps = (x - math.sqrt(a2) * x0) / math.sqrt(1 - a2)
+    torch.testing.assert_close(seen[0]["x"], math.sqrt(a1) * x0 + math.sqrt(1 - a1) * eps)
+    assert [s["i"] for s in seen] == [2, 1]
+
+
+def test_patch_size_specs():
+    assert resolve_patch_size(5, 20)(0.5, 10) == 5
+    table = list(range(1, 40, 2))
+    size = resolve_patch_size(table, 20)
+    assert [size(i / 20, i) for i in range(20)] == table
+    assert resolve_patch_size(lambda t: 3 if t < 0.5 else 7, 20)(0.9, 18) == 7
+    name = "MNIST_ResNet_zeros"
+    published = reference_scales()[name]
+    size = resolve_patch_size(name, 20)
+    assert [size(i / 20, i) for i in range(20)] == published
+    size10 = resolve_patch_size(name, 10)
+    assert size10(0.5, 5) == published[10]
+    with pytest.raises(ValueError, match="one entry per step"):
+        resolve_patch_size([3, 5], 20)
+    with pytest.raises(ValueError, match="unknown calibrated scales"):
+        resolve_patch_size("NOPE", 20)
+
+
+def test_reference_scales_ship_with_the_package():
+    scales = reference_scales()
+    assert len(scales) >= 10
+    for name, values in scales.items():
+        assert len(values) == 20, name
+        assert all(v % 2 == 1 for v in values), name
+
+
+def test_fig3_toy_makes_patch_mosaics():
+    """Training set: one all-black and one all-white 16x16 image; ELS, 3x3, circular, 100 steps (paper Fig. 3)."""
+    train = torch.stack([-torch.ones(1, 16, 16), torch.ones(1, 16, 16)])
+    m = elsfast.ScoreMachine(train, machine="els", padding="circular")
+    noise = torch.cat([torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in range(8)])
+    xs = elsfast.sample(m, n=8, steps=100, patch_size=3, noise=noise, progress=False)
+    assert ((xs.abs() - 1).abs() <= 0.05).all(), "pixels must converge to +-1"
+    s = xs.sign()
+    majority = F.pad(s, (1, 1, 1, 1), mode="circular").unfold(2, 3, 1).unfold(3, 3, 1).sum((-1, -2)).sign()
+    broken = (majority != s).float().mean().item()
+    assert broken <= 0.02, f"{broken:.3%} of pixels break the 3x3 majority rule"
+    assert len({tuple(v.flatten().tolist()) for v in s}) == 8, "all 8 seeds must give distinct images"
+    assert all(0 < (v > 0).float().mean() < 1 for v in s), "mosaics, not copies of a training image"
+
+
+def test_ideal_score_machine_memorises():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
+    out = elsfast.sample(train, n=8, machine="is", steps=20, seed=1, progress=False)
+    dist = torch.cdist(out.flatten(1).double(), train.flatten(1).double()).min(dim=1).values
+    assert (dist < 1e-4).all(), dist
+
+
+def test_sampling_is_deterministic_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(10, 1, 8, 8, generator=g) * 2 - 1
+    a = elsfast.sample(train, n=3, steps=6, patch_size=[3, 3, 3, 5, 5, 5], seed=7, progress=False)
+    b = elsfast.sample(train, n=3, steps=6, patch_size=[3, 3, 3, 5, 5, 5], seed=7, progress=False)
+    c = elsfast.sample(train, n=3, steps=6, patch_size=[3, 3, 3, 5, 5, 5], seed=8, progress=False)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert a.shape == (3, 1, 8, 8)
+
+
+def test_conditional_sampling_uses_the_class_dictionary():
+    # class 0 is all black, class 1 all white: a conditional IS sample must be its class's colour
+    train = torch.cat([-torch.ones(2, 1, 6, 6), torch.ones(2, 1, 6, 6)])
+    labels = torch.tensor([0, 0, 1, 1])
+    out = elsfast.sample(train, n=4, machine="els", labels=[1, 0, 1, 0], train_labels=labels, steps=10, progress=False)
+    torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([1.0, -1.0, 1.0, -1.0]))
+    same = elsfast.sample(train, n=2, machine="els", labels=1, train_labels=labels, steps=10, progress=False)
+    assert (same == 1).all()
+
+
+def test_sample_bad_arguments():
+    train = torch.rand(4, 1, 6, 6) * 2 - 1
+    with pytest.raises(ValueError, match="steps"):
+        elsfast.sample(train, n=1, steps=1, progress=False)
+    with pytest.raises(ValueError, match="n must be"):
+        elsfast.sample(train, n=0, progress=False)
+    with pytest.raises(ValueError, match="one per sample"):
+        elsfast.sample(train, n=3, labels=[0, 1], train_labels=[0, 0, 1, 1], progress=False)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        elsfast.sample(train, n=2, noise=torch.zeros(2, 1, 5, 5), progress=False)
+
+
+def test_sample_from_a_dataset_name():
+    out = elsfast.sample("mnist-embedded", n=2, steps=3, patch_size=3, progress=False)
+    assert out.shape == (2, 1, 28, 28)
+    assert torch.isfinite(out).all()
