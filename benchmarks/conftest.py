@@ -19,8 +19,7 @@ def device_name() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _record_device(request):
-    bench = request.node.funcargs.get("benchmark")
-    if bench is not None:
-        bench.extra_info["device"] = device_name()
-        bench.extra_info["torch"] = torch.__version__
+def _record_device(benchmark):
+    """Every benchmark in this folder stores the device it ran on and the torch version with its result."""
+    benchmark.extra_info["device"] = device_name()
+    benchmark.extra_info["torch"] = torch.__version__

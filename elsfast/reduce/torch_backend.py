@@ -62,6 +62,8 @@ class TorchBackend(Backend):
         key_scale = a * a / T * LOG2E
         images_per_chunk, query_tile, key_tile = plan_chunks(queries, dictionary, memory_budget)
         state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device)
+        # one logit buffer for all tiles: a fresh 8 MB tensor per tile costs page faults on every allocation
+        buffer = torch.empty(G * query_tile * key_tile, dtype=dtype, device=device)
         chunks = 0
         for start in range(0, dictionary.num_images, images_per_chunk):
             keys, values = dictionary.entries(start, start + images_per_chunk, dtype)
@@ -73,7 +75,9 @@ class TorchBackend(Backend):
                 rows = state.rows(q0, q0 + query_tile)
                 for k0 in range(0, n, key_tile):
                     k1 = k0 + key_tile
-                    logits = torch.baddbmm(bias[:, :, k0:k1], q[:, q0 : q0 + query_tile], keys_t[:, :, k0:k1])
+                    q_tile, k_tile = q[:, q0 : q0 + query_tile], keys_t[:, :, k0:k1]
+                    logits = buffer[: G * q_tile.shape[1] * k_tile.shape[2]].view(G, q_tile.shape[1], -1)
+                    torch.baddbmm(bias[:, :, k0:k1], q_tile, k_tile, out=logits)
                     rows.merge_(ReduceState.from_logits(logits, values[:, k0:k1]))
             chunks += 1
         return state, chunks
