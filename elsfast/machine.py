@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .patches import PADDINGS, extract_patches, group_sets
-from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, softmax_reduce
+from .provenance import Provenance
+from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, softmax_reduce
 from .reduce.registry import check_backend_name
 
 __all__ = ["MACHINES", "MachineStats", "ScoreMachine"]
@@ -121,7 +122,7 @@ class ScoreMachine:
         self.machine, self.padding, self.backend = machine, padding, backend
         self.memory_budget, self.dtype = int(memory_budget), dtype
         self.last_stats = MachineStats(set())
-        self._class_images: dict[int, torch.Tensor] = {}
+        self._classes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -135,14 +136,14 @@ class ScoreMachine:
             f"train={n}x{c}x{h}x{w}, conditional={self.labels is not None}, device={self.device})"
         )
 
-    def class_images(self, label: int) -> torch.Tensor:
-        """The training images of one class `[N_c, C, H, W]` (cached)."""
-        if label not in self._class_images:
+    def class_subset(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training-set indices `[N_c]` and images `[N_c, C, H, W]` of one class (cached)."""
+        if label not in self._classes:
             index = (self.labels == label).nonzero().flatten()
             if index.numel() == 0:
                 raise ValueError(f"class {label} has no training images: its dictionary would be empty")
-            self._class_images[label] = self.images[index.to(self.device)]
-        return self._class_images[label]
+            self._classes[label] = (index, self.images[index.to(self.device)])
+        return self._classes[label]
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -174,11 +175,14 @@ class ScoreMachine:
         abar: float,
         patch_size: int = 3,
         labels: torch.Tensor | Sequence[int] | None = None,
-    ) -> torch.Tensor:
+        *,
+        return_provenance: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, Provenance]:
         """The machine's `E[x_0 | x_t = x]` for a batch `x` `[B, C, H, W]` at noise level `abar` in (0, 1).
 
         `patch_size` (odd) is ignored by IS and ES. `labels` `[B]` restricts each sample's dictionary to the
-        training images of its class. Returns `[B, C, H, W]` in the machine's dtype, on its device.
+        training images of its class. Returns `[B, C, H, W]` in the machine's dtype, on its device; with
+        `return_provenance`, also each pixel's dominant dictionary entry and posterior entropy (`Provenance`).
         """
         abar = _check_abar(abar)
         x = self._check_x(x)
@@ -186,12 +190,19 @@ class ScoreMachine:
         labels = self._check_labels(labels, x.shape[0])
         self.last_stats = MachineStats(set())
         if labels is None:
-            return self._denoise(x, self.images, abar, patch_size)
+            out, prov = self._denoise(x, self.images, abar, patch_size, return_provenance)
+            return (out, prov) if return_provenance else out
         out = torch.empty_like(x)
+        parts, part_rows = [], []
         for label in labels.unique().tolist():
             rows = (labels == label).nonzero().flatten().to(x.device)
-            out[rows] = self._denoise(x[rows], self.class_images(label), abar, patch_size)
-        return out
+            index, images = self.class_subset(label)
+            out[rows], prov = self._denoise(x[rows], images, abar, patch_size, return_provenance)
+            if return_provenance:
+                # dictionary image k of this class is training image index[k]
+                parts.append(replace(prov, source_image=index.to(x.device)[prov.source_image]))
+                part_rows.append(rows)
+        return (out, Provenance.cat(parts, part_rows, x.shape[0])) if return_provenance else out
 
     def eps(self, x: torch.Tensor, abar: float, patch_size: int = 3, labels=None) -> torch.Tensor:
         """Noise prediction `(x - sqrt(abar) D) / sqrt(1 - abar)`, same arguments as `denoise`."""
@@ -205,23 +216,60 @@ class ScoreMachine:
         abar = float(abar)
         return (math.sqrt(abar) * d - x.to(d)) / (1.0 - abar)
 
-    def _reduce(self, queries: torch.Tensor, dictionary, abar: float) -> torch.Tensor:
-        result = softmax_reduce(queries, dictionary, abar=abar, backend=self.backend, memory_budget=self.memory_budget)
+    def _reduce(self, queries: torch.Tensor, dictionary, abar: float, provenance: bool) -> Reduction:
+        result = softmax_reduce(
+            queries,
+            dictionary,
+            abar=abar,
+            backend=self.backend,
+            memory_budget=self.memory_budget,
+            provenance=provenance,
+        )
         self.last_stats.backends.add(result.backend)
         self.last_stats.chunks += result.chunks
         self.last_stats.pairs += result.pairs
-        return result.values
+        return result
 
-    def _denoise(self, x: torch.Tensor, images: torch.Tensor, abar: float, patch_size: int) -> torch.Tensor:
+    def _denoise(
+        self, x: torch.Tensor, images: torch.Tensor, abar: float, patch_size: int, provenance: bool
+    ) -> tuple[torch.Tensor, Provenance | None]:
         B, C, H, W = x.shape
         if self.machine in ("is", "es"):
             dictionary = ImageDictionary(images, shifts=self.machine == "es")
-            return self._reduce(x.reshape(1, B, -1), dictionary, abar).reshape(B, C, H, W)
+            r = self._reduce(x.reshape(1, B, -1), dictionary, abar, provenance)
+            out = r.values.reshape(B, C, H, W)
+            if not provenance:
+                return out, None
+            # one softmax per sample: entry id = image * S + s, s = the translate (u, v) for ES (S = H*W)
+            S = dictionary.entries_per_image
+            image, shift = (r.best[0] // S).view(B, 1, 1), (r.best[0] % S).view(B, 1, 1)
+            ys = torch.arange(H, device=x.device).view(1, H, 1)
+            xs = torch.arange(W, device=x.device).view(1, 1, W)
+            per_pixel = lambda t: t.view(B, 1, 1).expand(B, H, W)  # noqa: E731
+            return out, Provenance(
+                image.expand(B, H, W),
+                ((ys + shift // W) % H).expand(B, H, W),
+                ((xs + shift % W) % W).expand(B, H, W),
+                per_pixel(r.weight[0]),
+                per_pixel(r.entropy[0]),
+            )
         out = torch.empty(B, C, H * W, dtype=x.dtype, device=x.device)
+        fields = torch.empty(5, B, H * W, dtype=torch.float64, device=x.device) if provenance else None
         for positions in group_sets(H, W, patch_size, self.padding, self.machine):
             G, S = positions.shape
             queries = extract_patches(x, patch_size, self.padding, positions).reshape(G, S * B, -1)
             dictionary = PatchDictionary(images, patch_size, self.padding, positions)
-            values = self._reduce(queries, dictionary, abar)  # (G, S * B, C)
-            out[:, :, positions.flatten().to(x.device)] = values.reshape(G * S, B, C).permute(1, 2, 0)
-        return out.reshape(B, C, H, W)
+            r = self._reduce(queries, dictionary, abar, provenance)  # values (G, S * B, C), queries in (s, b) order
+            pixels = positions.flatten().to(x.device)
+            out[:, :, pixels] = r.values.reshape(G * S, B, C).permute(1, 2, 0)
+            if provenance:
+                # entry id = image * S + s: the patch centred at pixel positions[g, s] of that image
+                source = positions.to(x.device).gather(1, r.best % S)  # (G, S * B) flat source pixel
+                per_query = torch.stack([r.best // S, source // W, source % W, r.weight, r.entropy])
+                fields[:, :, pixels] = per_query.reshape(5, G * S, B).transpose(1, 2).double()
+        out = out.reshape(B, C, H, W)
+        if not provenance:
+            return out, None
+        fields = fields.view(5, B, H, W)
+        index = fields[:3].long()
+        return out, Provenance(index[0], index[1], index[2], fields[3].to(x.dtype), fields[4].to(x.dtype))

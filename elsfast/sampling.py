@@ -13,22 +13,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .machine import ScoreMachine
+from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET
 from .scales import PatchSizeSpec, resolve_patch_size
 from .schedules import get_schedule
 
-__all__ = ["Denoiser", "ddim_sample", "sample"]
+__all__ = ["Denoiser", "SampleTrace", "ddim_sample", "sample"]
 
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 """denoiser(x, abar, step) -> x0 prediction, x `[B, C, H, W]`."""
 
 StepCallback = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class SampleTrace:
+    """What `sample(..., return_provenance=True)` records besides the images.
+
+    - `provenance`: per-pixel `Provenance` at the last machine evaluation, whose x0 prediction is the output;
+    - `entropy`: `[K, n, H, W]` posterior entropy (nats) of every pixel at each of the K = steps - 1
+      evaluations, in sampling order (t from high to low);
+    - `times`, `patch_sizes`: t and P of each evaluation.
+    """
+
+    provenance: Provenance
+    entropy: torch.Tensor
+    times: list[float]
+    patch_sizes: list[int]
 
 
 def ddim_sample(
@@ -89,7 +107,8 @@ def sample(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     noise: torch.Tensor | None = None,
     callback: StepCallback | None = None,
-) -> torch.Tensor:
+    return_provenance: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SampleTrace]:
     """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
 
     Args:
@@ -102,6 +121,8 @@ def sample(
         seed: seeds the initial noise, drawn on the CPU so that a seed gives the same noise on every device.
         noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
         callback: called after every step (see `ddim_sample`).
+        return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
+            evaluation (which produces the output) and the posterior entropy maps of every step.
     """
     if isinstance(source, ScoreMachine):
         m = source
@@ -132,8 +153,19 @@ def sample(
     elif tuple(noise.shape) != (n, *m.image_shape):
         raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
 
+    trace: list[tuple[float, int, Provenance]] = []
+
     def denoiser(x: torch.Tensor, abar: float, i: int) -> torch.Tensor:
-        return m.denoise(x, abar, size_at(i / steps, i), sample_labels)
+        size = size_at(i / steps, i)
+        if not return_provenance:
+            return m.denoise(x, abar, size, sample_labels)
+        x0, prov = m.denoise(x, abar, size, sample_labels, return_provenance=True)
+        trace.append((i / steps, size, prov))
+        return x0
 
     x = noise.to(m.device, m.dtype)
-    return ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=callback)
+    out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=callback)
+    if not return_provenance:
+        return out
+    times, sizes, provs = zip(*trace, strict=True)
+    return out, SampleTrace(provs[-1], torch.stack([p.entropy for p in provs]), list(times), list(sizes))

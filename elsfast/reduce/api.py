@@ -19,7 +19,7 @@ which backend runs it is chosen here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -35,12 +35,17 @@ DEFAULT_MEMORY_BUDGET = 512 << 20
 @dataclass(frozen=True)
 class Reduction:
     """Result of `softmax_reduce`: `values` `(G, M, E)`, the backend that ran, how many dictionary chunks it
-    streamed, and the number of query-entry pairs it scored."""
+    streamed, and the number of query-entry pairs it scored. With provenance: `best` `(G, M)` the id
+    (`image * S + s`, see `Dictionary.entry_ids`) of each query's dominant entry, `weight` `(G, M)` its
+    posterior weight and `entropy` `(G, M)` the posterior's entropy in nats; otherwise None."""
 
     values: torch.Tensor
     backend: str
     chunks: int
     pairs: int
+    best: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 def softmax_reduce(
@@ -50,6 +55,7 @@ def softmax_reduce(
     abar: float,
     backend: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    provenance: bool = False,
 ) -> Reduction:
     """Softmax-weighted mean of the dictionary's values for each query.
 
@@ -59,8 +65,12 @@ def softmax_reduce(
         abar: noise level in (0, 1).
         backend: a registered backend name, or "auto".
         memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use.
+        provenance: also return each query's dominant entry, its weight and the posterior entropy.
     """
     chosen = select_backend(backend, queries, dictionary)
-    state, chunks = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget)
+    state, chunks = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
     G, M, _ = queries.shape
-    return Reduction(state.finalize(), chosen.NAME, chunks, G * M * dictionary.size)
+    result = Reduction(state.finalize(), chosen.NAME, chunks, G * M * dictionary.size)
+    if provenance:
+        return replace(result, best=state.best, weight=state.top_weight(), entropy=state.entropy())
+    return result

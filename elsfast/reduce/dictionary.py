@@ -42,8 +42,16 @@ class Dictionary:
         return itemsize * per_entry
 
     def entries(self, start: int, stop: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys `(G, (stop - start) * S, D)` and values `(G, (stop - start) * S, E)` of images `[start, stop)`."""
+        """Keys `(G, (stop - start) * S, D)` and values `(G, (stop - start) * S, E)` of images `[start, stop)`.
+
+        Entries are ordered entry-major: entry s of image start + i sits at index s * (stop - start) + i."""
         raise NotImplementedError
+
+    def entry_ids(self, start: int, stop: int) -> torch.Tensor:
+        """Ids `image * S + s` of the entries `entries(start, stop)` returns, in its order, `((stop - start) * S,)`."""
+        images = torch.arange(start, min(stop, self.num_images))
+        S = self.entries_per_image
+        return (torch.arange(S).unsqueeze(1) + images.unsqueeze(0) * S).flatten()
 
 
 @dataclass(frozen=True)

@@ -45,9 +45,16 @@ class Backend:
         return []
 
     def reduce(
-        self, queries: torch.Tensor, dictionary: Dictionary, *, abar: float, memory_budget: int
+        self,
+        queries: torch.Tensor,
+        dictionary: Dictionary,
+        *,
+        abar: float,
+        memory_budget: int,
+        provenance: bool = False,
     ) -> tuple[ReduceState, int]:
-        """Fold the whole dictionary into a state for `queries` `(G, M, D)`; returns (state, chunks used)."""
+        """Fold the whole dictionary into a state for `queries` `(G, M, D)`; returns (state, chunks used).
+        With `provenance` the state also tracks the dominant entry and the entropy (see `ReduceState`)."""
         raise NotImplementedError
 
 

@@ -3,17 +3,24 @@
 Logits are kept in base-2 units ("bits": s = logit / ln 2) so that backends can use exp2, which is ~3x cheaper
 than exp on a CPU. For a set of entries j with logits s_j and values v_j a state represents
 
-    m   = an upper bound on max_j s_j            (G, M)
+    m   = max_j s_j                              (G, M)   (exact: tiles use their exact max)
     l   = sum_j 2^(s_j - m)                      (G, M)
     acc = sum_j 2^(s_j - m) v_j                  (G, M, E)
 
-and `merge_` combines two disjoint sets exactly, in any order and any grouping (so dictionary chunks of any
-sizes give the same answer up to rounding; the stabiliser is per query, never shared across a batch). This is
-the fix for the reference code's chunk-averaging defect (SPEC section 4).
+and, when provenance is tracked,
+
+    best = the id of the entry with the largest logit (the dominant dictionary entry)   (G, M) int64
+    u    = sum_j 2^(s_j - m) (s_j - m)                                                   (G, M)
+
+so that the dominant entry's weight is 1 / l and the posterior's entropy is ln l - ln 2 * u / l nats.
+`merge_` combines two disjoint sets exactly, in any order and any grouping (so dictionary chunks of any sizes
+give the same answer up to rounding; the stabiliser is per query, never shared across a batch). This is the fix
+for the reference code's chunk-averaging defect (SPEC section 4).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,21 +33,40 @@ class ReduceState:
     m: torch.Tensor
     l: torch.Tensor
     acc: torch.Tensor
+    best: torch.Tensor | None = None
+    u: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, G: int, M: int, E: int, *, dtype: torch.dtype, device: torch.device) -> ReduceState:
-        """The neutral element: no entries seen (m = -inf, l = 0, acc = 0)."""
-        return cls(
+    def empty(
+        cls, G: int, M: int, E: int, *, dtype: torch.dtype, device: torch.device, provenance: bool = False
+    ) -> ReduceState:
+        """The neutral element: no entries seen (m = -inf, l = 0, acc = 0; best = -1, u = 0)."""
+        state = cls(
             torch.full((G, M), -torch.inf, dtype=dtype, device=device),
             torch.zeros(G, M, dtype=dtype, device=device),
             torch.zeros(G, M, E, dtype=dtype, device=device),
         )
+        if provenance:
+            state.best = torch.full((G, M), -1, dtype=torch.int64, device=device)
+            state.u = torch.zeros(G, M, dtype=dtype, device=device)
+        return state
 
     @classmethod
-    def from_logits(cls, logits: torch.Tensor, values: torch.Tensor) -> ReduceState:
-        """State of one tile: `logits` `(G, M, n)` in bits (overwritten with the weights), `values` `(G, n, E)`."""
-        m = logits.amax(dim=-1)
-        weights = torch.exp2(logits.sub_(m.unsqueeze(-1)), out=logits)
+    def from_logits(cls, logits: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None = None) -> ReduceState:
+        """State of one tile: `logits` `(G, M, n)` in bits (overwritten), `values` `(G, n, E)`.
+
+        With `ids` `(n,)`, the ids of the tile's entries, the state also tracks provenance (`best`, `u`).
+        """
+        best = u = None
+        if ids is None:
+            m = logits.amax(dim=-1)
+            weights = torch.exp2(logits.sub_(m.unsqueeze(-1)), out=logits)
+        else:
+            m, arg = logits.max(dim=-1)
+            best = ids[arg]
+            shifted = logits.sub_(m.unsqueeze(-1))
+            weights = torch.exp2(shifted)
+            u = (weights * shifted).sum(dim=-1)
         l = weights.sum(dim=-1)
         G, _, E = values.shape
         if G == 1 and E <= 4:
@@ -48,11 +74,12 @@ class ReduceState:
             acc = torch.stack([torch.mv(weights[0], values[0, :, e]) for e in range(E)], dim=-1).unsqueeze(0)
         else:
             acc = torch.bmm(weights, values)
-        return cls(m, l, acc)
+        return cls(m, l, acc, best, u)
 
     def rows(self, start: int, stop: int) -> ReduceState:
         """A view on queries `[start, stop)`; merging into it updates this state."""
-        return ReduceState(self.m[:, start:stop], self.l[:, start:stop], self.acc[:, start:stop])
+        pick = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
+        return ReduceState(pick(self.m), pick(self.l), pick(self.acc), pick(self.best), pick(self.u))
 
     def merge_(self, other: ReduceState) -> ReduceState:
         """Fold `other` (disjoint entries, same queries) into this state in place; returns self."""
@@ -61,6 +88,12 @@ class ReduceState:
         finite = torch.isfinite(m)
         a = torch.where(finite, torch.exp2(self.m - m), 0.0)
         b = torch.where(finite, torch.exp2(other.m - m), 0.0)
+        if self.best is not None:
+            # u is relative to m: moving the reference from m_x to m adds (m_x - m) to every s_j - m_x
+            shift_a = torch.where(self.l > 0, self.m - m, 0.0)
+            shift_b = torch.where(other.l > 0, other.m - m, 0.0)
+            self.u.copy_(a * (self.u + shift_a * self.l) + b * (other.u + shift_b * other.l))
+            self.best.copy_(torch.where(other.m > self.m, other.best, self.best))
         self.l.mul_(a).add_(other.l * b)
         self.acc.mul_(a.unsqueeze(-1)).add_(other.acc * b.unsqueeze(-1))
         self.m.copy_(m)
@@ -69,3 +102,11 @@ class ReduceState:
     def finalize(self) -> torch.Tensor:
         """The softmax-weighted mean of the values, `(G, M, E)`."""
         return self.acc / self.l.unsqueeze(-1)
+
+    def top_weight(self) -> torch.Tensor:
+        """Posterior weight of the dominant entry `best`, `(G, M)` (m is the exact maximum logit)."""
+        return 1.0 / self.l
+
+    def entropy(self) -> torch.Tensor:
+        """Entropy of each query's posterior over the dictionary, in nats, `(G, M)`."""
+        return torch.log(self.l) - math.log(2.0) * self.u / self.l

@@ -53,7 +53,13 @@ class TorchBackend(Backend):
     PRIORITY = 100
 
     def reduce(
-        self, queries: torch.Tensor, dictionary: Dictionary, *, abar: float, memory_budget: int
+        self,
+        queries: torch.Tensor,
+        dictionary: Dictionary,
+        *,
+        abar: float,
+        memory_budget: int,
+        provenance: bool = False,
     ) -> tuple[ReduceState, int]:
         G, M, _ = queries.shape
         dtype, device = queries.dtype, queries.device
@@ -61,13 +67,14 @@ class TorchBackend(Backend):
         q = queries * (2.0 * a / T * LOG2E)
         key_scale = a * a / T * LOG2E
         images_per_chunk, query_tile, key_tile = plan_chunks(queries, dictionary, memory_budget)
-        state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device)
+        state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device, provenance=provenance)
         # one logit buffer for all tiles: a fresh 8 MB tensor per tile costs page faults on every allocation
         buffer = torch.empty(G * query_tile * key_tile, dtype=dtype, device=device)
         chunks = 0
         for start in range(0, dictionary.num_images, images_per_chunk):
             keys, values = dictionary.entries(start, start + images_per_chunk, dtype)
             keys, values = keys.to(device), values.to(device)
+            ids = dictionary.entry_ids(start, start + images_per_chunk).to(device) if provenance else None
             bias = (keys * keys).sum(dim=-1).mul_(-key_scale).unsqueeze(1)  # (G, 1, n)
             keys_t = keys.transpose(1, 2)  # (G, D, n)
             n = keys.shape[1]
@@ -78,6 +85,7 @@ class TorchBackend(Backend):
                     q_tile, k_tile = q[:, q0 : q0 + query_tile], keys_t[:, :, k0:k1]
                     logits = buffer[: G * q_tile.shape[1] * k_tile.shape[2]].view(G, q_tile.shape[1], -1)
                     torch.baddbmm(bias[:, :, k0:k1], q_tile, k_tile, out=logits)
-                    rows.merge_(ReduceState.from_logits(logits, values[:, k0:k1]))
+                    tile_ids = None if ids is None else ids[k0:k1]
+                    rows.merge_(ReduceState.from_logits(logits, values[:, k0:k1], tile_ids))
             chunks += 1
         return state, chunks
