@@ -18,37 +18,33 @@ def _border_class(i: int, length: int, r: int):
     return i if (i < r or i > length - 1 - r) else "interior"
 
 
-def _softmax_mean(query: np.ndarray, keys: np.ndarray, values: np.ndarray, abar: float) -> np.ndarray:
+def _posterior(query: np.ndarray, keys: np.ndarray, abar: float) -> np.ndarray:
     a, T = np.sqrt(abar), 2 * (1 - abar)
     logits = -((query[None] - a * keys) ** 2).sum(1) / T
     w = np.exp(logits - logits.max())
-    return (w[:, None] * values).sum(0) / w.sum()
+    return w / w.sum()
 
 
-def reference_denoise(x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None):
-    """E[x0 | x] for x [B, C, H, W] and train [N, C, H, W] (float64 numpy), per SPEC section 2."""
-    x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
-    B, C, H, W = x.shape
-    out = np.zeros_like(x)
+def _problems(x, train, *, machine, padding, patch_size, labels, train_labels):
+    """Yield (b, pixel or None, query, keys, values, sources) for every softmax of the machine; a source is
+    (training image index, source y, source x) for each dictionary entry (pixel None: one softmax per image)."""
+    B, _, H, W = x.shape
     for b in range(B):
-        dic = train if labels is None else train[np.asarray(train_labels) == int(labels[b])]
-        if machine == "is":
-            flat = dic.reshape(len(dic), -1)
-            out[b] = _softmax_mean(x[b].ravel(), flat, flat, abar).reshape(C, H, W)
-            continue
-        if machine == "es":
-            shifted = np.stack([np.roll(d, (dy, dx), axis=(1, 2)) for d in dic for dy in range(H) for dx in range(W)])
-            flat = shifted.reshape(len(shifted), -1)
-            out[b] = _softmax_mean(x[b].ravel(), flat, flat, abar).reshape(C, H, W)
+        members = np.arange(len(train)) if labels is None else np.flatnonzero(np.asarray(train_labels) == labels[b])
+        if machine in ("is", "es"):
+            shifts = [(dy, dx) for dy in range(H) for dx in range(W)] if machine == "es" else [(0, 0)]
+            keys = np.stack([np.roll(train[n], (dy, dx), axis=(1, 2)).ravel() for n in members for dy, dx in shifts])
+            # pixel (y, x) of roll(image, (dy, dx)) is pixel (y - dy, x - dx) of the image: source offset (-dy, -dx)
+            sources = [(n, -dy, -dx) for n in members for dy, dx in shifts]
+            yield b, None, x[b].ravel(), keys, keys, sources
             continue
         P, r = patch_size, patch_size // 2
         xp = _pad(x[b], r, padding)
-        dp = [_pad(d, r, padding) for d in dic]
+        padded = {n: _pad(train[n], r, padding) for n in members}
         for y in range(H):
             for z in range(W):
-                q = xp[:, y : y + P, z : z + P].ravel()
-                keys, values = [], []
-                for d, dpad in zip(dic, dp, strict=False):
+                keys, values, sources = [], [], []
+                for n in members:
                     for y2 in range(H):
                         for z2 in range(W):
                             if machine == "ls":
@@ -61,7 +57,48 @@ def reference_denoise(x, train, abar, *, machine, padding="zeros", patch_size=3,
                                     _border_class(z, W, r),
                                 )
                             if member:
-                                keys.append(dpad[:, y2 : y2 + P, z2 : z2 + P].ravel())
-                                values.append(d[:, y2, z2])
-                out[b, :, y, z] = _softmax_mean(q, np.array(keys), np.array(values), abar)
+                                keys.append(padded[n][:, y2 : y2 + P, z2 : z2 + P].ravel())
+                                values.append(train[n][:, y2, z2])
+                                sources.append((n, y2, z2))
+                query = xp[:, y : y + P, z : z + P].ravel()
+                yield b, (y, z), query, np.array(keys), np.array(values), sources
+
+
+def reference_denoise(x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None):
+    """E[x0 | x] for x [B, C, H, W] and train [N, C, H, W] (float64 numpy), per SPEC section 2."""
+    x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
+    out = np.zeros_like(x)
+    kw = dict(machine=machine, padding=padding, patch_size=patch_size, labels=labels, train_labels=train_labels)
+    for b, pixel, query, keys, values, _ in _problems(x, train, **kw):
+        mean = _posterior(query, keys, abar) @ values
+        if pixel is None:
+            out[b] = mean.reshape(x.shape[1:])
+        else:
+            out[b, :, pixel[0], pixel[1]] = mean
+    return out
+
+
+def reference_provenance(x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None):
+    """Per pixel: (source image, source y, source x, weight of the dominant entry, entropy in nats), each
+    [B, H, W]; the dominant entry is the one of largest posterior weight."""
+    x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
+    B, _, H, W = x.shape
+    out = np.zeros((5, B, H, W))
+    kw = dict(machine=machine, padding=padding, patch_size=patch_size, labels=labels, train_labels=train_labels)
+    for b, pixel, query, keys, _, sources in _problems(x, train, **kw):
+        p = _posterior(query, keys, abar)
+        j = int(p.argmax())
+        entropy = -(p[p > 0] * np.log(p[p > 0])).sum()
+        n, sy, sx = sources[j]
+        if pixel is None:
+            ys, xs = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+            out[:, b] = [
+                np.full((H, W), n),
+                (ys + sy) % H,
+                (xs + sx) % W,
+                np.full((H, W), p[j]),
+                np.full((H, W), entropy),
+            ]
+        else:
+            out[:, b, pixel[0], pixel[1]] = [n, sy, sx, p[j], entropy]
     return out
