@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from .patches import PADDINGS, extract_patches, group_sets
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, softmax_reduce
 from .reduce.registry import check_backend_name
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["MACHINES", "MachineStats", "ScoreMachine"]
 
@@ -34,6 +38,13 @@ class MachineStats:
     backends: set[str]
     chunks: int = 0
     pairs: int = 0
+
+
+def _shard_offset(size: int, group: ProcessGroup) -> int:
+    """Total size of the shards of the ranks below this one (collective)."""
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(sizes, torch.tensor([size]), group=group)
+    return int(sum(s.item() for s in sizes[: torch.distributed.get_rank(group)]))
 
 
 def _check_abar(abar: float | torch.Tensor) -> float:
@@ -69,6 +80,11 @@ class ScoreMachine:
         device: where the training set lives and the computation runs (default: the images' device).
         memory_budget: bytes of working memory per reduction; sets the dictionary chunk sizes.
         dtype: compute dtype, torch.float32 (default) or torch.float64.
+        process_group: shard the dictionary across the ranks of this torch.distributed group (the default group
+            is `torch.distributed.group.WORLD`): each rank passes its own shard of the training set, calls
+            `denoise` with the same arguments, and gets the exact result over the union of all shards.
+        image_offset: index of this shard's first image in the full training set (names sources in provenance);
+            by default 0, or with a process group the total size of the shards of lower ranks.
     """
 
     def __init__(
@@ -82,6 +98,8 @@ class ScoreMachine:
         device: torch.device | str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         dtype: torch.dtype = torch.float32,
+        process_group: ProcessGroup | None = None,
+        image_offset: int | None = None,
     ) -> None:
         if machine not in MACHINES:
             raise ValueError(f"unknown machine {machine!r}; known: {', '.join(MACHINES)}")
@@ -122,6 +140,10 @@ class ScoreMachine:
         self.machine, self.padding, self.backend = machine, padding, backend
         self.memory_budget, self.dtype = int(memory_budget), dtype
         self.last_stats = MachineStats(set())
+        self.process_group = process_group
+        if image_offset is None:
+            image_offset = 0 if process_group is None else _shard_offset(self.images.shape[0], process_group)
+        self.image_ids = torch.arange(self.images.shape[0]) + int(image_offset)
         self._classes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
@@ -137,12 +159,16 @@ class ScoreMachine:
         )
 
     def class_subset(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training-set indices `[N_c]` and images `[N_c, C, H, W]` of one class (cached)."""
+        """The training-set ids `[N_c]` and images `[N_c, C, H, W]` of one class (cached). With a process group
+        this is the local shard's part; the class must have images on some rank. Collective then."""
         if label not in self._classes:
             index = (self.labels == label).nonzero().flatten()
-            if index.numel() == 0:
+            count = torch.tensor([index.numel()])
+            if self.process_group is not None:
+                torch.distributed.all_reduce(count, group=self.process_group)
+            if count.item() == 0:
                 raise ValueError(f"class {label} has no training images: its dictionary would be empty")
-            self._classes[label] = (index, self.images[index.to(self.device)])
+            self._classes[label] = (self.image_ids[index], self.images[index.to(self.device)])
         return self._classes[label]
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,17 +216,16 @@ class ScoreMachine:
         labels = self._check_labels(labels, x.shape[0])
         self.last_stats = MachineStats(set())
         if labels is None:
-            out, prov = self._denoise(x, self.images, abar, patch_size, return_provenance)
+            out, prov = self._denoise(x, self.images, self.image_ids, abar, patch_size, return_provenance)
             return (out, prov) if return_provenance else out
         out = torch.empty_like(x)
         parts, part_rows = [], []
         for label in labels.unique().tolist():
             rows = (labels == label).nonzero().flatten().to(x.device)
-            index, images = self.class_subset(label)
-            out[rows], prov = self._denoise(x[rows], images, abar, patch_size, return_provenance)
+            ids, images = self.class_subset(label)
+            out[rows], prov = self._denoise(x[rows], images, ids, abar, patch_size, return_provenance)
             if return_provenance:
-                # dictionary image k of this class is training image index[k]
-                parts.append(replace(prov, source_image=index.to(x.device)[prov.source_image]))
+                parts.append(prov)
                 part_rows.append(rows)
         return (out, Provenance.cat(parts, part_rows, x.shape[0])) if return_provenance else out
 
@@ -224,6 +249,7 @@ class ScoreMachine:
             backend=self.backend,
             memory_budget=self.memory_budget,
             provenance=provenance,
+            process_group=self.process_group,
         )
         self.last_stats.backends.add(result.backend)
         self.last_stats.chunks += result.chunks
@@ -231,11 +257,12 @@ class ScoreMachine:
         return result
 
     def _denoise(
-        self, x: torch.Tensor, images: torch.Tensor, abar: float, patch_size: int, provenance: bool
+        self, x: torch.Tensor, images: torch.Tensor, ids: torch.Tensor, abar: float, patch_size: int, provenance: bool
     ) -> tuple[torch.Tensor, Provenance | None]:
+        """Denoise `x` against the dictionary of `images`, whose training-set ids are `ids`."""
         B, C, H, W = x.shape
         if self.machine in ("is", "es"):
-            dictionary = ImageDictionary(images, shifts=self.machine == "es")
+            dictionary = ImageDictionary(images, shifts=self.machine == "es", image_ids=ids)
             r = self._reduce(x.reshape(1, B, -1), dictionary, abar, provenance)
             out = r.values.reshape(B, C, H, W)
             if not provenance:
@@ -258,7 +285,7 @@ class ScoreMachine:
         for positions in group_sets(H, W, patch_size, self.padding, self.machine):
             G, S = positions.shape
             queries = extract_patches(x, patch_size, self.padding, positions).reshape(G, S * B, -1)
-            dictionary = PatchDictionary(images, patch_size, self.padding, positions)
+            dictionary = PatchDictionary(images, patch_size, self.padding, positions, image_ids=ids)
             r = self._reduce(queries, dictionary, abar, provenance)  # values (G, S * B, C), queries in (s, b) order
             pixels = positions.flatten().to(x.device)
             out[:, :, pixels] = r.values.reshape(G * S, B, C).permute(1, 2, 0)

@@ -20,12 +20,16 @@ which backend runs it is chosen here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import torch_backend  # noqa: F401  (registers the torch backend)
 from .dictionary import Dictionary
 from .registry import select_backend
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "Reduction", "softmax_reduce"]
 
@@ -56,6 +60,7 @@ def softmax_reduce(
     backend: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     provenance: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> Reduction:
     """Softmax-weighted mean of the dictionary's values for each query.
 
@@ -66,9 +71,17 @@ def softmax_reduce(
         backend: a registered backend name, or "auto".
         memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use.
         provenance: also return each query's dominant entry, its weight and the posterior entropy.
+        process_group: the dictionary is sharded across the ranks of this torch.distributed group (pass the
+            default group as `torch.distributed.group.WORLD`): every rank calls with the same queries and its own
+            shard, and every rank gets the result over the whole dictionary. Entry ids must be global
+            (`Dictionary.image_ids`).
     """
     chosen = select_backend(backend, queries, dictionary)
     state, chunks = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
+    if process_group is not None:
+        from .distributed import all_merge_
+
+        all_merge_(state, process_group)
     G, M, _ = queries.shape
     result = Reduction(state.finalize(), chosen.NAME, chunks, G * M * dictionary.size)
     if provenance:

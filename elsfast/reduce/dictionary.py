@@ -7,7 +7,8 @@ float32 patch dictionary is never materialised (SPEC section 5). Shape letters a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,12 +20,14 @@ __all__ = ["Dictionary", "ImageDictionary", "PatchDictionary"]
 
 @dataclass(frozen=True)
 class Dictionary:
-    """Base class. `images` `[N, C, H, W]` are the training images that contribute to the dictionary.
+    """Base class. `images` `[N, C, H, W]` are the training images that contribute to the dictionary;
+    `image_ids` `[N]` (default 0..N-1) names them in provenance, e.g. their indices in the full training set.
 
     Subclasses define `num_groups` (G), `entries_per_image` (S), `key_dim` (D), `value_dim` (E) and `entries`.
     """
 
     images: torch.Tensor
+    image_ids: torch.Tensor | None = field(default=None, kw_only=True)
 
     @property
     def num_images(self) -> int:
@@ -48,8 +51,10 @@ class Dictionary:
         raise NotImplementedError
 
     def entry_ids(self, start: int, stop: int) -> torch.Tensor:
-        """Ids `image * S + s` of the entries `entries(start, stop)` returns, in its order, `((stop - start) * S,)`."""
+        """Ids `image_id * S + s` of the entries of `entries(start, stop)`, in its order: `((stop - start) * S,)`."""
         images = torch.arange(start, min(stop, self.num_images))
+        if self.image_ids is not None:
+            images = self.image_ids.cpu()[images]
         S = self.entries_per_image
         return (torch.arange(S).unsqueeze(1) + images.unsqueeze(0) * S).flatten()
 
@@ -104,7 +109,7 @@ class ImageDictionary(Dictionary):
 
     @property
     def key_dim(self) -> int:
-        return self.images[0].numel()
+        return math.prod(self.images.shape[1:])
 
     @property
     def value_dim(self) -> int:
