@@ -3,19 +3,23 @@
 Importing elsfast imports nothing optional (no Triton, FAISS or compiled extension).
 """
 
-from . import datasets, schedules
+from . import creativity, datasets, schedules
 from .machine import MACHINES, ScoreMachine
+from .provenance import Provenance
 from .reduce import backend_names, softmax_reduce
-from .sampling import ddim_sample, sample
+from .sampling import SampleTrace, ddim_sample, sample
 from .scales import reference_scales
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MACHINES",
+    "Provenance",
+    "SampleTrace",
     "ScoreMachine",
     "__version__",
     "backend_names",
+    "creativity",
     "datasets",
     "ddim_sample",
     "reference_scales",

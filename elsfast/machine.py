@@ -40,10 +40,10 @@ class MachineStats:
     pairs: int = 0
 
 
-def _shard_offset(size: int, group: ProcessGroup) -> int:
-    """Total size of the shards of the ranks below this one (collective)."""
-    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(sizes, torch.tensor([size]), group=group)
+def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
+    """Total size of the shards of the ranks below this one (collective; NCCL needs `device` to be a GPU)."""
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(sizes, torch.tensor([size], device=device), group=group)
     return int(sum(s.item() for s in sizes[: torch.distributed.get_rank(group)]))
 
 
@@ -142,7 +142,7 @@ class ScoreMachine:
         self.last_stats = MachineStats(set())
         self.process_group = process_group
         if image_offset is None:
-            image_offset = 0 if process_group is None else _shard_offset(self.images.shape[0], process_group)
+            image_offset = 0 if process_group is None else _shard_offset(len(self.images), process_group, self.device)
         self.image_ids = torch.arange(self.images.shape[0]) + int(image_offset)
         self._classes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -163,7 +163,7 @@ class ScoreMachine:
         this is the local shard's part; the class must have images on some rank. Collective then."""
         if label not in self._classes:
             index = (self.labels == label).nonzero().flatten()
-            count = torch.tensor([index.numel()])
+            count = torch.tensor([index.numel()], device=self.device)
             if self.process_group is not None:
                 torch.distributed.all_reduce(count, group=self.process_group)
             if count.item() == 0:
