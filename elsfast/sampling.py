@@ -11,7 +11,9 @@ output is the denoiser's x0 prediction: n steps make n - 1 denoiser evaluations.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .imageio import _atomic_write
 from .machine import ScoreMachine
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET
@@ -57,16 +60,28 @@ def ddim_sample(
     schedule: str | Callable[[float], float] = "cosine-legacy",
     progress: bool = True,
     callback: StepCallback | None = None,
+    start: int | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from noise `x` `[B, C, H, W]` placed at t = (steps - 1) / steps.
 
-    `callback`, if given, receives after every update a dict with `i`, `t`, `abar`, `x` (the new state) and
-    `denoised` (the x0 prediction at step i).
+    `callback`, if given, receives after every update a dict with `i`, `t`, `abar`, `x` (the new state, at
+    t = (i - 1) / steps) and `denoised` (the x0 prediction at step i). `start` resumes a run: `x` is then the
+    state at t = start / steps (default steps - 1, the beginning).
     """
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
+    start = steps - 1 if start is None else start
+    if not 1 <= start <= steps - 1:
+        raise ValueError(f"start must lie in [1, {steps - 1}], got {start}")
     abar_of = get_schedule(schedule)
-    for i in tqdm(range(steps - 1, 0, -1), desc="sampling", disable=not progress, leave=False):
+    for i in tqdm(
+        range(start, 0, -1),
+        desc="sampling",
+        disable=not progress,
+        leave=False,
+        total=steps - 1,
+        initial=steps - 1 - start,
+    ):
         t = i / steps
         abar, abar_prev = abar_of(t), abar_of((i - 1) / steps)
         x0 = denoiser(x, abar, i)
@@ -75,6 +90,42 @@ def ddim_sample(
         if callback is not None:
             callback({"i": i, "t": t, "abar": abar, "x": x, "denoised": x0})
     return x
+
+
+def _run_key(m: ScoreMachine, noise: torch.Tensor, steps: int, schedule, sizes: list[int], labels) -> str:
+    """Fingerprint of everything that determines a sampling run, so a checkpoint resumes only its own run."""
+    digest = hashlib.sha256()
+    for part in (
+        m.machine,
+        m.padding,
+        m.dtype,
+        steps,
+        schedule if isinstance(schedule, str) else repr(schedule),
+        sizes,
+    ):
+        digest.update(repr(part).encode())
+    for tensor in (m.images, noise, m.labels, labels):
+        if tensor is not None:
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resume(path: str | Path, key: str, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """The saved state and its step if `path` holds a checkpoint of this run, else (x, None): a checkpoint of
+    another run, or an unreadable one, is ignored with a warning (and overwritten by the first step)."""
+    path = Path(path)
+    if not path.exists():
+        return x, None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["key"] == key and state["x"].shape == x.shape:
+            return state["x"].to(x), int(state["i"])
+        reason = "it belongs to another run"
+    except Exception as err:  # a truncated or foreign file must not stop a fresh run
+        reason = f"it cannot be read ({err})"
+    warnings.warn(f"ignoring checkpoint {path}: {reason}; starting from the beginning", stacklevel=3)
+    return x, None
 
 
 def _labels_for(labels, n: int) -> torch.Tensor | None:
@@ -108,6 +159,7 @@ def sample(
     noise: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     return_provenance: bool = False,
+    checkpoint: str | Path | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleTrace]:
     """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
 
@@ -123,6 +175,10 @@ def sample(
         callback: called after every step (see `ddim_sample`).
         return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
             evaluation (which produces the output) and the posterior entropy maps of every step.
+        checkpoint: a file to which the state is written atomically after every step; if it exists when a run
+            starts and was written by the same run (same machine, training set, noise, steps, sizes, labels),
+            sampling resumes from it instead of starting over. It is removed when the run finishes. A trace
+            (`return_provenance`) then covers the steps run since the resume.
     """
     if isinstance(source, ScoreMachine):
         m = source
@@ -163,8 +219,21 @@ def sample(
         trace.append((i / steps, size, prov))
         return x0
 
-    x = noise.to(m.device, m.dtype)
-    out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=callback)
+    x, start, on_step = noise.to(m.device, m.dtype), None, callback
+    if checkpoint is not None:
+        key = _run_key(m, noise, steps, schedule, [size_at(i / steps, i) for i in range(steps)], sample_labels)
+        x, start = _resume(checkpoint, key, x)
+
+        def on_step(info: dict) -> None:
+            if info["i"] > 1:  # the last update is the output itself
+                state = {"key": key, "i": info["i"] - 1, "x": info["x"].cpu()}
+                _atomic_write(checkpoint, lambda f: torch.save(state, f))
+            if callback is not None:
+                callback(info)
+
+    out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=on_step, start=start)
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     if not return_provenance:
         return out
     times, sizes, provs = zip(*trace, strict=True)

@@ -142,3 +142,47 @@ def test_sample_from_a_dataset_name():
     out = elsfast.sample("mnist-embedded", n=2, steps=3, patch_size=3, progress=False)
     assert out.shape == (2, 1, 28, 28)
     assert torch.isfinite(out).all()
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_checkpoint_resumes_after_a_crash(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(10, 1, 8, 8, generator=g) * 2 - 1
+    m = elsfast.ScoreMachine(train)
+    ckpt = tmp_path / "run.ckpt"
+    full = elsfast.sample(m, n=2, steps=8, seed=4, progress=False)
+
+    def crash(info):
+        if info["i"] == 4:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        elsfast.sample(m, n=2, steps=8, seed=4, progress=False, checkpoint=ckpt, callback=crash)
+    assert ckpt.exists()
+    steps_run = []
+    resumed = elsfast.sample(
+        m, n=2, steps=8, seed=4, progress=False, checkpoint=ckpt, callback=lambda info: steps_run.append(info["i"])
+    )
+    assert steps_run == [3, 2, 1], "resumes at the step after the last one saved"
+    torch.testing.assert_close(resumed, full, rtol=0, atol=0)
+    assert not ckpt.exists(), "a finished run removes its checkpoint"
+
+
+def test_checkpoint_of_another_run_or_corrupt_is_ignored(tmp_path):
+    train = torch.rand(6, 1, 6, 6) * 2 - 1
+    ckpt = tmp_path / "run.ckpt"
+
+    def crash(info):
+        raise _Crash
+
+    with pytest.raises(_Crash):
+        elsfast.sample(train, n=1, steps=5, seed=1, progress=False, checkpoint=ckpt, callback=crash)
+    with pytest.warns(UserWarning, match="another run"):
+        other = elsfast.sample(train, n=1, steps=5, seed=2, progress=False, checkpoint=ckpt)
+    torch.testing.assert_close(other, elsfast.sample(train, n=1, steps=5, seed=2, progress=False))
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="cannot be read"):
+        elsfast.sample(train, n=1, steps=5, seed=2, progress=False, checkpoint=ckpt)
