@@ -11,9 +11,12 @@ per class when class-conditional:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 __all__ = ["MACHINES", "MachineStats", "ScoreMachine"]
+
+CONFIG_NAME = "elsfast_machine.json"
+CONFIG_FORMAT = "elsfast-machine/1"
 
 MACHINES = ("is", "es", "ls", "els")
 
@@ -145,6 +151,119 @@ class ScoreMachine:
             image_offset = 0 if process_group is None else _shard_offset(len(self.images), process_group, self.device)
         self.image_ids = torch.arange(self.images.shape[0]) + int(image_offset)
         self._classes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fingerprint: str | None = None
+        self.source: dict | None = None  # the dataset reference, when built by from_dataset
+
+    @classmethod
+    def from_dataset(
+        cls,
+        name: str,
+        *,
+        split: str = "train",
+        root: str | Path | None = None,
+        pad_to: int | None = None,
+        limit: int | None = None,
+        conditional: bool = True,
+        **kwargs,
+    ) -> ScoreMachine:
+        """A machine over a dataset of `elsfast.datasets.load` (with its labels unless `conditional=False`);
+        the dataset reference is kept in `config()` so `save_pretrained` can record it."""
+        from . import datasets
+
+        data = datasets.load(name, split=split, root=root, pad_to=pad_to, limit=limit)
+        m = cls(data.images, data.labels if conditional else None, **kwargs)
+        m.source = {"dataset": name, "split": split, "pad_to": pad_to, "limit": limit}
+        return m
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of the training images and labels (computed once): identifies the training set."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256(repr((tuple(self.images.shape), str(self.images.dtype))).encode())
+            digest.update(self.images.cpu().contiguous().numpy().tobytes())
+            if self.labels is not None:
+                digest.update(self.labels.numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+    def config(self) -> dict:
+        """The machine's parameters and a reference to its training set (not the data), JSON-ready."""
+        return {
+            "format": CONFIG_FORMAT,
+            "machine": self.machine,
+            "padding": self.padding,
+            "backend": self.backend,
+            "memory_budget": self.memory_budget,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "train_shape": list(self.images.shape),
+            "train_dtype": str(self.images.dtype).removeprefix("torch."),
+            "conditional": self.labels is not None,
+            "train_sha256": self.fingerprint,
+            "source": self.source,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config()` to `directory/elsfast_machine.json` (atomically) and return its path."""
+        from .imageio import _atomic_write
+
+        path = Path(directory) / CONFIG_NAME
+        text = json.dumps(self.config(), indent=2).encode()
+        return _atomic_write(path, lambda f: f.write(text))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        train_images: torch.Tensor | None = None,
+        train_labels: torch.Tensor | None = None,
+        root: str | Path | None = None,
+        device: torch.device | str | None = None,
+    ) -> ScoreMachine:
+        """Rebuild a machine saved by `save_pretrained` (a directory or the json file). The training set is
+        reloaded from the recorded dataset reference (`root` as for `datasets.load`) unless `train_images` are
+        given; either way it must match the recorded SHA-256."""
+        path = Path(path)
+        config = json.loads((path / CONFIG_NAME if path.is_dir() else path).read_text())
+        if config.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"{path} is not an elsfast machine config (format {config.get('format')!r})")
+        kwargs = {
+            "machine": config["machine"],
+            "padding": config["padding"],
+            "backend": config["backend"],
+            "memory_budget": config["memory_budget"],
+            "dtype": getattr(torch, config["dtype"]),
+            "device": device,
+        }
+        if train_images is None:
+            if config["source"] is None:
+                raise ValueError(f"{path} records no dataset: pass train_images= (and train_labels=)")
+            source = dict(config["source"])
+            name = source.pop("dataset")
+            m = cls.from_dataset(name, root=root, conditional=config["conditional"], **source, **kwargs)
+        else:
+            m = cls(train_images, train_labels, **kwargs)
+        if m.fingerprint != config["train_sha256"]:
+            raise ValueError(
+                f"the training set differs from the one saved in {path} (SHA-256 {m.fingerprint[:12]}... "
+                f"instead of {config['train_sha256'][:12]}...)"
+            )
+        return m
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ScoreMachine:
+        """Move the training set and the computation to `device` and/or compute in `dtype`, in place (like
+        `torch.nn.Module.to`); uint8 training images stay uint8. Returns self."""
+        if dtype is not None:
+            if dtype not in (torch.float32, torch.float64):
+                raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+            self.dtype = dtype
+            if self.images.is_floating_point():
+                self.images = self.images.to(dtype)
+        if device is not None:
+            self.device = torch.device(device)
+            self.images = self.images.to(self.device)
+        self._classes.clear()
+        return self
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -94,7 +94,7 @@ def ddim_sample(
 
 def _run_key(m: ScoreMachine, noise: torch.Tensor, steps: int, schedule, sizes: list[int], labels) -> str:
     """Fingerprint of everything that determines a sampling run, so a checkpoint resumes only its own run."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(m.fingerprint.encode())
     for part in (
         m.machine,
         m.padding,
@@ -104,7 +104,7 @@ def _run_key(m: ScoreMachine, noise: torch.Tensor, steps: int, schedule, sizes: 
         sizes,
     ):
         digest.update(repr(part).encode())
-    for tensor in (m.images, noise, m.labels, labels):
+    for tensor in (noise, labels):
         if tensor is not None:
             digest.update(repr(tuple(tensor.shape)).encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -160,6 +160,7 @@ def sample(
     callback: StepCallback | None = None,
     return_provenance: bool = False,
     checkpoint: str | Path | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleTrace]:
     """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
 
@@ -172,6 +173,7 @@ def sample(
         labels: class label(s) for class-conditional sampling: one int or one per sample.
         seed: seeds the initial noise, drawn on the CPU so that a seed gives the same noise on every device.
         noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
+        generator: a CPU `torch.Generator` to draw the initial noise from instead of `seed`.
         callback: called after every step (see `ddim_sample`).
         return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
             evaluation (which produces the output) and the posterior entropy maps of every step.
@@ -204,7 +206,8 @@ def sample(
     size_at = resolve_patch_size(patch_size, steps)
     sample_labels = _labels_for(labels, n)
     if noise is None:
-        generator = torch.Generator().manual_seed(seed)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(n, *m.image_shape, generator=generator, dtype=m.dtype)
     elif tuple(noise.shape) != (n, *m.image_shape):
         raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")

@@ -186,3 +186,10 @@ def test_checkpoint_of_another_run_or_corrupt_is_ignored(tmp_path):
     ckpt.write_bytes(b"not a checkpoint")
     with pytest.warns(UserWarning, match="cannot be read"):
         elsfast.sample(train, n=1, steps=5, seed=2, progress=False, checkpoint=ckpt)
+
+
+def test_generator_replaces_seed():
+    train = torch.rand(6, 1, 6, 6) * 2 - 1
+    a = elsfast.sample(train, n=2, steps=4, generator=torch.Generator().manual_seed(9), progress=False)
+    b = elsfast.sample(train, n=2, steps=4, seed=9, progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
