@@ -1,7 +1,9 @@
-"""The `elsfast` command line: `elsfast sample`, `elsfast info`, `elsfast scales`.
+"""The `elsfast` command line: `elsfast sample`, `explain`, `measure`, `info`, `scales`.
 
     elsfast sample --out grid.png                      # 16 ELS samples from the embedded MNIST subset
     elsfast sample --dataset mnist --data-root /data --n 64 --patch-size 5 --out grid.png --save x.npz
+    elsfast explain --n 4 --out-dir why/               # figures of where every pixel came from + measures.json
+    elsfast measure --samples x.npz --json m.json      # creativity measures of saved samples
     elsfast info                                       # versions, devices, backends, datasets, scale lists
     elsfast scales                                     # the published calibrated patch-size lists
 
@@ -122,12 +124,84 @@ def _scales_arg(text: str) -> str:
 # the parser
 
 
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """--dataset, --data-root, --pad-to, --limit (read by `_load_dataset`)."""
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset",
+        default=DEFAULT_DATASET,
+        metavar="NAME|PATH",
+        help=(
+            "training set: mnist, fashion-mnist, cifar10, faces, mnist-embedded (2,000 MNIST digits shipped "
+            "with the package, needs no data), or the path of an .npz file or image folder "
+            f"(default: {DEFAULT_DATASET})"
+        ),
+    )
+    g.add_argument("--data-root", metavar="DIR", help="data directory of the named datasets ($ELSFAST_DATA)")
+    g.add_argument("--pad-to", type=_at_least(1), metavar="SIZE", help="zero-pad the images to SIZE x SIZE (28 -> 32)")
+    g.add_argument("--limit", type=_at_least(1), metavar="N", help="use only the first N training images")
+
+
+def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: str | None = None) -> None:
+    """--machine, --padding, --patch-size (and --scales when `scales`), --backend, --device, --memory-budget."""
+    from .machine import MACHINES
+    from .patches import PADDINGS
+
+    g = p.add_argument_group("machine")
+    g.add_argument("--machine", default="els", choices=MACHINES, help="which machine (default: els)")
+    g.add_argument("--padding", default="zeros", choices=PADDINGS, help="patch border padding (default: zeros)")
+    sizes = g.add_mutually_exclusive_group() if scales else g
+    sizes.add_argument(
+        "--patch-size",
+        type=_odd_patch_size,
+        metavar="P",
+        help=patch_help or f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; ignored by is/es)",
+    )
+    if scales:
+        sizes.add_argument(
+            "--scales",
+            type=_scales_arg,
+            metavar="NAME",
+            help="a published calibrated patch-size list P(t) instead of --patch-size (see 'elsfast scales')",
+        )
+    g.add_argument("--backend", default="auto", help="reduction backend, or auto (default; see 'elsfast info')")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
+    g.add_argument(
+        "--memory-budget",
+        type=_bytes_arg,
+        metavar="BYTES",
+        help="working memory per reduction, e.g. 512M or 2G (default: 512M)",
+    )
+
+
+_LABELS_HELP = (
+    "class-conditional sampling (labelled datasets only): one class for all samples, a comma list "
+    "of N classes, or 'cycle' (sample i gets class i %% num_classes)"
+)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, n_default: int) -> None:
+    """--n, --steps, --schedule, --seed, --labels."""
+    from .schedules import SCHEDULES
+
+    g = p.add_argument_group("sampling")
+    g.add_argument(
+        "--n", type=_at_least(1), default=n_default, metavar="N", help=f"number of samples (default: {n_default})"
+    )
+    g.add_argument("--steps", type=_at_least(2), default=20, metavar="K", help="DDIM steps (default: 20)")
+    g.add_argument(
+        "--schedule",
+        default="cosine-legacy",
+        choices=tuple(SCHEDULES),
+        help="noise schedule (default: %(default)s)",
+    )
+    g.add_argument("--seed", type=_int, default=0, help="seed of the initial noise (default: 0)")
+    g.add_argument("--labels", type=_labels_arg, metavar="L", help=_LABELS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `elsfast` command (errors raise `CLIError`)."""
     from . import __version__
-    from .machine import MACHINES
-    from .patches import PADDINGS
-    from .schedules import SCHEDULES
 
     parser = _Parser(
         prog=PROG,
@@ -146,69 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
             "tensors in [-1, 1] (--save). Files are written only at the end, atomically."
         ),
     )
-    g = s.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        default=DEFAULT_DATASET,
-        metavar="NAME|PATH",
-        help=(
-            "training set: mnist, fashion-mnist, cifar10, faces, mnist-embedded (2,000 MNIST digits shipped "
-            "with the package, needs no data), or the path of an .npz file or image folder "
-            f"(default: {DEFAULT_DATASET})"
-        ),
-    )
-    g.add_argument("--data-root", metavar="DIR", help="data directory of the named datasets ($ELSFAST_DATA)")
-    g.add_argument("--pad-to", type=_at_least(1), metavar="SIZE", help="zero-pad the images to SIZE x SIZE (28 -> 32)")
-    g.add_argument("--limit", type=_at_least(1), metavar="N", help="use only the first N training images")
-
-    g = s.add_argument_group("machine")
-    g.add_argument("--machine", default="els", choices=MACHINES, help="which machine (default: els)")
-    g.add_argument("--padding", default="zeros", choices=PADDINGS, help="patch border padding (default: zeros)")
-    sizes = g.add_mutually_exclusive_group()
-    sizes.add_argument(
-        "--patch-size",
-        type=_odd_patch_size,
-        metavar="P",
-        help=f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; ignored by is/es)",
-    )
-    sizes.add_argument(
-        "--scales",
-        type=_scales_arg,
-        metavar="NAME",
-        help="a published calibrated patch-size list P(t) instead of --patch-size (see 'elsfast scales')",
-    )
-    g.add_argument("--backend", default="auto", help="reduction backend, or auto (default; see 'elsfast info')")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
-    g.add_argument(
-        "--memory-budget",
-        type=_bytes_arg,
-        metavar="BYTES",
-        help="working memory per reduction, e.g. 512M or 2G (default: 512M)",
-    )
-
-    g = s.add_argument_group("sampling")
-    g.add_argument("--n", type=_at_least(1), default=16, metavar="N", help="number of samples (default: 16)")
-    g.add_argument("--steps", type=_at_least(2), default=20, metavar="K", help="DDIM steps (default: 20)")
-    g.add_argument(
-        "--schedule",
-        default="cosine-legacy",
-        choices=tuple(SCHEDULES),
-        help="noise schedule (default: %(default)s)",
-    )
-    g.add_argument("--seed", type=_int, default=0, help="seed of the initial noise (default: 0)")
-    g.add_argument(
-        "--labels",
-        type=_labels_arg,
-        metavar="L",
-        help=(
-            "class-conditional sampling (labelled datasets only): one class for all samples, a comma list "
-            "of N classes, or 'cycle' (sample i gets class i %% num_classes)"
-        ),
-    )
+    _add_data_args(s)
+    _add_machine_args(s, scales=True)
+    _add_sampling_args(s, n_default=16)
 
     g = s.add_argument_group("output")
     g.add_argument("--out", metavar="PATH.png", help=f"PNG grid of the samples (default: {DEFAULT_OUT})")
     g.add_argument("--save", metavar="PATH", help="also save the raw samples [n, C, H, W] as .pt or .npz")
+    g.add_argument(
+        "--checkpoint",
+        metavar="PATH|none",
+        help="state file written after every step so that the same command, run again after a crash, resumes "
+        "where it stopped; removed when the run finishes (default: the first output path + '.ckpt'; 'none': off)",
+    )
     g.add_argument("--nrow", type=_at_least(1), metavar="K", help="images per grid row (default: ceil(sqrt(n)))")
     g.add_argument(
         "--scale",
@@ -218,6 +242,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_sample)
+
+    e = commands.add_parser(
+        "explain",
+        help="sample and explain every sample: sources, offsets, entropy, creativity measures",
+        description=(
+            "Draw samples with an analytic machine and explain each one as a mosaic of training patches: "
+            "DIR/sample_K.png shows the sample, which training image every pixel came from, how far its patch "
+            "moved, the posterior entropy over the sampling steps and the largest source images with the "
+            "regions they provide; DIR/measures.json holds the creativity measures (nearest training image, "
+            "memorisation, source regions, local consistency). Files are written only at the end, atomically."
+        ),
+    )
+    _add_data_args(e)
+    _add_machine_args(e, scales=True)
+    _add_sampling_args(e, n_default=4)
+    g = e.add_argument_group("output")
+    g.add_argument("--out-dir", required=True, metavar="DIR", help="directory of the figures and measures.json")
+    g.add_argument("--top", type=_at_least(1), default=4, metavar="K", help="largest source images shown (default: 4)")
+    g.add_argument(
+        "--scale",
+        type=_at_least(1),
+        metavar="S",
+        help="integer upscaling of the figures (default: 4 up to 32 px, 2 up to 64 px, else 1)",
+    )
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e.set_defaults(func=_cmd_explain)
+
+    m = commands.add_parser(
+        "measure",
+        help="creativity measures of saved samples (from 'elsfast sample --save')",
+        description=(
+            "Compute the creativity measures of a batch of samples saved by 'elsfast sample --save' against a "
+            "training set: nearest training image and RMS distance, memorisation, the regions of pixels whose "
+            "nearest dictionary patch comes from the same training image, local consistency. Prints a table "
+            "and, with --json, writes the measures atomically."
+        ),
+    )
+    _add_data_args(m)
+    _add_machine_args(
+        m,
+        scales=False,
+        patch_help=(
+            f"odd patch size of the nearest-patch provenance and the consistency check (default: "
+            f"{DEFAULT_PATCH_SIZE}; use the last sampling step's)"
+        ),
+    )
+    g = m.add_argument_group("samples")
+    g.add_argument("--samples", required=True, metavar="PATH", help="samples [n, C, H, W] as .pt or .npz")
+    g.add_argument(
+        "--labels",
+        type=_labels_arg,
+        metavar="L",
+        help=(
+            "the classes the samples were drawn from (their provenance then comes from their class only): one "
+            "class, a comma list of n classes, or 'cycle'"
+        ),
+    )
+    g.add_argument("--json", metavar="PATH", help="also write the measures as JSON")
+    m.set_defaults(func=_cmd_measure)
 
     i = commands.add_parser(
         "info",
@@ -259,9 +342,8 @@ def _resolve_device(text: str):
     return device
 
 
-def _check_sample_args(args: argparse.Namespace) -> None:
-    """Cheap checks, before any data is loaded."""
-    from .imageio import SAMPLE_SUFFIXES
+def _check_machine_args(args: argparse.Namespace) -> None:
+    """Cheap checks of the machine group, before any data is loaded."""
     from .reduce.registry import check_backend_name
 
     if args.machine == "es" and args.padding == "zeros":
@@ -273,6 +355,18 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         check_backend_name(args.backend)
     except ValueError as e:
         raise CLIError(f"argument --backend: {e}") from None
+
+
+def _check_labels_count(labels, n: int) -> None:
+    if isinstance(labels, list) and len(labels) != n:
+        raise CLIError(f"argument --labels: a list needs one class per sample ({n}), got {len(labels)}")
+
+
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """Cheap checks, before any data is loaded."""
+    from .imageio import SAMPLE_SUFFIXES
+
+    _check_machine_args(args)
     if args.out is None and args.save is None:
         args.out = DEFAULT_OUT
     if args.out is not None:
@@ -287,8 +381,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
             )
         if Path(args.save).is_dir():
             raise CLIError(f"argument --save: {args.save!r} is a directory")
-    if isinstance(args.labels, list) and len(args.labels) != args.n:
-        raise CLIError(f"argument --labels: a list needs one class per sample ({args.n}), got {len(args.labels)}")
+    _check_labels_count(args.labels, args.n)
 
 
 def _sample_labels(spec, data, n: int):
@@ -322,25 +415,22 @@ def _sample_labels(spec, data, n: int):
     return labels
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    _check_sample_args(args)
-    device = _resolve_device(args.device)
-
-    import torch
-
+def _load_dataset(args: argparse.Namespace):
+    """The training set named by the data group (--dataset, --data-root, --pad-to, --limit)."""
     from . import datasets
-    from .imageio import save_grid, save_samples
-    from .machine import ScoreMachine
-    from .reduce import DEFAULT_MEMORY_BUDGET
-    from .sampling import sample
 
-    started = time.perf_counter()
     try:
-        data = datasets.load(args.dataset, "train", args.data_root, pad_to=args.pad_to, limit=args.limit)
+        return datasets.load(args.dataset, "train", args.data_root, pad_to=args.pad_to, limit=args.limit)
     except datasets.DatasetNotFoundError as e:
         raise CLIError(f"{e} On the command line: --data-root DIR.") from None
-    labels = _sample_labels(args.labels, data, args.n)
-    machine = ScoreMachine(
+
+
+def _make_machine(args: argparse.Namespace, data, device):
+    """The machine of the machine group over `data`."""
+    from .machine import ScoreMachine
+    from .reduce import DEFAULT_MEMORY_BUDGET
+
+    return ScoreMachine(
         data.images,
         data.labels,
         machine=args.machine,
@@ -349,7 +439,35 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         device=device,
         memory_budget=args.memory_budget or DEFAULT_MEMORY_BUDGET,
     )
-    patch_size = args.scales if args.scales is not None else (args.patch_size or DEFAULT_PATCH_SIZE)
+
+
+def _patch_size_spec(args: argparse.Namespace):
+    """--scales NAME or --patch-size P (default 3)."""
+    if getattr(args, "scales", None) is not None:
+        return args.scales
+    return args.patch_size or DEFAULT_PATCH_SIZE
+
+
+def _checkpoint_path(args: argparse.Namespace) -> str | None:
+    if args.checkpoint is not None:
+        return None if args.checkpoint.lower() == "none" else args.checkpoint
+    return f"{args.save if args.out is None else args.out}.ckpt"
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    _check_sample_args(args)
+    device = _resolve_device(args.device)
+
+    import torch
+
+    from .imageio import save_grid, save_samples
+    from .sampling import sample
+
+    started = time.perf_counter()
+    data = _load_dataset(args)
+    labels = _sample_labels(args.labels, data, args.n)
+    machine = _make_machine(args, data, device)
+    patch_size = _patch_size_spec(args)
     samples = sample(
         machine,
         args.n,
@@ -359,6 +477,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         schedule=args.schedule,
         progress=not args.quiet,
+        checkpoint=_checkpoint_path(args),
     ).cpu()
     seconds = time.perf_counter() - started
 
@@ -377,6 +496,160 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     print(
         f"elsfast: {args.n} samples [{C}, {H}, {W}] from {data.name} ({len(data)} images; {args.machine}, "
         f"{args.padding}, {size}, {args.steps} steps, {device}) in {seconds:.1f} s -> {', '.join(written)}"
+    )
+    return 0
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _summary(m: dict) -> str:
+    """One line of the creativity measures of one sample."""
+    return (
+        f"nearest training image #{m['nearest_training_index']} (RMS {m['nearest_training_rms']:.3f}), "
+        f"memorised {_yes_no(m['memorised'])}, {m['distinct_sources']} distinct sources, "
+        f"largest region {m['largest_region_fraction']:.1%}, local consistency {m['local_consistency']:.3f}"
+    )
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    _check_machine_args(args)
+    _check_labels_count(args.labels, args.n)
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CLIError(f"argument --out-dir: {args.out_dir!r} exists and is not a directory")
+    device = _resolve_device(args.device)
+
+    from . import explain
+
+    started = time.perf_counter()
+    data = _load_dataset(args)
+    labels = _sample_labels(args.labels, data, args.n)
+    machine = _make_machine(args, data, device)
+    measures = explain.explain(
+        machine,
+        args.n,
+        seed=args.seed,
+        steps=args.steps,
+        patch_size=_patch_size_spec(args),
+        labels=labels,
+        out_dir=out_dir,
+        schedule=args.schedule,
+        progress=not args.quiet,
+        top=args.top,
+        scale=args.scale,
+    )
+    seconds = time.perf_counter() - started
+    for m in measures:
+        print(f"sample {m['sample']}: {_summary(m)} -> {out_dir / m['figure']}")
+    C, H, W = machine.image_shape
+    print(
+        f"elsfast: explained {args.n} samples [{C}, {H}, {W}] from {data.name} ({len(data)} images; {args.machine}, "
+        f"{args.padding}, {args.steps} steps, {device}) in {seconds:.1f} s -> {out_dir / 'measures.json'}"
+    )
+    return 0
+
+
+def _read_samples(path: Path):
+    """Samples `[n, C, H, W]` float in [-1, 1] from a file of `elsfast sample --save` (uint8 is converted)."""
+    import torch
+
+    from .imageio import load_samples
+    from .pixels import to_float
+
+    try:
+        samples = load_samples(path)
+    except Exception as e:  # a truncated or foreign file: one line, whatever the reader raised
+        raise CLIError(f"argument --samples: cannot read {str(path)!r}: {type(e).__name__}: {e}") from None
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or samples.shape[0] == 0:
+        what = list(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise CLIError(f"argument --samples: {str(path)!r} must hold samples [n, C, H, W] (n >= 1), got {what}")
+    if samples.dtype != torch.uint8 and not samples.is_floating_point():
+        raise CLIError(f"argument --samples: the samples must be float in [-1, 1] (or uint8), got {samples.dtype}")
+    return to_float(samples) if samples.dtype == torch.uint8 else samples
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from .imageio import SAMPLE_SUFFIXES, atomic_write
+
+    _check_machine_args(args)
+    path = Path(args.samples)
+    if path.suffix.lower() not in SAMPLE_SUFFIXES:
+        raise CLIError(
+            f"argument --samples: the format is chosen by the suffix, {' or '.join(SAMPLE_SUFFIXES)}: {args.samples!r}"
+        )
+    if not path.is_file():
+        raise CLIError(f"argument --samples: no such file: {args.samples!r}")
+    if args.json is not None and Path(args.json).is_dir():
+        raise CLIError(f"argument --json: {args.json!r} is a directory")
+    device = _resolve_device(args.device)
+
+    import json
+
+    from .creativity import measure
+
+    started = time.perf_counter()
+    samples = _read_samples(path)
+    n = samples.shape[0]
+    _check_labels_count(args.labels, n)
+    data = _load_dataset(args)
+    if tuple(samples.shape[1:]) != tuple(data.images.shape[1:]):
+        pad = f"--pad-to {args.pad_to}" if args.pad_to else "no --pad-to"
+        raise CLIError(
+            f"argument --samples: the samples are [C, H, W] = {list(samples.shape[1:])} but the training images of "
+            f"{data.name} are {list(data.images.shape[1:])} ({pad}): measure against the training set they were "
+            "drawn from"
+        )
+    labels = _sample_labels(args.labels, data, n)
+    machine = _make_machine(args, data, device)
+    patch_size = args.patch_size or DEFAULT_PATCH_SIZE
+    measures = measure(machine, samples, patch_size=patch_size, labels=labels)
+    seconds = time.perf_counter() - started
+
+    rows = [
+        {
+            "sample": k,
+            "label": None if labels is None else int(labels[k]),
+            **m,
+            "samples_file": str(path),
+            "dataset": data.name,
+            "pad_to": args.pad_to,
+            "limit": args.limit,
+            "machine": args.machine,
+            "padding": args.padding,
+            "patch_size": patch_size,
+            "train_shape": list(machine.images.shape),
+            "train_sha256": machine.fingerprint,
+        }
+        for k, m in enumerate(measures)
+    ]
+    header = ("sample", "nearest", "RMS", "memorised", "sources", "largest", "consistency", "entropy")
+    table = [header] + [
+        (
+            str(r["sample"]),
+            f"#{r['nearest_training_index']}",
+            f"{r['nearest_training_rms']:.3f}",
+            _yes_no(r["memorised"]),
+            str(r["distinct_sources"]),
+            f"{r['largest_region_fraction']:.1%}",
+            f"{r['local_consistency']:.3f}",
+            f"{r['mean_entropy_nats']:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[j]) for row in table) for j in range(len(header))]
+    for row in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    written = ""
+    if args.json is not None:
+        text = (json.dumps(rows, indent=2) + "\n").encode()
+        written = f" -> {atomic_write(args.json, lambda f: f.write(text))}"
+    C, H, W = samples.shape[1:]
+    memorised = sum(r["memorised"] for r in rows)
+    print(
+        f"elsfast: measured {n} samples [{C}, {H}, {W}] against {data.name} ({len(data)} images; {args.machine}, "
+        f"{args.padding}, P={patch_size}, {device}): {memorised} memorised, in {seconds:.1f} s{written}"
     )
     return 0
 

@@ -17,7 +17,7 @@ from typing import IO
 import numpy as np
 import torch
 
-__all__ = ["SAMPLE_SUFFIXES", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
+__all__ = ["SAMPLE_SUFFIXES", "atomic_write", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
 
 SAMPLE_SUFFIXES = (".pt", ".npz")
 """File suffixes `save_samples` understands: `.pt` (torch.save) and `.npz` (numpy, key `samples`)."""
@@ -95,7 +95,7 @@ def make_grid(
     return grid
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Run `write(file)` on a fresh temporary file next to `path`, then rename it to `path` (parents created).
 
     The temporary file is created with mode 0o666 minus the umask, like an ordinary new file, and removed if
@@ -131,7 +131,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
         raise ValueError(f"grid images are written as PNG: the path must end in .png, got {str(path)!r}")
     grid = make_grid(images, **kw)
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)  # uint8: mode L or RGB
-    return _atomic_write(path, lambda f: picture.save(f, format="PNG"))
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"))
 
 
 def save_samples(images: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -150,9 +150,9 @@ def save_samples(images: torch.Tensor, path: str | os.PathLike) -> Path:
         )
     images = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.as_tensor(images)
     if suffix == ".pt":
-        return _atomic_write(path, lambda f: torch.save(images, f))
+        return atomic_write(path, lambda f: torch.save(images, f))
     array = images.numpy()
-    return _atomic_write(path, lambda f: np.savez(f, samples=array))
+    return atomic_write(path, lambda f: np.savez(f, samples=array))
 
 
 def load_samples(path: str | os.PathLike) -> torch.Tensor:

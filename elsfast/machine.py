@@ -204,11 +204,11 @@ class ScoreMachine:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `config()` to `directory/elsfast_machine.json` (atomically) and return its path."""
-        from .imageio import _atomic_write
+        from .imageio import atomic_write
 
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.config(), indent=2).encode()
-        return _atomic_write(path, lambda f: f.write(text))
+        return atomic_write(path, lambda f: f.write(text))
 
     @classmethod
     def from_pretrained(

@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .imageio import _atomic_write
+from .imageio import atomic_write
 from .machine import ScoreMachine
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET
 from .scales import PatchSizeSpec, resolve_patch_size
 from .schedules import get_schedule
 
-__all__ = ["Denoiser", "SampleTrace", "ddim_sample", "sample"]
+__all__ = ["Denoiser", "SampleTrace", "ddim_sample", "labels_per_sample", "sample"]
 
 Denoiser = Callable[[torch.Tensor, float, int], torch.Tensor]
 """denoiser(x, abar, step) -> x0 prediction, x `[B, C, H, W]`."""
@@ -128,7 +128,7 @@ def _resume(path: str | Path, key: str, x: torch.Tensor) -> tuple[torch.Tensor, 
     return x, None
 
 
-def _labels_for(labels, n: int) -> torch.Tensor | None:
+def labels_per_sample(labels, n: int) -> torch.Tensor | None:
     if labels is None:
         return None
     if isinstance(labels, int):
@@ -204,7 +204,7 @@ def sample(
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     size_at = resolve_patch_size(patch_size, steps)
-    sample_labels = _labels_for(labels, n)
+    sample_labels = labels_per_sample(labels, n)
     if noise is None:
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
@@ -230,7 +230,7 @@ def sample(
         def on_step(info: dict) -> None:
             if info["i"] > 1:  # the last update is the output itself
                 state = {"key": key, "i": info["i"] - 1, "x": info["x"].cpu()}
-                _atomic_write(checkpoint, lambda f: torch.save(state, f))
+                atomic_write(checkpoint, lambda f: torch.save(state, f))
             if callback is not None:
                 callback(info)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -270,3 +271,169 @@ def test_scales(capsys):
     assert len(lines) == len(scales)
     for name, values in scales.items():
         assert any(line.split() == [name, ",".join(map(str, values))] for line in lines)
+
+
+# ------------------------------------------------------------------------------------------------ explain, measure
+
+SMALL = ["--limit", "50", "--steps", "4", "--device", "cpu"]
+
+
+def test_explain_writes_figures_and_measures(tmp_path, capsys):
+    out = tmp_path / "why"
+    code, stdout, err = run(capsys, "explain", *SMALL, "--n", "2", "--seed", "5", "--quiet", "--out-dir", str(out))
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["measures.json", "sample_0.png", "sample_1.png"]
+    with Image.open(out / "sample_0.png") as im:
+        assert im.mode == "RGB" and im.size[0] > 300 and im.size[1] > 300
+    measures = json.loads((out / "measures.json").read_text())
+    assert [m["sample"] for m in measures] == [0, 1] and {m["seed"] for m in measures} == {5}
+    assert measures[0]["patch_sizes"] == [3, 3, 3] and measures[0]["train_shape"] == [50, 1, 28, 28]
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3
+    for k, line in enumerate(lines[:2]):
+        m = measures[k]
+        assert line.startswith(f"sample {k}: nearest training image #{m['nearest_training_index']}")
+        for words in ("RMS", "memorised", "distinct sources", "largest region", "local consistency"):
+            assert words in line
+        assert str(out / f"sample_{k}.png") in line
+    assert "explained 2 samples" in lines[2] and "measures.json" in lines[2]
+
+
+def test_explain_options(tmp_path, capsys):
+    out = tmp_path / "why"
+    argv = [*SMALL, "--n", "2", "--labels", "1,7", "--machine", "ls", "--patch-size", "5", "--top", "2"]
+    code, _, err = run(capsys, "explain", *argv, "--scale", "2", "--quiet", "--out-dir", str(out))
+    assert code == 0, err
+    measures = json.loads((out / "measures.json").read_text())
+    assert [m["label"] for m in measures] == [1, 7] and measures[0]["machine"] == "ls"
+    assert measures[0]["patch_sizes"] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".npz"])
+def test_measure_saved_samples(tmp_path, capsys, suffix):
+    saved, out = tmp_path / f"s{suffix}", tmp_path / "m.json"
+    code, _, err = run(capsys, "sample", *SMALL, "--n", "3", "--quiet", "--save", str(saved))
+    assert code == 0, err
+    code, stdout, err = run(
+        capsys, "measure", *SMALL[:2], "--samples", str(saved), "--json", str(out), "--device", "cpu"
+    )
+    assert code == 0, err
+    measures = json.loads(out.read_text())
+    assert [m["sample"] for m in measures] == [0, 1, 2]
+    for m in measures:
+        assert m["patch_size"] == 3 and m["samples_file"] == str(saved) and 0 <= m["local_consistency"] <= 1
+        assert sum(m["region_sizes"]) == 28 * 28
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 5  # header, 3 samples, summary
+    assert lines[0].split() == ["sample", "nearest", "RMS", "memorised", "sources", "largest", "consistency", "entropy"]
+    assert lines[1].split()[:2] == ["0", f"#{measures[0]['nearest_training_index']}"]
+    assert "measured 3 samples" in lines[4] and str(out) in lines[4]
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.json", saved.name])  # no temporary files
+
+
+def test_measure_labels_and_padding(tmp_path, capsys):
+    saved = tmp_path / "s.pt"
+    code, _, err = run(capsys, "sample", *SMALL, "--n", "2", "--pad-to", "32", "--quiet", "--save", str(saved))
+    assert code == 0, err
+    argv = ["--limit", "50", "--device", "cpu", "--pad-to", "32", "--labels", "cycle"]
+    code, stdout, err = run(capsys, "measure", *argv, "--samples", str(saved))
+    assert code == 0, err
+    assert "measured 2 samples [1, 32, 32]" in stdout
+
+
+@pytest.fixture
+def saved_samples(tmp_path) -> Path:
+    path = tmp_path / "s.pt"
+    torch.save(torch.zeros(2, 1, 28, 28), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--samples", "missing.pt"], ["--samples", "no such file"]),
+        (["--samples", "samples.txt"], ["--samples", ".npz"]),
+        (["--pad-to", "32"], ["[1, 28, 28]", "[1, 32, 32]"]),
+        (["--patch-size", "4"], ["patch size", "odd"]),
+        (["--labels", "1,2,3"], ["--labels", "one class per sample"]),
+        (["--scales", "MNIST_UNet_zeros"], ["unrecognized"]),
+        (["--machine", "es"], ["circular"]),
+        (["--dataset", "no-such-dataset"], ["dataset"]),
+    ],
+)
+def test_bad_measure_arguments(tmp_path, capsys, monkeypatch, saved_samples, args, words):
+    monkeypatch.chdir(tmp_path)
+    samples = [] if "--samples" in args else ["--samples", str(saved_samples)]
+    code, _, err = run(capsys, "measure", "--limit", "50", "--device", "cpu", *samples, *args, "--json", "m.json")
+    assert_one_line_error(code, err, *words)
+    assert sorted(os.listdir(tmp_path)) == ["s.pt"]  # nothing written
+
+
+def test_measure_unreadable_samples(tmp_path, capsys):
+    bad, wrong = tmp_path / "bad.pt", tmp_path / "wrong.pt"
+    bad.write_bytes(b"not a tensor file")
+    torch.save({"samples": torch.zeros(1)}, wrong)
+    code, _, err = run(capsys, "measure", "--limit", "50", "--samples", str(bad))
+    assert_one_line_error(code, err, "--samples", "cannot read")
+    code, _, err = run(capsys, "measure", "--limit", "50", "--samples", str(wrong))
+    assert_one_line_error(code, err, "--samples", "[n, C, H, W]")
+    code, _, err = run(capsys, "measure", "--limit", "50")
+    assert_one_line_error(code, err, "--samples", "required")
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--patch-size", "4"], ["patch size", "odd"]),
+        (["--labels", "1,2,3"], ["--labels", "one class per sample"]),
+        (["--machine", "es"], ["circular"]),
+        (["--top", "0"], ["--top"]),
+        (["--out-dir", "file.txt"], ["--out-dir", "not a directory"]),
+        ([], ["--out-dir", "required"]),
+    ],
+)
+def test_bad_explain_arguments(tmp_path, capsys, monkeypatch, args, words):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    out = [] if args == [] or "--out-dir" in args else ["--out-dir", "why"]
+    code, _, err = run(capsys, "explain", *SMALL, "--n", "2", "--quiet", *out, *args)
+    assert_one_line_error(code, err, *words)
+    assert os.listdir(tmp_path) == ["file.txt"]  # nothing written
+
+
+def test_explain_library_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise BackendUnavailable("backend 'fancy' cannot run here: needs CUDA")
+
+    monkeypatch.setattr(elsfast.sampling, "sample", unavailable)
+    code, _, err = run(capsys, "explain", *SMALL, "--quiet", "--out-dir", str(tmp_path / "why"))
+    assert_one_line_error(code, err, "fancy", "CUDA")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
+    """A crashed `elsfast sample` leaves `OUT.ckpt`; the same command run again resumes from it."""
+    data = elsfast.datasets.load("mnist-embedded", limit=40)
+    m = elsfast.ScoreMachine(data.images, data.labels)
+    out = tmp_path / "grid.png"
+
+    def crash(info):
+        if info["i"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, checkpoint=f"{out}.ckpt", callback=crash)
+    ckpt = Path(f"{out}.ckpt")
+    # mark the saved state, so that a resumed run is told apart from one that started over
+    state = torch.load(ckpt, weights_only=True)
+    state["x"] = torch.zeros_like(state["x"])
+    torch.save(state, ckpt)
+    torch.save(state, tmp_path / "copy.ckpt")
+    args = ["sample", "--limit", "40", "--n", "2", "--steps", "5", "--quiet", "--out", str(out)]
+    assert main([*args, "--save", str(tmp_path / "s.pt")]) == 0
+    assert not ckpt.exists()
+    resumed = elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, checkpoint=tmp_path / "copy.ckpt")
+    torch.testing.assert_close(load_samples(tmp_path / "s.pt"), resumed, rtol=0, atol=0)
+    assert not torch.equal(resumed, elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False))
+    assert main([*args, "--checkpoint", "none"]) == 0
+    assert not list(tmp_path.glob("*.ckpt"))

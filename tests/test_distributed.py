@@ -29,6 +29,7 @@ WORKER = textwrap.dedent(
             results[(machine, padding, conditional)] = (out, prov.source_image, prov.source_y, prov.source_x,
                                                         prov.weight, prov.entropy)
     torch.save(results, dest)
+    dist.barrier()  # both ranks done before either tears gloo down (else gloo may abort at exit)
     dist.destroy_process_group()
     """
 )

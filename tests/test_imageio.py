@@ -173,5 +173,5 @@ def test_atomic_write_cleans_up_on_interrupt(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        imageio._atomic_write(tmp_path / "x.npz", interrupted)
+        imageio.atomic_write(tmp_path / "x.npz", interrupted)
     assert os.listdir(tmp_path) == []
