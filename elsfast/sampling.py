@@ -208,7 +208,8 @@ def sample(
     if noise is None:
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(n, *m.image_shape, generator=generator, dtype=m.dtype)
+        # drawn in float32 whatever the machine's dtype, so a seed means the same noise for every machine
+        noise = torch.randn(n, *m.image_shape, generator=generator).to(m.dtype)
     elif tuple(noise.shape) != (n, *m.image_shape):
         raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
 

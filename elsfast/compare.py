@@ -1,0 +1,451 @@
+"""Comparing a trained network with the analytic machines, image by image (SPEC section 3, paper Table 1).
+
+For every seed the network and each machine start from the *same* initial noise
+(`torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed))`, float32 on the CPU) and, for
+class-conditional runs, the same label. The network runs the one DDIM sampler (`elsfast.ddim_sample`) through
+its eps (`network_steps` steps, e.g. 150 as in the paper, default `steps`); every machine runs `elsfast.sample`
+with `steps` steps and the patch-size schedule `scales` (ignored by IS and ES). Each machine image is scored
+against the network image with
+
+- Pearson r (`elsfast.metrics.pearson_r`): what the paper calls "r^2"; the paper's numbers are medians of it;
+- R^2 (`elsfast.metrics.r_squared`), the coefficient of determination with the network image as the reference.
+
+Reported: per machine the median r and median R^2 over seeds, and for ELS and LS (and ES) the fraction of seeds
+on which their r beats IS's (a NaN r counts as a loss).
+
+Output directory (`out_dir`):
+
+- `results.json`: the run's configuration and one row per finished seed (`seed`, `label`, `r` and `r2` per
+  machine). It is rewritten atomically after every seed, so an interrupted run resumes where it stopped: seeds
+  already in the file are read back, never recomputed. A different configuration (training set, network tag,
+  steps, schedule, scales, padding, machines...) raises `ValueError` instead of mixing runs; a different list
+  of seeds is fine (rows of seeds not requested now stay in the file but are left out of the report).
+- `samples/seed_NNNNN.pt`: the images of each seed (`{"network": [C, H, W], "els": ..., ...}`, float32), used for
+  the grid and kept for later analysis.
+- `summary.md`: the table (rows: machines; columns: median r, median R^2, fraction of seeds beating IS).
+- `grid.png`: one row per seed (the first `grid_seeds` seeds), columns network | machines in order.
+- `hist.png`: histogram of r per machine; `scatter.png`: ELS r (or the first non-IS machine) against IS r.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .calibrate import (
+    _PALETTE,
+    COLORS,
+    CalibrationResult,
+    _Figure,
+    _font,
+    _label_tensor,
+    _nice_ticks,
+    _schedule_name,
+    as_eps_fn,
+    network_denoiser,
+    seed_labels,
+    seed_noise,
+)
+from .imageio import atomic_write, make_grid
+from .machine import MACHINES, ScoreMachine
+from .metrics import pearson_r, r_squared
+from .sampling import ddim_sample, sample
+from .scales import PatchSizeSpec, resolve_patch_size
+from .schedules import get_schedule
+
+__all__ = ["compare", "load_results", "summarize"]
+
+FORMAT = "elsfast-compare/1"
+NAMES = {"els": "ELS", "ls": "LS", "is": "IS", "es": "ES"}
+
+
+def _train_sha256(images: torch.Tensor, labels: torch.Tensor | None) -> str:
+    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    if labels is not None:
+        digest.update(torch.as_tensor(labels).to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _network_tag(network, tag: str | None) -> str | None:
+    """The caller's tag, else for a torch module the SHA-256 of its parameters and buffers, else None."""
+    if tag is not None:
+        return str(tag)
+    if isinstance(network, torch.nn.Module):
+        digest = hashlib.sha256()
+        for name, value in sorted(network.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return f"module-sha256:{digest.hexdigest()}"
+    return None
+
+
+def _scale_list(scales, steps: int) -> list[int]:
+    if isinstance(scales, CalibrationResult):
+        scales = scales.scales
+    elif isinstance(scales, Path) or (isinstance(scales, str) and scales.endswith(".json") and Path(scales).exists()):
+        scales = json.loads(Path(scales).read_text())["scales"]
+    size_at = resolve_patch_size(scales, steps)
+    return [int(size_at(i / steps, i)) for i in range(steps)]
+
+
+def load_results(out_dir: str | Path) -> dict | None:
+    """The contents of `out_dir/results.json` (`format`, `config`, `rows`), or None if there is none."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an elsfast comparison (format {data.get('format')!r})")
+    return data
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(obj))
+
+
+def _check_config(path: Path, saved: dict, config: dict) -> None:
+    if saved == config:
+        return
+    keys = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    details = "; ".join(f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}" for k in keys)
+    raise ValueError(
+        f"{path} holds a comparison with another configuration ({details}). Use another out_dir, or remove the "
+        "file to start over."
+    )
+
+
+def _median(values: list[float]) -> float:
+    t = torch.tensor(values, dtype=torch.float64)
+    if t.numel() == 0 or torch.isnan(t).all():
+        return float("nan")
+    return float(np.nanmedian(t.numpy()))
+
+
+def summarize(rows: Sequence[dict], machines: Sequence[str]) -> dict:
+    """Per machine: `n`, `median_r`, `median_r2`, `mean_r`, and for machines other than IS (when IS was run)
+    `beats_is` (fraction of seeds whose r is strictly higher than IS's; NaN counts as a loss) and
+    `beats_is_count`. Medians ignore NaN."""
+    out = {}
+    for name in machines:
+        r = [row["r"][name] for row in rows]
+        r2 = [row["r2"][name] for row in rows]
+        finite = [v for v in r if v is not None and math.isfinite(v)]
+        entry = {
+            "n": len(rows),
+            "median_r": _median(r),
+            "median_r2": _median(r2),
+            "mean_r": float(np.mean(finite)) if finite else float("nan"),
+        }
+        if name != "is" and "is" in machines:
+            wins = sum(1 for row in rows if row["r"][name] > row["r"]["is"])  # NaN compares False
+            entry["beats_is_count"] = wins
+            entry["beats_is"] = wins / len(rows) if rows else float("nan")
+        out[name] = entry
+    return out
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict) -> str:
+    machines = config["machines"]
+    lines = [
+        "# Network vs analytic machines",
+        "",
+        f"{len(seeds)} seeds; network: `{config['network']}`; machines: {config['steps']} steps; network: "
+        f"{config['network_steps']} steps; schedule `{config['schedule']}`; padding `{config['padding']}`; "
+        f"{'class-conditional' if config['conditional'] else 'unconditional'}; training set "
+        f"{'x'.join(map(str, config['train_shape']))} (SHA-256 {config['train_sha256'][:12]}...).",
+        f"Patch sizes P(t), entry i for t = i/{config['steps']}: {config['scales']}.",
+        "",
+        "| machine | median Pearson r | median R^2 | beats IS (fraction of seeds) |",
+        "|---|---|---|---|",
+    ]
+    for name in machines:
+        s = summary[name]
+        beats = "-" if "beats_is" not in s else f"{_fmt(s['beats_is'], 2)} ({s['beats_is_count']}/{s['n']})"
+        lines.append(f"| {NAMES.get(name, name)} | {_fmt(s['median_r'])} | {_fmt(s['median_r2'])} | {beats} |")
+    lines += [
+        "",
+        "Pearson r is the correlation of the machine image with the network image over all pixels and channels "
+        '(the number the paper calls "r^2"); R^2 = 1 - SS_res/SS_tot with the network image as the reference. '
+        "Medians over seeds; 'beats IS': the machine's r is higher than IS's on that seed.",
+        "",
+    ]
+    if files.get("grid"):
+        cols = " | ".join(["network", *(NAMES.get(m, m) for m in machines)])
+        lines.append(f"![samples]({Path(files['grid']).name}) (rows: seeds; columns: {cols})")
+        lines.append("")
+    lines.append(f"![r per machine]({Path(files['hist']).name})")
+    if files.get("scatter"):
+        lines.append(f"![per-seed r]({Path(files['scatter']).name})")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> Path:
+    data = text.encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _save_grid(path: Path, images: list[dict], machines: Sequence[str]) -> Path | None:
+    from PIL import Image, ImageDraw
+
+    columns = ["network", *machines]
+    stack = torch.stack([img[c] for img in images for c in columns])
+    c, h, w = stack.shape[1:]
+    if c not in (1, 3):
+        warnings.warn(f"no grid.png: images with {c} channels cannot be drawn", stacklevel=3)
+        return None
+    scale = max(1, round(64 / max(h, w)))
+    pad = 4
+    grid = make_grid(stack, nrow=len(columns), padding=pad, scale=scale)
+    body = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid).convert("RGB")
+    header = 22
+    canvas = Image.new("RGB", (body.width, body.height + header), "white")
+    canvas.paste(body, (0, header))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(12)
+    for k, name in enumerate(columns):
+        centre = pad + k * (w * scale + pad) + w * scale / 2
+        draw.text((centre, header / 2 + 2), NAMES.get(name, name), fill=(0, 0, 0), font=font, anchor="mm")
+    return atomic_write(path, lambda f: canvas.save(f, format="PNG"))
+
+
+def _color(name: str, k: int) -> tuple[int, int, int]:
+    return COLORS.get(name, _PALETTE[k % len(_PALETTE)])
+
+
+def _save_hist(path: Path, rows: list[dict], machines: Sequence[str]) -> Path:
+    values = {
+        m: [row["r"][m] for row in rows if row["r"][m] is not None and math.isfinite(row["r"][m])] for m in machines
+    }
+    everything = [v for vs in values.values() for v in vs]
+    lo = min(0.0, math.floor(min(everything) * 10) / 10) if everything else 0.0
+    lo = max(-1.0, lo)
+    bins = 20
+    edges = np.linspace(lo, 1.0, bins + 1)
+    counts = {m: np.histogram(np.clip(values[m], lo, 1.0), bins=edges)[0] for m in machines}
+    top = max([1, *(int(c.max()) for c in counts.values() if c.size)])
+    fig = _Figure(
+        (lo, 1.0),
+        (0, top * 1.15),
+        title=f"Pearson r of machine vs network image, {len(rows)} seeds",
+        xlabel="Pearson r (the paper's r^2)",
+        ylabel="seeds",
+    )
+    yticks = [t for t in _nice_ticks(0, top * 1.1, 6) if float(t).is_integer()] or [0, top]
+    fig.axes(_nice_ticks(lo, 1.0, 10), yticks)
+    width = (1.0 - lo) / bins
+    for k, m in enumerate(machines):
+        for b in range(bins):
+            x0 = edges[b] + width * k / len(machines)
+            fig.bar(x0, x0 + width / len(machines), float(counts[m][b]), _color(m, k))
+    fig.legend([(NAMES.get(m, m), _color(m, k)) for k, m in enumerate(machines)])
+    return fig.save(path)
+
+
+def _save_scatter(path: Path, rows: list[dict], machine: str) -> Path:
+    xs = [row["r"]["is"] for row in rows]
+    ys = [row["r"][machine] for row in rows]
+    finite = [v for v in xs + ys if v is not None and math.isfinite(v)]
+    lo = max(-1.0, min(0.0, math.floor(min(finite) * 10) / 10)) if finite else 0.0
+    name = NAMES.get(machine, machine)
+    wins = sum(1 for x, y in zip(xs, ys, strict=True) if y > x)
+    fig = _Figure(
+        (lo, 1.0),
+        (lo, 1.0),
+        size=(560, 560),
+        title=f"per seed: {name} r vs IS r ({name} above the diagonal on {wins}/{len(rows)})",
+        xlabel="IS Pearson r",
+        ylabel=f"{name} Pearson r",
+    )
+    ticks = _nice_ticks(lo, 1.0, 8)
+    fig.axes(ticks, ticks)
+    fig.line([lo, 1.0], [lo, 1.0], (150, 150, 150), width=1)
+    fig.points(
+        [float("nan") if v is None else v for v in xs],
+        [float("nan") if v is None else v for v in ys],
+        _color(machine, 0),
+        3.5,
+    )
+    return fig.save(path)
+
+
+def compare(
+    eps_fn,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor | Sequence[int] | None = None,
+    image_shape: Sequence[int] | None = None,
+    *,
+    out_dir: str | Path,
+    scales: PatchSizeSpec | CalibrationResult = 3,
+    seeds: Iterable[int] = range(100),
+    steps: int = 20,
+    network_steps: int | None = None,
+    labels=None,
+    conditional: bool | None = None,
+    machines: Sequence[str] = ("els", "ls", "is"),
+    padding: str = "zeros",
+    schedule: str | Callable[[float], float] = "cosine-legacy",
+    network: str | None = None,
+    machine_options: dict | None = None,
+    grid_seeds: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Compare a network with the machines seed by seed (see the module docstring); resumable.
+
+    Args:
+        eps_fn: the network, `eps_fn(x, abar, labels) -> eps`, or a `torch.nn.Module` `model(x, t, labels)`
+            (wrapped with `elsfast.models.eps_at` on `schedule`).
+        train_images, train_labels: the machines' training set (`[N, C, H, W]` float in [-1, 1] or uint8;
+            labels `[N]` for class-conditional runs).
+        image_shape: (C, H, W); checked against the training images (default: theirs).
+        out_dir: where results.json, samples/, summary.md and the PNGs go (see the module docstring).
+        scales: the ELS/LS patch-size schedule: an int, a per-step list (entry i for t = i / steps), a callable
+            of t, the name of a published list, a `CalibrationResult`, or the path of a calibration JSON file.
+        seeds: the seeds to compare (the paper uses 100).
+        steps: the machines' sampler steps (the paper: 20).
+        network_steps: the network's sampler steps, default `steps` (the paper: 150), from the same noise.
+        labels: per-seed labels for conditional runs (default seed % num_classes; see `calibrate.seed_labels`).
+        conditional: default: whether `train_labels` is given. Both the network and the machines get the label.
+        machines: names among "els", "ls", "is", "es".
+        padding: the machines' padding ("zeros" or "circular"): match the network's.
+        network: a tag identifying the network (e.g. its checkpoint path and step), recorded in results.json so
+            that resuming with another network raises; default for a `torch.nn.Module`: a hash of its weights,
+            for a plain callable: None (not checked).
+        machine_options: extra `ScoreMachine` arguments (`backend`, `device`, `dtype`, `memory_budget`).
+        grid_seeds: how many seeds (the first ones) go into grid.png.
+
+    Returns the report: `config`, `seeds`, `rows` (in seed order), `summary` (see `summarize`), `computed` (seeds
+    computed by this call) and `files` (paths written).
+    """
+    tag = _network_tag(eps_fn, network)
+    eps_fn = as_eps_fn(eps_fn, schedule)
+    if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
+        raise ValueError(f"train_images must be a tensor [N, C, H, W], got {getattr(train_images, 'shape', None)}")
+    shape = tuple(int(s) for s in train_images.shape[1:])
+    if image_shape is not None and tuple(int(s) for s in image_shape) != shape:
+        raise ValueError(f"image_shape {tuple(image_shape)} differs from the training images' {shape}")
+    machines = [str(m) for m in machines]
+    unknown = [m for m in machines if m not in MACHINES]
+    if unknown or not machines or len(set(machines)) != len(machines):
+        raise ValueError(f"machines must be distinct names among {MACHINES}, got {machines}")
+    if conditional is None:
+        conditional = train_labels is not None
+    if conditional and train_labels is None:
+        raise ValueError("a conditional comparison needs train_labels")
+    train_labels_used = torch.as_tensor(train_labels).to(torch.int64) if conditional else None
+    classes = train_labels_used.unique().tolist() if conditional else None
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must be a non-empty list of distinct integers")
+    seed_label = dict(zip(seeds, seed_labels(seeds, labels, classes), strict=True))
+    network_steps = steps if network_steps is None else int(network_steps)
+    if steps < 2 or network_steps < 2:
+        raise ValueError(f"steps and network_steps must be at least 2, got {steps} and {network_steps}")
+    get_schedule(schedule)
+    size_list = _scale_list(scales, steps)
+    options = dict(machine_options or {})
+    config = _normalise(
+        {
+            "train_shape": list(train_images.shape),
+            "train_sha256": _train_sha256(train_images, train_labels_used),
+            "conditional": bool(conditional),
+            "network": tag,
+            "machines": machines,
+            "padding": padding,
+            "steps": int(steps),
+            "network_steps": network_steps,
+            "schedule": _schedule_name(schedule),
+            "scales": size_list,
+            "noise": "torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed)), float32, CPU",
+            "machine_options": {k: str(v) for k, v in sorted(options.items()) if k not in ("device", "memory_budget")},
+        }
+    )
+
+    out_dir = Path(out_dir)
+    results_path = out_dir / "results.json"
+    saved = load_results(out_dir)
+    rows: dict[int, dict] = {}
+    if saved is not None:
+        _check_config(results_path, saved["config"], config)
+        for row in saved["rows"]:
+            rows[int(row["seed"])] = row
+        for s in seeds:
+            if s in rows and rows[s]["label"] != seed_label[s]:
+                raise ValueError(
+                    f"{results_path} has seed {s} with label {rows[s]['label']}, but label {seed_label[s]} was "
+                    "requested now; use another out_dir or the same labels"
+                )
+
+    def write_results() -> None:
+        data = {"format": FORMAT, "config": config, "rows": [rows[s] for s in sorted(rows)]}
+        text = json.dumps(data, indent=1).encode()
+        atomic_write(results_path, lambda f: f.write(text))
+
+    todo = [s for s in seeds if s not in rows]
+    built: dict[str, ScoreMachine] = {}
+    for seed in tqdm(todo, desc="comparing", disable=not progress, leave=False):
+        if not built:
+            built = {
+                m: ScoreMachine(train_images, train_labels_used, machine=m, padding=padding, **options)
+                for m in machines
+            }
+        noise = seed_noise([seed], shape)
+        y = _label_tensor([seed_label[seed]])
+        images = {
+            "network": ddim_sample(
+                network_denoiser(eps_fn, y), noise, steps=network_steps, schedule=schedule, progress=False
+            )
+        }
+        for name, m in built.items():
+            images[name] = sample(
+                m, 1, steps=steps, patch_size=size_list, labels=y, noise=noise, schedule=schedule, progress=False
+            )
+        images = {k: v.detach().float().cpu() for k, v in images.items()}
+        row = {"seed": seed, "label": seed_label[seed], "r": {}, "r2": {}}
+        for name in machines:
+            row["r"][name] = float(pearson_r(images[name], images["network"])[0])
+            row["r2"][name] = float(r_squared(images[name], images["network"])[0])
+        stored = {k: v[0].clone() for k, v in images.items()}
+        atomic_write(out_dir / "samples" / f"seed_{seed:05d}.pt", lambda f, stored=stored: torch.save(stored, f))
+        rows[seed] = _normalise(row)
+        write_results()
+
+    report_rows = [rows[s] for s in seeds]
+    summary = summarize(report_rows, machines)
+    files = {"results": str(results_path)}
+    grid_images = []
+    for s in seeds[: max(0, int(grid_seeds))]:
+        path = out_dir / "samples" / f"seed_{s:05d}.pt"
+        if path.exists():
+            grid_images.append(torch.load(path, map_location="cpu", weights_only=True))
+    if grid_images:
+        grid = _save_grid(out_dir / "grid.png", grid_images, machines)
+        if grid is not None:
+            files["grid"] = str(grid)
+    files["hist"] = str(_save_hist(out_dir / "hist.png", report_rows, machines))
+    versus = next((m for m in machines if m != "is"), None)
+    if versus is not None and "is" in machines:
+        files["scatter"] = str(_save_scatter(out_dir / "scatter.png", report_rows, versus))
+    files["summary"] = str(out_dir / "summary.md")
+    _write_text(out_dir / "summary.md", _summary_markdown(config, summary, seeds, files))
+    return {
+        "config": config,
+        "seeds": seeds,
+        "rows": report_rows,
+        "summary": summary,
+        "computed": len(todo),
+        "files": files,
+    }

@@ -1,0 +1,166 @@
+"""Network-vs-machine comparison (SPEC section 3): a "network" that is an ELS machine must agree with the ELS
+machine (r ~ 1) and beat IS; the report directory is complete; an interrupted run resumes without recomputing."""
+
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from elsfast.compare import compare, load_results
+from elsfast.machine import ScoreMachine
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def train():
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(10, 1, 8, 8, generator=g) * 2 - 1
+    labels = torch.arange(10) % 2
+    return images, labels
+
+
+class ElsNetwork:
+    """eps_fn of an ELS machine with patch size `size`, counting its calls and recording the labels it gets."""
+
+    def __init__(self, images, labels=None, size=3, fail_after=None):
+        self.m = ScoreMachine(images, labels, machine="els", padding="zeros")
+        self.size, self.calls, self.labels, self.fail_after = size, 0, [], fail_after
+
+    def __call__(self, x, abar, labels):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        self.labels.append(None if labels is None else labels.tolist())
+        return self.m.eps(x, abar, self.size, labels)
+
+
+def test_els_network_matches_els_and_beats_is(train, tmp_path):
+    images, _ = train
+    net = ElsNetwork(images)
+    report = compare(
+        net, images, out_dir=tmp_path, scales=3, seeds=range(4), steps=STEPS, progress=False, network="els3"
+    )
+    assert net.calls == 4 * (STEPS - 1) and report["computed"] == 4
+    assert [row["seed"] for row in report["rows"]] == [0, 1, 2, 3]
+    for row in report["rows"]:
+        assert row["label"] is None
+        assert row["r"]["els"] == pytest.approx(1.0, abs=1e-4)
+        assert row["r2"]["els"] == pytest.approx(1.0, abs=1e-4)
+        assert row["r"]["els"] > row["r"]["is"]
+        assert row["r2"]["is"] <= row["r"]["is"] ** 2 + 1e-9 or math.isnan(row["r2"]["is"])  # R^2 <= r^2 always
+    s = report["summary"]
+    assert s["els"]["beats_is"] == 1.0 and s["els"]["beats_is_count"] == 4
+    assert s["els"]["median_r"] == pytest.approx(1.0, abs=1e-4)
+    assert "beats_is" not in s["is"] and 0 <= s["ls"]["beats_is"] <= 1
+
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| machine | median Pearson r | median R^2 | beats IS (fraction of seeds) |" in summary
+    assert "| ELS | 1.000 | 1.000 | 1.00 (4/4) |" in summary
+    assert "| LS |" in summary and "| IS |" in summary
+    for name in ("grid.png", "hist.png", "scatter.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.width > 100
+    with Image.open(tmp_path / "grid.png") as im:  # 4 columns (network, ELS, LS, IS) of 8 x 8 images upscaled 8x
+        assert im.width == 4 * (64 + 4) + 4
+    data = load_results(tmp_path)
+    assert data["config"]["scales"] == [3] * STEPS and len(data["rows"]) == 4
+    saved = torch.load(tmp_path / "samples" / "seed_00002.pt", weights_only=True)
+    assert sorted(saved) == ["els", "is", "ls", "network"] and saved["network"].shape == (1, 8, 8)
+
+
+def test_resume_recomputes_nothing(train, tmp_path):
+    images, _ = train
+    kw = dict(scales=[1, 3, 3, 5, 5, 5], steps=STEPS, machines=("els", "is"), progress=False, network="els3")
+    full = compare(ElsNetwork(images), images, out_dir=tmp_path / "full", seeds=range(3), **kw)
+
+    # a crash in the middle of seed 1 (the network makes STEPS - 1 calls per seed)
+    crashing = ElsNetwork(images, fail_after=STEPS - 1 + 2)
+    with pytest.raises(KeyboardInterrupt):
+        compare(crashing, images, out_dir=tmp_path / "run", seeds=range(3), **kw)
+    assert [row["seed"] for row in load_results(tmp_path / "run")["rows"]] == [0]
+    assert not list((tmp_path / "run").glob("**/*.tmp"))
+
+    net = ElsNetwork(images)
+    resumed = compare(net, images, out_dir=tmp_path / "run", seeds=range(3), **kw)
+    assert net.calls == 2 * (STEPS - 1) and resumed["computed"] == 2
+    assert resumed["rows"] == full["rows"] and resumed["summary"] == full["summary"]
+
+    net = ElsNetwork(images)
+    again = compare(net, images, out_dir=tmp_path / "run", seeds=range(3), **kw)
+    assert net.calls == 0 and again["computed"] == 0 and again["rows"] == full["rows"]
+
+    # more seeds: only the new one runs; fewer seeds: the report covers them, the file keeps every row
+    net = ElsNetwork(images)
+    more = compare(net, images, out_dir=tmp_path / "run", seeds=range(4), **kw)
+    assert net.calls == STEPS - 1 and more["rows"][:3] == full["rows"]
+    fewer = compare(ElsNetwork(images), images, out_dir=tmp_path / "run", seeds=[2], **kw)
+    assert fewer["rows"] == [full["rows"][2]] and len(load_results(tmp_path / "run")["rows"]) == 4
+
+
+def test_resume_with_another_configuration_raises(train, tmp_path):
+    images, _ = train
+    kw = dict(seeds=[0], machines=("is",), progress=False, network="a")
+    compare(ElsNetwork(images), images, out_dir=tmp_path, steps=3, **kw)
+    with pytest.raises(ValueError, match="steps"):
+        compare(ElsNetwork(images), images, out_dir=tmp_path, steps=4, **kw)
+    with pytest.raises(ValueError, match="network"):
+        compare(ElsNetwork(images), images, out_dir=tmp_path, steps=3, **{**kw, "network": "b"})
+    with pytest.raises(ValueError, match="train_sha256"):
+        compare(ElsNetwork(images), images.flip(0), out_dir=tmp_path, steps=3, **kw)
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["steps"] == 3
+
+
+def test_conditional_labels_and_network_steps(train, tmp_path):
+    images, labels = train
+    net = ElsNetwork(images, labels)
+    report = compare(
+        net,
+        images,
+        labels,
+        (1, 8, 8),
+        out_dir=tmp_path,
+        seeds=[0, 1, 2],
+        steps=3,
+        network_steps=5,
+        machines=("els", "is"),
+        progress=False,
+    )
+    assert [row["label"] for row in report["rows"]] == [0, 1, 0]
+    assert net.labels == [[0]] * 4 + [[1]] * 4 + [[0]] * 4  # network_steps - 1 calls per seed, with its label
+    assert report["config"]["network_steps"] == 5 and report["config"]["conditional"]
+    with pytest.raises(ValueError, match="label"):
+        compare(
+            ElsNetwork(images, labels),
+            images,
+            labels,
+            out_dir=tmp_path,
+            seeds=[0],
+            labels=[1],
+            steps=3,
+            network_steps=5,
+            machines=("els", "is"),
+            progress=False,
+        )
+
+
+def test_module_network_gets_a_weight_hash(train, tmp_path):
+    pytest.importorskip("elsfast.models")
+    images, _ = train
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.tensor(float(w)))
+
+        def forward(self, x, t, labels=None):
+            return self.w * x
+
+    kw = dict(seeds=[0], steps=3, machines=("ls", "is"), progress=False)
+    report = compare(StandIn(0.5), images, out_dir=tmp_path, **kw)
+    assert report["config"]["network"].startswith("module-sha256:")
+    assert compare(StandIn(0.5), images, out_dir=tmp_path, **kw)["computed"] == 0
+    with pytest.raises(ValueError, match="network"):
+        compare(StandIn(0.25), images, out_dir=tmp_path, **kw)
