@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the published calibrated patch-size lists P(t) (entry i belongs to t = i / 20).",
     )
     c.set_defaults(func=_cmd_scales)
+
+    from .cli_research import add_research_commands
+
+    add_research_commands(commands)
     return parser
 
 

@@ -231,7 +231,9 @@ def test_ddim_pipeline_reproduces_elsfast_sample(dtype, steps, substeps, patch_s
     out = pipe(
         batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=steps - 1, output_type="pt"
     )
-    ref = elsfast.sample(m, 4, steps=steps, patch_size=patch_size, generator=torch.Generator().manual_seed(3))
+    # the pipeline draws its noise in the model's dtype; elsfast.sample(seed=...) always draws float32 noise
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3), dtype=m.dtype)
+    ref = elsfast.sample(m, 4, steps=steps, patch_size=patch_size, noise=noise)
     # the pipeline returns (x / 2 + 0.5).clamp(0, 1)
     assert (out.images.to(F64) - (ref.to(F64) / 2 + 0.5).clamp(0, 1)).abs().max().item() < tol / 2
 

@@ -1,0 +1,263 @@
+"""The reproduction commands of the `elsfast` command line: train, calibrate, compare, reproduce (SPEC
+section 3). `elsfast.cli.build_parser` adds them; they share its argument types and its one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .cli import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
+
+__all__ = ["add_research_commands"]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _channels(text: str) -> int | list[int]:
+    values = [_int(part) for part in text.split(",")]
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def add_research_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `train`, `calibrate`, `compare` and `reproduce` to the `elsfast` sub-command parser."""
+    from .reproduce import PRESETS
+
+    t = commands.add_parser(
+        "train",
+        help="train the paper's ResNet/UNet diffusion network (resumable)",
+        description="Train an epsilon-prediction network with the paper's objective and hyperparameters (SPEC "
+        "section 3; each overridable). Checkpoints are written atomically every --checkpoint-every steps; "
+        "--resume continues a stopped run exactly.",
+    )
+    _add_data_args(t)
+    g = t.add_argument_group("network")
+    g.add_argument("--arch", default="resnet", choices=("resnet", "unet"), help="(default: resnet)")
+    g.add_argument("--padding", default="zeros", choices=("zeros", "circular"), help="(default: zeros)")
+    g.add_argument("--conditional", action="store_true", help="class-conditional on the dataset's labels")
+    g.add_argument("--channels", type=_channels, help="ResNet width (256) or UNet widths, e.g. 64,128,256")
+    g.add_argument("--blocks", type=_at_least(1), help="ResNet residual layers (6) / UNet blocks per level (1)")
+    g = t.add_argument_group("optimisation (defaults: the paper's)")
+    g.add_argument("--batch-size", type=_at_least(1), default=128)
+    g.add_argument("--lr", type=_positive_float, default=1e-4)
+    g.add_argument("--lr-decay", type=_positive_float, default=0.999965, help="factor per step")
+    g.add_argument("--epochs", type=_at_least(1), default=300)
+    g.add_argument("--max-steps", type=_at_least(1), help="stop after this many steps in total")
+    g.add_argument("--max-minutes", type=_positive_float, help="stop this run after this many minutes")
+    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    g = t.add_argument_group("checkpoint")
+    g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
+    g.add_argument("--checkpoint-every", type=_at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
+    g.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    _common(t)
+    t.set_defaults(func=_cmd_train)
+
+    c = commands.add_parser(
+        "calibrate",
+        help="calibrate a machine's patch sizes P(t) against a trained network",
+        description="Run the network's own reverse trajectories; at every step pick the patch size whose machine "
+        "eps is most cosine-similar to the network's; write the per-step median (and every seed's choice) as "
+        "JSON, usable as a patch-size list, and a plot of P(t).",
+    )
+    c.add_argument("--checkpoint", required=True, metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
+    c.add_argument("--machine", default="els", choices=("els", "ls"), help="(default: els)")
+    c.add_argument("--sizes", type=_odd_patch_size, nargs="+", default=[3, 5, 7, 9, 11, 13, 15, 17], metavar="P")
+    c.add_argument("--seeds", type=_at_least(1), default=10, metavar="N", help="seeds 0..N-1 (default: 10)")
+    c.add_argument("--steps", type=_at_least(2), default=20)
+    c.add_argument("--out", required=True, metavar="PATH.json")
+    c.add_argument("--plot", metavar="PATH.png", help="(default: the --out path with .png)")
+    c.add_argument("--data-root", metavar="DIR", help="data directory of the checkpoint's dataset ($ELSFAST_DATA)")
+    _common(c)
+    c.set_defaults(func=_cmd_calibrate)
+
+    m = commands.add_parser(
+        "compare",
+        help="compare a trained network with the ELS, LS and IS machines seed by seed (resumable)",
+        description="Run the network and each machine from the same seeds; write per-seed Pearson r and R^2, a "
+        "summary table in the layout of the paper's Table 1, image grids and plots into --out-dir. Finished "
+        "seeds are not recomputed when the command is run again.",
+    )
+    m.add_argument("--checkpoint", required=True, metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
+    m.add_argument(
+        "--scales", default="3", metavar="FILE|NAME|P", help="calibration JSON, published list name, or one odd P"
+    )
+    m.add_argument("--seeds", type=_at_least(1), default=100, metavar="N", help="seeds 0..N-1 (default: 100)")
+    m.add_argument("--steps", type=_at_least(2), default=20, help="machine steps (default: 20)")
+    m.add_argument("--network-steps", type=_at_least(2), help="network steps (default: --steps; the paper: 150)")
+    m.add_argument("--machines", default="els,ls,is", help="comma list of machines (default: els,ls,is)")
+    m.add_argument("--out-dir", required=True, metavar="DIR")
+    m.add_argument("--data-root", metavar="DIR", help="data directory of the checkpoint's dataset ($ELSFAST_DATA)")
+    _common(m)
+    m.set_defaults(func=_cmd_compare)
+
+    r = commands.add_parser(
+        "reproduce",
+        help="train, calibrate and compare in one resumable command",
+        description="Presets: "
+        + "; ".join(f"{name}: {preset.notes}" for name, preset in PRESETS.items())
+        + ". Run the same command again to resume.",
+    )
+    r.add_argument("preset", choices=tuple(PRESETS))
+    r.add_argument("--out-dir", required=True, metavar="DIR")
+    r.add_argument("--train-minutes", type=_positive_float, help="training time limit (preset's default otherwise)")
+    r.add_argument("--seeds", type=_at_least(1), help="comparison seeds (preset's default otherwise)")
+    r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
+    _common(r)
+    r.set_defaults(func=_cmd_reproduce)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from . import datasets
+    from .train import TrainConfig, train
+
+    config = TrainConfig(
+        dataset=args.dataset,
+        root=args.data_root,
+        pad_to=args.pad_to,
+        limit=args.limit,
+        arch=args.arch,
+        channels=args.channels,
+        blocks=args.blocks,
+        padding=args.padding,
+        conditional=args.conditional,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        out=args.out,
+        device=str(_resolve_device(args.device)),
+        bf16=args.bf16,
+    )
+    data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)
+    if args.conditional and data.labels is None:
+        raise CLIError(f"--conditional needs a labelled dataset; {data.name} has no labels")
+    done = train(config, resume=args.resume, progress=not args.quiet, images=data.images, labels=data.labels)
+    state = "finished" if done["finished"] else "stopped (resume with --resume)"
+    print(
+        f"{PROG}: trained {done['steps']}/{done['total_steps']} steps ({state}), loss {done['loss']:.4f}, "
+        f"{done['seconds']:.0f} s -> {done['checkpoint']}"
+    )
+    return 0
+
+
+def _network_and_data(args: argparse.Namespace):
+    """The checkpoint's network and the training set it was trained on (for the machines)."""
+    from . import datasets
+    from .train import load_checkpoint
+
+    device = _resolve_device(args.device)
+    model, config, _ = load_checkpoint(args.checkpoint, device=device)
+    root = args.data_root or config.get("root")
+    data = datasets.load(config["dataset"], root=root, pad_to=config.get("pad_to"), limit=config.get("limit"))
+    labels = data.labels if config.get("conditional") else None
+    return model, config, data, labels, device
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .machine import ScoreMachine
+
+    if not args.out.endswith(".json"):
+        raise CLIError(f"--out must end in .json, got {args.out!r}")
+    model, config, data, labels, device = _network_and_data(args)
+    started = time.perf_counter()
+    machine = ScoreMachine(data.images, labels, machine=args.machine, padding=config["model"]["padding"], device=device)
+    result = calibrate(
+        model,
+        machine,
+        sizes=sorted(set(args.sizes)),
+        seeds=range(args.seeds),
+        steps=args.steps,
+        conditional=labels is not None,
+        progress=not args.quiet,
+    )
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    result.plot(plot)
+    result.to_json(args.out)
+    seconds = time.perf_counter() - started
+    print(f"{PROG}: P(t) for t = 0..{args.steps - 1}/{args.steps}: {result.scales} in {seconds:.0f} s")
+    print(f"{PROG}: -> {args.out}, {plot}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationResult
+    from .compare import compare
+    from .machine import MACHINES
+    from .scales import reference_scales
+
+    machines = tuple(m.strip() for m in args.machines.split(",") if m.strip())
+    unknown = [m for m in machines if m not in MACHINES]
+    if unknown or not machines:
+        raise CLIError(f"--machines takes a comma list of {', '.join(MACHINES)}; got {args.machines!r}")
+    if Path(args.scales).suffix == ".json":
+        scales = CalibrationResult.from_json(args.scales)
+    elif args.scales in reference_scales():
+        scales = args.scales
+    else:
+        scales = _odd_patch_size(args.scales)
+    model, config, data, labels, _ = _network_and_data(args)
+    report = compare(
+        model,
+        data.images,
+        labels,
+        out_dir=args.out_dir,
+        scales=scales,
+        seeds=range(args.seeds),
+        steps=args.steps,
+        network_steps=args.network_steps,
+        conditional=labels is not None,
+        machines=machines,
+        padding=config["model"]["padding"],
+        network=str(Path(args.checkpoint).resolve()),
+        progress=not args.quiet,
+    )
+    _print_summary(report["summary"])
+    print(f"{PROG}: report -> {report['files']['summary']}")
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    for name, s in summary.items():
+        beats = f", beats IS on {s['beats_is']:.0%} of seeds" if "beats_is" in s else ""
+        print(
+            f"{PROG}: {name.upper():>3}: median Pearson r {s['median_r']:.3f}, median R^2 {s['median_r2']:.3f}{beats}"
+        )
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    device = _resolve_device(args.device)
+    summary = reproduce(
+        args.preset,
+        args.out_dir,
+        root=args.data_root,
+        device=str(device),
+        train_minutes=args.train_minutes,
+        comparison_seeds=args.seeds,
+        progress=not args.quiet,
+    )
+    _print_summary(summary["summary"])
+    print(f"{PROG}: reproduction -> {Path(args.out_dir) / 'reproduction.json'}")
+    return 0

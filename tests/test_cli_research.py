@@ -1,0 +1,39 @@
+"""`elsfast train`, `calibrate`, `compare` and `reproduce` end to end on tiny problems."""
+
+import json
+
+from elsfast.cli import main
+
+
+def test_train_calibrate_compare(tmp_path, capsys):
+    ckpt = tmp_path / "net.pt"
+    data = ["--dataset", "mnist-embedded", "--limit", "30"]
+    net = ["--channels", "8", "--blocks", "1", "--batch-size", "8", "--conditional", "--device", "cpu", "-q"]
+    assert main(["train", *data, *net, "--max-steps", "2", "--out", str(ckpt)]) == 0
+    assert "trained 2/2 steps" in capsys.readouterr().out
+    assert main(["train", *data, *net, "--max-steps", "3", "--out", str(ckpt), "--resume"]) == 0
+    assert "trained 3/3 steps" in capsys.readouterr().out
+
+    calib = tmp_path / "calib.json"
+    args = ["--checkpoint", str(ckpt), "--device", "cpu", "-q"]
+    assert main(["calibrate", *args, "--sizes", "1", "3", "--seeds", "2", "--steps", "3", "--out", str(calib)]) == 0
+    assert calib.exists() and calib.with_suffix(".png").exists()
+    assert len(json.loads(calib.read_text())["scales"]) == 3
+
+    report = tmp_path / "report"
+    assert (
+        main(["compare", *args, "--scales", str(calib), "--seeds", "2", "--steps", "3", "--out-dir", str(report)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "ELS: median Pearson r" in out and (report / "summary.md").exists()
+
+
+def test_research_commands_reject_bad_input(tmp_path, capsys):
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "missing.pt"), "--out", "x.json"]) == 2
+    assert main(["compare", "--checkpoint", "x.pt", "--machines", "els,xyz", "--out-dir", str(tmp_path)]) == 2
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    assert main(["compare", "--checkpoint", str(bad), "--out-dir", str(tmp_path / "r")]) == 2
+    assert main(["calibrate", "--checkpoint", str(bad), "--sizes", "4", "--out", "x.json"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("elsfast: error:") == 4 and "Traceback" not in err

@@ -1,0 +1,166 @@
+import math
+
+import pytest
+import torch
+
+from elsfast.models import (
+    NetworkDenoiser,
+    ResNet,
+    UNet,
+    abar_to_t,
+    build_model,
+    eps_at,
+    model_config,
+)
+from elsfast.sampling import ddim_sample
+from elsfast.schedules import abar_cosine, abar_cosine_legacy
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine (100x slowdowns)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _seeded(cls, *args, **kw):
+    torch.manual_seed(0)
+    return cls(*args, **kw)
+
+
+def test_resnet_receptive_field_is_17x17():
+    model = _seeded(ResNet, in_channels=1, channels=16, blocks=6).double()
+    assert model.receptive_field == 17
+    size, centre = 40, 20
+    x = torch.randn(1, 1, size, size, dtype=torch.float64)
+    t = torch.tensor([0.5], dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, 0, centre, centre] += 1.0
+    with torch.no_grad():
+        changed = (model(x2, t) - model(x, t)).abs()[0, 0] > 0
+    rows, cols = torch.nonzero(changed, as_tuple=True)
+    # Nothing changes outside the 17 x 17 box around the perturbed pixel, and the box's edges are reached.
+    assert rows.min() == centre - 8 and rows.max() == centre + 8
+    assert cols.min() == centre - 8 and cols.max() == centre + 8
+
+
+def test_circular_resnet_commutes_with_circular_shifts():
+    model = _seeded(ResNet, in_channels=2, channels=16, blocks=3, padding="circular")
+    x, t = torch.randn(2, 2, 12, 10), torch.rand(2)
+    with torch.no_grad():
+        shifted_out = model(torch.roll(x, (3, -4), dims=(2, 3)), t)
+        out_shifted = torch.roll(model(x, t), (3, -4), dims=(2, 3))
+    torch.testing.assert_close(shifted_out, out_shifted, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_padded_resnet_is_not_shift_equivariant():
+    model = _seeded(ResNet, in_channels=1, channels=16, blocks=2)
+    x, t = torch.randn(1, 1, 10, 10), torch.rand(1)
+    with torch.no_grad():
+        a = model(torch.roll(x, (3, 3), dims=(2, 3)), t)
+        b = torch.roll(model(x, t), (3, 3), dims=(2, 3))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_circular_unet_commutes_with_shifts_by_multiples_of_4():
+    model = _seeded(UNet, channels=(8, 8, 16), padding="circular")
+    x, t = torch.randn(1, 1, 16, 16), torch.rand(1)
+    with torch.no_grad():
+        a = model(torch.roll(x, (4, -8), dims=(2, 3)), t)
+        b = torch.roll(model(x, t), (4, -8), dims=(2, 3))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_unet_handles_mnist_and_padded_sizes(size):
+    model = _seeded(UNet, in_channels=1, channels=(8, 16, 32), num_classes=10)
+    out = model(torch.randn(2, 1, size, size), torch.rand(2), torch.tensor([3, 7]))
+    assert out.shape == (2, 1, size, size)
+
+
+def test_unet_rejects_sizes_not_divisible_by_4():
+    model = _seeded(UNet, channels=(8, 16, 32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.randn(1, 1, 30, 30), torch.rand(1))
+
+
+@pytest.mark.parametrize("cls", [ResNet, UNet])
+def test_conditioning_requires_labels(cls):
+    kw = {"channels": 8, "blocks": 1} if cls is ResNet else {"channels": (8, 8)}
+    cond = _seeded(cls, num_classes=10, **kw)
+    x, t = torch.randn(2, 1, 8, 8), torch.rand(2)
+    with pytest.raises(ValueError, match="labels"):
+        cond(x, t)
+    a = cond(x, t, torch.tensor([0, 1]))
+    b = cond(x, t, torch.tensor([0, 2]))
+    torch.testing.assert_close(a[0], b[0])
+    assert (a[1] - b[1]).abs().max() > 0  # the label changes the output
+    uncond = _seeded(cls, **kw)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond(x, t, torch.tensor([0, 1]))
+
+
+def test_time_changes_the_output():
+    model = _seeded(ResNet, channels=8, blocks=1)
+    x = torch.randn(1, 1, 8, 8)
+    assert (model(x, torch.tensor([0.1])) - model(x, torch.tensor([0.9]))).abs().max() > 0
+
+
+def test_build_model_round_trips_through_a_plain_config():
+    for model in (
+        _seeded(ResNet, in_channels=3, channels=8, blocks=2, padding="circular", num_classes=5),
+        _seeded(UNet, in_channels=1, channels=(8, 16), blocks=2),
+    ):
+        config = model_config(model)
+        assert all(isinstance(v, str | int | list | type(None)) for v in config.values())
+        rebuilt = build_model(config)
+        rebuilt.load_state_dict(model.state_dict())
+        c = model.in_channels
+        x, t = torch.randn(2, c, 8, 8), torch.rand(2)
+        labels = torch.tensor([1, 4]) if model.num_classes else None
+        torch.testing.assert_close(rebuilt(x, t, labels), model(x, t, labels))
+        assert model_config(rebuilt) == config
+
+
+def test_build_model_defaults_and_errors():
+    assert model_config(build_model({"arch": "resnet"}))["channels"] == 256
+    assert model_config(build_model({"arch": "unet", "channels": [4, 8, 16]}))["channels"] == [4, 8, 16]
+    with pytest.raises(ValueError, match="arch"):
+        build_model({"arch": "vit"})
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        build_model({"arch": "resnet", "attention": True})
+    with pytest.raises(ValueError, match="padding"):
+        build_model({"arch": "resnet", "channels": 4, "padding": "reflect"})
+
+
+@pytest.mark.parametrize("schedule", ["cosine-legacy", "cosine", lambda t: math.cos(math.pi / 2 * t) ** 2])
+def test_abar_to_t_inverts_the_schedule(schedule):
+    abar_of = {"cosine-legacy": abar_cosine_legacy, "cosine": abar_cosine}.get(schedule, schedule)
+    for t in (0.0, 0.05, 0.37, 0.5, 0.95):
+        assert abar_to_t(abar_of(t), schedule) == pytest.approx(t, abs=1e-9)
+    assert abar_to_t(1.0, schedule) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_network_denoiser_drives_ddim_sample():
+    model = _seeded(ResNet, channels=8, blocks=2, num_classes=3)
+    noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    out = ddim_sample(NetworkDenoiser(model, labels=[0, 1, 2]), noise, steps=5, progress=False)
+    assert out.shape == noise.shape and out.dtype == noise.dtype
+    assert torch.isfinite(out).all()
+    single = ddim_sample(NetworkDenoiser(model, labels=2), noise, steps=5, progress=False)
+    assert torch.isfinite(single).all()
+
+
+def test_denoiser_is_the_x0_of_eps_at():
+    model = _seeded(ResNet, channels=8, blocks=1)
+    x, abar = torch.randn(5, 1, 8, 8, dtype=torch.float64), 0.3
+    eps = eps_at(model, x, abar)
+    assert eps.dtype == torch.float64
+    t = torch.full((5,), abar_to_t(abar))
+    with torch.no_grad():
+        torch.testing.assert_close(eps.float(), model(x.float(), t))
+    x0 = NetworkDenoiser(model)(x, abar, 1)
+    torch.testing.assert_close(x0, (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar))
+    torch.testing.assert_close(eps_at(model, x, abar, batch_size=2), eps, atol=1e-5, rtol=1e-5)
