@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schedules import get_schedule
+from .sampling import labels_per_sample
+from .schedules import t_of_abar
 
 __all__ = [
     "ARCHS",
@@ -42,7 +43,6 @@ __all__ = [
     "NetworkDenoiser",
     "ResNet",
     "UNet",
-    "abar_to_t",
     "build_model",
     "eps_at",
     "model_config",
@@ -294,48 +294,10 @@ def build_model(config: dict) -> nn.Module:
 # ------------------------------------------------------------------------------------------------------------
 # the sampler adapter
 
-_S = 0.008
-
-
-def abar_to_t(abar: float, schedule: str | Callable[[float], float] = "cosine-legacy") -> float:
-    """The time t in [0, 1] with abar(t) = `abar`: the inverse of the (decreasing) schedule.
-
-    Closed forms for the named schedules (legacy cosine: t = 1.008 * 2/pi * arccos(sqrt(abar))); bisection
-    for a callable. abar outside the schedule's range is clamped to t = 0 or 1.
-    """
-    abar = float(abar)
-    if schedule == "cosine-legacy":
-        t = (1 + _S) * 2 / math.pi * math.acos(min(1.0, max(0.0, abar)) ** 0.5)
-    elif schedule == "cosine":
-        f0 = math.cos(math.pi / 2 * _S / (1 + _S)) ** 2
-        t = (1 + _S) * 2 / math.pi * math.acos(min(1.0, max(0.0, abar * f0)) ** 0.5) - _S
-    else:
-        abar_of = get_schedule(schedule)
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = 0.5 * (lo + hi)
-            if abar_of(mid) > abar:
-                lo = mid
-            else:
-                hi = mid
-        t = 0.5 * (lo + hi)
-    return min(1.0, max(0.0, t))
-
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
-
-
-def _labels_for(labels, n: int) -> torch.Tensor | None:
-    if labels is None:
-        return None
-    if isinstance(labels, int):
-        return torch.full((n,), labels, dtype=torch.int64)
-    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
-    if labels.numel() != n:
-        raise ValueError(f"labels must be one int or {n} ints (one per image), got {labels.numel()}")
-    return labels
 
 
 @torch.no_grad()
@@ -356,8 +318,8 @@ def eps_at(
     """
     device, dtype = _model_device_dtype(model)
     n = x.shape[0]
-    labels = _labels_for(labels, n)
-    t = torch.full((n,), abar_to_t(abar, schedule), dtype=torch.float32, device=device)
+    labels = labels_per_sample(labels, n)
+    t = torch.full((n,), t_of_abar(abar, schedule), dtype=torch.float32, device=device)
     step = n if batch_size is None else max(1, int(batch_size))
     out = []
     for lo in range(0, n, step):

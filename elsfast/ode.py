@@ -35,15 +35,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .machine import ScoreMachine
+from .sampling import labels_per_sample
 from .scales import PatchSizeSpec, reference_scales
-from .schedules import abar_cosine, abar_cosine_legacy, get_schedule
+from .schedules import beta, get_schedule
 
-__all__ = ["beta", "euler_sample", "patch_size_at", "score", "t_of_abar", "velocity"]
+__all__ = ["euler_sample", "patch_size_at", "score", "velocity"]
 
 Schedule = str | Callable[[float], float]
-
-_S = 0.008
-_C = math.pi / 2 / (1 + _S)  # abar(t) = cos^2(C t) (legacy) or cos^2(C (t + s)) / cos^2(C s) (cosine)
 
 
 def patch_size_at(spec: PatchSizeSpec, t: float) -> int:
@@ -61,44 +59,6 @@ def patch_size_at(spec: PatchSizeSpec, t: float) -> int:
     if len(spec) == 0:
         raise ValueError("a patch-size list must not be empty")
     return spec[min(len(spec) - 1, max(0, round(t * len(spec))))]
-
-
-def beta(t: float, schedule: Schedule = "cosine-legacy") -> float:
-    """beta(t) = -d ln abar / dt: analytic for the named schedules, a central difference for a callable."""
-    if schedule == "cosine-legacy" or schedule is abar_cosine_legacy:
-        return 2 * _C * math.tan(_C * t)
-    if schedule == "cosine" or schedule is abar_cosine:
-        return 2 * _C * math.tan(_C * (t + _S))
-    abar_of = get_schedule(schedule)
-    h = 1e-6
-    lo, hi = max(0.0, t - h), min(1.0, t + h)
-    return -(math.log(abar_of(hi)) - math.log(abar_of(lo))) / (hi - lo)
-
-
-def t_of_abar(abar: float, schedule: Schedule = "cosine-legacy") -> float:
-    """The time t in [0, 1] with abar(t) = abar (analytic for the named schedules, bisection for a callable,
-    which must decrease in t); abar outside the schedule's range gives the nearest end, 0 or 1."""
-    abar = float(abar)
-    if schedule == "cosine-legacy" or schedule is abar_cosine_legacy:
-        t = math.acos(math.sqrt(min(1.0, max(0.0, abar)))) / _C
-    elif schedule == "cosine" or schedule is abar_cosine:
-        t = math.acos(math.sqrt(min(1.0, max(0.0, abar))) * math.cos(_C * _S)) / _C - _S
-    else:
-        abar_of = get_schedule(schedule)
-        lo, hi = 0.0, 1.0
-        for _ in range(64):  # abar(lo) >= abar >= abar(hi)
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if abar_of(mid) > abar else (lo, mid)
-        t = (lo + hi) / 2
-    return min(1.0, max(0.0, t))
-
-
-def _labels_for(labels, n: int) -> torch.Tensor | None:
-    if labels is None:
-        return None
-    if isinstance(labels, int):
-        return torch.full((n,), labels, dtype=torch.int64)
-    return torch.as_tensor(labels, dtype=torch.int64).flatten()
 
 
 def _abar(t: float, schedule: Schedule) -> float:
@@ -121,7 +81,7 @@ def score(
     `[B, C, H, W]`; `labels` is one int or one per sample. Returns the machine's dtype, on its device."""
     abar = _abar(t, schedule)
     size = patch_size_at(patch_size, float(t))
-    return machine.score(x, abar, size, _labels_for(labels, x.shape[0]))
+    return machine.score(x, abar, size, labels_per_sample(labels, x.shape[0]))
 
 
 def _velocity(machine, x, t, size, labels, schedule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +103,7 @@ def velocity(
 ) -> torch.Tensor:
     """The probability-flow velocity dx/dt = -1/2 beta(t) (x + score(x, t)) (module docstring: derivation)."""
     size = patch_size_at(patch_size, float(t))
-    return _velocity(machine, x, float(t), size, _labels_for(labels, x.shape[0]), schedule)[0]
+    return _velocity(machine, x, float(t), size, labels_per_sample(labels, x.shape[0]), schedule)[0]
 
 
 def euler_sample(
@@ -172,7 +132,7 @@ def euler_sample(
         raise ValueError(f"steps must be at least 1, got {steps}")
     if not 0.0 < t_min < t_start <= 1.0:
         raise ValueError(f"need 0 < t_min < t_start <= 1, got t_min={t_min}, t_start={t_start}")
-    labels = _labels_for(labels, x.shape[0])
+    labels = labels_per_sample(labels, x.shape[0])
     x = x.to(machine.device, machine.dtype)
     h = (t_start - t_min) / steps
     for i in tqdm(range(steps), desc="euler", disable=not progress, leave=False):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["SCHEDULES", "abar_cosine", "abar_cosine_legacy", "get_schedule"]
+__all__ = ["SCHEDULES", "abar_cosine", "abar_cosine_legacy", "beta", "get_schedule", "t_of_abar"]
 
 _S = 0.008
+_C = math.pi / 2 / (1 + _S)  # abar(t) = cos^2(C t) (legacy) or cos^2(C (t + s)) / cos^2(C s) (cosine)
 
 
 def abar_cosine_legacy(t: float) -> float:
@@ -41,3 +42,33 @@ def get_schedule(schedule: str | Callable[[float], float]) -> Callable[[float], 
         return SCHEDULES[schedule]
     except KeyError:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}") from None
+
+
+def t_of_abar(abar: float, schedule: str | Callable[[float], float] = "cosine-legacy") -> float:
+    """The time t in [0, 1] with abar(t) = abar (analytic for the named schedules, bisection for a callable,
+    which must decrease in t); abar outside the schedule's range gives the nearest end, 0 or 1."""
+    abar = float(abar)
+    if schedule == "cosine-legacy" or schedule is abar_cosine_legacy:
+        t = math.acos(math.sqrt(min(1.0, max(0.0, abar)))) / _C
+    elif schedule == "cosine" or schedule is abar_cosine:
+        t = math.acos(math.sqrt(min(1.0, max(0.0, abar))) * math.cos(_C * _S)) / _C - _S
+    else:
+        abar_of = get_schedule(schedule)
+        lo, hi = 0.0, 1.0
+        for _ in range(64):  # abar(lo) >= abar >= abar(hi)
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if abar_of(mid) > abar else (lo, mid)
+        t = (lo + hi) / 2
+    return min(1.0, max(0.0, t))
+
+
+def beta(t: float, schedule: str | Callable[[float], float] = "cosine-legacy") -> float:
+    """beta(t) = -d ln abar / dt: analytic for the named schedules, a central difference for a callable."""
+    if schedule == "cosine-legacy" or schedule is abar_cosine_legacy:
+        return 2 * _C * math.tan(_C * t)
+    if schedule == "cosine" or schedule is abar_cosine:
+        return 2 * _C * math.tan(_C * (t + _S))
+    abar_of = get_schedule(schedule)
+    h = 1e-6
+    lo, hi = max(0.0, t - h), min(1.0, t + h)
+    return -(math.log(abar_of(hi)) - math.log(abar_of(lo))) / (hi - lo)

@@ -49,13 +49,7 @@ except ImportError:  # k-diffusion's algorithm (sampling.sample_euler with s_chu
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread is as fast as two and does not stall when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _machine(dtype=torch.float32, n=8, size=8, labels=None, machine="els"):

@@ -7,22 +7,14 @@ from elsfast.models import (
     NetworkDenoiser,
     ResNet,
     UNet,
-    abar_to_t,
     build_model,
     eps_at,
     model_config,
 )
 from elsfast.sampling import ddim_sample
-from elsfast.schedules import abar_cosine, abar_cosine_legacy
+from elsfast.schedules import abar_cosine, abar_cosine_legacy, t_of_abar
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine (100x slowdowns)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seeded(cls, *args, **kw):
@@ -139,8 +131,8 @@ def test_build_model_defaults_and_errors():
 def test_abar_to_t_inverts_the_schedule(schedule):
     abar_of = {"cosine-legacy": abar_cosine_legacy, "cosine": abar_cosine}.get(schedule, schedule)
     for t in (0.0, 0.05, 0.37, 0.5, 0.95):
-        assert abar_to_t(abar_of(t), schedule) == pytest.approx(t, abs=1e-9)
-    assert abar_to_t(1.0, schedule) == pytest.approx(0.0, abs=1e-9)
+        assert t_of_abar(abar_of(t), schedule) == pytest.approx(t, abs=1e-9)
+    assert t_of_abar(1.0, schedule) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_network_denoiser_drives_ddim_sample():
@@ -158,7 +150,7 @@ def test_denoiser_is_the_x0_of_eps_at():
     x, abar = torch.randn(5, 1, 8, 8, dtype=torch.float64), 0.3
     eps = eps_at(model, x, abar)
     assert eps.dtype == torch.float64
-    t = torch.full((5,), abar_to_t(abar))
+    t = torch.full((5,), t_of_abar(abar))
     with torch.no_grad():
         torch.testing.assert_close(eps.float(), model(x.float(), t))
     x0 = NetworkDenoiser(model)(x, abar, 1)

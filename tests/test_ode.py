@@ -9,18 +9,12 @@ import torch
 import elsfast
 from elsfast import ode
 from elsfast.sampling import ddim_sample
-from elsfast.schedules import abar_cosine, abar_cosine_legacy
+from elsfast.schedules import abar_cosine, abar_cosine_legacy, beta, t_of_abar
 
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: one thread is as fast as two and does not stall when the CPU is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(n=8, size=8, seed=0):
@@ -37,12 +31,12 @@ def test_beta_is_minus_dlog_abar_and_t_of_abar_inverts(name, fn):
     for t in (0.05, 0.3, 0.6, 0.9):
         h = 1e-5
         numeric = -(math.log(fn(t + h)) - math.log(fn(t - h))) / (2 * h)
-        assert ode.beta(t, name) == pytest.approx(numeric, rel=1e-6)
-        assert ode.beta(t, lambda s: fn(s)) == pytest.approx(numeric, rel=1e-5)  # callable: finite difference
+        assert beta(t, name) == pytest.approx(numeric, rel=1e-6)
+        assert beta(t, lambda s: fn(s)) == pytest.approx(numeric, rel=1e-5)  # callable: finite difference
         for schedule in (name, lambda s: fn(s)):
-            assert ode.t_of_abar(fn(t), schedule) == pytest.approx(t, abs=1e-9)
-    assert ode.t_of_abar(1.0, name) == pytest.approx(0.0, abs=1e-7)
-    assert ode.t_of_abar(0.0, name) == 1.0
+            assert t_of_abar(fn(t), schedule) == pytest.approx(t, abs=1e-9)
+    assert t_of_abar(1.0, name) == pytest.approx(0.0, abs=1e-7)
+    assert t_of_abar(0.0, name) == 1.0
 
 
 def test_patch_size_at():
@@ -87,7 +81,7 @@ def test_velocity_on_a_one_image_training_set_is_the_analytic_flow():
             torch.testing.assert_close(v, (path(t + h) - path(t - h)) / (2 * h), rtol=1e-6, atol=1e-6)
             s = ode.score(m, x, t, schedule=schedule)
             torch.testing.assert_close(s, (math.sqrt(abar) * phi - x) / (1 - abar))
-            torch.testing.assert_close(v, -0.5 * ode.beta(t, schedule) * (x + s))
+            torch.testing.assert_close(v, -0.5 * beta(t, schedule) * (x + s))
     # Euler keeps D = phi at every step, so the result is phi exactly
     out = ode.euler_sample(m, _noise((2, 1, 5, 5)), 10, progress=False)
     torch.testing.assert_close(out, phi.expand(2, -1, -1, -1))

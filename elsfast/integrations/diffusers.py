@@ -59,6 +59,7 @@ from ..machine import ScoreMachine
 from ..ode import patch_size_at
 from ..scales import PatchSizeSpec
 from ..schedules import get_schedule
+from ._machine_module import MachineModule
 
 __all__ = ["ELSUNet", "ELSUNetOutput", "ddim_scheduler_config", "make_ddim_scheduler"]
 
@@ -117,7 +118,7 @@ def _check_scheduler_config(config) -> None:
         )
 
 
-class ELSUNet(torch.nn.Module):
+class ELSUNet(MachineModule):
     """A `ScoreMachine` as a diffusers-style epsilon-prediction network (see the module docstring).
 
     Args:
@@ -129,9 +130,7 @@ class ELSUNet(torch.nn.Module):
     """
 
     def __init__(self, machine: ScoreMachine, scheduler, patch_size: PatchSizeSpec = 3) -> None:
-        super().__init__()
-        if not isinstance(machine, ScoreMachine):
-            raise TypeError(f"machine must be an elsfast.ScoreMachine, got {type(machine).__name__}")
+        super().__init__(machine)
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is None:
             raise TypeError(
@@ -140,7 +139,6 @@ class ELSUNet(torch.nn.Module):
             )
         config = getattr(scheduler, "config", None) or {}
         _check_scheduler_config(config)
-        self.machine = machine
         self.alphas_cumprod = torch.as_tensor(alphas).detach().to("cpu", torch.float64).flatten()
         self.num_train_timesteps = int(config.get("num_train_timesteps", self.alphas_cumprod.numel()))
         if self.num_train_timesteps != self.alphas_cumprod.numel():
@@ -160,25 +158,6 @@ class ELSUNet(torch.nn.Module):
             machine=machine.machine,
             padding=machine.padding,
         )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The machine's compute dtype (the pipeline draws its initial noise in it)."""
-        return self.machine.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.machine.device
-
-    def _apply(self, fn, recurse: bool = True):
-        # every nn.Module conversion (.to, .cuda, .cpu, .double, .float) goes through _apply: see what it makes of
-        # a float tensor of the machine's kind and move/convert the machine to match
-        probe = fn(torch.empty(0, device=self.machine.device, dtype=self.machine.dtype))
-        if isinstance(probe, torch.Tensor):
-            dtype = probe.dtype if probe.dtype in (torch.float32, torch.float64) else None
-            if probe.device != self.machine.device or (dtype is not None and dtype != self.machine.dtype):
-                self.machine.to(probe.device, dtype)
-        return super()._apply(fn, recurse)
 
     def _timestep(self, timestep, batch: int) -> float:
         if isinstance(timestep, torch.Tensor):

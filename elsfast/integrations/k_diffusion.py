@@ -28,9 +28,10 @@ import math
 import torch
 
 from ..machine import ScoreMachine
-from ..ode import patch_size_at, t_of_abar
+from ..ode import patch_size_at
 from ..scales import PatchSizeSpec
-from ..schedules import get_schedule
+from ..schedules import get_schedule, t_of_abar
+from ._machine_module import MachineModule
 
 __all__ = ["ELSDenoiser", "get_sigmas_elsfast", "sigma_of_abar"]
 
@@ -52,7 +53,7 @@ def get_sigmas_elsfast(
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-class ELSDenoiser(torch.nn.Module):
+class ELSDenoiser(MachineModule):
     """`forward(x, sigma, class_labels=None) -> x0` for x = x0 + sigma * noise (see the module docstring).
 
     Args:
@@ -64,21 +65,11 @@ class ELSDenoiser(torch.nn.Module):
     """
 
     def __init__(self, machine: ScoreMachine, patch_size: PatchSizeSpec = 3, *, schedule="cosine-legacy") -> None:
-        super().__init__()
-        if not isinstance(machine, ScoreMachine):
-            raise TypeError(f"machine must be an elsfast.ScoreMachine, got {type(machine).__name__}")
+        super().__init__(machine)
         if not callable(patch_size):
             patch_size_at(patch_size, 1.0)  # an unknown name or an empty list fails here
         get_schedule(schedule)
-        self.machine, self.patch_size, self.schedule = machine, patch_size, schedule
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.machine.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.machine.device
+        self.patch_size, self.schedule = patch_size, schedule
 
     @property
     def sigma_max(self) -> float:
@@ -94,15 +85,6 @@ class ELSDenoiser(torch.nn.Module):
     def t_of_sigma(self, sigma: float) -> float:
         """The time t of the schedule with abar(t) = 1 / (1 + sigma^2)."""
         return t_of_abar(1.0 / (1.0 + sigma * sigma), self.schedule)
-
-    def _apply(self, fn, recurse: bool = True):
-        # .to / .cuda / .double ... move or convert the machine (see ELSUNet._apply)
-        probe = fn(torch.empty(0, device=self.machine.device, dtype=self.machine.dtype))
-        if isinstance(probe, torch.Tensor):
-            dtype = probe.dtype if probe.dtype in (torch.float32, torch.float64) else None
-            if probe.device != self.machine.device or (dtype is not None and dtype != self.machine.dtype):
-                self.machine.to(probe.device, dtype)
-        return super()._apply(fn, recurse)
 
     def _denoise(self, x: torch.Tensor, sigma: float, labels: torch.Tensor | None) -> torch.Tensor:
         abar = 1.0 / (1.0 + sigma * sigma)
