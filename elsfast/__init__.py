@@ -6,7 +6,7 @@ Importing elsfast imports nothing optional (no Triton, FAISS or compiled extensi
 from . import creativity, datasets, schedules
 from .machine import MACHINES, ScoreMachine
 from .provenance import Provenance
-from .reduce import backend_names, softmax_reduce
+from .reduce import TopK, backend_names, softmax_reduce
 from .sampling import SampleTrace, ddim_sample, sample
 from .scales import reference_scales
 
@@ -17,6 +17,7 @@ __all__ = [
     "Provenance",
     "SampleTrace",
     "ScoreMachine",
+    "TopK",
     "__version__",
     "backend_names",
     "creativity",

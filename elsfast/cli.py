@@ -165,6 +165,14 @@ def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: s
             help="a published calibrated patch-size list P(t) instead of --patch-size (see 'elsfast scales')",
         )
     g.add_argument("--backend", default="auto", help="reduction backend, or auto (default; see 'elsfast info')")
+    g.add_argument("--topk", type=_at_least(1), metavar="K", help="with --backend topk: entries kept per query (128)")
+    g.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="EPS",
+        help="with --backend topk: largest certified neglected posterior mass; pixels above it run exactly (1e-4)",
+    )
+    g.add_argument("--topk-index", choices=("ivf", "flat"), help="with --backend topk: FAISS index kind (default: ivf)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
     g.add_argument(
         "--memory-budget",
@@ -359,6 +367,23 @@ def _check_machine_args(args: argparse.Namespace) -> None:
         check_backend_name(args.backend)
     except ValueError as e:
         raise CLIError(f"argument --backend: {e}") from None
+    topk_options = {"--topk": args.topk, "--tolerance": args.tolerance, "--topk-index": args.topk_index}
+    given = [flag for flag, value in topk_options.items() if value is not None]
+    if given and args.backend != "topk":
+        raise CLIError(f"argument {given[0]}: only with --backend topk")
+    if args.tolerance is not None and not 0.0 < args.tolerance < 1.0:
+        raise CLIError(f"argument --tolerance: must be in (0, 1), got {args.tolerance}")
+
+
+def _backend_arg(args: argparse.Namespace):
+    """--backend NAME, or a configured top-k backend from --topk/--tolerance/--topk-index."""
+    if args.backend != "topk":
+        return args.backend
+    from .reduce import TopK
+
+    quiet = getattr(args, "quiet", False)
+    options = {"k": args.topk, "tolerance": args.tolerance, "index": args.topk_index, "progress": not quiet}
+    return TopK(**{name: value for name, value in options.items() if value is not None})
 
 
 def _check_labels_count(labels, n: int) -> None:
@@ -439,7 +464,7 @@ def _make_machine(args: argparse.Namespace, data, device):
         data.labels,
         machine=args.machine,
         padding=args.padding,
-        backend=args.backend,
+        backend=_backend_arg(args),
         device=device,
         memory_budget=args.memory_budget or DEFAULT_MEMORY_BUDGET,
     )
@@ -501,6 +526,12 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         f"elsfast: {args.n} samples [{C}, {H}, {W}] from {data.name} ({len(data)} images; {args.machine}, "
         f"{args.padding}, {size}, {args.steps} steps, {device}) in {seconds:.1f} s -> {', '.join(written)}"
     )
+    stats = machine.total_stats
+    if args.backend == "topk":
+        print(
+            f"elsfast: top-k answered {stats.approximate_queries:,} of {stats.queries:,} pixel evaluations "
+            f"(largest certified neglected mass {stats.max_neglected:.2e}); the rest ran exactly"
+        )
     return 0
 
 

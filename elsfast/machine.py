@@ -24,7 +24,7 @@ import torch
 from .patches import PADDINGS, extract_patches, group_sets
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, softmax_reduce
-from .reduce.registry import check_backend_name
+from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -39,11 +39,27 @@ MACHINES = ("is", "es", "ls", "els")
 
 @dataclass
 class MachineStats:
-    """What the last `denoise` call did: backends used, dictionary chunks streamed, query-entry pairs scored."""
+    """What the last `denoise` call did: backends used, dictionary chunks streamed, query-entry pairs of the exact
+    problem, queries reduced, how many of them an approximate backend (top-k) answered, and the largest certified
+    neglected posterior mass among those (0.0 when none; NaN when uncertified, HNSW)."""
 
     backends: set[str]
     chunks: int = 0
     pairs: int = 0
+    queries: int = 0
+    approximate_queries: int = 0
+    max_neglected: float = 0.0
+
+    def add(self, result: Reduction) -> None:
+        """Account for one reduction."""
+        self.backends.add(result.backend)
+        self.chunks += result.chunks
+        self.pairs += result.pairs
+        self.queries += result.values.shape[0] * result.values.shape[1]
+        if result.neglected is not None and result.approximate_queries:
+            self.approximate_queries += result.approximate_queries
+            worst = float(result.neglected.max())
+            self.max_neglected = worst if math.isnan(worst) else max(self.max_neglected, worst)
 
 
 def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
@@ -82,7 +98,8 @@ class ScoreMachine:
         train_labels: optional `[N]` integer labels, needed for class-conditional calls.
         machine: "is", "es", "ls" or "els".
         padding: "zeros" or "circular": how patches at the border are completed (ES needs "circular").
-        backend: reduction backend name or "auto" (see `elsfast.reduce.backend_names()`).
+        backend: reduction backend name or "auto" (see `elsfast.reduce.backend_names()`), or a configured backend
+            such as `elsfast.TopK(k=128, tolerance=1e-4)`.
         device: where the training set lives and the computation runs (default: the images' device).
         memory_budget: bytes of working memory per reduction; sets the dictionary chunk sizes.
         dtype: compute dtype, torch.float32 (default) or torch.float64.
@@ -100,7 +117,7 @@ class ScoreMachine:
         *,
         machine: str = "els",
         padding: str = "zeros",
-        backend: str = "auto",
+        backend: BackendSpec = "auto",
         device: torch.device | str | None = None,
         memory_budget: int = DEFAULT_MEMORY_BUDGET,
         dtype: torch.dtype = torch.float32,
@@ -146,6 +163,7 @@ class ScoreMachine:
         self.machine, self.padding, self.backend = machine, padding, backend
         self.memory_budget, self.dtype = int(memory_budget), dtype
         self.last_stats = MachineStats(set())
+        self.total_stats = MachineStats(set())  # accumulated over every call since construction
         self.process_group = process_group
         if image_offset is None:
             image_offset = 0 if process_group is None else _shard_offset(len(self.images), process_group, self.device)
@@ -192,7 +210,7 @@ class ScoreMachine:
             "format": CONFIG_FORMAT,
             "machine": self.machine,
             "padding": self.padding,
-            "backend": self.backend,
+            "backend": backend_spec(self.backend),
             "memory_budget": self.memory_budget,
             "dtype": str(self.dtype).removeprefix("torch."),
             "train_shape": list(self.images.shape),
@@ -230,7 +248,7 @@ class ScoreMachine:
         kwargs = {
             "machine": config["machine"],
             "padding": config["padding"],
-            "backend": config["backend"],
+            "backend": backend_from_spec(config["backend"]),
             "memory_budget": config["memory_budget"],
             "dtype": getattr(torch, config["dtype"]),
             "device": device,
@@ -370,9 +388,8 @@ class ScoreMachine:
             provenance=provenance,
             process_group=self.process_group,
         )
-        self.last_stats.backends.add(result.backend)
-        self.last_stats.chunks += result.chunks
-        self.last_stats.pairs += result.pairs
+        self.last_stats.add(result)
+        self.total_stats.add(result)
         return result
 
     def _denoise(

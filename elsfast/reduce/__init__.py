@@ -4,6 +4,7 @@ from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
 from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
 from .state import ReduceState
+from .topk import TopK
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -14,6 +15,7 @@ __all__ = [
     "PatchDictionary",
     "ReduceState",
     "Reduction",
+    "TopK",
     "backend_names",
     "backend_reasons",
     "register_backend",

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import torch_backend  # noqa: F401  (registers the torch backend)
+from . import topk, torch_backend  # noqa: F401  (register the backends)
 from .dictionary import Dictionary
-from .registry import select_backend
+from .registry import BackendSpec, select_backend
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -39,9 +39,12 @@ DEFAULT_MEMORY_BUDGET = 512 << 20
 @dataclass(frozen=True)
 class Reduction:
     """Result of `softmax_reduce`: `values` `(G, M, E)`, the backend that ran, how many dictionary chunks it
-    streamed, and the number of query-entry pairs it scored. With provenance: `best` `(G, M)` the id
-    (`image * S + s`, see `Dictionary.entry_ids`) of each query's dominant entry, `weight` `(G, M)` its
-    posterior weight and `entropy` `(G, M)` the posterior's entropy in nats; otherwise None."""
+    streamed, and the number of query-entry pairs of the exact problem. `neglected` `(G, M)`: for approximate
+    backends (top-k), an upper bound on the posterior mass each query's result leaves out (0 where it ran
+    exactly), and `approximate_queries` how many queries were answered approximately; None and 0 otherwise.
+    With provenance: `best` `(G, M)` the id (`image * S + s`, see `Dictionary.entry_ids`) of each query's
+    dominant entry, `weight` `(G, M)` its posterior weight and `entropy` `(G, M)` the posterior's entropy in
+    nats; otherwise None."""
 
     values: torch.Tensor
     backend: str
@@ -50,6 +53,8 @@ class Reduction:
     best: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    neglected: torch.Tensor | None = None
+    approximate_queries: int = 0
 
 
 def softmax_reduce(
@@ -57,7 +62,7 @@ def softmax_reduce(
     dictionary: Dictionary,
     *,
     abar: float,
-    backend: str = "auto",
+    backend: BackendSpec = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     provenance: bool = False,
     process_group: ProcessGroup | None = None,
@@ -68,7 +73,7 @@ def softmax_reduce(
         queries: `(G, M, D)` float32 or float64; the computation runs in this dtype on its device.
         dictionary: the keys and values, built chunk by chunk (`elsfast.reduce.dictionary`).
         abar: noise level in (0, 1).
-        backend: a registered backend name, or "auto".
+        backend: a registered backend name, "auto", or a configured backend (e.g. `TopK(k=128)`).
         memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use.
         provenance: also return each query's dominant entry, its weight and the posterior entropy.
         process_group: the dictionary is sharded across the ranks of this torch.distributed group (pass the
@@ -76,14 +81,25 @@ def softmax_reduce(
             shard, and every rank gets the result over the whole dictionary. Entry ids must be global
             (`Dictionary.image_ids`).
     """
-    chosen = select_backend(backend, queries, dictionary)
-    state, chunks = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
+    # a sharded dictionary merges exact partial states: `auto` then considers exact backends only
+    chosen = select_backend(backend, queries, dictionary, exact_only=process_group is not None)
+    if process_group is not None and not chosen.EXACT:
+        raise ValueError(f"backend {chosen.NAME!r} is approximate and cannot merge the shards of a sharded dictionary")
+    out = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
+    state = out.state
     if process_group is not None:
         from .distributed import all_merge_
 
         all_merge_(state, process_group)
     G, M, _ = queries.shape
-    result = Reduction(state.finalize(), chosen.NAME, chunks, G * M * dictionary.size)
+    result = Reduction(
+        state.finalize(),
+        chosen.NAME,
+        out.chunks,
+        G * M * dictionary.size,
+        neglected=out.neglected,
+        approximate_queries=out.approximate_queries,
+    )
     if provenance:
         return replace(result, best=state.best, weight=state.top_weight(), entropy=state.entropy())
     return result

@@ -76,6 +76,40 @@ class ReduceState:
             acc = torch.bmm(weights, values)
         return cls(m, l, acc, best, u)
 
+    @classmethod
+    def from_query_logits(
+        cls,
+        logits: torch.Tensor,
+        values: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
+    ) -> ReduceState:
+        """State of per-query entry sets (top-k): `logits` `(G, M, k)` in bits, `values` `(G, M, k, E)`, `ids`
+        `(G, M, k)` the entries' ids (with it, provenance), `counts` `(G, M, k)` how many equal entries each one
+        stands for (default 1). Entries with logit -inf count for nothing."""
+        m, arg = logits.max(dim=-1)
+        shifted = logits - m.unsqueeze(-1)
+        weights = torch.exp2(shifted)
+        if counts is not None:
+            weights = weights * counts
+        state = cls(m, weights.sum(dim=-1), torch.einsum("gmk,gmke->gme", weights, values))
+        if ids is not None:
+            state.best = ids.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
+            state.u = torch.einsum("gmk,gmk->gm", weights, torch.where(weights > 0, shifted, 0.0))
+        return state
+
+    def assign_(self, g: int, rows: torch.Tensor, other: ReduceState) -> ReduceState:
+        """Set queries `rows` of group `g` to the one-group state `other` (`(1, len(rows))`); returns self."""
+        self.m[g, rows], self.l[g, rows], self.acc[g, rows] = other.m[0], other.l[0], other.acc[0]
+        if self.best is not None:
+            self.best[g, rows], self.u[g, rows] = other.best[0], other.u[0]
+        return self
+
+    def take(self, groups: slice | torch.Tensor = slice(None), rows: slice | torch.Tensor = slice(None)) -> ReduceState:
+        """The state of groups `groups` and queries `rows` (a copy when they are index tensors)."""
+        pick = lambda t: None if t is None else t[groups][:, rows]  # noqa: E731
+        return ReduceState(pick(self.m), pick(self.l), pick(self.acc), pick(self.best), pick(self.u))
+
     def rows(self, start: int, stop: int) -> ReduceState:
         """A view on queries `[start, stop)`; merging into it updates this state."""
         pick = lambda t: None if t is None else t[:, start:stop]  # noqa: E731

@@ -18,7 +18,7 @@ import math
 import torch
 
 from .dictionary import Dictionary
-from .registry import Backend, register_backend
+from .registry import Backend, BackendOutput, register_backend
 from .state import ReduceState
 
 __all__ = ["TorchBackend"]
@@ -60,7 +60,7 @@ class TorchBackend(Backend):
         abar: float,
         memory_budget: int,
         provenance: bool = False,
-    ) -> tuple[ReduceState, int]:
+    ) -> BackendOutput:
         G, M, _ = queries.shape
         dtype, device = queries.dtype, queries.device
         a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
@@ -88,4 +88,4 @@ class TorchBackend(Backend):
                     tile_ids = None if ids is None else ids[k0:k1]
                     rows.merge_(ReduceState.from_logits(logits, values[:, k0:k1], tile_ids))
             chunks += 1
-        return state, chunks
+        return BackendOutput(state, chunks)

@@ -1,0 +1,252 @@
+"""The top-k backend: the certified bound on the neglected posterior mass against a float64 brute force, agreement
+with the exact machine within the tolerance, the fall-back policy, the index cache, and its errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import elsfast
+from elsfast.reduce import PatchDictionary, TopK, softmax_reduce
+from elsfast.reduce import topk_index as topk_index_module
+from elsfast.reduce.registry import _REGISTRY, BackendUnavailable, select_backend
+from elsfast.reduce.topk_index import faiss_or_reason
+
+pytest.importorskip("faiss", reason="the top-k backend needs faiss (pip install 'elsfast[faiss]')")
+
+SMALL = dict(min_entries=1000, cache_dir="", progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits() -> torch.Tensor:
+    """110 embedded MNIST digits, centre 16x16 crops, uint8 `[110, 1, 16, 16]`: real structure, small problems."""
+    return elsfast.datasets.load("mnist-embedded", limit=110).images[:, :, 6:22, 6:22].contiguous()
+
+
+def noisy(clean_uint8: torch.Tensor, abar: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x0 = clean_uint8.double() / 127.5 - 1
+    return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+
+
+def true_neglected(dg: PatchDictionary, q: torch.Tensor, ids: torch.Tensor, abar: float) -> torch.Tensor:
+    """float64 brute force: the posterior mass of all entries whose key is none of the keys of the entries `ids`
+    `(m, k)` (-1: none) kept for each query, `(m,)`."""
+    n = dg.num_images
+    keys, _ = dg.entries(0, n, torch.float64)  # entry-major: row s * n + i holds entry id i * S + s
+    S = dg.entries_per_image
+    a, T = math.sqrt(abar), 2 * (1 - abar)
+    post = torch.softmax(-torch.cdist(q.double(), a * keys[0]).square() / T, dim=1)
+    _, key_of_row, _ = torch.unique(keys[0], dim=0, return_inverse=True, return_counts=True)
+    post_per_key = torch.zeros(len(q), int(key_of_row.max()) + 1, dtype=torch.float64).index_add_(1, key_of_row, post)
+    safe = ids.clamp(min=0)
+    kept_keys = key_of_row[(safe % S) * n + safe // S]
+    kept = torch.where(ids >= 0, post_per_key.gather(1, kept_keys), 0.0).sum(1)
+    return (1 - kept).clamp(min=0)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+@pytest.mark.parametrize(
+    ("kind", "storage", "images"), [("flat", "auto", "uint8"), ("ivf", "auto", "uint8"), ("ivf", "float16", "float")]
+)
+def test_bound_holds_against_brute_force(digits, padding, kind, storage, images):
+    train = digits[:100] if images == "uint8" else digits[:100].float() / 127.5 - 1
+    P = 3
+    group_set = elsfast.patches.group_sets(16, 16, P, padding, "els")
+    backend = TopK(k=16, tolerance=None, index=kind, storage=storage, nlist=32, nprobe=3, **SMALL)
+    checked = 0
+    for abar in (0.05, 0.5, 0.9, 0.999):
+        x = noisy(digits[100:102], abar)
+        for positions in group_set[:2]:  # the interior (or only) group and one border class
+            dg = PatchDictionary(train, P, padding, positions[:1])
+            q = elsfast.patches.extract_patches(x, P, padding, positions[:1]).reshape(-1, P * P)
+            gi = backend._group_index(dg, q, abar, 64 << 20)
+            _, bound, ids = backend._search_block(gi, dg, q, abar, provenance=False)
+            truth = true_neglected(dg, q, ids, abar)
+            assert (truth <= bound * (1 + 1e-9) + 1e-12).all(), (abar, float((truth - bound).max()))
+            checked += len(q)
+    assert checked > 0
+
+
+def test_bound_is_tight_enough_to_be_useful(digits):
+    """At low noise the exact top-k of a flat index certifies almost every query below 1e-4 (measured: 99% at
+    abar = 0.999 with k = 128; 53% at abar = 0.99, where near-black background patches of MNIST are many and
+    nearly equally likely, so that even the true neglected mass exceeds 1e-4 for 42% of the queries)."""
+    dg = PatchDictionary(digits[:100], 3, "zeros", elsfast.patches.group_sets(16, 16, 3, "zeros", "els")[0][:1])
+    backend = TopK(k=128, tolerance=None, index="flat", **SMALL)
+    x = noisy(digits[100:102], 0.999)
+    q = elsfast.patches.extract_patches(x, 3, "zeros", dg.positions).reshape(-1, 9)
+    gi = backend._group_index(dg, q, 0.999, 64 << 20)
+    assert gi.size < gi.total  # repeated keys (black background) are indexed once, with their count
+    _, bound, _ = backend._search_block(gi, dg, q, 0.999, provenance=False)
+    assert (bound <= 1e-4).double().mean() > 0.9
+
+
+@pytest.mark.parametrize(("machine", "padding"), [("els", "zeros"), ("els", "circular"), ("ls", "zeros")])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_machine_within_tolerance_of_exact(digits, machine, padding, conditional):
+    labels = torch.arange(100) % 2 if conditional else None
+    tol = 1e-4
+    min_entries = 40 if machine == "ls" else 1000  # LS: one group (index) per pixel, 50 or 100 entries
+    exact = elsfast.ScoreMachine(digits[:100], labels, machine=machine, padding=padding, backend="torch")
+    approx = elsfast.ScoreMachine(
+        digits[:100], labels, machine=machine, padding=padding,
+        backend=TopK(k=64, tolerance=tol, nlist=16, nprobe=4, min_entries=min_entries, cache_dir="", progress=False),
+    )  # fmt: skip
+    call_labels = torch.tensor([0, 1, 1]) if conditional else None
+    used = 0
+    for abar in (0.3, 0.9, 0.9995):
+        x = noisy(digits[100:103], abar).float()
+        want = exact.denoise(x, abar, 3, call_labels)
+        got = approx.denoise(x, abar, 3, call_labels)
+        stats = approx.last_stats
+        assert stats.max_neglected <= tol
+        # values lie in [-1, 1]: the error is at most 2 * neglected mass, plus float32 rounding of both paths
+        assert (got - want).abs().max() <= 2 * tol + 1e-5, abar
+        used += stats.approximate_queries
+    assert used > 0
+    assert approx.total_stats.approximate_queries == used
+
+
+def test_image_machine_topk(digits):
+    exact = elsfast.ScoreMachine(digits[:100], machine="is", backend="torch")
+    approx = elsfast.ScoreMachine(
+        digits[:100], machine="is", backend=TopK(k=8, index="flat", tolerance=1e-4, min_entries=50, cache_dir="")
+    )
+    x = noisy(digits[100:103], 0.7).float()
+    torch.testing.assert_close(approx.denoise(x, 0.7), exact.denoise(x, 0.7), atol=2e-4 + 1e-5, rtol=0)
+    assert approx.last_stats.approximate_queries == 3
+
+
+def test_falls_back_to_exact_at_high_noise(digits):
+    backend = TopK(k=16, tolerance=1e-4, nlist=16, **SMALL)
+    exact = elsfast.ScoreMachine(digits[:100], backend="torch")
+    approx = elsfast.ScoreMachine(digits[:100], backend=backend)
+    x = noisy(digits[100:102], 0.01).float()
+    torch.testing.assert_close(approx.denoise(x, 0.01), exact.denoise(x, 0.01), atol=1e-6, rtol=0)
+    assert approx.last_stats.approximate_queries == 0
+    assert backend._indexes == {}  # the pilot predicted failure: no index was built
+    assert backend._failed_abar  # and the noise level is remembered
+
+
+def test_provenance_matches_exact_where_certified(digits):
+    # float64: at this noise level float32 logits of magnitude ~1e4 bits round by ~5e-4 (README: tolerances)
+    exact = elsfast.ScoreMachine(digits[:100], backend="torch", dtype=torch.float64)
+    backend = TopK(k=128, tolerance=1e-6, index="flat", **SMALL)
+    approx = elsfast.ScoreMachine(digits[:100], backend=backend, dtype=torch.float64)
+    x = noisy(digits[100:102], 0.9995)
+    _, want = exact.denoise(x, 0.9995, return_provenance=True)
+    _, got = approx.denoise(x, 0.9995, return_provenance=True)
+    assert approx.last_stats.approximate_queries > 0
+    torch.testing.assert_close(got.weight, want.weight, atol=1e-6, rtol=0)  # the certified tolerance
+    certain = want.weight > 0.6  # a clear winner: the same dominant patch
+    assert certain.any()
+    assert torch.equal(got.source_image[certain], want.source_image[certain])
+    assert torch.equal(got.source_y[certain], want.source_y[certain])
+    assert torch.equal(got.source_x[certain], want.source_x[certain])
+
+
+def test_hnsw_reports_no_bound(digits):
+    with pytest.raises(ValueError, match="no certified bound"):
+        TopK(index="hnsw")
+    m = elsfast.ScoreMachine(digits[:100], backend=TopK(k=16, index="hnsw", tolerance=None, **SMALL))
+    m.denoise(noisy(digits[100:101], 0.9).float(), 0.9)
+    assert math.isnan(m.last_stats.max_neglected)
+
+
+def test_cache_is_reused_invalidated_and_checked(digits, tmp_path, monkeypatch):
+    def machine(images, backend_dir=tmp_path):
+        return elsfast.ScoreMachine(images, backend=TopK(k=16, tolerance=None, nlist=16, min_entries=5000,
+                                                         cache_dir=str(backend_dir), progress=False))  # fmt: skip
+
+    x = noisy(digits[100:101], 0.9).float()
+    first = machine(digits[:100]).denoise(x, 0.9)
+    files = sorted(tmp_path.glob("*.faissidx"))
+    assert len(files) == 1  # one large group (the interior border class); the others run exactly
+
+    # a fresh backend loads the file instead of building
+    real_build = topk_index_module.build_group_index
+    monkeypatch.setattr(topk_index_module, "build_group_index", lambda *a, **k: pytest.fail("rebuilt"))
+    torch.testing.assert_close(machine(digits[:100]).denoise(x, 0.9), first, atol=0, rtol=0)
+    monkeypatch.setattr(topk_index_module, "build_group_index", real_build)
+
+    # other data or another patch size: another index
+    changed = digits[:100].clone()
+    changed[0, 0, 8, 8] ^= 1
+    machine(changed).denoise(x, 0.9)
+    assert len(list(tmp_path.glob("*.faissidx"))) == 2
+    machine(digits[:100]).denoise(x, 0.9, patch_size=5)
+    assert len(list(tmp_path.glob("*.faissidx"))) == 3
+
+    # a corrupted file is detected, reported and rebuilt, never used
+    raw = bytearray(files[0].read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="unusable"):
+        again = machine(digits[:100]).denoise(x, 0.9)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+    machine(digits[:100]).denoise(x, 0.9)  # the rebuilt file is good again: no warning
+    files[0].write_bytes(b"")
+    with pytest.warns(UserWarning, match="unusable"):
+        machine(digits[:100]).denoise(x, 0.9)
+
+
+def test_options_and_errors(digits, monkeypatch):
+    with pytest.raises(ValueError, match="k must be"):
+        TopK(k=0)
+    with pytest.raises(ValueError, match="tolerance"):
+        TopK(tolerance=2.0)
+    with pytest.raises(ValueError, match="index must be"):
+        TopK(index="lsh")
+    floats = digits[:10].float() / 127.5 - 1
+    with pytest.raises(BackendUnavailable, match="uint8"):
+        elsfast.ScoreMachine(floats, backend=TopK(storage="uint8")).denoise(torch.zeros(1, 1, 16, 16), 0.5)
+    monkeypatch.setattr("elsfast.reduce.topk.faiss_or_reason", lambda: (None, "faiss is not installed (test)"))
+    with pytest.raises(BackendUnavailable, match="faiss is not installed"):
+        elsfast.ScoreMachine(digits[:10], backend="topk").denoise(torch.zeros(1, 1, 16, 16), 0.5)
+    assert faiss_or_reason()[0] is not None
+
+
+def test_auto_uses_topk_only_for_large_dictionaries(digits, monkeypatch):
+    positions = elsfast.patches.group_sets(16, 16, 3, "zeros", "els")[0]
+    dictionary = PatchDictionary(digits[:100], 3, "zeros", positions)
+    q = torch.zeros(1, 4, 9)
+    assert select_backend("auto", q, dictionary).NAME == "torch"  # default min_entries: 4M entries
+    monkeypatch.setitem(_REGISTRY, "topk", TopK(k=16, nlist=16, **SMALL))
+    assert select_backend("auto", q, dictionary).NAME == "topk"
+    assert select_backend("auto", q, dictionary, exact_only=True).NAME == "torch"
+    monkeypatch.setitem(_REGISTRY, "topk", TopK(k=16, tolerance=None, **SMALL))
+    assert select_backend("auto", q, dictionary).NAME == "torch"  # uncertified: never chosen by auto
+    x = elsfast.patches.extract_patches(noisy(digits[100:102], 0.999).float(), 3, "zeros", positions)
+    x = x.reshape(1, -1, 9)
+    monkeypatch.setitem(_REGISTRY, "topk", TopK(k=128, nlist=16, **SMALL))
+    r = softmax_reduce(x, dictionary, abar=0.999)
+    want = softmax_reduce(x, dictionary, abar=0.999, backend="torch")
+    assert r.backend == "topk" and r.approximate_queries > 0
+    assert float(r.neglected.max()) <= 1e-4
+    torch.testing.assert_close(r.values, want.values, atol=2e-4 + 1e-5, rtol=0)
+
+
+def test_config_round_trip(digits, tmp_path):
+    backend = TopK(k=48, tolerance=1e-5, index="flat", nprobe=7, cache_dir=str(tmp_path))
+    m = elsfast.ScoreMachine(digits[:20], backend=backend)
+    m.save_pretrained(tmp_path)
+    back = elsfast.ScoreMachine.from_pretrained(tmp_path, train_images=digits[:20])
+    assert isinstance(back.backend, TopK)
+    assert back.backend.options() == backend.options()
+
+
+def test_cli_topk(tmp_path, capsys, monkeypatch):
+    from elsfast.cli import main
+
+    monkeypatch.setenv("ELSFAST_CACHE", str(tmp_path / "cache"))
+    argv = ["sample", "--limit", "60", "--n", "1", "--steps", "3", "--patch-size", "3", "--device", "cpu", "--quiet"]
+    code = main([*argv, "--backend", "topk", "--topk", "16", "--tolerance", "1e-3", "--out", str(tmp_path / "g.png")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "top-k answered" in out
+    code = main([*argv, "--topk", "16", "--out", str(tmp_path / "g.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "only with --backend topk" in err
