@@ -62,7 +62,7 @@ def test_bound_holds_against_brute_force(digits, padding, kind, storage, images)
         for positions in group_set[:2]:  # the interior (or only) group and one border class
             dg = PatchDictionary(train, P, padding, positions[:1])
             q = elsfast.patches.extract_patches(x, P, padding, positions[:1]).reshape(-1, P * P)
-            gi = backend._group_index(dg, q, abar, 64 << 20)
+            gi = backend._group_index(dg, backend._key(dg), q, abar, 64 << 20)
             _, bound, ids = backend._search_block(gi, dg, q, abar, provenance=False)
             truth = true_neglected(dg, q, ids, abar)
             assert (truth <= bound * (1 + 1e-9) + 1e-12).all(), (abar, float((truth - bound).max()))
@@ -78,7 +78,7 @@ def test_bound_is_tight_enough_to_be_useful(digits):
     backend = TopK(k=128, tolerance=None, index="flat", **SMALL)
     x = noisy(digits[100:102], 0.999)
     q = elsfast.patches.extract_patches(x, 3, "zeros", dg.positions).reshape(-1, 9)
-    gi = backend._group_index(dg, q, 0.999, 64 << 20)
+    gi = backend._group_index(dg, backend._key(dg), q, 0.999, 64 << 20)
     assert gi.size < gi.total  # repeated keys (black background) are indexed once, with their count
     _, bound, _ = backend._search_block(gi, dg, q, 0.999, provenance=False)
     assert (bound <= 1e-4).double().mean() > 0.9

@@ -112,8 +112,7 @@ class ReduceState:
 
     def rows(self, start: int, stop: int) -> ReduceState:
         """A view on queries `[start, stop)`; merging into it updates this state."""
-        pick = lambda t: None if t is None else t[:, start:stop]  # noqa: E731
-        return ReduceState(pick(self.m), pick(self.l), pick(self.acc), pick(self.best), pick(self.u))
+        return self.take(rows=slice(start, stop))
 
     def merge_(self, other: ReduceState) -> ReduceState:
         """Fold `other` (disjoint entries, same queries) into this state in place; returns self."""

@@ -139,9 +139,8 @@ class TopK(Backend):
         return {name: getattr(self, name) for name in names} | {"cache_dir": self.cache_dir}
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = []
-        if faiss_or_reason()[0] is None:
-            reasons.append(faiss_or_reason()[1])
+        faiss, why = faiss_or_reason()
+        reasons = [] if faiss is not None else [why]
         if self.storage == "uint8" and dictionary.images.dtype != torch.uint8:
             reasons.append("storage='uint8' needs uint8 training images")
         return reasons
@@ -164,10 +163,11 @@ class TopK(Backend):
     def _key(self, dg: Dictionary) -> str:
         return cache_key(dg, self.index, resolve_storage(self.storage, self.index, dg.images), self.nlist)
 
-    def _group_index(self, dg: Dictionary, q: torch.Tensor, abar: float, memory_budget: int) -> GroupIndex | None:
-        """The group's index: from memory or the disk cache; else built, unless the pilot (on a few queries of
-        `q`, at noise `abar`) predicts too few queries would meet the tolerance (then None)."""
-        key = self._key(dg)
+    def _group_index(
+        self, dg: Dictionary, key: str, q: torch.Tensor, abar: float, memory_budget: int
+    ) -> GroupIndex | None:
+        """The group's index (`key`: `_key(dg)`): from memory or the disk cache; else built, unless the pilot (on
+        a few queries of `q`, at noise `abar`) predicts too few queries would meet the tolerance (then None)."""
         if key in self._indexes:
             return self._indexes[key]
         cache = self._cache_dir()
@@ -188,7 +188,7 @@ class TopK(Backend):
         """Exact top-k of a few queries by brute force over the distinct entries: would enough of them be certified?"""
         a, c = math.sqrt(abar), abar / (2.0 * (1.0 - abar)) / entries.scale**2
         rows = torch.linspace(0, q.shape[0] - 1, min(PILOT_QUERIES, q.shape[0])).round().long()
-        x = (q[rows].cpu().double()[:, entries.features] / a + entries.offset) * entries.scale
+        x = entries.to_units(q[rows].cpu().double() / a)
         U = len(entries.counts)
         k = min(self.k, U)
         best_d = torch.full((len(rows), k), torch.inf, dtype=torch.float64)
@@ -273,11 +273,11 @@ class TopK(Backend):
             if dg.size < self.min_entries:
                 whole_groups.append(g)
                 continue
-            gi = self._group_index(dg, queries[g], abar, memory_budget)
+            key = self._key(dg)
+            gi = self._group_index(dg, key, queries[g], abar, memory_budget)
             if gi is None:
                 whole_groups.append(g)
                 continue
-            key = self._key(dg)
             block = max(1, (memory_budget // 4) // max(1, self.k * (D + dictionary.value_dim) * 8))
             rows_exact = []
             for lo in range(0, M, block):

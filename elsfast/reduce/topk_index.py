@@ -108,8 +108,7 @@ class GroupIndex:
     list_sizes: torch.Tensor | None = None
 
     def to_units(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys or scaled queries `(..., D)` in [-1, 1] units -> indexed features in index units, float64."""
-        return (keys[..., self.features].double() + self.offset) * self.scale
+        return to_units(keys, self.features, self.offset, self.scale)
 
     def search(self, x: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """k nearest entries of `x` `(m, Dv)` (index units, float64): squared distances `(m, k)` (float64, index
@@ -129,6 +128,11 @@ class GroupIndex:
             x32, k, np.ascontiguousarray(probe.numpy()), np.ascontiguousarray(dq.float().numpy())
         )
         return _as_dist(d, ids), torch.from_numpy(ids), probe
+
+
+def to_units(keys: torch.Tensor, features: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
+    """Keys or scaled queries `(..., D)` in [-1, 1] units -> the indexed features in index units, float64."""
+    return (keys[..., features].double() + offset) * scale
 
 
 def _as_dist(d: np.ndarray, ids: np.ndarray) -> torch.Tensor:
@@ -221,6 +225,9 @@ class DistinctEntries:
     def unit_rows(self, start: int, stop: int) -> torch.Tensor:
         return self.keys[start:stop].float()
 
+    def to_units(self, keys: torch.Tensor) -> torch.Tensor:
+        return to_units(keys, self.features, self.offset, self.scale)
+
 
 def distinct_entries(dg: Dictionary, storage: str, *, memory_budget: int = 512 << 20) -> DistinctEntries:
     """Every entry of the one-group dictionary `dg` in index units, deduplicated (hash, then verified exactly)."""
@@ -240,12 +247,13 @@ def distinct_entries(dg: Dictionary, storage: str, *, memory_budget: int = 512 <
     step = max(1, (1 << 24) // max(1, Dv))
     bits = (lambda t: t.long()) if storage == "uint8" else (lambda t: t.view(torch.int32).long())
     hashes = torch.cat([(bits(keys[i : i + step]) * weights).sum(1) for i in range(0, n, step)])
+    first = lambda inverse, u: torch.full((u,), n).scatter_reduce_(0, inverse, torch.arange(n), "amin")  # noqa: E731
     _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
-    rep = torch.full((len(counts),), n, dtype=torch.int64).scatter_reduce_(0, inverse, torch.arange(n), "amin")
+    rep = first(inverse, len(counts))
     same = all(torch.equal(keys[i : i + step], keys[rep[inverse[i : i + step]]]) for i in range(0, n, step))
     if not same:  # a hash collision (astronomically rare): exact row-wise unique
         _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-        rep = torch.full((len(counts),), n, dtype=torch.int64).scatter_reduce_(0, inverse, torch.arange(n), "amin")
+        rep = first(inverse, len(counts))
     return DistinctEntries(keys[rep], rep, counts.double(), features, storage, scale, offset, n)
 
 
