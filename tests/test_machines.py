@@ -12,54 +12,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from problems import CASES, COMBOS, fp32_tolerance, make_problem
 from reference import reference_denoise
 
 from elsfast import ScoreMachine
-
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def fp32_tolerance(x: torch.Tensor, train: torch.Tensor, abar: float, patch_size: int, machine: str) -> float:
-    """8 * eps32 * L + 1e-6, L = max |2a q.k - a^2|k|^2| / T bounded by norms of the largest patch/image."""
-    a, T = math.sqrt(abar), 2 * (1 - abar)
-    if machine in ("is", "es"):
-        q, k = x.flatten(1).norm(dim=1).max().item(), train.flatten(1).norm(dim=1).max().item()
-    else:
-        # a patch norm is at most sqrt(P*P) times the largest per-pixel channel norm
-        scale = patch_size
-        q = scale * x.norm(dim=1).max().item()
-        k = scale * train.norm(dim=1).max().item()
-    return 8 * EPS32 * (2 * a * q * k + a * a * k * k) / T + 1e-6
-
-
-COMBOS = [
-    ("is", "zeros"),
-    ("es", "circular"),
-    ("ls", "zeros"),
-    ("ls", "circular"),
-    ("els", "zeros"),
-    ("els", "circular"),
-]
-
-
-def _problem(seed, N, C, H, W, B, abar, classes=None):
-    g = torch.Generator().manual_seed(seed)
-    train = torch.rand(N, C, H, W, generator=g) * 2 - 1
-    # noisy images as the sampler sees them: a training-like image plus noise at level abar
-    base = torch.rand(B, C, H, W, generator=g) * 2 - 1
-    x = math.sqrt(abar) * base + math.sqrt(1 - abar) * torch.randn(B, C, H, W, generator=g)
-    train_labels = labels = None
-    if classes:
-        train_labels = torch.arange(N) % classes
-        labels = torch.randint(0, classes, (B,), generator=g)
-    return train, x, train_labels, labels
-
-
-CASES = []
-for machine, padding in COMBOS:
-    for conditional in (False, True):
-        for P in (1, 3, 5) if machine in ("ls", "els") else (3,):
-            CASES.append((machine, padding, conditional, P))
 
 
 @pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
@@ -69,7 +25,7 @@ def test_matches_float64_reference(machine, padding, conditional, P, abar):
     C = 3 if P == 3 else 1
     H, W = (6, 7) if machine != "es" else (5, 6)
     B = 3 if conditional or P != 5 else 1
-    train, x, train_labels, labels = _problem(seed, 8 if machine != "es" else 5, C, H, W, B, abar, 3 * conditional)
+    train, x, train_labels, labels = make_problem(seed, 8 if machine != "es" else 5, C, H, W, B, abar, 3 * conditional)
     ref = reference_denoise(
         x.numpy(),
         train.numpy(),
@@ -105,7 +61,7 @@ def test_uint8_training_images_are_mapped():
 
 @pytest.mark.parametrize("abar", [0.05, 0.6, 0.95])
 def test_els_zeros_with_huge_patch_is_ls_is_is(abar):
-    train, x, _, _ = _problem(3, 9, 2, 5, 4, 2, abar)
+    train, x, _, _ = make_problem(3, 9, 2, 5, 4, 2, abar)
     P = 2 * 5 - 1  # >= 2 max(H, W) - 1
     kw = {"dtype": torch.float64}
     els = ScoreMachine(train, machine="els", padding="zeros", **kw).denoise(x, abar, P)
@@ -117,7 +73,7 @@ def test_els_zeros_with_huge_patch_is_ls_is_is(abar):
 
 @pytest.mark.parametrize("abar", [0.05, 0.6, 0.95])
 def test_els_circular_with_full_patch_is_es(abar):
-    train, x, _, _ = _problem(4, 6, 1, 5, 5, 3, abar)
+    train, x, _, _ = make_problem(4, 6, 1, 5, 5, 3, abar)
     els = ScoreMachine(train, machine="els", padding="circular", dtype=torch.float64).denoise(x, abar, 5)
     es = ScoreMachine(train, machine="es", padding="circular", dtype=torch.float64).denoise(x, abar)
     torch.testing.assert_close(els, es, rtol=0, atol=1e-10)
@@ -154,7 +110,7 @@ def _budget_for(make, x, abar, P, target, labels=None):
 )
 def test_chunking_does_not_change_the_result(machine, padding, conditional):
     # 14 images: 2 chunks of 7, 7 of 2, 5 unequal chunks (3,3,3,3,2), and one chunk per image
-    train, x, train_labels, labels = _problem(5, 14, 1, 6, 6, 3, 0.7)
+    train, x, train_labels, labels = make_problem(5, 14, 1, 6, 6, 3, 0.7)
     if conditional:
         train_labels = torch.zeros(14, dtype=torch.long)
         labels = torch.zeros(3, dtype=torch.long)
@@ -174,7 +130,7 @@ def test_chunking_does_not_change_the_result(machine, padding, conditional):
 
 def test_chunking_invariance_boundary_broken_conditional():
     # unequal classes (sizes 7, 5, 3) so every class splits into chunks of different sizes
-    train, x, _, _ = _problem(6, 15, 2, 7, 6, 4, 0.4)
+    train, x, _, _ = make_problem(6, 15, 2, 7, 6, 4, 0.4)
     train_labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
     labels = torch.tensor([2, 0, 1, 0])
 
@@ -191,7 +147,7 @@ def test_chunking_invariance_boundary_broken_conditional():
 
 def test_batch_elements_are_independent():
     # The stabiliser is per sample and per pixel: a sample far from everything must not change its neighbours.
-    train, x, _, _ = _problem(7, 10, 1, 6, 6, 3, 0.999)
+    train, x, _, _ = make_problem(7, 10, 1, 6, 6, 3, 0.999)
     far = x.clone()
     far[1] = 40.0
     m = ScoreMachine(train, machine="els", padding="zeros")
@@ -208,13 +164,13 @@ def test_batch_elements_are_independent():
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
 @pytest.mark.parametrize("abar", [1e-4, 0.9999])
 def test_extreme_noise_levels_are_finite(machine, padding, abar):
-    train, x, _, _ = _problem(8, 6, 1, 5, 5, 2, abar)
+    train, x, _, _ = make_problem(8, 6, 1, 5, 5, 2, abar)
     out = ScoreMachine(train, machine=machine, padding=padding).denoise(x * 50, abar, 3)
     assert torch.isfinite(out).all()
 
 
 def test_low_noise_returns_centre_of_nearest_patch():
-    train, x, _, _ = _problem(9, 7, 1, 6, 6, 2, 0.5)
+    train, x, _, _ = make_problem(9, 7, 1, 6, 6, 2, 0.5)
     P, abar = 3, 0.9999
     out = ScoreMachine(train, machine="els", padding="circular").denoise(x, abar, P)
     # brute force: nearest circular patch of a * train to each query patch
@@ -227,7 +183,7 @@ def test_low_noise_returns_centre_of_nearest_patch():
 
 
 def test_uniform_weights_at_high_noise():
-    train, x, _, _ = _problem(10, 5, 1, 4, 4, 1, 0.5)
+    train, x, _, _ = make_problem(10, 5, 1, 4, 4, 1, 0.5)
     out = ScoreMachine(train, machine="is", dtype=torch.float64).denoise(x * 1e-3, 1e-9 + 1e-12)
     torch.testing.assert_close(out[0], train.double().mean(0), rtol=0, atol=1e-6)
 

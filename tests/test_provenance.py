@@ -6,20 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from problems import COMBOS
 from reference import reference_provenance
 
 import elsfast
 from elsfast import ScoreMachine
 from elsfast.reduce import ReduceState
-
-COMBOS = [
-    ("is", "zeros"),
-    ("es", "circular"),
-    ("ls", "zeros"),
-    ("ls", "circular"),
-    ("els", "zeros"),
-    ("els", "circular"),
-]
 
 
 @pytest.mark.parametrize("conditional", [False, True])

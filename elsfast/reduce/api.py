@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import topk, torch_backend  # noqa: F401  (register the backends)
+from . import topk, torch_backend, triton_backend  # noqa: F401  (register the backends)
 from .dictionary import Dictionary
 from .registry import BackendSpec, select_backend
 

@@ -58,10 +58,26 @@ class Dictionary:
         """The one-group dictionary of group `g`."""
         return self.select_groups([g])
 
+    def pixel_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where every entry's features and values come from: `(key_offsets (G, S, D), value_offsets (G, S, E))`,
+        int64 indices into one image's flattened `C*H*W` pixels, -1 for a key feature outside the image under
+        zero padding (its value is 0). Entry s of image n of group g has key `images[n].flatten()[key_offsets[g,
+        s]]`. The fused kernels build the dictionary from these tables and the images, on the fly."""
+        raise NotImplementedError
+
     def gather(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys `(*ids.shape, D)` and values `(*ids.shape, E)` of the entries with local ids `ids` (int64,
         `image * S + s` with `image` the row in `images`) of a one-group dictionary, in `dtype`."""
-        raise NotImplementedError
+        if self.num_groups != 1:
+            raise ValueError("gather needs a one-group dictionary: use group(g)")
+        key_offsets, value_offsets = (t[0].to(self.images.device) for t in self.pixel_offsets())
+        ids = ids.to(self.images.device)
+        S = self.entries_per_image
+        pixels = self.images.reshape(self.num_images, -1)
+        image, s = (ids // S).unsqueeze(-1), ids % S
+        key_offsets = key_offsets[s]
+        keys = to_float(pixels[image, key_offsets.clamp(min=0)], dtype) * (key_offsets >= 0)
+        return keys, to_float(pixels[image, value_offsets[s]], dtype)
 
     def constant_features(self) -> torch.Tensor:
         """Bool `(D,)`: key features that hold the same value in every entry of this one-group dictionary (zero
@@ -114,41 +130,33 @@ class PatchDictionary(Dictionary):
     def select_groups(self, groups: list[int]) -> PatchDictionary:
         return replace(self, positions=self.positions[groups])
 
-    def _window(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For each position s of the (one) group, the flat pixel index of every patch feature `(S, P*P)`, whether
-        it lies inside the image `(S, P*P)`, and the feature offsets' (row, column) order matches `entries`."""
+    def _window(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each group g and position s, the flat pixel index of every patch feature `(G, S, P*P)` (in the
+        (row, column) order of `entries`) and whether it lies inside the image `(G, S, P*P)`."""
         H, W = self.images.shape[2:]
         r = self.patch_size // 2
-        pos = self.positions[0].cpu()
+        pos = self.positions.cpu()
         d = torch.arange(-r, r + 1)
-        ys = (pos // W).view(-1, 1, 1) + d.view(1, -1, 1)  # (S, P, 1)
-        xs = (pos % W).view(-1, 1, 1) + d.view(1, 1, -1)  # (S, 1, P)
-        inside = ((ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)).reshape(len(pos), -1)
+        ys = (pos // W)[..., None, None] + d.view(-1, 1)  # (G, S, P, 1)
+        xs = (pos % W)[..., None, None] + d.view(1, -1)  # (G, S, 1, P)
+        inside = ((ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)).flatten(2)
         if self.padding == "circular":
             ys, xs, inside = ys % H, xs % W, torch.ones_like(inside)
-        flat = (ys.clamp(0, H - 1) * W + xs.clamp(0, W - 1)).reshape(len(pos), -1)
-        return flat, inside, pos
+        flat = (ys.clamp(0, H - 1) * W + xs.clamp(0, W - 1)).flatten(2)
+        return flat, inside
 
-    def gather(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.num_groups != 1:
-            raise ValueError("gather needs a one-group dictionary: use group(g)")
-        n, C = self.images.shape[:2]
-        flat, inside, pos = self._window()
-        device = self.images.device
-        ids = ids.to(device)
-        S = self.entries_per_image
-        image, s = ids // S, (ids % S).cpu()
-        pixels = self.images.reshape(n, C, -1)
-        feat = flat[s].to(device)  # (*ids, P*P)
-        keys = pixels[image.unsqueeze(-1).unsqueeze(-1), torch.arange(C, device=device).view(C, 1), feat.unsqueeze(-2)]
-        keys = to_float(keys, dtype) * inside[s].to(device, dtype).unsqueeze(-2)  # (*ids, C, P*P)
-        values = to_float(
-            pixels[image.unsqueeze(-1), torch.arange(C, device=device), pos[s].to(device).unsqueeze(-1)], dtype
-        )
-        return keys.flatten(-2), values
+    def pixel_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        C, H, W = self.images.shape[1:]
+        channel = torch.arange(C).view(C, 1) * (H * W)
+        flat, inside = self._window()  # (G, S, P*P)
+        keys = torch.where(inside.unsqueeze(2), flat.unsqueeze(2) + channel, -1).flatten(2)  # (G, S, C*P*P)
+        values = self.positions.cpu().unsqueeze(-1) + channel.view(1, 1, C)  # (G, S, C)
+        return keys, values
 
     def constant_features(self) -> torch.Tensor:
-        _, inside, _ = self._window()
+        if self.num_groups != 1:
+            raise ValueError("constant_features needs a one-group dictionary: use group(g)")
+        inside = self._window()[1][0]
         if not (inside == inside[:1]).all():
             raise ValueError("the positions of this group have different borders; it is not a border class")
         return (~inside[0]).repeat(self.images.shape[1])
@@ -197,22 +205,16 @@ class ImageDictionary(Dictionary):
             raise IndexError(f"an image dictionary has one group (0), got groups {groups}")
         return self
 
-    def gather(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        n, C, H, W = self.images.shape
-        ids = ids.to(self.images.device)
+    def pixel_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        C, H, W = self.images.shape[1:]
         if not self.shifts:
-            keys = to_float(self.images.reshape(n, -1)[ids], dtype)
-            return keys, keys
-        S = H * W
-        image, shift = ids // S, ids % S
-        # translate s = (u, v) of image i is the window at (u, v) of the circular extension: pixel (y, x) of the
-        # entry is pixel ((y + u) % H, (x + v) % W) of the image
-        ys = (shift // W).unsqueeze(-1) + torch.arange(H, device=ids.device)  # (*ids, H)
-        xs = (shift % W).unsqueeze(-1) + torch.arange(W, device=ids.device)  # (*ids, W)
-        flat = (ys % H).unsqueeze(-1) * W + (xs % W).unsqueeze(-2)  # (*ids, H, W)
-        pixels = self.images.reshape(n, C, H * W)
-        keys = pixels[
-            image.view(*ids.shape, 1, 1), torch.arange(C, device=ids.device).view(C, 1), flat.flatten(-2).unsqueeze(-2)
-        ]
-        keys = to_float(keys, dtype).flatten(-2)
-        return keys, keys
+            offsets = torch.arange(C * H * W).view(1, 1, -1)
+            return offsets, offsets
+        # translate s = (u, v) of an image is the window at (u, v) of its circular extension: pixel (c, y, x) of
+        # the entry is pixel (c, (y + u) % H, (x + v) % W) of the image
+        shift = torch.arange(H * W)
+        ys = ((shift // W).view(-1, 1) + torch.arange(H)) % H  # (S, H)
+        xs = ((shift % W).view(-1, 1) + torch.arange(W)) % W  # (S, W)
+        flat = (ys.unsqueeze(-1) * W + xs.unsqueeze(-2)).flatten(1)  # (S, H*W)
+        offsets = (torch.arange(C).view(C, 1) * (H * W) + flat.unsqueeze(1)).flatten(1).unsqueeze(0)  # (1, S, C*H*W)
+        return offsets, offsets

@@ -107,8 +107,7 @@ class ReduceState:
 
     def take(self, groups: slice | torch.Tensor = slice(None), rows: slice | torch.Tensor = slice(None)) -> ReduceState:
         """The state of groups `groups` and queries `rows` (a copy when they are index tensors)."""
-        pick = lambda t: None if t is None else t[groups][:, rows]  # noqa: E731
-        return ReduceState(pick(self.m), pick(self.l), pick(self.acc), pick(self.best), pick(self.u))
+        return ReduceState(*(None if t is None else t[groups][:, rows] for t in self._fields()))
 
     def rows(self, start: int, stop: int) -> ReduceState:
         """A view on queries `[start, stop)`; merging into it updates this state."""
@@ -131,6 +130,21 @@ class ReduceState:
         self.acc.mul_(a.unsqueeze(-1)).add_(other.acc * b.unsqueeze(-1))
         self.m.copy_(m)
         return self
+
+    def fold_(self) -> ReduceState:
+        """For states stacked along a leading axis (e.g. the dictionary splits of a kernel: m `(K, G, M)`, acc
+        `(K, G, M, E)`), merge all K into one, in log2(K) vectorised `merge_` steps that reuse this state's
+        storage; returns the merged state without the leading axis."""
+        lead = lambda index: ReduceState(*(None if t is None else t[index] for t in self._fields()))  # noqa: E731
+        K = self.m.shape[0]
+        while K > 1:
+            half = K // 2
+            lead(slice(0, half)).merge_(lead(slice(K - half, K)))
+            K -= half
+        return lead(0)
+
+    def _fields(self) -> tuple[torch.Tensor | None, ...]:
+        return self.m, self.l, self.acc, self.best, self.u
 
     def finalize(self) -> torch.Tensor:
         """The softmax-weighted mean of the values, `(G, M, E)`."""

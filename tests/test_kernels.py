@@ -1,0 +1,192 @@
+"""The fused kernels (issue #3) against the float64 brute force of tests/reference.py.
+
+On a CPU the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, set in conftest.py) on small problems
+with 16 x 16 tiles, so that the sizes (6 x 7 images, 8 training images) fill no tile and the dictionary is split
+across several programs. Tolerance: the float32 bound of tests/test_machines.py (8 eps32 L + 1e-6), the same as
+the torch path's: the kernel's logits are fp32 dot products like torch's. Tests marked `gpu` repeat the comparison
+on CUDA with GPU-sized tiles and larger problems, and check the tf32 precision policy.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from problems import CASES, COMBOS, fp32_tolerance, make_problem
+from reference import reference_denoise, reference_provenance
+
+from elsfast import ScoreMachine
+from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, softmax_reduce
+from elsfast.reduce.registry import backend_from_spec, backend_spec
+from elsfast.reduce.triton_backend import TF32_MAX_LOGIT_ERROR, Triton, dot_precision
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
+
+SMALL = Triton(block_m=16, block_n=16, splits=3)
+
+
+def _reference(x, train, abar, machine, padding, P, labels=None, train_labels=None, provenance=False):
+    fn = reference_provenance if provenance else reference_denoise
+    return fn(
+        x.numpy(),
+        train.numpy(),
+        abar,
+        machine=machine,
+        padding=padding,
+        patch_size=P,
+        labels=None if labels is None else labels.numpy(),
+        train_labels=None if train_labels is None else train_labels.numpy(),
+    )
+
+
+@pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
+@pytest.mark.parametrize(("machine", "padding", "conditional", "P"), CASES)
+def test_triton_matches_float64_reference(machine, padding, conditional, P, abar):
+    seed = hash(("triton", machine, padding, conditional, P, abar)) % 2**31
+    C = 3 if P == 3 else 1
+    H, W = (6, 7) if machine != "es" else (5, 6)
+    train, x, train_labels, labels = make_problem(seed, 8 if machine != "es" else 5, C, H, W, 3, abar, 3 * conditional)
+    ref = _reference(x.double(), train.double(), abar, machine, padding, P, labels, train_labels)
+    m = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=SMALL)
+    out = m.denoise(x, abar, P, labels)
+    assert m.last_stats.backends == {"triton"}
+    err = np.abs(out.double().numpy() - ref).max()
+    assert err <= fp32_tolerance(x, train, abar, P, machine), f"max error {err:.3g}"
+
+
+@pytest.mark.parametrize(("machine", "padding"), COMBOS)
+def test_triton_provenance_matches_reference(machine, padding):
+    g = torch.Generator().manual_seed(hash(("triton-prov", machine, padding)) % 2**31)
+    train = torch.rand(6, 2, 5, 6, generator=g) * 2 - 1
+    x = torch.randn(2, 2, 5, 6, generator=g)
+    m = ScoreMachine(train, machine=machine, padding=padding, backend=SMALL)
+    out, prov = m.denoise(x, 0.6, 3, return_provenance=True)
+    ref = _reference(x.double(), train.double(), 0.6, machine, padding, 3, provenance=True)
+    got = [prov.source_image, prov.source_y, prov.source_x]
+    for name, a, b in zip(("image", "y", "x"), got, ref[:3], strict=True):
+        np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
+    np.testing.assert_allclose(prov.weight.numpy(), ref[3], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, m.denoise(x, 0.6, 3))  # tracking does not change the output
+
+
+def test_triton_uint8_images_and_image_ids():
+    g = torch.Generator().manual_seed(1)
+    train = torch.randint(0, 256, (7, 1, 6, 5), generator=g, dtype=torch.uint8)
+    x = torch.randn(2, 1, 6, 5, generator=g)
+    ref = _reference(x.double(), train.double() / 127.5 - 1, 0.9, "els", "zeros", 3)
+    m = ScoreMachine(train, backend=SMALL)
+    np.testing.assert_allclose(m.denoise(x, 0.9, 3).double().numpy(), ref, rtol=0, atol=1e-4)
+    # provenance names training images by their ids
+    d = PatchDictionary(train, patch_size=3, padding="zeros", positions=torch.arange(30).view(1, 30))
+    ids = torch.tensor([40, 41, 42, 43, 44, 45, 46])
+    q = torch.randn(1, 5, 9, generator=g)
+    want = softmax_reduce(q, d, abar=0.95, backend="torch", provenance=True).best
+    dd = PatchDictionary(train, patch_size=3, padding="zeros", positions=d.positions, image_ids=ids)
+    got = softmax_reduce(q, dd, abar=0.95, backend=SMALL, provenance=True).best
+    torch.testing.assert_close(got, ids[want // 30] * 30 + want % 30)
+
+
+@pytest.mark.parametrize("abar", [1e-4, 0.9999])
+def test_triton_extreme_noise_levels(abar):
+    train, x, _, _ = make_problem(11, 9, 1, 6, 6, 2, abar)
+    ref = _reference(x.double(), train.double(), abar, "els", "zeros", 3)
+    out = ScoreMachine(train, backend=SMALL).denoise(x, abar, 3)
+    assert torch.isfinite(out).all()
+    assert np.abs(out.double().numpy() - ref).max() <= fp32_tolerance(x, train, abar, 3, "els")
+
+
+def test_triton_splits_and_tiles_do_not_change_the_result():
+    train, x, _, _ = make_problem(12, 10, 3, 7, 5, 2, 0.7)
+    outs = [
+        ScoreMachine(train, backend=Triton(block_m=bm, block_n=bn, splits=s)).denoise(x, 0.7, 3)
+        for bm, bn, s in [(16, 16, 1), (16, 16, 7), (32, 64, 2), (64, 16, 100)]
+    ]
+    # two fp32 results, each within the fp32 bound of the exact one
+    atol = 2 * fp32_tolerance(x, train, 0.7, 3, "els")
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=atol)
+
+
+def test_triton_empty_problem():
+    d = ImageDictionary(torch.rand(3, 1, 4, 4))
+    r = softmax_reduce(torch.zeros(1, 0, 16), d, abar=0.5, backend=SMALL)
+    assert r.values.shape == (1, 0, 16)
+
+
+def test_triton_named_but_unavailable_says_why(monkeypatch):
+    d = ImageDictionary(torch.rand(3, 1, 4, 4))
+    with pytest.raises(BackendUnavailable, match="float32"):
+        softmax_reduce(torch.zeros(1, 2, 16, dtype=torch.float64), d, abar=0.5, backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        softmax_reduce(torch.zeros(1, 2, 16), d, abar=0.5, backend="triton")
+
+
+def test_auto_never_picks_the_interpreter():
+    d = ImageDictionary(torch.rand(3, 1, 4, 4))
+    assert softmax_reduce(torch.zeros(1, 2, 16), d, abar=0.5).backend == "torch"
+
+
+def test_triton_configuration_round_trips():
+    spec = backend_spec(Triton(precision="ieee", block_n=32))
+    assert backend_from_spec(json.loads(json.dumps(spec))) == Triton(precision="ieee", block_n=32)
+    with pytest.raises(ValueError, match="power of two"):
+        Triton(block_m=24)
+    with pytest.raises(ValueError, match="precision"):
+        Triton(precision="bf16")
+
+
+def test_precision_policy_uses_tf32_only_where_the_logit_error_bound_allows():
+    # P = 3, C = 3: keys of norm <= sqrt(27), noisy queries of norm about that
+    norm = math.sqrt(27)
+    for abar in (0.5, 0.9, 0.999):
+        assert dot_precision(abar, norm, norm) == "tf32x3"
+    assert dot_precision(1e-4, norm, norm) == "tf32"
+    # the switch sits where the bound crosses TF32_MAX_LOGIT_ERROR
+    for abar in np.geomspace(1e-6, 0.5, 40):
+        bound = 2.0**-10 * 2 * math.sqrt(abar) / (2 * (1 - abar)) / math.log(2) * norm * norm
+        assert (dot_precision(abar, norm, norm) == "tf32") == (bound <= TF32_MAX_LOGIT_ERROR)
+    assert dot_precision(1e-4, norm, norm, "ieee") == "ieee"
+
+
+def test_pixel_offsets_rebuild_every_dictionary():
+    g = torch.Generator().manual_seed(2)
+    images = torch.rand(3, 2, 5, 6, generator=g) * 2 - 1
+    dictionaries = [ImageDictionary(images), ImageDictionary(images, shifts=True)]
+    for padding in ("zeros", "circular"):
+        for positions in (torch.arange(30).view(30, 1), torch.arange(30).view(1, 30), torch.tensor([[0, 5], [7, 8]])):
+            dictionaries.append(PatchDictionary(images, patch_size=5, padding=padding, positions=positions))
+    for d in dictionaries:
+        keys, values = d.entries(0, 3, torch.float64)
+        key_offsets, value_offsets = d.pixel_offsets()
+        S = d.entries_per_image
+        flat = images.double().reshape(3, -1)
+        n = torch.arange(3).repeat(S)  # entry-major order: entry s of image i at s * 3 + i
+        s = torch.arange(S).repeat_interleave(3)
+        ko = key_offsets[:, s]  # (G, S*3, D)
+        rebuilt = torch.where(ko >= 0, flat[n.view(1, -1, 1), ko.clamp(min=0)], 0.0)
+        torch.testing.assert_close(rebuilt, keys, rtol=0, atol=0)
+        torch.testing.assert_close(flat[n.view(1, -1, 1), value_offsets[:, s]], values, rtol=0, atol=0)
+
+
+# --- GPU ---------------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["auto", "ieee"])
+@pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
+@pytest.mark.parametrize(("machine", "padding"), COMBOS)
+def test_triton_gpu_matches_float64(machine, padding, abar, precision):
+    train, x, _, _ = make_problem(hash((machine, padding, abar)) % 2**31, 64, 3, 16, 16, 4, abar)
+    exact = ScoreMachine(train.double(), machine=machine, padding=padding, dtype=torch.float64)
+    want = exact.denoise(x.double(), abar, 5)
+    m = ScoreMachine(train, machine=machine, padding=padding, backend=Triton(precision=precision)).to("cuda")
+    out = m.denoise(x.cuda(), abar, 5).cpu()
+    err = (out.double() - want).abs().max().item()
+    # auto may use tf32 where the logit error is at most TF32_MAX_LOGIT_ERROR bits: weights move by 2 ln2 that
+    assert err <= fp32_tolerance(x, train, abar, 5, machine) + 4 * math.log(2) * TF32_MAX_LOGIT_ERROR
