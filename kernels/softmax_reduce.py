@@ -143,37 +143,31 @@ def launch_softmax_reduce(
     images: torch.Tensor,
     key_offsets: torch.Tensor,
     value_offsets: torch.Tensor,
-    *,
     key_scale: float,
-    splits: int | None,
-    min_programs: int,
+    *,
+    splits: int,
+    entries_per_split: int,
     provenance: bool,
     dot_precision: str,
     block_m: int,
     block_n: int,
+    block_e: int,
 ) -> tuple[torch.Tensor, ...]:
     """Run `softmax_reduce_kernel`; returns the partial states `(m, l, acc, best, u)`, each with a leading
     `(splits,)` axis: m, l, u `(splits, G, M)` fp32, acc `(splits, G, M, E)` fp32, best `(splits, G, M)` int64
     local ids `n * S + s` (-1 for an empty split); best and u are None without provenance.
 
-    `splits`: dictionary splits per (query block, group, value block); None: as many as it takes to launch at
-    least `min_programs` programs (at most one split per entry tile).
+    `splits` programs per (query block, group, value block) fold `entries_per_split` consecutive entries each (a
+    multiple of `block_n`; `elsfast.reduce.partials.plan_splits`). `block_e`: values per program (>= 16).
 
     q `(G, M, D)` fp32 contiguous in bits; images `(N, C*H*W)` uint8 or fp32; key_offsets `(G, S, D)` and
-    value_offsets `(G, S, E)` int32, all on one device. `block_m`, `block_n`: tile sizes (powers of two; on a
+    value_offsets `(G, S, E)` int32, all on one device; key_scale c of the logit q.k - c |k|^2
+    (`elsfast.reduce.partials.KernelInputs`). `block_m`, `block_n`: tile sizes (powers of two; on a
     GPU at least 16, the smallest `tl.dot` shape)."""
     G, M, D = q.shape
     N = images.shape[0]
     S, E = key_offsets.shape[1], value_offsets.shape[2]
     block_d = min(128, triton.next_power_of_2(D))
-    block_e = min(64, max(16, triton.next_power_of_2(E)))
-    tiles = triton.cdiv(N * S, block_n)
-    programs = triton.cdiv(M, block_m) * G * triton.cdiv(E, block_e)
-    if splits is None:
-        splits = triton.cdiv(min_programs, programs)
-    splits = max(1, min(splits, tiles))
-    entries_per_split = triton.cdiv(tiles, splits) * block_n
-    splits = triton.cdiv(N * S, entries_per_split)
     device = q.device
     m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
     l = torch.empty_like(m)

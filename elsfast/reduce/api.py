@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import topk, torch_backend, triton_backend  # noqa: F401  (register the backends)
+from . import cuda_backend, topk, torch_backend, triton_backend  # noqa: F401  (register the backends)
 from .dictionary import Dictionary
-from .registry import BackendSpec, select_backend
+from .registry import BackendOutput, BackendSpec, select_backend
+from .state import ReduceState
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -85,13 +86,17 @@ def softmax_reduce(
     chosen = select_backend(backend, queries, dictionary, exact_only=process_group is not None)
     if process_group is not None and not chosen.EXACT:
         raise ValueError(f"backend {chosen.NAME!r} is approximate and cannot merge the shards of a sharded dictionary")
-    out = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
+    G, M, _ = queries.shape
+    if G * M == 0 or dictionary.size == 0:  # nothing to reduce (no entries: every result is 0/0, as when folded)
+        E, dtype = dictionary.value_dim, queries.dtype
+        out = BackendOutput(ReduceState.empty(G, M, E, dtype=dtype, device=queries.device, provenance=provenance), 0)
+    else:
+        out = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
     state = out.state
     if process_group is not None:
         from .distributed import all_merge_
 
         all_merge_(state, process_group)
-    G, M, _ = queries.shape
     result = Reduction(
         state.finalize(),
         chosen.NAME,

@@ -22,15 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from .dictionary import Dictionary
+from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits
 from .registry import Backend, BackendOutput, register_backend
-from .state import ReduceState
 
-__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "fold_partial_states"]
+__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound"]
 
 TF32_MAX_LOGIT_ERROR = 1e-3  # bits
 LOG2E = 1.0 / math.log(2.0)
 PRECISIONS = ("auto", "tf32", "tf32x3", "ieee")
-PROGRAMS_PER_SM = 4
 
 
 def dot_precision(abar: float, query_norm: float, key_norm: float, precision: str = "auto") -> str:
@@ -44,25 +43,6 @@ def dot_precision(abar: float, query_norm: float, key_norm: float, precision: st
     a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
     bound = 2.0**-10 * 2.0 * a / T * LOG2E * query_norm * key_norm
     return "tf32" if bound <= TF32_MAX_LOGIT_ERROR else "tf32x3"
-
-
-def fold_partial_states(
-    dictionary: Dictionary,
-    m: torch.Tensor,
-    l: torch.Tensor,
-    acc: torch.Tensor,
-    best: torch.Tensor | None,
-    u: torch.Tensor | None,
-) -> ReduceState:
-    """Merge a kernel's per-split partial states (leading axis: splits) and turn the local ids of `best`
-    (`n * S + s`, n the row in `dictionary.images`) into the dictionary's ids (`image_ids[n] * S + s`)."""
-    state = ReduceState(m, l, acc, best, u).fold_()
-    if state.best is not None and dictionary.image_ids is not None:
-        S = dictionary.entries_per_image
-        image_ids = dictionary.image_ids.to(state.best.device)
-        local = state.best.clamp(min=0)
-        state.best = torch.where(state.best >= 0, image_ids[local // S] * S + local % S, -1)
-    return state
 
 
 def key_norm_bound(dictionary: Dictionary) -> float:
@@ -117,6 +97,11 @@ class Triton(Backend):
             reasons.append("no CUDA device: CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1)")
         elif queries.device.type not in ("cpu", "cuda"):
             reasons.append(f"device {queries.device.type} is not supported")
+        if (
+            queries.device.type == "cuda"
+            and dictionary.num_groups * math.ceil(dictionary.value_dim / 64) > MAX_GRID_AXIS
+        ):
+            reasons.append(f"more than {MAX_GRID_AXIS} groups x value blocks (the CUDA grid limit)")
         return reasons
 
     def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
@@ -135,24 +120,17 @@ class Triton(Backend):
         from elsfast.kernels.softmax_reduce import launch_softmax_reduce
 
         G, M, _ = queries.shape
-        device = queries.device
-        if G * M == 0 or dictionary.size == 0:
-            E, dtype = dictionary.value_dim, torch.float32
-            return BackendOutput(ReduceState.empty(G, M, E, dtype=dtype, device=device, provenance=provenance), 0)
-        a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
-        q = (queries * (2.0 * a / T * LOG2E)).contiguous()
-        images = dictionary.images.to(device).reshape(dictionary.num_images, -1).contiguous()
-        key_offsets, value_offsets = (t.to(device, torch.int32).contiguous() for t in dictionary.pixel_offsets())
+        inputs = kernel_inputs(queries, dictionary, abar)
         precision = dot_precision(abar, float(queries.norm(dim=-1).max()), key_norm_bound(dictionary), self.precision)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        E = dictionary.value_dim
+        block_e = min(64, max(16, 1 << (E - 1).bit_length()))  # the launcher's value block
+        programs = math.ceil(M / self.block_m) * G * math.ceil(E / block_e)
+        splits, per_split = plan_splits(dictionary.size, self.block_n, programs, queries.device, self.splits)
         partial = launch_softmax_reduce(
-            q,
-            images,
-            key_offsets,
-            value_offsets,
-            key_scale=a * a / T * LOG2E,
-            splits=self.splits,
-            min_programs=PROGRAMS_PER_SM * sms,
+            *inputs,
+            splits=splits,
+            entries_per_split=per_split,
+            block_e=block_e,
             provenance=provenance,
             dot_precision=precision,
             block_m=self.block_m,

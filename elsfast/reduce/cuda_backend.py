@@ -1,0 +1,118 @@
+"""CUDA backend: the compiled extension `elsfast._cuda` (csrc/): keys gathered from the training images on the
+fly, fp32 distances and exp2 online softmax, one query per thread, dictionary split across blocks and merged
+exactly with `ReduceState.fold_`.
+
+Patch dictionaries (LS, ELS; values of at most 4 channels) on CUDA tensors, fp32. The extension is built by
+setup.py when nvcc is present; `reduce_on_host` runs the kernel's algorithm from the same source serially on the
+CPU, which is how the tests check the CUDA source without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from .dictionary import Dictionary
+from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits
+from .registry import Backend, BackendOutput, register_backend
+from .state import ReduceState
+
+__all__ = ["Cuda", "reduce_on_host"]
+
+LOG2E = 1.0 / math.log(2.0)
+MAX_VALUE_CHANNELS = 4
+
+
+def _extension():
+    """The compiled module, or the ImportError saying why it is missing."""
+    try:
+        return importlib.import_module("elsfast._cuda")
+    except ImportError as error:
+        return error
+
+
+def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance: bool, splits: int | None, host: bool):
+    ext = _extension()
+    if isinstance(ext, ImportError):
+        raise ext
+    G, M, _ = queries.shape
+    device = queries.device
+    inputs = kernel_inputs(queries, dictionary, abar)
+    programs = math.ceil(M / ext.BLOCK_Q) * G
+    splits, per_split = plan_splits(dictionary.size, ext.TILE_N, programs, device, splits)
+    E = dictionary.value_dim
+    m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
+    l, u = torch.empty_like(m), torch.empty_like(m)
+    acc = torch.empty(splits, G, M, E, dtype=torch.float32, device=device)
+    best = torch.empty(splits, G, M, dtype=torch.int64, device=device)
+    stream = 0 if host else torch.cuda.current_stream(device).cuda_stream
+    ext.reduce(
+        *(t.data_ptr() for t in (*inputs[:4], m, l, acc, best, u)),
+        G,
+        M,
+        dictionary.num_images,
+        dictionary.entries_per_image,
+        dictionary.key_dim,
+        E,
+        inputs.images.shape[1],
+        per_split,
+        splits,
+        inputs.key_scale,
+        inputs.images.dtype == torch.uint8,
+        provenance,
+        stream,
+        host,
+    )
+    return fold_partial_states(dictionary, m, l, acc, best if provenance else None, u if provenance else None)
+
+
+def reduce_on_host(
+    queries: torch.Tensor, dictionary: Dictionary, *, abar: float, provenance: bool = False, splits: int = 1
+) -> ReduceState:
+    """The CUDA kernel's algorithm (csrc/reduce.cu, `reduce_host`) run serially on CPU tensors: queries `(G, M, D)`
+    float32, a patch dictionary with uint8 or float32 images. For testing the CUDA source without a GPU."""
+    return _run(queries, dictionary, abar, provenance, splits, host=True)
+
+
+@register_backend
+class Cuda(Backend):
+    """The compiled CUDA extension (csrc/), for patch dictionaries on CUDA tensors."""
+
+    NAME = "cuda"
+    PRIORITY = 30
+
+    def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
+        reasons = []
+        ext = _extension()
+        if isinstance(ext, ImportError):
+            reasons.append(
+                f"the CUDA extension is not compiled ({ext}); reinstall with nvcc on PATH (ELSFAST_CUDA=1 makes a "
+                "failed build an error)"
+            )
+        if queries.device.type != "cuda":
+            reasons.append(f"needs CUDA tensors, queries are on {queries.device.type}")
+        if queries.dtype != torch.float32:
+            reasons.append(f"the kernel computes in float32, queries are {queries.dtype} (float64 runs on torch)")
+        if dictionary.images.dtype not in (torch.uint8, torch.float32):
+            reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
+        if dictionary.value_dim > MAX_VALUE_CHANNELS:
+            reasons.append(
+                f"values of {dictionary.value_dim} channels: the kernel holds at most {MAX_VALUE_CHANNELS} (whole-image"
+                " dictionaries, IS/ES, run on triton or torch)"
+            )
+        if dictionary.num_groups > MAX_GRID_AXIS:
+            reasons.append(f"more than {MAX_GRID_AXIS} groups (the CUDA grid limit)")
+        return reasons
+
+    def reduce(
+        self,
+        queries: torch.Tensor,
+        dictionary: Dictionary,
+        *,
+        abar: float,
+        memory_budget: int,
+        provenance: bool = False,
+    ) -> BackendOutput:
+        return BackendOutput(_run(queries, dictionary, abar, provenance, None, host=False), 1)

@@ -1,0 +1,75 @@
+"""What the fused kernels (Triton, CUDA) share: their inputs (scaled queries, images and pixel offset tables on the
+queries' device), how a group's N*S entries are split across programs, and how the per-split partial states are
+merged back exactly (`ReduceState.fold_`)."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .dictionary import Dictionary
+from .state import ReduceState
+
+__all__ = ["PROGRAMS_PER_SM", "KernelInputs", "fold_partial_states", "kernel_inputs", "plan_splits"]
+
+PROGRAMS_PER_SM = 4  # programs (thread blocks) per streaming multiprocessor that keep a GPU busy
+MAX_GRID_AXIS = 65535  # CUDA's limit on the y and z grid dimensions
+LOG2E = 1.0 / math.log(2.0)
+
+
+class KernelInputs(NamedTuple):
+    """q `(G, M, D)` fp32 queries in bits (q 2a/T log2 e); images `(N, C*H*W)`; key_offsets `(G, S, D)` and
+    value_offsets `(G, S, E)` int32 (`Dictionary.pixel_offsets`), all contiguous on the queries' device;
+    key_scale = a^2/T log2 e, so that a logit is q.k - key_scale |k|^2 bits."""
+
+    q: torch.Tensor
+    images: torch.Tensor
+    key_offsets: torch.Tensor
+    value_offsets: torch.Tensor
+    key_scale: float
+
+
+def kernel_inputs(queries: torch.Tensor, dictionary: Dictionary, abar: float) -> KernelInputs:
+    """The inputs of a fused kernel for queries `(G, M, D)` against `dictionary` at noise level `abar`."""
+    device = queries.device
+    a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
+    images = dictionary.images.to(device).reshape(dictionary.num_images, -1).contiguous()
+    key_offsets, value_offsets = (t.to(device, torch.int32).contiguous() for t in dictionary.pixel_offsets())
+    q = (queries * (2.0 * a / T * LOG2E)).contiguous()
+    return KernelInputs(q, images, key_offsets, value_offsets, a * a / T * LOG2E)
+
+
+def plan_splits(entries: int, tile: int, programs: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+    """`(splits, entries_per_split)` for a group of `entries` entries streamed in tiles of `tile`, when the other
+    grid axes launch `programs` programs: `splits` itself if given, else enough to reach `PROGRAMS_PER_SM`
+    programs per SM of a CUDA `device` (1 elsewhere); at most one split per tile, `entries_per_split` a multiple
+    of `tile`, and no split empty."""
+    tiles = math.ceil(entries / tile)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+        splits = math.ceil(PROGRAMS_PER_SM * sms / programs)
+    splits = max(1, min(splits, tiles, MAX_GRID_AXIS))
+    per_split = math.ceil(tiles / splits) * tile
+    return math.ceil(entries / per_split), per_split
+
+
+def fold_partial_states(
+    dictionary: Dictionary,
+    m: torch.Tensor,
+    l: torch.Tensor,
+    acc: torch.Tensor,
+    best: torch.Tensor | None,
+    u: torch.Tensor | None,
+) -> ReduceState:
+    """Merge a kernel's per-split partial states (leading axis: splits; m, l, u `(K, G, M)`, acc `(K, G, M, E)`)
+    and turn the local ids of `best` (`n * S + s`, n the row in `dictionary.images`) into the dictionary's ids
+    (`image_ids[n] * S + s`)."""
+    state = ReduceState(m, l, acc, best, u).fold_()
+    if state.best is not None and dictionary.image_ids is not None:
+        S = dictionary.entries_per_image
+        image_ids = dictionary.image_ids.to(state.best.device)
+        local = state.best.clamp(min=0)
+        state.best = torch.where(state.best >= 0, image_ids[local // S] * S + local % S, -1)
+    return state
