@@ -15,42 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from formulations import sdpa_denoise
 
 from elsfast import ScoreMachine
-from elsfast.patches import extract_patches, group_sets
-from elsfast.reduce import PatchDictionary
 
 pytestmark = pytest.mark.benchmark
 
 ABAR = 0.5
-QUERY_BLOCK = 256
-
-
-def sdpa_denoise(m: ScoreMachine, x: torch.Tensor, abar: float, P: int) -> torch.Tensor:
-    """The same ELS/LS evaluation as one `scaled_dot_product_attention` call per group set, with the augmented
-    keys of SPEC section 5: q' = [2a q / T, 1], k' = [k, -a^2 |k|^2 / T]. The whole dictionary is materialised;
-    queries go in blocks of `QUERY_BLOCK` because torch's CPU SDPA forms the full block x dictionary matrix
-    (all 4,608 queries at once take over 20 GB)."""
-    a, T = math.sqrt(abar), 2 * (1 - abar)
-    B, C, H, W = x.shape
-    out = torch.empty(B, C, H * W)
-    for positions in group_sets(H, W, P, m.padding, m.machine):
-        G, S = positions.shape
-        q = extract_patches(x, P, m.padding, positions).reshape(G, S * B, -1)
-        d = PatchDictionary(m.images, P, m.padding, positions)
-        k, v = d.entries(0, d.num_images, torch.float32)
-        q_aug = torch.cat([q * (2 * a / T), torch.ones(*q.shape[:2], 1)], dim=-1)
-        k_aug = torch.cat([k, -(a * a / T) * (k * k).sum(-1, keepdim=True)], dim=-1)
-        values = torch.cat(
-            [
-                F.scaled_dot_product_attention(q_aug[:, i : i + QUERY_BLOCK], k_aug, v, scale=1.0)
-                for i in range(0, q_aug.shape[1], QUERY_BLOCK)
-            ],
-            dim=1,
-        )
-        out[:, :, positions.flatten()] = values.reshape(G * S, B, C).permute(1, 2, 0)
-    return out.reshape(B, C, H, W)
 
 
 def _problem(N=1000, B=8, size=28, seed=0):
