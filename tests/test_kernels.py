@@ -10,6 +10,7 @@ The CUDA extension cannot run without a GPU; its algorithm (same source, same en
 serial instead of threads and shared memory) runs on the host through `reduce_on_host`, against the same reference.
 """
 
+import importlib.util
 import json
 import math
 
@@ -25,7 +26,9 @@ from elsfast.reduce.cuda_backend import reduce_on_host
 from elsfast.reduce.registry import BackendOutput, backend_from_spec, backend_spec
 from elsfast.reduce.triton_backend import TF32_MAX_LOGIT_ERROR, Triton, dot_precision
 
-pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="the Triton kernels need triton (pip install elsfast[triton])"
+)
 
 SMALL = Triton(block_m=16, block_n=16, splits=3)
 
@@ -52,6 +55,7 @@ def _check_weights(prov, ref, tol):
     np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=tol * (1 + ref[4].max()))
 
 
+@needs_triton
 @pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
 @pytest.mark.parametrize(("machine", "padding", "conditional", "P"), CASES)
 def test_triton_matches_float64_reference(machine, padding, conditional, P, abar):
@@ -67,6 +71,7 @@ def test_triton_matches_float64_reference(machine, padding, conditional, P, abar
     assert err <= fp32_tolerance(x, train, abar, P, machine), f"max error {err:.3g}"
 
 
+@needs_triton
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
 def test_triton_provenance_matches_reference(machine, padding):
     g = torch.Generator().manual_seed(hash(("triton-prov", machine, padding)) % 2**31)
@@ -82,6 +87,7 @@ def test_triton_provenance_matches_reference(machine, padding):
     torch.testing.assert_close(out, m.denoise(x, 0.6, 3))  # tracking does not change the output
 
 
+@needs_triton
 def test_triton_uint8_images_and_image_ids():
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (7, 1, 6, 5), generator=g, dtype=torch.uint8)
@@ -99,6 +105,7 @@ def test_triton_uint8_images_and_image_ids():
     torch.testing.assert_close(got, ids[want // 30] * 30 + want % 30)
 
 
+@needs_triton
 @pytest.mark.parametrize("abar", [1e-4, 0.9999])
 def test_triton_extreme_noise_levels(abar):
     train, x, _, _ = make_problem(11, 9, 1, 6, 6, 2, abar)
@@ -108,6 +115,7 @@ def test_triton_extreme_noise_levels(abar):
     assert np.abs(out.double().numpy() - ref).max() <= fp32_tolerance(x, train, abar, 3, "els")
 
 
+@needs_triton
 def test_triton_splits_and_tiles_do_not_change_the_result():
     train, x, _, _ = make_problem(12, 10, 3, 7, 5, 2, 0.7)
     outs = [
@@ -120,12 +128,14 @@ def test_triton_splits_and_tiles_do_not_change_the_result():
         torch.testing.assert_close(out, outs[0], rtol=0, atol=atol)
 
 
+@needs_triton
 def test_triton_empty_problem():
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     r = softmax_reduce(torch.zeros(1, 0, 16), d, abar=0.5, backend=SMALL)
     assert r.values.shape == (1, 0, 16)
 
 
+@needs_triton
 def test_triton_named_but_unavailable_says_why(monkeypatch):
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     with pytest.raises(BackendUnavailable, match="float32"):
@@ -246,6 +256,7 @@ def test_cuda_extension_checks_sizes(cuda_ext):
 gpu = pytest.mark.gpu
 
 
+@needs_triton
 @gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["auto", "ieee"])

@@ -5,6 +5,7 @@ from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
 from .state import ReduceState
 from .topk import TopK
+from .triton_backend import Triton
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET",
@@ -16,6 +17,7 @@ __all__ = [
     "ReduceState",
     "Reduction",
     "TopK",
+    "Triton",
     "backend_names",
     "backend_reasons",
     "register_backend",
