@@ -3,7 +3,9 @@ backend). Tolerances: see tests/test_machines.py."""
 
 import math
 
+import numpy as np
 import torch
+from reference import reference_denoise, reference_provenance
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -49,3 +51,19 @@ def make_problem(seed, N, C, H, W, B, abar, classes=None):
         train_labels = torch.arange(N) % classes
         labels = torch.randint(0, classes, (B,), generator=g)
     return train, x, train_labels, labels
+
+
+def reference(x, train, abar, machine, padding, P, labels=None, train_labels=None, provenance=False) -> np.ndarray:
+    """The float64 brute force of tests/reference.py on torch tensors: `reference_denoise`, or with `provenance`
+    `reference_provenance`."""
+    fn = reference_provenance if provenance else reference_denoise
+    return fn(
+        x.double().numpy(),
+        train.double().numpy(),
+        abar,
+        machine=machine,
+        padding=padding,
+        patch_size=P,
+        labels=None if labels is None else labels.numpy(),
+        train_labels=None if train_labels is None else train_labels.numpy(),
+    )

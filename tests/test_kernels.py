@@ -17,8 +17,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from problems import CASES, COMBOS, fp32_tolerance, make_problem
-from reference import reference_denoise, reference_provenance
+from problems import CASES, COMBOS, fp32_tolerance, make_problem, reference
 
 from elsfast import ScoreMachine
 from elsfast.reduce import Backend, BackendUnavailable, ImageDictionary, PatchDictionary, softmax_reduce
@@ -33,20 +32,6 @@ needs_triton = pytest.mark.skipif(
 SMALL = Triton(block_m=16, block_n=16, splits=3)
 
 
-def _reference(x, train, abar, machine, padding, P, labels=None, train_labels=None, provenance=False):
-    fn = reference_provenance if provenance else reference_denoise
-    return fn(
-        x.numpy(),
-        train.numpy(),
-        abar,
-        machine=machine,
-        padding=padding,
-        patch_size=P,
-        labels=None if labels is None else labels.numpy(),
-        train_labels=None if train_labels is None else train_labels.numpy(),
-    )
-
-
 def _check_weights(prov, ref, tol):
     """Dominant weight and entropy against the reference. An fp32 weight is off by at most a relative `tol` (the
     float32 bound of the outputs, 8 eps32 L: a logit is off by about eps32 L); the entropy -sum p ln p then moves by
@@ -58,12 +43,12 @@ def _check_weights(prov, ref, tol):
 @needs_triton
 @pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
 @pytest.mark.parametrize(("machine", "padding", "conditional", "P"), CASES)
-def test_triton_matches_float64_reference(machine, padding, conditional, P, abar):
+def test_triton_matches_float64reference(machine, padding, conditional, P, abar):
     seed = hash(("triton", machine, padding, conditional, P, abar)) % 2**31
     C = 3 if P == 3 else 1
     H, W = (6, 7) if machine != "es" else (5, 6)
     train, x, train_labels, labels = make_problem(seed, 8 if machine != "es" else 5, C, H, W, 3, abar, 3 * conditional)
-    ref = _reference(x.double(), train.double(), abar, machine, padding, P, labels, train_labels)
+    ref = reference(x, train, abar, machine, padding, P, labels, train_labels)
     m = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=SMALL)
     out = m.denoise(x, abar, P, labels)
     assert m.last_stats.backends == {"triton"}
@@ -73,13 +58,13 @@ def test_triton_matches_float64_reference(machine, padding, conditional, P, abar
 
 @needs_triton
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
-def test_triton_provenance_matches_reference(machine, padding):
+def test_triton_provenance_matchesreference(machine, padding):
     g = torch.Generator().manual_seed(hash(("triton-prov", machine, padding)) % 2**31)
     train = torch.rand(6, 2, 5, 6, generator=g) * 2 - 1
     x = torch.randn(2, 2, 5, 6, generator=g)
     m = ScoreMachine(train, machine=machine, padding=padding, backend=SMALL)
     out, prov = m.denoise(x, 0.6, 3, return_provenance=True)
-    ref = _reference(x.double(), train.double(), 0.6, machine, padding, 3, provenance=True)
+    ref = reference(x, train, 0.6, machine, padding, 3, provenance=True)
     _check_weights(prov, ref, fp32_tolerance(x, train, 0.6, 3, machine))
     got = [prov.source_image, prov.source_y, prov.source_x]
     for name, a, b in zip(("image", "y", "x"), got, ref[:3], strict=True):
@@ -92,7 +77,7 @@ def test_triton_uint8_images_and_image_ids():
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (7, 1, 6, 5), generator=g, dtype=torch.uint8)
     x = torch.randn(2, 1, 6, 5, generator=g)
-    ref = _reference(x.double(), train.double() / 127.5 - 1, 0.9, "els", "zeros", 3)
+    ref = reference(x, train.double() / 127.5 - 1, 0.9, "els", "zeros", 3)
     m = ScoreMachine(train, backend=SMALL)
     np.testing.assert_allclose(m.denoise(x, 0.9, 3).double().numpy(), ref, rtol=0, atol=1e-4)
     # provenance names training images by their ids
@@ -109,7 +94,7 @@ def test_triton_uint8_images_and_image_ids():
 @pytest.mark.parametrize("abar", [1e-4, 0.9999])
 def test_triton_extreme_noise_levels(abar):
     train, x, _, _ = make_problem(11, 9, 1, 6, 6, 2, abar)
-    ref = _reference(x.double(), train.double(), abar, "els", "zeros", 3)
+    ref = reference(x, train, abar, "els", "zeros", 3)
     out = ScoreMachine(train, backend=SMALL).denoise(x, abar, 3)
     assert torch.isfinite(out).all()
     assert np.abs(out.double().numpy() - ref).max() <= fp32_tolerance(x, train, abar, 3, "els")
@@ -211,12 +196,12 @@ def cuda_ext():
 
 @pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
 @pytest.mark.parametrize(("machine", "padding", "conditional", "P"), [c for c in CASES if c[0] in ("ls", "els")])
-def test_cuda_source_matches_float64_reference(cuda_ext, machine, padding, conditional, P, abar):
+def test_cuda_source_matches_float64reference(cuda_ext, machine, padding, conditional, P, abar):
     seed = hash(("cuda", machine, padding, conditional, P, abar)) % 2**31
     C = 3 if P == 3 else 1
     # 45 training images: 45 * S entries fill no 32-entry tile; 9 x 7 pixels, 3 images: 189 queries, 1.5 blocks
     train, x, train_labels, labels = make_problem(seed, 45, C, 9, 7, 3, abar, 3 * conditional)
-    ref = _reference(x.double(), train.double(), abar, machine, padding, P, labels, train_labels)
+    ref = reference(x, train, abar, machine, padding, P, labels, train_labels)
     out = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=CudaOnHost())
     err = np.abs(out.denoise(x, abar, P, labels).double().numpy() - ref).max()
     assert err <= fp32_tolerance(x, train, abar, P, machine), f"max error {err:.3g}"
@@ -230,8 +215,8 @@ def test_cuda_source_provenance_uint8_and_long_keys(cuda_ext, padding):
     x = torch.randn(2, 3, 8, 9, generator=g)
     m = ScoreMachine(train, padding=padding, backend=CudaOnHost())
     out, prov = m.denoise(x, 0.8, 7, return_provenance=True)
-    ref = _reference(x.double(), train.double() / 127.5 - 1, 0.8, "els", padding, 7, provenance=True)
-    want = _reference(x.double(), train.double() / 127.5 - 1, 0.8, "els", padding, 7)
+    ref = reference(x, train.double() / 127.5 - 1, 0.8, "els", padding, 7, provenance=True)
+    want = reference(x, train.double() / 127.5 - 1, 0.8, "els", padding, 7)
     tol = fp32_tolerance(x, train.float() / 127.5 - 1, 0.8, 7, "els")
     assert np.abs(out.double().numpy() - want).max() <= tol
     _check_weights(prov, ref, tol)

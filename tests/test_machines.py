@@ -12,8 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from problems import CASES, COMBOS, fp32_tolerance, make_problem
-from reference import reference_denoise
+from problems import CASES, COMBOS, fp32_tolerance, make_problem, reference
 
 from elsfast import ScoreMachine
 
@@ -26,16 +25,7 @@ def test_matches_float64_reference(machine, padding, conditional, P, abar):
     H, W = (6, 7) if machine != "es" else (5, 6)
     B = 3 if conditional or P != 5 else 1
     train, x, train_labels, labels = make_problem(seed, 8 if machine != "es" else 5, C, H, W, B, abar, 3 * conditional)
-    ref = reference_denoise(
-        x.numpy(),
-        train.numpy(),
-        abar,
-        machine=machine,
-        padding=padding,
-        patch_size=P,
-        labels=None if labels is None else labels.numpy(),
-        train_labels=None if train_labels is None else train_labels.numpy(),
-    )
+    ref = reference(x, train, abar, machine, padding, P, labels, train_labels)
     for dtype, atol in [
         (torch.float64, 1e-9),
         (torch.float32, fp32_tolerance(x, train, abar, P, machine)),

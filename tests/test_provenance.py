@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from problems import COMBOS
-from reference import reference_provenance
+from problems import COMBOS, reference
 
 import elsfast
 from elsfast import ScoreMachine
@@ -27,16 +26,7 @@ def test_provenance_matches_reference(machine, padding, abar, conditional):
     m = ScoreMachine(train, train_labels, machine=machine, padding=padding, dtype=torch.float64, memory_budget=1)
     out, prov = m.denoise(x, abar, 3, labels, return_provenance=True)
     torch.testing.assert_close(out, m.denoise(x, abar, 3, labels))  # tracking does not change the output
-    ref = reference_provenance(
-        x.numpy(),
-        train.numpy(),
-        abar,
-        machine=machine,
-        padding=padding,
-        patch_size=3,
-        labels=None if labels is None else labels.numpy(),
-        train_labels=None if train_labels is None else train_labels.numpy(),
-    )
+    ref = reference(x, train, abar, machine, padding, 3, labels, train_labels, provenance=True)
     got = [prov.source_image, prov.source_y, prov.source_x]
     for name, a, b in zip(("image", "y", "x"), got, ref[:3], strict=True):
         np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
