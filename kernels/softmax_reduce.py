@@ -18,7 +18,8 @@ queries; the partial states are merged exactly on the host (`ReduceState.merge_`
 
 Precision. Accumulation is fp32. The distance dot runs at `DOT_PRECISION`: "tf32" (tensor cores, 10-bit
 mantissa) only where the logit scale allows it (see `elsfast.reduce.triton_backend.dot_precision`), otherwise
-"tf32x3" (three tf32 products, fp32-accurate) or "ieee". The interpreter (TRITON_INTERPRET=1) computes every dot
+"tf32x3" (three tf32 products, fp32-accurate) or "ieee". The weighted value sum always runs fp32-accurate
+("tf32x3", or "ieee" when the distances do). The interpreter (TRITON_INTERPRET=1) computes every dot
 in exact fp32 whatever the setting. Offsets into the images and the outputs are 64-bit.
 
 Differences from the torch backend: the same state and the same entry order within a split, one pass instead of
@@ -57,6 +58,7 @@ def softmax_reduce_kernel(
     IS_UINT8: tl.constexpr,
     PROVENANCE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    VALUE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -124,7 +126,7 @@ def softmax_reduce_kernel(
         v = tl.load(image[:, None] + voff, mask=j_ok[:, None] & e_ok[None, :], other=0).to(tl.float32)
         if IS_UINT8:
             v = v / 127.5 - 1.0
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=VALUE_PRECISION)
         m_i = m_new
 
     out = (split.to(tl.int64) * G + g) * M + rows
@@ -167,7 +169,7 @@ def launch_softmax_reduce(
     G, M, D = q.shape
     N = images.shape[0]
     S, E = key_offsets.shape[1], value_offsets.shape[2]
-    block_d = min(128, triton.next_power_of_2(D))
+    block_d = min(128, max(16, triton.next_power_of_2(D)))  # a GPU tl.dot needs K >= 16
     device = q.device
     m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
     l = torch.empty_like(m)
@@ -197,6 +199,7 @@ def launch_softmax_reduce(
         IS_UINT8=images.dtype == torch.uint8,
         PROVENANCE=provenance,
         DOT_PRECISION=dot_precision,
+        VALUE_PRECISION="ieee" if dot_precision == "ieee" else "tf32x3",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
