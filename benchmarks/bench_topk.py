@@ -30,8 +30,14 @@ EXACT_IMAGES = int(os.environ.get("ELSFAST_BENCH_EXACT", 1))
 BATCH = 16
 
 
+@pytest.fixture(scope="module")
+def index_cache(tmp_path_factory) -> str:
+    """One index cache for both noise levels (the indexes depend on the data and P only)."""
+    return os.environ.get("ELSFAST_BENCH_CACHE", str(tmp_path_factory.mktemp("indexes")))
+
+
 @pytest.mark.parametrize("abar", [0.99, 0.999])
-def test_topk_full_mnist(benchmark, abar, tmp_path_factory):
+def test_topk_full_mnist(benchmark, abar, index_cache):
     pytest.importorskip("faiss", reason="the top-k backend needs faiss")
     if not (DATA / "mnist").is_dir():
         pytest.skip(f"MNIST not found under {DATA} (set ELSFAST_DATA)")
@@ -41,8 +47,7 @@ def test_topk_full_mnist(benchmark, abar, tmp_path_factory):
     x0 = test.float() / 127.5 - 1
     x = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * torch.randn(x0.shape, generator=g)
 
-    cache = os.environ.get("ELSFAST_BENCH_CACHE", str(tmp_path_factory.mktemp("indexes")))
-    backend = TopK(min_entries=1 << 20, cache_dir=cache)
+    backend = TopK(min_entries=1 << 20, cache_dir=index_cache)
     topk = ScoreMachine(train, backend=backend)
     started = time.perf_counter()
     topk.denoise(x[:1], abar, 3)  # builds (or loads) the indexes of the large groups
