@@ -13,6 +13,9 @@ serial instead of threads and shared memory) runs on the host through `reduce_on
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -142,6 +145,43 @@ def test_triton_configuration_round_trips():
         Triton(block_m=24)
     with pytest.raises(ValueError, match="precision"):
         Triton(precision="bf16")
+
+
+COMPILE_FOR_GPUS = """
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from elsfast.kernels.softmax_reduce import softmax_reduce_kernel
+
+args = dict(q_ptr="*fp32", img_ptr="*u8", koff_ptr="*i32", voff_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
+            acc_ptr="*fp32", best_ptr="*i64", u_ptr="*fp32", G="i32", M="i32", N="i32", S="i32", D="i32", E="i32",
+            pixels_per_image="i32", entries_per_split="i32", key_scale="fp32")
+variants = [  # (images, provenance, distance precision, BLOCK_D, BLOCK_E, SM)
+    ("*u8", True, "tf32x3", 16, 16, 90), ("*fp32", False, "tf32", 32, 16, 90),
+    ("*u8", False, "ieee", 128, 64, 80), ("*fp32", True, "tf32x3", 128, 64, 80),
+]
+for images, provenance, precision, block_d, block_e, sm in variants:
+    const = dict(IS_UINT8=images == "*u8", PROVENANCE=provenance, DOT_PRECISION=precision,
+                 VALUE_PRECISION="ieee" if precision == "ieee" else "tf32x3", BLOCK_M=64, BLOCK_N=64,
+                 BLOCK_D=block_d, BLOCK_E=block_e)
+    signature = {**args, "img_ptr": images, **{name: "constexpr" for name in const}}
+    out = triton.compile(ASTSource(softmax_reduce_kernel, signature, const), target=GPUTarget("cuda", sm, 32))
+    assert len(out.asm["cubin"]) > 0
+    print("sm", sm, images, provenance, precision, block_d, block_e, "compiled; shared memory", out.metadata.shared)
+"""
+
+
+@needs_triton
+def test_triton_kernel_compiles_for_gpus():
+    """The interpreter does not check what only a GPU compile does (tl.dot shapes, types, precisions): compile the
+    kernel to sm_80 and sm_90 cubins ahead of time, without a GPU, in a process without TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_GPUS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("compiled") == 4
 
 
 def test_precision_policy_uses_tf32_only_where_the_logit_error_bound_allows():
