@@ -1,6 +1,11 @@
 """Build script. Metadata lives in pyproject.toml; this file holds what setuptools can only describe in code:
-the Triton kernels of the top-level `kernels/` folder, installed as `elsfast.kernels`, and the CUDA extension
-`elsfast._cuda` of `csrc/`.
+the Triton kernels of the top-level `kernels/` folder, installed as `elsfast.kernels`, and the two compiled
+extensions of `csrc/`: the CPU kernel `elsfast._cpu` and the CUDA extension `elsfast._cuda`.
+
+The CPU extension is C++ with OpenMP, bound with pybind11 (raw pointers, no torch at build time); its AVX2 + FMA
+code is compiled for that target function by function, so the module loads on any x86-64 CPU and says whether it
+can run. `ELSFAST_CPU`: unset: build it, and if that fails warn and install without it; 1: fail the install if it
+cannot be built; 0: do not build it.
 
 The CUDA extension is a standalone nvcc + pybind11 module (raw device pointers and the stream; no torch at build
 time, independent of the torch ABI, see ../shared/TOOLCHAIN.md). `ELSFAST_CUDA`:
@@ -61,6 +66,25 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+def cpu_extensions() -> list[Extension]:
+    mode = os.environ.get("ELSFAST_CPU", "")
+    if mode == "0":
+        return []
+    import pybind11
+
+    return [
+        Extension(
+            "elsfast._cpu",
+            sources=["csrc/cpu_bindings.cpp", "csrc/cpu_reduce.cpp"],
+            include_dirs=[pybind11.get_include(), "csrc"],
+            extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
+            extra_link_args=["-fopenmp"],
+            language="c++",
+            optional=mode != "1",
+        )
+    ]
+
+
 def cuda_extensions() -> list[Extension]:
     mode = os.environ.get("ELSFAST_CUDA", "")
     if mode == "0" or (mode != "1" and find_nvcc() is None):
@@ -83,6 +107,6 @@ def cuda_extensions() -> list[Extension]:
 setup(
     packages=[*find_packages(include=["elsfast", "elsfast.*"]), "elsfast.kernels"],
     package_dir={"elsfast.kernels": "kernels"},
-    ext_modules=cuda_extensions(),
+    ext_modules=cpu_extensions() + cuda_extensions(),
     cmdclass={"build_ext": BuildExt},
 )

@@ -6,7 +6,7 @@ Importing elsfast imports nothing optional (no Triton, FAISS or compiled extensi
 from . import creativity, datasets, schedules
 from .machine import MACHINES, ScoreMachine
 from .provenance import Provenance
-from .reduce import TopK, Triton, backend_names, softmax_reduce
+from .reduce import Cpu, TopK, Triton, backend_names, softmax_reduce
 from .sampling import SampleTrace, ddim_sample, sample
 from .scales import reference_scales
 
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MACHINES",
+    "Cpu",
     "Provenance",
     "SampleTrace",
     "ScoreMachine",

@@ -1,6 +1,7 @@
 """The softmax-over-dictionary core: one function (`softmax_reduce`), many backends."""
 
 from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
+from .cpu_backend import Cpu
 from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
 from .state import ReduceState
@@ -11,6 +12,7 @@ __all__ = [
     "DEFAULT_MEMORY_BUDGET",
     "Backend",
     "BackendUnavailable",
+    "Cpu",
     "Dictionary",
     "ImageDictionary",
     "PatchDictionary",

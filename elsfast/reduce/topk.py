@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
-from .registry import Backend, BackendOutput, register_backend
+from .registry import Backend, BackendOutput, register_backend, select_backend
 from .state import ReduceState
 from .topk_index import (
     KINDS,
@@ -45,12 +45,20 @@ from .topk_index import (
     resolve_storage,
     save_cached,
 )
-from .torch_backend import LOG2E, TorchBackend
+from .torch_backend import LOG2E
 
 __all__ = ["TopK", "neglected_bound"]
 
 PILOT_QUERIES = 16
 SEARCH_SLACK = 4e-5  # relative rounding margin of FAISS's float32 squared distances
+
+
+def _exact_reduce(
+    queries: torch.Tensor, dictionary: Dictionary, abar: float, memory_budget: int, provenance: bool
+) -> BackendOutput:
+    """The queries top-k does not answer, on the fastest exact backend that can run them (`auto`, exact only)."""
+    backend = select_backend("auto", queries, dictionary, exact_only=True)
+    return backend.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
 
 
 def neglected_bound(
@@ -266,7 +274,7 @@ class TopK(Backend):
         dtype, device = queries.dtype, queries.device
         state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device, provenance=provenance)
         neglected = torch.zeros(G, M, dtype=torch.float64)
-        exact, chunks, approximate = TorchBackend(), 0, 0
+        chunks, approximate = 0, 0
         whole_groups: list[int] = []  # groups that run exactly, all together
         for g in range(G):
             dg = dictionary.group(g)
@@ -294,15 +302,12 @@ class TopK(Backend):
             if self.tolerance is not None and len(rows_exact) > M * (1 - self.min_pass_fraction):
                 self._failed_abar[key] = max(abar, self._failed_abar.get(key, 0.0))
             if len(rows_exact):
-                out = exact.reduce(queries[g : g + 1, rows_exact], dg, abar=abar, memory_budget=memory_budget,
-                                   provenance=provenance)  # fmt: skip
+                out = _exact_reduce(queries[g : g + 1, rows_exact], dg, abar, memory_budget, provenance)
                 state.assign_(g, rows_exact, out.state)
                 chunks += out.chunks
         if whole_groups:
             sub = dictionary.select_groups(whole_groups)
-            out = exact.reduce(
-                queries[whole_groups], sub, abar=abar, memory_budget=memory_budget, provenance=provenance
-            )
+            out = _exact_reduce(queries[whole_groups], sub, abar, memory_budget, provenance)
             for i, g in enumerate(whole_groups):
                 state.assign_(g, torch.arange(M, device=device), out.state.take(groups=slice(i, i + 1)))
             chunks += out.chunks

@@ -1,0 +1,46 @@
+// elsfast._cpu: the fused patch-softmax reduction for x86-64 CPUs with AVX2 + FMA or AVX-512 (SPEC section 5),
+// sibling of the CUDA kernel in reduce.cu. See csrc/README.md for what it computes, its tiling and its limits.
+#pragma once
+
+#include <cstdint>
+
+namespace elsfast {
+namespace cpu {
+
+constexpr int kTileN = 256;  // dictionary entries per packed key tile (panels of two vectors' width)
+constexpr int kStripe = 6;   // queries per micro-kernel call (6 x 2 vectors of logits in 12 registers)
+constexpr int kBlockQ = 96;  // queries per work unit (16 stripes)
+constexpr int kMaxE = 4;     // value channels (patch dictionaries: the centre pixel's C channels)
+constexpr int kIsaAvx2 = 0;    // 8-lane AVX2 + FMA
+constexpr int kIsaAvx512 = 1;  // 16-lane AVX-512F
+
+// One reduction over host memory. Entry j of a group is image n = j % N at position s = j / N (entry-major, as in
+// the torch, Triton and CUDA backends), so that ties between equal logits resolve to the same entry everywhere.
+struct Args {
+  const float* q;                // (G, M, D) queries scaled to bits: q 2a/T log2(e)
+  const void* images;            // (N, pixels_per_image) uint8 (mapped to [-1, 1]) or float32
+  const int32_t* key_offsets;    // (G, S, D) pixel offsets into an image, -1 = zero padding
+  const int32_t* value_offsets;  // (G, S, E)
+  float* m;                      // (splits, G, M) out: running max, bits
+  float* l;                      // (splits, G, M) out: sum of 2^(s - m)
+  float* acc;                    // (splits, G, M, E) out: sum of 2^(s - m) v
+  int64_t* best;                 // (splits, G, M) out: local id n * S + s of the largest logit (provenance)
+  float* u;                      // (splits, G, M) out: sum of 2^(s - m) (s - m) (provenance)
+  int64_t G, M, N, S, D, E, pixels_per_image;
+  int64_t splits;  // partial states per query: tile t of a chunk folds into split t % splits
+  int64_t tiles_per_chunk;  // key tiles packed at once and shared by all threads
+  float key_scale;          // a^2/T log2(e): logit s = q.k - key_scale |k|^2
+  bool uint8;
+  bool provenance;
+  int threads;
+  int isa;  // kIsaAvx2 or kIsaAvx512; the results agree to fp32 rounding
+};
+
+// True when this CPU runs the code of `isa` (checked at run time; the module itself is built for any x86-64).
+bool supported(int isa);
+
+// Fold every group's dictionary into `splits` partial states per query. Call only when supported(args.isa).
+void reduce(const Args& args);
+
+}  // namespace cpu
+}  // namespace elsfast

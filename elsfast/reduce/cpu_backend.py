@@ -1,0 +1,152 @@
+"""CPU backend: the compiled kernel `elsfast._cpu` (csrc/cpu_reduce.cpp): keys packed from the training images chunk
+by chunk, a register-tiled AVX2 + FMA or AVX-512 distance micro-kernel fused with a vectorised exp2 online softmax
+(fp32 logits, fp64 running sums), OpenMP threads over query blocks and dictionary splits, the per-split states
+merged exactly with `ReduceState.fold_`.
+
+Patch dictionaries (LS, ELS; values of at most 4 channels) on CPU tensors, float32, on x86-64 CPUs with AVX2 and
+FMA (AVX-512F where the CPU has it). Built by setup.py wherever a C++ compiler with OpenMP is found
+(`ELSFAST_CPU=1` makes a failed build an error, `0` skips it). IS, ES and float64 run on the torch backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .dictionary import Dictionary
+from .partials import fold_partial_states, kernel_inputs
+from .registry import Backend, BackendOutput, register_backend
+
+__all__ = ["Cpu"]
+
+MAX_VALUE_CHANNELS = 4
+CHUNK_BYTES = 2 << 20  # packed key tiles shared by all threads: about an L2/L3 slice
+MAX_SPLITS = 64
+ISAS = ("auto", "avx2", "avx512")
+
+
+def _extension():
+    """The compiled module, or the ImportError saying why it is missing."""
+    try:
+        return importlib.import_module("elsfast._cpu")
+    except ImportError as error:
+        return error
+
+
+def plan(dictionary: Dictionary, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
+    """`(splits, tiles_per_chunk)` for `M` queries a group: enough work units (query blocks x splits) for two per
+    thread, at most one split per key tile; chunks of packed tiles of about `CHUNK_BYTES` (at most a quarter of
+    the budget)."""
+    ext = _extension()
+    tiles = math.ceil(dictionary.size / ext.TILE_N)
+    blocks = math.ceil(M / ext.BLOCK_Q)
+    splits = max(1, min(MAX_SPLITS, tiles, math.ceil(2 * threads / blocks)))
+    tile_bytes = ext.TILE_N * (4 * (dictionary.key_dim + dictionary.value_dim + 1) + 8)
+    per_chunk = max(1, min(tiles, min(CHUNK_BYTES, memory_budget // 4) // tile_bytes))
+    return splits, per_chunk
+
+
+@register_backend
+@dataclass(frozen=True)
+class Cpu(Backend):
+    """The compiled CPU kernel (csrc/cpu_reduce.cpp), for patch dictionaries on CPU tensors.
+
+    Args:
+        splits: partial states per query (key tile t of a chunk folds into split t % splits); None: enough work
+            units for two per thread (`torch.get_num_threads()`).
+        tiles_per_chunk: key tiles of 256 entries packed at once and shared by the threads; None: about 2 MB.
+        isa: "auto" (the widest this CPU runs: AVX-512 over AVX2), "avx2" or "avx512".
+    """
+
+    splits: int | None = None
+    tiles_per_chunk: int | None = None
+    isa: str = "auto"
+
+    NAME = "cpu"
+    PRIORITY = 60  # after topk (50), which `auto` takes only for huge dictionaries; before torch (100)
+
+    def __post_init__(self) -> None:
+        for name in ("splits", "tiles_per_chunk"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.isa not in ISAS:
+            raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {self.isa!r}")
+
+    def options(self) -> dict:
+        return {"splits": self.splits, "tiles_per_chunk": self.tiles_per_chunk, "isa": self.isa}
+
+    def _isa(self, ext) -> str | None:
+        """The instruction set to run with, or None when this CPU has none that `isa` allows."""
+        available = ext.isas()
+        if self.isa == "auto":
+            return available[-1] if available else None
+        return self.isa if self.isa in available else None
+
+    def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
+        reasons = []
+        ext = _extension()
+        if isinstance(ext, ImportError):
+            reasons.append(
+                f"the CPU extension is not compiled ({ext}); reinstall with a C++ compiler with OpenMP "
+                "(ELSFAST_CPU=1 makes a failed build an error)"
+            )
+        elif self._isa(ext) is None:
+            wanted = "AVX2 + FMA" if self.isa in ("auto", "avx2") else "AVX-512F"
+            reasons.append(f"this CPU lacks {wanted}, which the kernel needs (it has: {ext.isas() or 'neither'})")
+        if queries.device.type != "cpu":
+            reasons.append(f"needs CPU tensors, queries are on {queries.device.type}")
+        if queries.dtype != torch.float32:
+            reasons.append(f"the kernel computes in float32, queries are {queries.dtype} (float64 runs on torch)")
+        if dictionary.images.dtype not in (torch.uint8, torch.float32):
+            reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
+        if dictionary.value_dim > MAX_VALUE_CHANNELS:
+            reasons.append(
+                f"values of {dictionary.value_dim} channels: the kernel holds at most {MAX_VALUE_CHANNELS} (whole-image"
+                " dictionaries, IS/ES, run on torch)"
+            )
+        return reasons
+
+    def reduce(
+        self,
+        queries: torch.Tensor,
+        dictionary: Dictionary,
+        *,
+        abar: float,
+        memory_budget: int,
+        provenance: bool = False,
+    ) -> BackendOutput:
+        ext = _extension()
+        G, M, _ = queries.shape
+        threads = torch.get_num_threads()
+        splits, per_chunk = plan(dictionary, M, threads, memory_budget)
+        splits, per_chunk = self.splits or splits, self.tiles_per_chunk or per_chunk
+        inputs = kernel_inputs(queries, dictionary, abar)
+        E = dictionary.value_dim
+        m = torch.empty(splits, G, M, dtype=torch.float32)
+        l, u = torch.empty_like(m), torch.empty_like(m)
+        acc = torch.empty(splits, G, M, E, dtype=torch.float32)
+        best = torch.empty(splits, G, M, dtype=torch.int64)
+        ext.reduce(
+            *(t.data_ptr() for t in (*inputs[:4], m, l, acc, best, u)),
+            G,
+            M,
+            dictionary.num_images,
+            dictionary.entries_per_image,
+            dictionary.key_dim,
+            E,
+            inputs.images.shape[1],
+            splits,
+            per_chunk,
+            inputs.key_scale,
+            inputs.images.dtype == torch.uint8,
+            provenance,
+            threads,
+            self._isa(ext),
+        )
+        state = fold_partial_states(dictionary, m, l, acc, best if provenance else None, u if provenance else None)
+        chunks = G * math.ceil(math.ceil(dictionary.size / ext.TILE_N) / per_chunk)
+        return BackendOutput(state, chunks)
