@@ -76,6 +76,7 @@ def cpu_extensions() -> list[Extension]:
         Extension(
             "elsfast._cpu",
             sources=["csrc/cpu_bindings.cpp", "csrc/cpu_reduce.cpp"],
+            depends=["csrc/cpu_reduce.h", "csrc/cpu_kernel.inc"],
             include_dirs=[pybind11.get_include(), "csrc"],
             extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
             extra_link_args=["-fopenmp"],
@@ -95,6 +96,7 @@ def cuda_extensions() -> list[Extension]:
         Extension(
             "elsfast._cuda",
             sources=["csrc/bindings.cpp"],
+            depends=["csrc/reduce.h", *CUDA_SOURCES],
             include_dirs=[pybind11.get_include(), "csrc"],
             libraries=["cudart_static", "dl", "rt", "pthread"],
             extra_compile_args=["-O3", "-std=c++17"],

@@ -223,14 +223,15 @@ def test_auto_uses_topk_only_for_large_dictionaries(digits, monkeypatch):
     positions = elsfast.patches.group_sets(16, 16, 3, "zeros", "els")[0]
     dictionary = PatchDictionary(digits[:100], 3, "zeros", positions)
     q = torch.zeros(1, 4, 9)
-    exact = select_backend("auto", q, dictionary, exact_only=True).NAME  # cpu where compiled, else torch
+    chosen = lambda **kw: select_backend("auto", q, dictionary, **kw).NAME  # noqa: E731
+    exact = chosen(exact_only=True)  # cpu where compiled, else torch
     assert exact in ("cpu", "torch")
-    assert select_backend("auto", q, dictionary).NAME == exact  # default min_entries: 4M entries
+    assert chosen() == exact  # default min_entries: 4M entries
     monkeypatch.setitem(_REGISTRY, "topk", TopK(k=16, nlist=16, **SMALL))
-    assert select_backend("auto", q, dictionary).NAME == "topk"
-    assert select_backend("auto", q, dictionary, exact_only=True).NAME == exact
+    assert chosen() == "topk"
+    assert chosen(exact_only=True) == exact
     monkeypatch.setitem(_REGISTRY, "topk", TopK(k=16, tolerance=None, **SMALL))
-    assert select_backend("auto", q, dictionary).NAME == exact  # uncertified: never chosen by auto
+    assert chosen() == exact  # uncertified: never chosen by auto
     x = elsfast.patches.extract_patches(noisy(digits[100:102], 0.999).float(), 3, "zeros", positions)
     x = x.reshape(1, -1, 9)
     monkeypatch.setitem(_REGISTRY, "topk", TopK(k=128, nlist=16, **SMALL))

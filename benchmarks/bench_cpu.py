@@ -1,0 +1,92 @@
+"""The compiled CPU kernel (`backend="cpu"`, csrc/cpu_reduce.cpp) against the torch path: one ELS evaluation
+(zero padding) of 2 noisy digits against 1,000 MNIST training digits padded to 32x32, at P = 3, 7, 11, 15, for
+the torch path and every instruction set the CPU runs the kernel with. Reports pairs/s, the ratio to the torch
+path measured in the same test, and the largest deviation of each from a float64 evaluation.
+
+Uses real MNIST (`../shared/data` or `$ELSFAST_DATA`) when present, else 1,000 random images (recorded in the
+result as `data`).
+
+Run:  pytest benchmarks/bench_cpu.py -m benchmark --benchmark-only --benchmark-enable \
+          --benchmark-json=benchmarks/results/cpu-kernel.json
+"""
+
+import math
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from elsfast import Cpu, ScoreMachine, datasets
+
+pytestmark = pytest.mark.benchmark
+
+DATA = Path(os.environ.get("ELSFAST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+ABAR = 0.5
+ROUNDS = 3
+
+
+def _isas() -> list[str]:
+    try:
+        import elsfast._cpu as ext
+    except ImportError:
+        return []
+    return ext.isas()
+
+
+@pytest.fixture(scope="module")
+def problem():
+    g = torch.Generator().manual_seed(0)
+    if (DATA / "mnist").is_dir():
+        train = datasets.load("mnist", root=DATA, pad_to=32, limit=1000).images
+        clean = datasets.load("mnist", split="test", root=DATA, pad_to=32, limit=2).images.float() / 127.5 - 1
+        data = "mnist"
+    else:
+        train = (torch.rand(1000, 1, 32, 32, generator=g) * 255).to(torch.uint8)
+        clean = torch.rand(2, 1, 32, 32, generator=g) * 2 - 1
+        data = "random"
+    x = math.sqrt(ABAR) * clean + math.sqrt(1 - ABAR) * torch.randn(clean.shape, generator=g)
+    return train, x, data
+
+
+def _median_seconds(m: ScoreMachine, x: torch.Tensor, P: int) -> float:
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        m.denoise(x, ABAR, P)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("P", [3, 7, 11, 15])
+def test_cpu_kernel_vs_torch(benchmark, problem, P, isa):
+    if isa not in _isas():
+        pytest.skip(f"the CPU kernel is not compiled or this CPU does not run {isa}")
+    train, x, data = problem
+    benchmark.group = f"mnist1000-els-p{P}"
+    exact = ScoreMachine(train, backend="torch", dtype=torch.float64).denoise(x.double(), ABAR, P)
+    torch_path = ScoreMachine(train, backend="torch")
+    torch_path.denoise(x, ABAR, P)  # warm-up
+    torch_s = _median_seconds(torch_path, x, P)
+    torch_dev = float((torch_path.denoise(x, ABAR, P).double() - exact).abs().max())
+
+    m = ScoreMachine(train, backend=Cpu(isa=isa))
+    out = m.denoise(x, ABAR, P)
+    pairs = m.last_stats.pairs
+    benchmark.pedantic(m.denoise, args=(x, ABAR, P), rounds=ROUNDS, iterations=1)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        data=data,
+        patch_size=P,
+        isa=isa,
+        threads=torch.get_num_threads(),
+        pairs=pairs,
+        pairs_per_s=pairs / seconds,
+        torch_seconds=torch_s,
+        torch_pairs_per_s=pairs / torch_s,
+        speedup_vs_torch=torch_s / seconds,
+        max_abs_deviation_from_float64=float((out.double() - exact).abs().max()),
+        torch_max_abs_deviation_from_float64=torch_dev,
+    )
