@@ -11,6 +11,7 @@ from problems import fp32_tolerance
 
 import elsfast
 from elsfast.reduce import PatchDictionary, TopK, softmax_reduce
+from elsfast.reduce import topk as topk_module
 from elsfast.reduce import topk_index as topk_index_module
 from elsfast.reduce.registry import _REGISTRY, BackendUnavailable, select_backend
 from elsfast.reduce.topk_index import faiss_or_reason
@@ -139,6 +140,23 @@ def test_falls_back_to_exact_at_high_noise(digits):
     assert approx.last_stats.approximate_queries == 0
     assert backend._indexes == {}  # the pilot predicted failure: no index was built
     assert backend._failed_abar  # and the noise level is remembered
+
+
+def test_no_new_pilot_until_the_noise_has_halved(digits, monkeypatch):
+    """A sampler lowers the noise a little at every step: after a failed pilot the group runs exactly without
+    another pilot (which reads the whole group) until the noise variance 1 - abar has halved."""
+    pilots = []
+    original = topk_module.distinct_entries
+    monkeypatch.setattr(topk_module, "distinct_entries", lambda *a, **k: pilots.append(1) or original(*a, **k))
+    backend = TopK(k=16, tolerance=1e-4, nlist=16, **SMALL)
+    m = elsfast.ScoreMachine(digits[:100], backend=backend)
+    counts = []
+    for abar in (0.01, 0.3, 0.5, 0.6):  # 1 - abar: 0.99, 0.7, 0.5 (above half of 0.99), 0.4
+        m.denoise(noisy(digits[100:101], abar).float(), abar, 3)
+        counts.append(len(pilots))
+    assert counts[0] > 0  # one pilot per large group (interior and edges)
+    assert counts[0] == counts[1] == counts[2]
+    assert counts[3] == 2 * counts[0]
 
 
 def test_provenance_matches_exact_where_certified(digits):

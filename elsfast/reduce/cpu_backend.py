@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .dictionary import Dictionary
-from .partials import fold_partial_states, kernel_inputs
+from .partials import empty_partial_states, fold_partial_states, kernel_inputs
 from .registry import Backend, BackendOutput, register_backend
 
 __all__ = ["Cpu"]
@@ -126,10 +126,7 @@ class Cpu(Backend):
         splits, per_chunk = self.splits or splits, self.tiles_per_chunk or per_chunk
         inputs = kernel_inputs(queries, dictionary, abar)
         E = dictionary.value_dim
-        m = torch.empty(splits, G, M, dtype=torch.float32)
-        l, u = torch.empty_like(m), torch.empty_like(m)
-        acc = torch.empty(splits, G, M, E, dtype=torch.float32)
-        best = torch.empty(splits, G, M, dtype=torch.int64)
+        m, l, acc, best, u = empty_partial_states(splits, G, M, E, queries.device)
         ext.reduce(
             *(t.data_ptr() for t in (*inputs[:4], m, l, acc, best, u)),
             G,

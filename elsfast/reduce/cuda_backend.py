@@ -15,7 +15,7 @@ import math
 import torch
 
 from .dictionary import Dictionary
-from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits
+from .partials import MAX_GRID_AXIS, empty_partial_states, fold_partial_states, kernel_inputs, plan_splits
 from .registry import Backend, BackendOutput, register_backend
 from .state import ReduceState
 
@@ -43,10 +43,7 @@ def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance:
     programs = math.ceil(M / ext.BLOCK_Q) * G
     splits, per_split = plan_splits(dictionary.size, ext.TILE_N, programs, device, splits)
     E = dictionary.value_dim
-    m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
-    l, u = torch.empty_like(m), torch.empty_like(m)
-    acc = torch.empty(splits, G, M, E, dtype=torch.float32, device=device)
-    best = torch.empty(splits, G, M, dtype=torch.int64, device=device)
+    m, l, acc, best, u = empty_partial_states(splits, G, M, E, device)
     stream = 0 if host else torch.cuda.current_stream(device).cuda_stream
     ext.reduce(
         *(t.data_ptr() for t in (*inputs[:4], m, l, acc, best, u)),

@@ -12,7 +12,14 @@ import torch
 from .dictionary import Dictionary
 from .state import ReduceState
 
-__all__ = ["PROGRAMS_PER_SM", "KernelInputs", "fold_partial_states", "kernel_inputs", "plan_splits"]
+__all__ = [
+    "PROGRAMS_PER_SM",
+    "KernelInputs",
+    "empty_partial_states",
+    "fold_partial_states",
+    "kernel_inputs",
+    "plan_splits",
+]
 
 PROGRAMS_PER_SM = 4  # programs (thread blocks) per streaming multiprocessor that keep a GPU busy
 MAX_GRID_AXIS = 65535  # CUDA's limit on the y and z grid dimensions
@@ -53,6 +60,17 @@ def plan_splits(entries: int, tile: int, programs: int, device: torch.device, sp
     splits = max(1, min(splits, tiles, MAX_GRID_AXIS))
     per_split = math.ceil(tiles / splits) * tile
     return math.ceil(entries / per_split), per_split
+
+
+def empty_partial_states(
+    splits: int, G: int, M: int, E: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Uninitialised outputs of a compiled kernel, `(m, l, acc, best, u)`: fp32 `(splits, G, M)` (acc `(splits,
+    G, M, E)`), best int64; the kernel writes every element (best and u only with provenance)."""
+    m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
+    acc = torch.empty(splits, G, M, E, dtype=torch.float32, device=device)
+    best = torch.empty(splits, G, M, dtype=torch.int64, device=device)
+    return m, torch.empty_like(m), acc, best, torch.empty_like(m)
 
 
 def fold_partial_states(

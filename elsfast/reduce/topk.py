@@ -53,6 +53,9 @@ PILOT_QUERIES = 16
 SEARCH_SLACK = 4e-5  # relative rounding margin of FAISS's float32 squared distances
 
 
+RETRY_NOISE_FRACTION = 0.5
+
+
 def _exact_reduce(
     queries: torch.Tensor, dictionary: Dictionary, abar: float, memory_budget: int, provenance: bool
 ) -> BackendOutput:
@@ -175,14 +178,18 @@ class TopK(Backend):
         self, dg: Dictionary, key: str, q: torch.Tensor, abar: float, memory_budget: int
     ) -> GroupIndex | None:
         """The group's index (`key`: `_key(dg)`): from memory or the disk cache; else built, unless the pilot (on
-        a few queries of `q`, at noise `abar`) predicts too few queries would meet the tolerance (then None)."""
+        a few queries of `q`, at noise `abar`) predicts too few queries would meet the tolerance (then None). After
+        a failed pilot the group runs exactly without another pilot until the noise variance 1 - abar has fallen
+        to `RETRY_NOISE_FRACTION` of the failed level's: a pilot reads the whole group, and a sampler lowers the
+        noise a little at every step."""
         if key in self._indexes:
             return self._indexes[key]
         cache = self._cache_dir()
         gi = load_cached(cache, key)
         if gi is None:
-            if abar <= self._failed_abar.get(key, 0.0):
-                return None
+            failed = self._failed_abar.get(key)
+            if failed is not None and 1.0 - abar > RETRY_NOISE_FRACTION * (1.0 - failed):
+                return None  # not much less noisy than a level at which the pilot failed
             entries = distinct_entries(dg, self.storage, memory_budget=memory_budget)
             if self.tolerance is not None and not self._pilot_passes(entries, q, abar):
                 self._failed_abar[key] = max(abar, self._failed_abar.get(key, 0.0))
