@@ -281,3 +281,23 @@ def test_cli_topk(tmp_path, capsys, monkeypatch):
     code = main([*argv, "--topk", "16", "--out", str(tmp_path / "g.png")])
     err = capsys.readouterr().err
     assert code == 2 and "only with --backend topk" in err
+
+
+def test_large_groups_are_screened_on_a_subset_before_the_pilot(digits, monkeypatch):
+    """A group of many images is first screened on every n-th image; a failed screen skips the full pilot (which
+    reads the whole group). At low noise the screen passes and the index is built as usual."""
+    sizes = []
+    original = topk_module.distinct_entries
+    monkeypatch.setattr(
+        topk_module, "distinct_entries", lambda dg, *a, **k: sizes.append(dg.num_images) or original(dg, *a, **k)
+    )
+    monkeypatch.setattr(topk_module, "PILOT_IMAGES", 10)
+    backend = TopK(k=64, tolerance=1e-4, nlist=16, index="flat", **SMALL)
+    m = elsfast.ScoreMachine(digits[:100], backend=backend, machine="els", padding="circular")  # one group
+    m.denoise(noisy(digits[100:101], 0.01).float(), 0.01, 3)
+    assert sizes == [10]  # the screen (every 10th image) failed: no full pilot, no index
+    assert backend._indexes == {}
+    sizes.clear()
+    m.denoise(noisy(digits[100:101], 0.999).float(), 0.999, 3)
+    assert sizes == [10, 100]  # screen passed, full pilot on all 100 images, index built
+    assert len(backend._indexes) == 1 and m.last_stats.approximate_queries > 0

@@ -16,14 +16,15 @@ such bound (its search may miss near entries): `TopK(index="hnsw")` needs `toler
 
 Policy per group (`reduce`): groups with fewer than `min_entries` entries run exactly; otherwise, before an index
 is built, a pilot of 16 queries (exact top-k by brute force) predicts how many queries would meet the tolerance;
-below `min_pass_fraction` the group runs exactly and the noise level is remembered (noisier calls skip the pilot).
+below `min_pass_fraction` the group runs exactly and the noise level is remembered (calls skip the pilot until the
+noise variance has halved); groups of many images are screened on a subset of them first.
 Queries whose bound exceeds the tolerance run exactly, so every result is within tolerance of the exact machine.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from .torch_backend import LOG2E
 __all__ = ["TopK", "neglected_bound"]
 
 PILOT_QUERIES = 16
+PILOT_IMAGES = 4096  # larger groups are screened on a subset of about this many images before the full pilot
 SEARCH_SLACK = 4e-5  # relative rounding margin of FAISS's float32 squared distances
 
 
@@ -190,17 +192,27 @@ class TopK(Backend):
             failed = self._failed_abar.get(key)
             if failed is not None and 1.0 - abar > RETRY_NOISE_FRACTION * (1.0 - failed):
                 return None  # not much less noisy than a level at which the pilot failed
+            step = dg.num_images // PILOT_IMAGES
+            if self.tolerance is not None and step > 1:
+                # screen on every step-th image first: reading the whole group costs as much as an exact step
+                screen = distinct_entries(replace(dg, images=dg.images[::step], image_ids=None), self.storage)
+                if not self._pilot_passes(screen, q, abar, total=dg.size):
+                    self._failed_abar[key] = abar
+                    return None
             entries = distinct_entries(dg, self.storage, memory_budget=memory_budget)
             if self.tolerance is not None and not self._pilot_passes(entries, q, abar):
-                self._failed_abar[key] = max(abar, self._failed_abar.get(key, 0.0))
+                self._failed_abar[key] = abar
                 return None
             gi = build_group_index(entries, kind=self.index, nlist=self.nlist, progress=self.progress)
             save_cached(cache, key, gi)
         self._indexes[key] = gi
         return gi
 
-    def _pilot_passes(self, entries: DistinctEntries, q: torch.Tensor, abar: float) -> bool:
-        """Exact top-k of a few queries by brute force over the distinct entries: would enough of them be certified?"""
+    def _pilot_passes(self, entries: DistinctEntries, q: torch.Tensor, abar: float, total: int | None = None) -> bool:
+        """Exact top-k of a few queries by brute force over the distinct entries: would enough of them be certified?
+        With `total`, `entries` are those of a subset of the group's images and the group has `total` entries: the
+        multiplicities are scaled up to it. A subset's nearest keys lie farther apart than the whole group's, so
+        the screen errs towards passing; only a failure is trusted without the full pilot."""
         a, c = math.sqrt(abar), abar / (2.0 * (1.0 - abar)) / entries.scale**2
         rows = torch.linspace(0, q.shape[0] - 1, min(PILOT_QUERIES, q.shape[0])).round().long()
         x = entries.to_units(q[rows].cpu().double() / a)
@@ -214,8 +226,8 @@ class TopK(Backend):
             i = torch.arange(start, start + d.shape[1]).expand(len(rows), -1)
             best_d, pick = torch.cat([best_d, d], dim=1).topk(k, dim=1, largest=False)
             best_i = torch.cat([best_i, i], dim=1).gather(1, pick)
-        counts = entries.counts[best_i]
-        rest = entries.total - counts.sum(1)
+        counts = entries.counts[best_i] * (1.0 if total is None else total / entries.total)
+        rest = (entries.total if total is None else total) - counts.sum(1)
         passed = neglected_bound(best_d, best_d[:, -1], rest, c, counts=counts) <= self.tolerance
         return bool(passed.double().mean() >= self.min_pass_fraction)
 
