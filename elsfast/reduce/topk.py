@@ -52,10 +52,8 @@ __all__ = ["TopK", "neglected_bound"]
 
 PILOT_QUERIES = 16
 PILOT_IMAGES = 4096  # larger groups are screened on a subset of about this many images before the full pilot
+RETRY_NOISE_FRACTION = 0.5  # after a failed pilot, the next one waits until 1 - abar has fallen to this fraction
 SEARCH_SLACK = 4e-5  # relative rounding margin of FAISS's float32 squared distances
-
-
-RETRY_NOISE_FRACTION = 0.5
 
 
 def _exact_reduce(
