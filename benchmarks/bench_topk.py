@@ -7,8 +7,9 @@
   fastest exact backend elsewhere), end to end, index builds included; per-step times and paths are recorded.
 
 In both the exact path runs on a fixed fraction of the batch (`ELSFAST_BENCH_EXACT` images, default 1; every
-image's trajectory is independent of the others) and its time is scaled to the batch; the largest deviation is
-measured on those images. `ELSFAST_BENCH_EXACT_BACKEND` names the exact backend (default: `auto`'s exact choice,
+image's trajectory is independent of the others) and its time is scaled to the batch (an upper bound on the exact
+path's time for the whole batch: fewer images use the kernels less well); the largest deviation is measured on
+those images. `ELSFAST_BENCH_EXACT_BACKEND` names the exact backend (default: `auto`'s exact choice,
 the compiled CPU kernel where it is built). Needs the real data (`../shared/data` or `$ELSFAST_DATA`) and faiss.
 
 Run:  pytest benchmarks/bench_topk.py -m benchmark --benchmark-only --benchmark-enable \
