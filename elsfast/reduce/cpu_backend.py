@@ -17,12 +17,17 @@ from dataclasses import dataclass
 import torch
 
 from .dictionary import Dictionary
-from .partials import empty_partial_states, fold_partial_states, kernel_inputs
+from .partials import (
+    compiled_kernel_reasons,
+    empty_partial_states,
+    extension_arguments,
+    fold_partial_states,
+    kernel_inputs,
+)
 from .registry import Backend, BackendOutput, register_backend
 
 __all__ = ["Cpu"]
 
-MAX_VALUE_CHANNELS = 4
 CHUNK_BYTES = 2 << 20  # packed key tiles shared by all threads: about an L2/L3 slice
 MAX_SPLITS = 64
 ISAS = ("auto", "avx2", "avx512")
@@ -99,15 +104,7 @@ class Cpu(Backend):
             reasons.append(f"this CPU lacks {wanted}, which the kernel needs (it has: {ext.isas() or 'neither'})")
         if queries.device.type != "cpu":
             reasons.append(f"needs CPU tensors, queries are on {queries.device.type}")
-        if queries.dtype != torch.float32:
-            reasons.append(f"the kernel computes in float32, queries are {queries.dtype} (float64 runs on torch)")
-        if dictionary.images.dtype not in (torch.uint8, torch.float32):
-            reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
-        if dictionary.value_dim > MAX_VALUE_CHANNELS:
-            reasons.append(
-                f"values of {dictionary.value_dim} channels: the kernel holds at most {MAX_VALUE_CHANNELS} (whole-image"
-                " dictionaries, IS/ES, run on torch)"
-            )
+        reasons += compiled_kernel_reasons(queries, dictionary, "torch")
         return reasons
 
     def reduce(
@@ -128,14 +125,7 @@ class Cpu(Backend):
         E = dictionary.value_dim
         m, l, acc, best, u = empty_partial_states(splits, G, M, E, queries.device)
         ext.reduce(
-            *(t.data_ptr() for t in (*inputs[:4], m, l, acc, best, u)),
-            G,
-            M,
-            dictionary.num_images,
-            dictionary.entries_per_image,
-            dictionary.key_dim,
-            E,
-            inputs.images.shape[1],
+            *extension_arguments(inputs, (m, l, acc, best, u), dictionary),
             splits,
             per_chunk,
             inputs.key_scale,

@@ -15,14 +15,21 @@ import math
 import torch
 
 from .dictionary import Dictionary
-from .partials import MAX_GRID_AXIS, empty_partial_states, fold_partial_states, kernel_inputs, plan_splits
+from .partials import (
+    MAX_GRID_AXIS,
+    compiled_kernel_reasons,
+    empty_partial_states,
+    extension_arguments,
+    fold_partial_states,
+    kernel_inputs,
+    plan_splits,
+)
 from .registry import Backend, BackendOutput, register_backend
 from .state import ReduceState
 
 __all__ = ["Cuda", "reduce_on_host"]
 
 LOG2E = 1.0 / math.log(2.0)
-MAX_VALUE_CHANNELS = 4
 
 
 def _extension():
@@ -46,14 +53,7 @@ def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance:
     m, l, acc, best, u = empty_partial_states(splits, G, M, E, device)
     stream = 0 if host else torch.cuda.current_stream(device).cuda_stream
     ext.reduce(
-        *(t.data_ptr() for t in (*inputs[:4], m, l, acc, best, u)),
-        G,
-        M,
-        dictionary.num_images,
-        dictionary.entries_per_image,
-        dictionary.key_dim,
-        E,
-        inputs.images.shape[1],
+        *extension_arguments(inputs, (m, l, acc, best, u), dictionary),
         per_split,
         splits,
         inputs.key_scale,
@@ -90,15 +90,7 @@ class Cuda(Backend):
             )
         if queries.device.type != "cuda":
             reasons.append(f"needs CUDA tensors, queries are on {queries.device.type}")
-        if queries.dtype != torch.float32:
-            reasons.append(f"the kernel computes in float32, queries are {queries.dtype} (float64 runs on torch)")
-        if dictionary.images.dtype not in (torch.uint8, torch.float32):
-            reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
-        if dictionary.value_dim > MAX_VALUE_CHANNELS:
-            reasons.append(
-                f"values of {dictionary.value_dim} channels: the kernel holds at most {MAX_VALUE_CHANNELS} (whole-image"
-                " dictionaries, IS/ES, run on triton or torch)"
-            )
+        reasons += compiled_kernel_reasons(queries, dictionary, "triton or torch")
         if dictionary.num_groups > MAX_GRID_AXIS:
             reasons.append(f"more than {MAX_GRID_AXIS} groups (the CUDA grid limit)")
         return reasons

@@ -13,14 +13,18 @@ from .dictionary import Dictionary
 from .state import ReduceState
 
 __all__ = [
+    "MAX_VALUE_CHANNELS",
     "PROGRAMS_PER_SM",
     "KernelInputs",
+    "compiled_kernel_reasons",
     "empty_partial_states",
+    "extension_arguments",
     "fold_partial_states",
     "kernel_inputs",
     "plan_splits",
 ]
 
+MAX_VALUE_CHANNELS = 4  # the compiled kernels (CPU, CUDA) hold a query's values in registers
 PROGRAMS_PER_SM = 4  # programs (thread blocks) per streaming multiprocessor that keep a GPU busy
 MAX_GRID_AXIS = 65535  # CUDA's limit on the y and z grid dimensions
 LOG2E = 1.0 / math.log(2.0)
@@ -60,6 +64,31 @@ def plan_splits(entries: int, tile: int, programs: int, device: torch.device, sp
     splits = max(1, min(splits, tiles, MAX_GRID_AXIS))
     per_split = math.ceil(tiles / splits) * tile
     return math.ceil(entries / per_split), per_split
+
+
+def compiled_kernel_reasons(queries: torch.Tensor, dictionary: Dictionary, others: str) -> list[str]:
+    """What the compiled kernels (CPU, CUDA) cannot run: float64, other image dtypes, more than
+    `MAX_VALUE_CHANNELS` value channels (whole-image dictionaries, IS/ES, run on `others`)."""
+    reasons = []
+    if queries.dtype != torch.float32:
+        reasons.append(f"the kernel computes in float32, queries are {queries.dtype} (float64 runs on torch)")
+    if dictionary.images.dtype not in (torch.uint8, torch.float32):
+        reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
+    if dictionary.value_dim > MAX_VALUE_CHANNELS:
+        reasons.append(
+            f"values of {dictionary.value_dim} channels: the kernel holds at most {MAX_VALUE_CHANNELS} (whole-image "
+            f"dictionaries, IS/ES, run on {others})"
+        )
+    return reasons
+
+
+def extension_arguments(inputs: KernelInputs, partials: tuple[torch.Tensor, ...], dictionary: Dictionary) -> tuple:
+    """The leading arguments of both compiled kernels' `reduce`: the pointers of q, images, key and value offsets
+    and of the partial states `(m, l, acc, best, u)`, then G, M, N, S, D, E and the pixels per image."""
+    G, M, _ = inputs.q.shape
+    pointers = (t.data_ptr() for t in (*inputs[:4], *partials))
+    sizes = (dictionary.num_images, dictionary.entries_per_image, dictionary.key_dim, dictionary.value_dim)
+    return (*pointers, G, M, *sizes, inputs.images.shape[1])
 
 
 def empty_partial_states(
