@@ -2,10 +2,10 @@
 the Triton kernels of the top-level `kernels/` folder, installed as `elsfast.kernels`, and the two compiled
 extensions of `csrc/`: the CPU kernel `elsfast._cpu` and the CUDA extension `elsfast._cuda`.
 
-The CPU extension is C++ with OpenMP, bound with pybind11 (raw pointers, no torch at build time); its AVX2 + FMA
-code is compiled for that target function by function, so the module loads on any x86-64 CPU and says whether it
-can run. `ELSFAST_CPU`: unset: build it, and if that fails warn and install without it; 1: fail the install if it
-cannot be built; 0: do not build it.
+The CPU extension is C++ with OpenMP, bound with pybind11 (raw pointers, no torch at build time); its kernel is
+compiled once for AVX2 + FMA and once for AVX-512F under `#pragma GCC target`, so the module loads on any x86-64
+CPU and says which of them it can run (`isas()`). `ELSFAST_CPU`: unset: build it, and if that fails warn and
+install without it; 1: fail the install if it cannot be built; 0: do not build it.
 
 The CUDA extension is a standalone nvcc + pybind11 module (raw device pointers and the stream; no torch at build
 time, independent of the torch ABI, see ../shared/TOOLCHAIN.md). `ELSFAST_CUDA`:

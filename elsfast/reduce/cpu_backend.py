@@ -10,7 +10,6 @@ FMA (AVX-512F where the CPU has it). Built by setup.py wherever a C++ compiler w
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from .partials import (
     empty_partial_states,
     extension_arguments,
     fold_partial_states,
+    import_extension,
     kernel_inputs,
 )
 from .registry import Backend, BackendOutput, register_backend
@@ -33,19 +33,10 @@ MAX_SPLITS = 64
 ISAS = ("auto", "avx2", "avx512")
 
 
-def _extension():
-    """The compiled module, or the ImportError saying why it is missing."""
-    try:
-        return importlib.import_module("elsfast._cpu")
-    except ImportError as error:
-        return error
-
-
-def plan(dictionary: Dictionary, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
+def plan(ext, dictionary: Dictionary, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
     """`(splits, tiles_per_chunk)` for `M` queries a group: enough work units (query blocks x splits) for two per
     thread, at most one split per key tile; chunks of packed tiles of about `CHUNK_BYTES` (at most a quarter of
-    the budget)."""
-    ext = _extension()
+    the budget). `ext`: the compiled module (its tile and block sizes)."""
     tiles = math.ceil(dictionary.size / ext.TILE_N)
     blocks = math.ceil(M / ext.BLOCK_Q)
     splits = max(1, min(MAX_SPLITS, tiles, math.ceil(2 * threads / blocks)))
@@ -93,7 +84,7 @@ class Cpu(Backend):
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         reasons = []
-        ext = _extension()
+        ext = import_extension("elsfast._cpu")
         if isinstance(ext, ImportError):
             reasons.append(
                 f"the CPU extension is not compiled ({ext}); reinstall with a C++ compiler with OpenMP "
@@ -116,10 +107,10 @@ class Cpu(Backend):
         memory_budget: int,
         provenance: bool = False,
     ) -> BackendOutput:
-        ext = _extension()
+        ext = import_extension("elsfast._cpu")
         G, M, _ = queries.shape
         threads = torch.get_num_threads()
-        splits, per_chunk = plan(dictionary, M, threads, memory_budget)
+        splits, per_chunk = plan(ext, dictionary, M, threads, memory_budget)
         splits, per_chunk = self.splits or splits, self.tiles_per_chunk or per_chunk
         inputs = kernel_inputs(queries, dictionary, abar)
         E = dictionary.value_dim

@@ -9,7 +9,6 @@ CPU, which is how the tests check the CUDA source without a GPU.
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -21,6 +20,7 @@ from .partials import (
     empty_partial_states,
     extension_arguments,
     fold_partial_states,
+    import_extension,
     kernel_inputs,
     plan_splits,
 )
@@ -32,16 +32,8 @@ __all__ = ["Cuda", "reduce_on_host"]
 LOG2E = 1.0 / math.log(2.0)
 
 
-def _extension():
-    """The compiled module, or the ImportError saying why it is missing."""
-    try:
-        return importlib.import_module("elsfast._cuda")
-    except ImportError as error:
-        return error
-
-
 def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance: bool, splits: int | None, host: bool):
-    ext = _extension()
+    ext = import_extension("elsfast._cuda")
     if isinstance(ext, ImportError):
         raise ext
     G, M, _ = queries.shape
@@ -82,7 +74,7 @@ class Cuda(Backend):
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         reasons = []
-        ext = _extension()
+        ext = import_extension("elsfast._cuda")
         if isinstance(ext, ImportError):
             reasons.append(
                 f"the CUDA extension is not compiled ({ext}); reinstall with nvcc on PATH (ELSFAST_CUDA=1 makes a "

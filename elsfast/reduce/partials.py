@@ -4,7 +4,9 @@ merged back exactly (`ReduceState.fold_`)."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -20,6 +22,7 @@ __all__ = [
     "empty_partial_states",
     "extension_arguments",
     "fold_partial_states",
+    "import_extension",
     "kernel_inputs",
     "plan_splits",
 ]
@@ -64,6 +67,14 @@ def plan_splits(entries: int, tile: int, programs: int, device: torch.device, sp
     splits = max(1, min(splits, tiles, MAX_GRID_AXIS))
     per_split = math.ceil(tiles / splits) * tile
     return math.ceil(entries / per_split), per_split
+
+
+def import_extension(name: str) -> ModuleType | ImportError:
+    """The compiled module `name` (`elsfast._cpu`, `elsfast._cuda`), or the ImportError saying why it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        return error
 
 
 def compiled_kernel_reasons(queries: torch.Tensor, dictionary: Dictionary, others: str) -> list[str]:

@@ -195,16 +195,21 @@ class TopK(Backend):
                 # screen on every step-th image first: reading the whole group costs as much as an exact step
                 screen = distinct_entries(replace(dg, images=dg.images[::step], image_ids=None), self.storage)
                 if not self._pilot_passes(screen, q, abar, total=dg.size):
-                    self._failed_abar[key] = abar
+                    self._remember_failure(key, abar)
                     return None
             entries = distinct_entries(dg, self.storage, memory_budget=memory_budget)
             if self.tolerance is not None and not self._pilot_passes(entries, q, abar):
-                self._failed_abar[key] = abar
+                self._remember_failure(key, abar)
                 return None
             gi = build_group_index(entries, kind=self.index, nlist=self.nlist, progress=self.progress)
             save_cached(cache, key, gi)
         self._indexes[key] = gi
         return gi
+
+    def _remember_failure(self, key: str, abar: float) -> None:
+        """Too few queries of group `key` were (or would be) certified at noise `abar`: keep the least noisy such
+        level, from which `_group_index` waits for the noise to halve before the next pilot."""
+        self._failed_abar[key] = max(abar, self._failed_abar.get(key, 0.0))
 
     def _pilot_passes(self, entries: DistinctEntries, q: torch.Tensor, abar: float, total: int | None = None) -> bool:
         """Exact top-k of a few queries by brute force over the distinct entries: would enough of them be certified?
@@ -317,7 +322,7 @@ class TopK(Backend):
                 rows_exact.append(rows[(~ok).to(device)])
             rows_exact = torch.cat(rows_exact)
             if self.tolerance is not None and len(rows_exact) > M * (1 - self.min_pass_fraction):
-                self._failed_abar[key] = max(abar, self._failed_abar.get(key, 0.0))
+                self._remember_failure(key, abar)
             if len(rows_exact):
                 out = _exact_reduce(queries[g : g + 1, rows_exact], dg, abar, memory_budget, provenance)
                 state.assign_(g, rows_exact, out.state)
