@@ -76,7 +76,7 @@ def cpu_extensions() -> list[Extension]:
         Extension(
             "elsfast._cpu",
             sources=["csrc/cpu_bindings.cpp", "csrc/cpu_reduce.cpp"],
-            depends=["csrc/cpu_reduce.h", "csrc/cpu_kernel.inc"],
+            depends=["csrc/cpu_reduce.h", "csrc/cpu_kernel.inc", "csrc/cpu_shift_kernel.inc"],
             include_dirs=[pybind11.get_include(), "csrc"],
             extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
             extra_link_args=["-fopenmp"],

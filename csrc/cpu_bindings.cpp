@@ -54,4 +54,30 @@ PYBIND11_MODULE(_cpu, module) {
         cpu::reduce(args);
       },
       "Fold every group's dictionary into `splits` partial states per query (see csrc/cpu_reduce.h).");
+  module.def(
+      "lanes", [](const std::string& isa) { return cpu::lanes(isa == "avx512" ? cpu::kIsaAvx512 : cpu::kIsaAvx2); },
+      "Training images a vector lane block of the displacement kernel holds under `isa`.");
+  module.def(
+      "reduce_shifts",
+      [](std::uintptr_t x, std::uintptr_t images, std::uintptr_t groups, std::uintptr_t m, std::uintptr_t l,
+         std::uintptr_t acc, int64_t B, int64_t C, int64_t H, int64_t W, int64_t N, int64_t G, int64_t M, int64_t P,
+         int64_t splits, float q_scale, float key_scale, bool uint8, int threads, const std::string& isa) {
+        const int code = isa == "avx512" ? cpu::kIsaAvx512 : isa == "avx2" ? cpu::kIsaAvx2 : -1;
+        if (code < 0) throw std::invalid_argument("elsfast._cpu: isa must be 'avx2' or 'avx512'");
+        if (!cpu::supported(code)) throw std::runtime_error("elsfast._cpu: this CPU does not run " + isa);
+        if (C < 1 || C > cpu::kMaxE) throw std::invalid_argument("elsfast._cpu: channels must be 1..4");
+        if (B < 1 || H < 1 || W < 1 || N < 1 || G < 1 || M < 1 || splits < 1 || threads < 1 || P < 1 || P % 2 == 0)
+          throw std::invalid_argument("elsfast._cpu: sizes must be positive and the patch size odd");
+        const cpu::ShiftArgs args{reinterpret_cast<const float*>(x),
+                                  reinterpret_cast<const void*>(images),
+                                  reinterpret_cast<const int32_t*>(groups),
+                                  reinterpret_cast<float*>(m),
+                                  reinterpret_cast<float*>(l),
+                                  reinterpret_cast<float*>(acc),
+                                  B, C, H, W, N, G, M, P, splits, q_scale, key_scale, uint8, threads, code};
+        py::gil_scoped_release release;
+        cpu::reduce_shifts(args);
+      },
+      "Fold every group's dictionary into `splits` partial states per query with the displacement kernel (see "
+      "csrc/cpu_reduce.h: ShiftArgs).");
 }

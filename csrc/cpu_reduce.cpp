@@ -66,6 +66,8 @@ inline float vhmax(V v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
+inline bool vany_gt(V a, V b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ)) != 0; }
+
 inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 // 2^n for integral n in [-127, 0] through the exponent bits; n = -127 gives the bit pattern 0, i.e. 0.0f
@@ -74,9 +76,11 @@ inline V vpow2i(V n) {
 }
 
 #include "cpu_kernel.inc"
+#include "cpu_shift_kernel.inc"
 
 }  // namespace
 void reduce(const Args& a) { run(a); }
+void reduce_shifts(const ShiftArgs& a) { run_shifts(a); }
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -116,6 +120,8 @@ inline float vhmax(V v) {
   return _mm512_cvtss_f32(_mm512_max_ps(v, _mm512_permute_ps(v, _MM_SHUFFLE(2, 3, 0, 1))));
 }
 
+inline bool vany_gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ) != 0; }
+
 inline V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 inline V vpow2i(V n) {
@@ -123,9 +129,11 @@ inline V vpow2i(V n) {
 }
 
 #include "cpu_kernel.inc"
+#include "cpu_shift_kernel.inc"
 
 }  // namespace
 void reduce(const Args& a) { run(a); }
+void reduce_shifts(const ShiftArgs& a) { run_shifts(a); }
 }  // namespace avx512
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
@@ -138,11 +146,25 @@ void reduce(const Args& a) {
   }
 }
 
+void reduce_shifts(const ShiftArgs& a) {
+  if (a.isa == kIsaAvx512) {
+    avx512::reduce_shifts(a);
+  } else {
+    avx2::reduce_shifts(a);
+  }
+}
+
+int lanes(int isa) { return isa == kIsaAvx512 ? 16 : 8; }
+
 #else  // not x86-64 with GCC/Clang: the module builds and reports that it cannot run
 
 bool supported(int) { return false; }
 
 void reduce(const Args&) { abort(); }
+
+void reduce_shifts(const ShiftArgs&) { abort(); }
+
+int lanes(int isa) { return isa == kIsaAvx512 ? 16 : 8; }
 
 #endif
 

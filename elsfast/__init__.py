@@ -6,7 +6,7 @@ Importing elsfast imports nothing optional (no Triton, FAISS or compiled extensi
 from . import creativity, datasets, schedules
 from .machine import MACHINES, ScoreMachine
 from .provenance import Provenance
-from .reduce import Cpu, TopK, Triton, backend_names, softmax_reduce
+from .reduce import Cpu, Shifts, TopK, Triton, backend_names, softmax_reduce
 from .sampling import SampleTrace, ddim_sample, sample
 from .scales import reference_scales
 
@@ -18,6 +18,7 @@ __all__ = [
     "Provenance",
     "SampleTrace",
     "ScoreMachine",
+    "Shifts",
     "TopK",
     "Triton",
     "__version__",

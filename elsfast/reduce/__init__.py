@@ -4,6 +4,7 @@ from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
 from .cpu_backend import Cpu
 from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
+from .shift_backend import Shifts
 from .state import ReduceState
 from .topk import TopK
 from .triton_backend import Triton
@@ -18,6 +19,7 @@ __all__ = [
     "PatchDictionary",
     "ReduceState",
     "Reduction",
+    "Shifts",
     "TopK",
     "Triton",
     "backend_names",

@@ -26,11 +26,37 @@ from .partials import (
 )
 from .registry import Backend, BackendOutput, register_backend
 
-__all__ = ["Cpu"]
+__all__ = ["Cpu", "choose_isa", "cpu_kernel_reasons"]
 
 CHUNK_BYTES = 2 << 20  # packed key tiles shared by all threads: about an L2/L3 slice
 MAX_SPLITS = 64
 ISAS = ("auto", "avx2", "avx512")
+
+
+def choose_isa(ext, isa: str) -> str | None:
+    """The instruction set to run with for the option `isa` ("auto", "avx2", "avx512"), or None when this CPU has
+    none that it allows. `ext`: the compiled module."""
+    available = ext.isas()
+    if isa == "auto":
+        return available[-1] if available else None
+    return isa if isa in available else None
+
+
+def cpu_kernel_reasons(isa: str, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
+    """Why the kernels of `elsfast._cpu` cannot run this problem with the option `isa` (empty: they can)."""
+    reasons = []
+    ext = import_extension("elsfast._cpu")
+    if isinstance(ext, ImportError):
+        reasons.append(
+            f"the CPU extension is not compiled ({ext}); reinstall with a C++ compiler with OpenMP "
+            "(ELSFAST_CPU=1 makes a failed build an error)"
+        )
+    elif choose_isa(ext, isa) is None:
+        wanted = "AVX2 + FMA" if isa in ("auto", "avx2") else "AVX-512F"
+        reasons.append(f"this CPU lacks {wanted}, which the kernel needs (it has: {ext.isas() or 'neither'})")
+    if queries.device.type != "cpu":
+        reasons.append(f"needs CPU tensors, queries are on {queries.device.type}")
+    return reasons + compiled_kernel_reasons(queries, dictionary, "torch")
 
 
 def plan(ext, dictionary: Dictionary, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
@@ -75,28 +101,8 @@ class Cpu(Backend):
     def options(self) -> dict:
         return {"splits": self.splits, "tiles_per_chunk": self.tiles_per_chunk, "isa": self.isa}
 
-    def _isa(self, ext) -> str | None:
-        """The instruction set to run with, or None when this CPU has none that `isa` allows."""
-        available = ext.isas()
-        if self.isa == "auto":
-            return available[-1] if available else None
-        return self.isa if self.isa in available else None
-
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = []
-        ext = import_extension("elsfast._cpu")
-        if isinstance(ext, ImportError):
-            reasons.append(
-                f"the CPU extension is not compiled ({ext}); reinstall with a C++ compiler with OpenMP "
-                "(ELSFAST_CPU=1 makes a failed build an error)"
-            )
-        elif self._isa(ext) is None:
-            wanted = "AVX2 + FMA" if self.isa in ("auto", "avx2") else "AVX-512F"
-            reasons.append(f"this CPU lacks {wanted}, which the kernel needs (it has: {ext.isas() or 'neither'})")
-        if queries.device.type != "cpu":
-            reasons.append(f"needs CPU tensors, queries are on {queries.device.type}")
-        reasons += compiled_kernel_reasons(queries, dictionary, "torch")
-        return reasons
+        return cpu_kernel_reasons(self.isa, queries, dictionary)
 
     def reduce(
         self,
@@ -123,7 +129,7 @@ class Cpu(Backend):
             inputs.images.dtype == torch.uint8,
             provenance,
             threads,
-            self._isa(ext),
+            choose_isa(ext, self.isa),
         )
         state = fold_partial_states(dictionary, m, l, acc, best if provenance else None, u if provenance else None)
         chunks = G * math.ceil(math.ceil(dictionary.size / ext.TILE_N) / per_chunk)

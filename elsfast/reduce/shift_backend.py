@@ -1,0 +1,153 @@
+"""Displacement backend: the compiled kernel `elsfast._cpu.reduce_shifts` (csrc/cpu_shift_kernel.inc) for
+zero-padded ELS, where a pair's distance is a box sum along its displacement (SPEC section 5): 2P operations a
+pair instead of the P^2 of a dot product, so large patches cost about what small ones do.
+
+It needs the structure the machines give their queries: query `s * B + b` of group g is the patch of image b at
+the group's position s, and every group is a rectangle of positions (the border classes of zero-padded ELS). The
+backend rebuilds the B query images from the patches and checks that they give back every query exactly;
+queries without that structure (e.g. a subset of a group's queries) are refused with a reason, and `auto` moves
+on to the `cpu` kernel. Float32, CPU tensors, at most 4 channels. With provenance it runs the `cpu` kernel, which
+tracks the dominant entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .cpu_backend import ISAS, MAX_SPLITS, Cpu, choose_isa, cpu_kernel_reasons
+from .dictionary import Dictionary, PatchDictionary
+from .partials import LOG2E, fold_partial_states, import_extension
+from .registry import Backend, BackendOutput, register_backend
+
+__all__ = ["AUTO_MIN_PATCH_SIZE", "Shifts", "group_rectangles", "query_images"]
+
+# `auto` takes the displacement kernel from this patch size on; below it the `cpu` kernel's dot products are as
+# fast or faster (benchmarks/bench_cpu.py::test_shift_kernel_against_cpu_kernel)
+AUTO_MIN_PATCH_SIZE = 9
+
+
+def group_rectangles(dictionary: Dictionary) -> torch.Tensor | str:
+    """`(G, 4)` int32 first row, rows, first column and columns of each group's positions when every group is a
+    rectangle of positions listed row by row (as `elsfast.patches.group_sets` makes them for ELS), else why not."""
+    if not isinstance(dictionary, PatchDictionary):
+        return "not a patch dictionary"
+    if dictionary.padding != "zeros":
+        return f"{dictionary.padding} padding (the kernel follows displacements without wrapping)"
+    W = dictionary.images.shape[3]
+    pos = dictionary.positions.cpu()
+    ys, xs = pos // W, pos % W
+    y0, x0 = ys.min(1).values, xs.min(1).values
+    rows, cols = ys.max(1).values - y0 + 1, xs.max(1).values - x0 + 1
+    if not bool((rows * cols == pos.shape[1]).all()):
+        return "the positions of a group do not form a rectangle"
+    s = torch.arange(pos.shape[1])
+    expected = (y0[:, None] + s // cols[:, None]) * W + x0[:, None] + s % cols[:, None]
+    if not torch.equal(expected, pos):
+        return "the positions of a group are not listed row by row"
+    return torch.stack([y0, rows, x0, cols], 1).to(torch.int32)
+
+
+def query_images(queries: torch.Tensor, dictionary: PatchDictionary) -> torch.Tensor | str:
+    """The B images `(B, C, H + 2r, W + 2r)` (zero-padded by r = P // 2) whose patches at the dictionary's
+    positions are the queries `(G, S * B, D)` (query `s * B + b` of group g: image b at position s), or why the
+    queries are not such patches."""
+    G, M, _ = queries.shape
+    S = dictionary.entries_per_image
+    if M % S:
+        return f"{M} queries a group are not whole images ({S} positions a group)"
+    B = M // S
+    C, H, W = dictionary.images.shape[1:]
+    P = dictionary.patch_size
+    pos = dictionary.positions.to(queries.device)
+    window = torch.arange(P, device=queries.device)
+    rows = (pos // W)[..., None, None] + window.view(P, 1)  # (G, S, P, 1) padded rows of the patch
+    cols = (pos % W)[..., None, None] + window.view(1, P)  # (G, S, 1, P)
+    patches = queries.reshape(G, S, B, C, P, P).permute(2, 3, 0, 1, 4, 5)  # (B, C, G, S, P, P)
+    images = queries.new_zeros(B, C, H + P - 1, W + P - 1)
+    images[:, :, rows, cols] = patches
+    if not torch.equal(images[:, :, rows, cols], patches):
+        return "the queries are not the patches of whole images at the dictionary's positions"
+    return images
+
+
+@register_backend
+@dataclass(frozen=True)
+class Shifts(Backend):
+    """The displacement kernel (csrc/cpu_shift_kernel.inc) for zero-padded ELS on CPU tensors.
+
+    Args:
+        splits: partial states per query (block k of 8 or 16 training images folds into split k % splits); None:
+            enough work units (query images x splits) for two per thread.
+        isa: "auto" (AVX-512 over AVX2), "avx2" or "avx512".
+    """
+
+    splits: int | None = None
+    isa: str = "auto"
+
+    NAME = "shifts"
+    PRIORITY = 55  # before the cpu kernel (60): same results, a fraction of its work for patches above 3 x 3
+
+    def __post_init__(self) -> None:
+        if self.splits is not None and (
+            isinstance(self.splits, bool) or int(self.splits) != self.splits or self.splits < 1
+        ):
+            raise ValueError(f"splits must be a positive integer or None, got {self.splits!r}")
+        if self.isa not in ISAS:
+            raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {self.isa!r}")
+
+    def options(self) -> dict:
+        return {"splits": self.splits, "isa": self.isa}
+
+    def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
+        reasons = cpu_kernel_reasons(self.isa, queries, dictionary)
+        rectangles = group_rectangles(dictionary)
+        if isinstance(rectangles, str):
+            return [*reasons, rectangles]
+        images = query_images(queries, dictionary)
+        return reasons + ([images] if isinstance(images, str) else [])
+
+    def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
+        reasons = self.unsupported_reasons(queries, dictionary)
+        P = getattr(dictionary, "patch_size", 0)
+        if not reasons and P < AUTO_MIN_PATCH_SIZE:
+            reasons.append(f"patch size {P}: below {AUTO_MIN_PATCH_SIZE} the cpu kernel is as fast")
+        if not reasons and dictionary.entries_per_image == 1:
+            reasons.append("one position a group (LS): no displacement is shared, the cpu kernel is as fast")
+        return reasons
+
+    def reduce(
+        self,
+        queries: torch.Tensor,
+        dictionary: Dictionary,
+        *,
+        abar: float,
+        memory_budget: int,
+        provenance: bool = False,
+    ) -> BackendOutput:
+        if provenance:  # the displacement kernel does not track the dominant entry
+            cpu = Cpu(isa=self.isa)
+            return cpu.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
+        ext = import_extension("elsfast._cpu")
+        isa = choose_isa(ext, self.isa)
+        images = query_images(queries, dictionary).contiguous()
+        groups = group_rectangles(dictionary).contiguous()
+        G, M, _ = queries.shape
+        B, C = images.shape[:2]
+        N, _, H, W = dictionary.images.shape
+        blocks = math.ceil(N / ext.lanes(isa))
+        threads = torch.get_num_threads()
+        splits = self.splits or max(1, min(MAX_SPLITS, blocks, math.ceil(2 * threads / B)))
+        a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
+        train = dictionary.images.contiguous()
+        m = torch.empty(splits, G, M, dtype=torch.float32)
+        l, acc = torch.empty_like(m), torch.empty(splits, G, M, C, dtype=torch.float32)
+        ext.reduce_shifts(
+            *(t.data_ptr() for t in (images, train, groups, m, l, acc)),
+            B, C, H, W, N, G, M, dictionary.patch_size, splits,
+            2.0 * a / T * LOG2E, a * a / T * LOG2E,
+            train.dtype == torch.uint8, threads, isa,
+        )  # fmt: skip
+        return BackendOutput(fold_partial_states(dictionary, m, l, acc, None, None), blocks)

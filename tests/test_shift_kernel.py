@@ -1,0 +1,170 @@
+"""The displacement kernel (`backend="shifts"`, csrc/cpu_shift_kernel.inc) against the float64 brute force of
+tests/reference.py, on zero-padded ELS, the machine it serves.
+
+Tolerance: the float32 bound of tests/test_machines.py (8 eps32 L + 1e-6), as for the other kernels: a pair's dot
+product is a sum of the same fp32 products in another order (row sums, then column sums), the running sums are
+fp64. Problems of 45 training images fill no 16-image (or 8-image) lane block, so the last block has empty lanes;
+9 x 7 images give interior, edge and corner groups; batch 3.
+"""
+
+import numpy as np
+import pytest
+import torch
+from problems import fp32_tolerance, make_problem, reference
+
+from elsfast import ScoreMachine, Shifts
+from elsfast.patches import extract_patches, group_sets
+from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, softmax_reduce
+from elsfast.reduce.registry import backend_from_spec, backend_spec, select_backend
+from elsfast.reduce.shift_backend import AUTO_MIN_PATCH_SIZE, group_rectangles, query_images
+
+
+@pytest.fixture(scope="module")
+def ext():
+    ext = pytest.importorskip("elsfast._cpu", reason="the CPU extension is not compiled (no C++ compiler at install)")
+    if not ext.isas():
+        pytest.skip("this CPU lacks AVX2 + FMA")
+    return ext
+
+
+def variants(ext) -> list[Shifts]:
+    """Every instruction set this CPU runs, with planned splits and with 3 partial states a query."""
+    return [Shifts(isa=isa, splits=splits) for isa in ext.isas() for splits in (None, 3)]
+
+
+@pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
+@pytest.mark.parametrize(("conditional", "P"), [(False, 1), (False, 3), (True, 3), (False, 5), (True, 7), (False, 13)])
+def test_shift_kernel_matches_float64reference(ext, conditional, P, abar):
+    seed = hash(("shifts", conditional, P, abar)) % 2**31
+    C = 3 if P == 3 else 1
+    train, x, train_labels, labels = make_problem(seed, 45, C, 9, 7, 3, abar, 3 * conditional)
+    ref = reference(x, train, abar, "els", "zeros", P, labels, train_labels)
+    tol = fp32_tolerance(x, train, abar, P, "els")
+    for backend in variants(ext):
+        m = ScoreMachine(train, train_labels, machine="els", padding="zeros", backend=backend)
+        out = m.denoise(x, abar, P, labels)
+        assert m.last_stats.backends == {"shifts"}
+        assert torch.isfinite(out).all()
+        err = np.abs(out.double().numpy() - ref).max()
+        assert err <= tol, f"{backend}: max error {err:.3g}"
+
+
+def test_shift_kernel_uint8_images_and_provenance(ext):
+    """uint8 images, 3 channels, P = 7; with provenance the backend runs the cpu kernel (which tracks the dominant
+    entry), and tracking does not change the output beyond the fp32 bound."""
+    g = torch.Generator().manual_seed(6)
+    train = torch.randint(0, 256, (40, 3, 8, 9), generator=g, dtype=torch.uint8)
+    x = torch.randn(2, 3, 8, 9, generator=g)
+    want = reference(x, train.double() / 127.5 - 1, 0.8, "els", "zeros", 7)
+    ref = reference(x, train.double() / 127.5 - 1, 0.8, "els", "zeros", 7, provenance=True)
+    tol = fp32_tolerance(x, train.float() / 127.5 - 1, 0.8, 7, "els")
+    m = ScoreMachine(train, backend="shifts")
+    out = m.denoise(x, 0.8, 7)
+    assert np.abs(out.double().numpy() - want).max() <= tol
+    tracked, prov = m.denoise(x, 0.8, 7, return_provenance=True)
+    assert np.abs(tracked.double().numpy() - want).max() <= tol
+    for name, a, b in zip(("image", "y", "x"), [prov.source_image, prov.source_y, prov.source_x], ref[:3], strict=True):
+        np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
+
+
+def test_shift_kernel_sums_stay_accurate_over_many_images(ext):
+    """500 images of 32 x 32 (450,000 interior entries a query at P = 3): fp64 running sums keep the result as close
+    to float64 as the fp32 dot products allow."""
+    g = torch.Generator().manual_seed(7)
+    train = torch.randint(0, 256, (500, 1, 32, 32), generator=g, dtype=torch.uint8)
+    x = torch.randn(2, 1, 32, 32, generator=g)
+    ref = ScoreMachine(train, backend="torch", dtype=torch.float64).denoise(x.double(), 0.3, 3)
+    for isa in ext.isas():
+        out = ScoreMachine(train, backend=Shifts(isa=isa)).denoise(x, 0.3, 3).double()
+        assert (out - ref).abs().max() <= 1e-6, isa
+
+
+def test_shift_kernel_does_not_depend_on_splits_or_threads(ext):
+    train, x, _, _ = make_problem(13, 37, 1, 9, 8, 2, 0.7)
+    outs = [ScoreMachine(train, backend=Shifts(splits=s)).denoise(x, 0.7, 5) for s in (1, 2, 3, 64)]
+    atol = 2 * fp32_tolerance(x, train, 0.7, 5, "els")
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=atol)
+    threads = torch.get_num_threads()
+    try:
+        fixed = []
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            fixed.append(ScoreMachine(train, backend=Shifts(splits=3)).denoise(x, 0.7, 5))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(fixed[0], fixed[1], rtol=0, atol=0)  # fixed splits: the same sums in the same order
+
+
+def test_auto_takes_the_shift_kernel_for_large_zero_padded_patches(ext):
+    """Zero-padded ELS from AUTO_MIN_PATCH_SIZE on: the interior and edge groups on the shift kernel, the corner
+    groups (one position each, nothing shared) on the cpu kernel; smaller patches, circular padding and LS on cpu."""
+    train, x, _, _ = make_problem(15, 20, 1, 12, 12, 1, 0.5)
+    for P, padding, machine, want in [
+        (AUTO_MIN_PATCH_SIZE, "zeros", "els", {"shifts", "cpu"}),
+        (AUTO_MIN_PATCH_SIZE - 2, "zeros", "els", {"cpu"}),
+        (AUTO_MIN_PATCH_SIZE, "circular", "els", {"cpu"}),
+        (AUTO_MIN_PATCH_SIZE, "zeros", "ls", {"cpu"}),
+    ]:
+        m = ScoreMachine(train, machine=machine, padding=padding)
+        m.denoise(x, 0.5, P)
+        assert m.last_stats.backends == want, (P, padding, machine)
+
+
+def test_shift_kernel_says_why_it_cannot_run(ext):
+    images = torch.rand(4, 1, 6, 6) * 2 - 1
+    x = torch.rand(2, 1, 6, 6) * 2 - 1
+    positions = group_sets(6, 6, 3, "zeros", "els")[0]  # the four edge groups of 4 positions
+    d = PatchDictionary(images, 3, "zeros", positions)
+    queries = extract_patches(x, 3, "zeros", positions).reshape(positions.shape[0], -1, 9)
+    assert select_backend("shifts", queries, d).NAME == "shifts"
+    with pytest.raises(BackendUnavailable, match="not whole images"):
+        softmax_reduce(queries[:, :5], d, abar=0.5, backend="shifts")
+    shuffled = queries[:, torch.randperm(queries.shape[1], generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(BackendUnavailable, match="not the patches of whole images"):
+        softmax_reduce(shuffled, d, abar=0.5, backend="shifts")
+    circular = PatchDictionary(images, 3, "circular", torch.arange(36).view(1, 36))
+    with pytest.raises(BackendUnavailable, match="circular padding"):
+        softmax_reduce(torch.zeros(1, 36, 9), circular, abar=0.5, backend="shifts")
+    scattered = PatchDictionary(images, 3, "zeros", torch.tensor([[0, 7, 14]]))
+    with pytest.raises(BackendUnavailable, match="rectangle"):
+        softmax_reduce(torch.zeros(1, 3, 9), scattered, abar=0.5, backend="shifts")
+    with pytest.raises(BackendUnavailable, match="not a patch dictionary"):
+        softmax_reduce(torch.zeros(1, 2, 36), ImageDictionary(images), abar=0.5, backend="shifts")
+    with pytest.raises(BackendUnavailable, match="float32"):
+        softmax_reduce(queries.double(), d, abar=0.5, backend="shifts")
+
+
+def test_group_rectangles_and_query_images_rebuild_the_machines_layout(ext):
+    H, W, P = 9, 7, 5
+    x = torch.rand(3, 2, H, W) * 2 - 1
+    for positions in group_sets(H, W, P, "zeros", "els"):
+        d = PatchDictionary(torch.rand(1, 2, H, W), P, "zeros", positions)
+        rect = group_rectangles(d)
+        for g, (y0, rows, x0, cols) in enumerate(rect.tolist()):
+            ys, xs = positions[g] // W, positions[g] % W
+            assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (y0, y0 + rows, x0, x0 + cols)
+        q = extract_patches(x, P, "zeros", positions).reshape(positions.shape[0], -1, 2 * P * P)
+        images = query_images(q, d)
+        r = P // 2
+        rebuilt = extract_patches(images[:, :, r : r + H, r : r + W], P, "zeros", positions)
+        torch.testing.assert_close(rebuilt.reshape(q.shape), q, rtol=0, atol=0)
+        assert images[:, :, :r].abs().max() == 0 and images[:, :, :, :r].abs().max() == 0  # padding stays zero
+
+
+def test_shift_backend_configuration_and_extension_checks(ext):
+    spec = backend_spec(Shifts(splits=4, isa="avx2"))
+    assert backend_from_spec(spec) == Shifts(splits=4, isa="avx2")
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="positive integer"):
+            Shifts(splits=bad)
+    with pytest.raises(ValueError, match="isa"):
+        Shifts(isa="neon")
+    args = [0] * 6
+    with pytest.raises(ValueError, match="odd"):
+        ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 2, 1, 1.0, 1.0, False, 1, "avx2")
+    with pytest.raises(ValueError, match="channels"):
+        ext.reduce_shifts(*args, 1, 5, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "avx2")
+    with pytest.raises(ValueError, match="isa"):
+        ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "sse")
+    assert ext.lanes("avx2") == 8 and ext.lanes("avx512") == 16
