@@ -1,7 +1,13 @@
-"""The compiled CPU kernel (`backend="cpu"`, csrc/cpu_reduce.cpp) against the torch path: one ELS evaluation
-(zero padding) of 2 noisy digits against 1,000 MNIST training digits padded to 32x32, at P = 3, 7, 11, 15, for
-the torch path and every instruction set the CPU runs the kernel with. Reports pairs/s, the ratio to the torch
-path measured in the same test, and the largest deviation of each from a float64 evaluation.
+"""The compiled CPU kernels against the torch path: one ELS evaluation (zero padding) of 2 noisy digits against
+1,000 MNIST training digits padded to 32x32.
+
+- `test_cpu_kernel_vs_torch`: the dot-product kernel (`backend="cpu"`, csrc/cpu_kernel.inc) at P = 3, 7, 11, 15,
+  for every instruction set the CPU runs it with, against the torch path.
+- `test_shift_kernel_vs_cpu_kernel`: the displacement kernel (`backend="shifts"`, csrc/cpu_shift_kernel.inc) at
+  P = 5, 7, 9, 11, 15 against the dot-product kernel (widest ISA), measured in the same test; this sets
+  `shift_backend.AUTO_MIN_PATCH_SIZE`.
+
+Reports pairs/s, the ratios, and the largest deviation of each from a float64 evaluation.
 
 Uses real MNIST (`../shared/data` or `$ELSFAST_DATA`) when present, else 1,000 random images (recorded in the
 result as `data`).
@@ -18,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elsfast import Cpu, ScoreMachine, datasets
+from elsfast import Cpu, ScoreMachine, Shifts, datasets
 
 pytestmark = pytest.mark.benchmark
 
@@ -89,4 +95,36 @@ def test_cpu_kernel_vs_torch(benchmark, problem, P, isa):
         speedup_vs_torch=torch_s / seconds,
         max_abs_deviation_from_float64=float((out.double() - exact).abs().max()),
         torch_max_abs_deviation_from_float64=torch_dev,
+    )
+
+
+@pytest.mark.parametrize("P", [5, 7, 9, 11, 15])
+def test_shift_kernel_vs_cpu_kernel(benchmark, problem, P):
+    if not _isas():
+        pytest.skip("the CPU kernels are not compiled or this CPU lacks AVX2 + FMA")
+    train, x, data = problem
+    benchmark.group = f"mnist1000-els-p{P}-shifts"
+    exact = ScoreMachine(train, backend="torch", dtype=torch.float64).denoise(x.double(), ABAR, P)
+    cpu = ScoreMachine(train, backend="cpu")
+    cpu.denoise(x, ABAR, P)  # warm-up
+    cpu_s = _median_seconds(cpu, x, P)
+    cpu_dev = float((cpu.denoise(x, ABAR, P).double() - exact).abs().max())
+
+    m = ScoreMachine(train, backend=Shifts())
+    out = m.denoise(x, ABAR, P)
+    pairs = m.last_stats.pairs
+    benchmark.pedantic(m.denoise, args=(x, ABAR, P), rounds=ROUNDS, iterations=1)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        data=data,
+        patch_size=P,
+        isa=_isas()[-1],
+        threads=torch.get_num_threads(),
+        pairs=pairs,
+        pairs_per_s=pairs / seconds,
+        cpu_kernel_seconds=cpu_s,
+        cpu_kernel_pairs_per_s=pairs / cpu_s,
+        speedup_vs_cpu_kernel=cpu_s / seconds,
+        max_abs_deviation_from_float64=float((out.double() - exact).abs().max()),
+        cpu_kernel_max_abs_deviation_from_float64=cpu_dev,
     )

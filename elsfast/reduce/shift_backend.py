@@ -26,7 +26,7 @@ __all__ = ["AUTO_MIN_PATCH_SIZE", "Shifts", "group_rectangles", "query_images"]
 
 # `auto` takes the displacement kernel from this patch size on; below it the `cpu` kernel's dot products are as
 # fast or faster (benchmarks/bench_cpu.py::test_shift_kernel_against_cpu_kernel)
-AUTO_MIN_PATCH_SIZE = 9
+AUTO_MIN_PATCH_SIZE = 7
 
 
 def group_rectangles(dictionary: Dictionary) -> torch.Tensor | str:
