@@ -65,66 +65,48 @@ def _median_seconds(m: ScoreMachine, x: torch.Tensor, P: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-@pytest.mark.parametrize("isa", ["avx2", "avx512"])
-@pytest.mark.parametrize("P", [3, 7, 11, 15])
-def test_cpu_kernel_vs_torch(benchmark, problem, P, isa):
-    if isa not in _isas():
-        pytest.skip(f"the CPU kernel is not compiled or this CPU does not run {isa}")
+def _measure(benchmark, problem, P, m: ScoreMachine, isa: str, baseline: str, baseline_backend) -> None:
+    """Time `m` and `baseline_backend` on the problem (medians of ROUNDS, in the same test) and record pairs/s, the
+    deviations from a float64 evaluation and the ratio to the baseline (its keys prefixed by `baseline`)."""
     train, x, data = problem
-    benchmark.group = f"mnist1000-els-p{P}"
     exact = ScoreMachine(train, backend="torch", dtype=torch.float64).denoise(x.double(), ABAR, P)
-    torch_path = ScoreMachine(train, backend="torch")
-    torch_path.denoise(x, ABAR, P)  # warm-up
-    torch_s = _median_seconds(torch_path, x, P)
-    torch_dev = float((torch_path.denoise(x, ABAR, P).double() - exact).abs().max())
-
-    m = ScoreMachine(train, backend=Cpu(isa=isa))
+    reference = ScoreMachine(train, backend=baseline_backend)
+    reference.denoise(x, ABAR, P)  # warm-up
+    baseline_s = _median_seconds(reference, x, P)
+    baseline_dev = float((reference.denoise(x, ABAR, P).double() - exact).abs().max())
     out = m.denoise(x, ABAR, P)
     pairs = m.last_stats.pairs
     benchmark.pedantic(m.denoise, args=(x, ABAR, P), rounds=ROUNDS, iterations=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(
-        data=data,
-        patch_size=P,
-        isa=isa,
-        threads=torch.get_num_threads(),
-        pairs=pairs,
-        pairs_per_s=pairs / seconds,
-        torch_seconds=torch_s,
-        torch_pairs_per_s=pairs / torch_s,
-        speedup_vs_torch=torch_s / seconds,
-        max_abs_deviation_from_float64=float((out.double() - exact).abs().max()),
-        torch_max_abs_deviation_from_float64=torch_dev,
+        {
+            "data": data,
+            "patch_size": P,
+            "isa": isa,
+            "threads": torch.get_num_threads(),
+            "pairs": pairs,
+            "pairs_per_s": pairs / seconds,
+            f"{baseline}_seconds": baseline_s,
+            f"{baseline}_pairs_per_s": pairs / baseline_s,
+            f"speedup_vs_{baseline}": baseline_s / seconds,
+            "max_abs_deviation_from_float64": float((out.double() - exact).abs().max()),
+            f"{baseline}_max_abs_deviation_from_float64": baseline_dev,
+        }
     )
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("P", [3, 7, 11, 15])
+def test_cpu_kernel_vs_torch(benchmark, problem, P, isa):
+    if isa not in _isas():
+        pytest.skip(f"the CPU kernel is not compiled or this CPU does not run {isa}")
+    benchmark.group = f"mnist1000-els-p{P}"
+    _measure(benchmark, problem, P, ScoreMachine(problem[0], backend=Cpu(isa=isa)), isa, "torch", "torch")
 
 
 @pytest.mark.parametrize("P", [5, 7, 9, 11, 15])
 def test_shift_kernel_vs_cpu_kernel(benchmark, problem, P):
     if not _isas():
         pytest.skip("the CPU kernels are not compiled or this CPU lacks AVX2 + FMA")
-    train, x, data = problem
     benchmark.group = f"mnist1000-els-p{P}-shifts"
-    exact = ScoreMachine(train, backend="torch", dtype=torch.float64).denoise(x.double(), ABAR, P)
-    cpu = ScoreMachine(train, backend="cpu")
-    cpu.denoise(x, ABAR, P)  # warm-up
-    cpu_s = _median_seconds(cpu, x, P)
-    cpu_dev = float((cpu.denoise(x, ABAR, P).double() - exact).abs().max())
-
-    m = ScoreMachine(train, backend=Shifts())
-    out = m.denoise(x, ABAR, P)
-    pairs = m.last_stats.pairs
-    benchmark.pedantic(m.denoise, args=(x, ABAR, P), rounds=ROUNDS, iterations=1)
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info.update(
-        data=data,
-        patch_size=P,
-        isa=_isas()[-1],
-        threads=torch.get_num_threads(),
-        pairs=pairs,
-        pairs_per_s=pairs / seconds,
-        cpu_kernel_seconds=cpu_s,
-        cpu_kernel_pairs_per_s=pairs / cpu_s,
-        speedup_vs_cpu_kernel=cpu_s / seconds,
-        max_abs_deviation_from_float64=float((out.double() - exact).abs().max()),
-        cpu_kernel_max_abs_deviation_from_float64=cpu_dev,
-    )
+    _measure(benchmark, problem, P, ScoreMachine(problem[0], backend=Shifts()), _isas()[-1], "cpu_kernel", "cpu")

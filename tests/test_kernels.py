@@ -26,7 +26,7 @@ import pytest
 import torch
 from problems import CASES, COMBOS, fp32_tolerance, make_problem, reference
 
-from elsfast import Cpu, ScoreMachine
+from elsfast import Cpu, ScoreMachine, Shifts
 from elsfast.reduce import Backend, BackendUnavailable, ImageDictionary, PatchDictionary, TopK, softmax_reduce
 from elsfast.reduce.cuda_backend import reduce_on_host
 from elsfast.reduce.registry import BackendOutput, backend_from_spec, backend_spec
@@ -323,17 +323,17 @@ def test_compiled_kernels_provenance_uint8_and_long_keys(padding):
         torch.testing.assert_close(out, m.denoise(x, 0.8, 7))  # tracking does not change the output
 
 
-def test_cpu_kernel_sums_stay_accurate_over_many_tiles(cpu_ext):
-    """450,000 entries (1,760 tiles) at moderate noise: the running sums are kept in fp64, so the result is as
-    close to float64 as a single tile's fp32 logits allow (in fp32 they drifted by 2e-5), and closer than the
-    torch path's."""
+def test_cpu_kernels_sums_stay_accurate_over_many_entries(cpu_ext):
+    """450,000 entries (1,760 tiles of the cpu kernel, 32 image blocks of the shift kernel) at moderate noise: the
+    running sums are kept in fp64, so the result is as close to float64 as the fp32 logits allow (in fp32 they
+    drifted by 2e-5), and closer than the torch path's."""
     g = torch.Generator().manual_seed(7)
     train = torch.randint(0, 256, (500, 1, 32, 32), generator=g, dtype=torch.uint8)
     x = torch.randn(2, 1, 32, 32, generator=g)
     ref = ScoreMachine(train, backend="torch", dtype=torch.float64).denoise(x.double(), 0.3, 3)
-    for isa in cpu_ext.isas():
-        cpu = ScoreMachine(train, backend=Cpu(isa=isa)).denoise(x, 0.3, 3).double()
-        assert (cpu - ref).abs().max() <= 1e-6, isa
+    for backend in [kind(isa=isa) for isa in cpu_ext.isas() for kind in (Cpu, Shifts)]:
+        out = ScoreMachine(train, backend=backend).denoise(x, 0.3, 3).double()
+        assert (out - ref).abs().max() <= 1e-6, backend
 
 
 def test_cpu_kernel_does_not_depend_on_splits_or_chunks(cpu_ext):
