@@ -141,7 +141,7 @@ class Shifts(Backend):
         threads = torch.get_num_threads()
         splits = self.splits or max(1, min(MAX_SPLITS, blocks, math.ceil(2 * threads / B)))
         a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
-        train = dictionary.images.contiguous()
+        train = dictionary.images.to(queries.device).contiguous()
         m = torch.empty(splits, G, M, dtype=torch.float32)
         l, acc = torch.empty_like(m), torch.empty(splits, G, M, C, dtype=torch.float32)
         ext.reduce_shifts(
