@@ -12,6 +12,18 @@
 namespace py = pybind11;
 namespace cpu = elsfast::cpu;
 
+namespace {
+
+// The code of instruction set `isa`, raising unless it is a known name that this CPU runs.
+int runnable_isa(const std::string& isa) {
+  const int code = isa == "avx512" ? cpu::kIsaAvx512 : isa == "avx2" ? cpu::kIsaAvx2 : -1;
+  if (code < 0) throw std::invalid_argument("elsfast._cpu: isa must be 'avx2' or 'avx512'");
+  if (!cpu::supported(code)) throw std::runtime_error("elsfast._cpu: this CPU does not run " + isa);
+  return code;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cpu, module) {
   module.doc() = "elsfast's fused CPU reduction (csrc/cpu_reduce.cpp). Pointers are integers; see "
                  "elsfast/reduce/cpu_backend.py.";
@@ -33,9 +45,7 @@ PYBIND11_MODULE(_cpu, module) {
          std::uintptr_t m, std::uintptr_t l, std::uintptr_t acc, std::uintptr_t best, std::uintptr_t u, int64_t G,
          int64_t M, int64_t N, int64_t S, int64_t D, int64_t E, int64_t pixels_per_image, int64_t splits,
          int64_t tiles_per_chunk, float key_scale, bool uint8, bool provenance, int threads, const std::string& isa) {
-        const int code = isa == "avx512" ? cpu::kIsaAvx512 : isa == "avx2" ? cpu::kIsaAvx2 : -1;
-        if (code < 0) throw std::invalid_argument("elsfast._cpu: isa must be 'avx2' or 'avx512'");
-        if (!cpu::supported(code)) throw std::runtime_error("elsfast._cpu: this CPU does not run " + isa);
+        const int code = runnable_isa(isa);
         if (E < 1 || E > cpu::kMaxE) throw std::invalid_argument("elsfast._cpu: value channels must be 1..4");
         if (G < 1 || M < 1 || N < 1 || S < 1 || D < 1 || splits < 1 || tiles_per_chunk < 1 || threads < 1)
           throw std::invalid_argument("elsfast._cpu: sizes must be positive");
@@ -62,9 +72,7 @@ PYBIND11_MODULE(_cpu, module) {
       [](std::uintptr_t x, std::uintptr_t images, std::uintptr_t groups, std::uintptr_t m, std::uintptr_t l,
          std::uintptr_t acc, int64_t B, int64_t C, int64_t H, int64_t W, int64_t N, int64_t G, int64_t M, int64_t P,
          int64_t splits, float q_scale, float key_scale, bool uint8, int threads, const std::string& isa) {
-        const int code = isa == "avx512" ? cpu::kIsaAvx512 : isa == "avx2" ? cpu::kIsaAvx2 : -1;
-        if (code < 0) throw std::invalid_argument("elsfast._cpu: isa must be 'avx2' or 'avx512'");
-        if (!cpu::supported(code)) throw std::runtime_error("elsfast._cpu: this CPU does not run " + isa);
+        const int code = runnable_isa(isa);
         if (C < 1 || C > cpu::kMaxE) throw std::invalid_argument("elsfast._cpu: channels must be 1..4");
         if (B < 1 || H < 1 || W < 1 || N < 1 || G < 1 || M < 1 || splits < 1 || threads < 1 || P < 1 || P % 2 == 0)
           throw std::invalid_argument("elsfast._cpu: sizes must be positive and the patch size odd");

@@ -26,7 +26,7 @@ from .partials import (
 )
 from .registry import Backend, BackendOutput, register_backend
 
-__all__ = ["Cpu", "choose_isa", "cpu_kernel_reasons"]
+__all__ = ["Cpu", "check_options", "choose_isa", "cpu_kernel_reasons"]
 
 CHUNK_BYTES = 2 << 20  # packed key tiles shared by all threads: about an L2/L3 slice
 MAX_SPLITS = 64
@@ -40,6 +40,17 @@ def choose_isa(ext, isa: str) -> str | None:
     if isa == "auto":
         return available[-1] if available else None
     return isa if isa in available else None
+
+
+def check_options(backend: Backend, counts: tuple[str, ...]) -> None:
+    """Raise ValueError unless each attribute in `counts` of a CPU-kernel backend is a positive integer or None and
+    its `isa` is one of ISAS."""
+    for name in counts:
+        value = getattr(backend, name)
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+    if backend.isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {backend.isa!r}")
 
 
 def cpu_kernel_reasons(isa: str, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
@@ -91,12 +102,7 @@ class Cpu(Backend):
     PRIORITY = 60  # after topk (50), which `auto` takes only for huge dictionaries; before torch (100)
 
     def __post_init__(self) -> None:
-        for name in ("splits", "tiles_per_chunk"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.isa not in ISAS:
-            raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {self.isa!r}")
+        check_options(self, ("splits", "tiles_per_chunk"))
 
     def options(self) -> dict:
         return {"splits": self.splits, "tiles_per_chunk": self.tiles_per_chunk, "isa": self.isa}

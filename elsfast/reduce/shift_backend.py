@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu_backend import ISAS, MAX_SPLITS, Cpu, choose_isa, cpu_kernel_reasons
+from .cpu_backend import MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
 from .dictionary import Dictionary, PatchDictionary
-from .partials import LOG2E, fold_partial_states, import_extension
+from .partials import LOG2E, empty_partial_states, fold_partial_states, import_extension
 from .registry import Backend, BackendOutput, register_backend
 
 __all__ = ["AUTO_MIN_PATCH_SIZE", "Shifts", "group_rectangles", "query_images"]
@@ -91,12 +91,7 @@ class Shifts(Backend):
     PRIORITY = 55  # before the cpu kernel (60): same results, a fraction of its work for patches above 3 x 3
 
     def __post_init__(self) -> None:
-        if self.splits is not None and (
-            isinstance(self.splits, bool) or int(self.splits) != self.splits or self.splits < 1
-        ):
-            raise ValueError(f"splits must be a positive integer or None, got {self.splits!r}")
-        if self.isa not in ISAS:
-            raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {self.isa!r}")
+        check_options(self, ("splits",))
 
     def options(self) -> dict:
         return {"splits": self.splits, "isa": self.isa}
@@ -142,8 +137,7 @@ class Shifts(Backend):
         splits = self.splits or max(1, min(MAX_SPLITS, blocks, math.ceil(2 * threads / B)))
         a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
         train = dictionary.images.to(queries.device).contiguous()
-        m = torch.empty(splits, G, M, dtype=torch.float32)
-        l, acc = torch.empty_like(m), torch.empty(splits, G, M, C, dtype=torch.float32)
+        m, l, acc, _, _ = empty_partial_states(splits, G, M, C, queries.device)
         ext.reduce_shifts(
             *(t.data_ptr() for t in (images, train, groups, m, l, acc)),
             B, C, H, W, N, G, M, dictionary.patch_size, splits,
