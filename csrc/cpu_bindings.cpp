@@ -44,7 +44,8 @@ PYBIND11_MODULE(_cpu, module) {
       [](std::uintptr_t q, std::uintptr_t images, std::uintptr_t key_offsets, std::uintptr_t value_offsets,
          std::uintptr_t m, std::uintptr_t l, std::uintptr_t acc, std::uintptr_t best, std::uintptr_t u, int64_t G,
          int64_t M, int64_t N, int64_t S, int64_t D, int64_t E, int64_t pixels_per_image, int64_t splits,
-         int64_t tiles_per_chunk, float key_scale, bool uint8, bool provenance, int threads, const std::string& isa) {
+         int64_t tiles_per_chunk, float key_scale, bool uint8, bool provenance, int threads, const std::string& isa,
+         std::uintptr_t image_bias) {
         const int code = runnable_isa(isa);
         if (E < 1 || E > cpu::kMaxE) throw std::invalid_argument("elsfast._cpu: value channels must be 1..4");
         if (G < 1 || M < 1 || N < 1 || S < 1 || D < 1 || splits < 1 || tiles_per_chunk < 1 || threads < 1)
@@ -58,12 +59,14 @@ PYBIND11_MODULE(_cpu, module) {
                              reinterpret_cast<float*>(acc),
                              reinterpret_cast<int64_t*>(best),
                              reinterpret_cast<float*>(u),
+                             reinterpret_cast<const float*>(image_bias),
                              G, M, N, S, D, E, pixels_per_image, splits, tiles_per_chunk, key_scale, uint8,
                              provenance, threads, code};
         py::gil_scoped_release release;
         cpu::reduce(args);
       },
-      "Fold every group's dictionary into `splits` partial states per query (see csrc/cpu_reduce.h).");
+      "Fold every group's dictionary into `splits` partial states per query (see csrc/cpu_reduce.h); "
+      "`image_bias` 0 or the pointer of N fp32 bits added to the logits of each image's entries.");
   module.def(
       "lanes", [](const std::string& isa) { return cpu::lanes(isa == "avx512" ? cpu::kIsaAvx512 : cpu::kIsaAvx2); },
       "Training images a vector lane block of the displacement kernel holds under `isa`.");

@@ -26,6 +26,7 @@ struct Args {
   float* acc;                    // (splits, G, M, E) out: sum of 2^(s - m) v
   int64_t* best;                 // (splits, G, M) out: local id n * S + s of the largest logit (provenance)
   float* u;                      // (splits, G, M) out: sum of 2^(s - m) (s - m) (provenance)
+  const float* image_bias;       // (N,) or null: bits added to every logit of image n (log2 of a multiplicity)
   int64_t G, M, N, S, D, E, pixels_per_image;
   int64_t splits;  // partial states per query: tile t of a chunk folds into split t % splits
   int64_t tiles_per_chunk;  // key tiles packed at once and shared by all threads

@@ -390,11 +390,11 @@ def test_cpu_backend_configuration(cpu_ext):
 
 def test_cpu_extension_checks_sizes(cpu_ext):
     with pytest.raises(ValueError, match="value channels"):
-        cpu_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 5, 1, 1, 1, 1.0, False, False, 1, "avx2")
+        cpu_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 5, 1, 1, 1, 1.0, False, False, 1, "avx2", 0)
     with pytest.raises(ValueError, match="positive"):
-        cpu_ext.reduce(*([0] * 9), 1, 0, 1, 1, 1, 1, 1, 1, 1, 1.0, False, False, 1, "avx2")
+        cpu_ext.reduce(*([0] * 9), 1, 0, 1, 1, 1, 1, 1, 1, 1, 1.0, False, False, 1, "avx2", 0)
     with pytest.raises(ValueError, match="isa"):
-        cpu_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 1, 1, 1, 1, 1.0, False, False, 1, "sse")
+        cpu_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 1, 1, 1, 1, 1.0, False, False, 1, "sse", 0)
 
 
 def test_topk_falls_back_to_the_fastest_exact_backend(cpu_ext, monkeypatch):

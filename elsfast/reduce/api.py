@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import cpu_backend, cuda_backend, shift_backend, topk, torch_backend, triton_backend  # noqa: F401  (register the backends)
+from . import cpu_backend, cuda_backend, dedup_backend, shift_backend, topk, torch_backend, triton_backend  # noqa: F401  (register the backends)
 from .dictionary import Dictionary
 from .registry import BackendOutput, BackendSpec, select_backend
 from .state import ReduceState

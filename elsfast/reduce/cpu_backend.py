@@ -70,14 +70,15 @@ def cpu_kernel_reasons(isa: str, queries: torch.Tensor, dictionary: Dictionary) 
     return reasons + compiled_kernel_reasons(queries, dictionary, "torch")
 
 
-def plan(ext, dictionary: Dictionary, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
-    """`(splits, tiles_per_chunk)` for `M` queries a group: enough work units (query blocks x splits) for two per
-    thread, at most one split per key tile; chunks of packed tiles of about `CHUNK_BYTES` (at most a quarter of
-    the budget). `ext`: the compiled module (its tile and block sizes)."""
-    tiles = math.ceil(dictionary.size / ext.TILE_N)
+def plan(ext, entries: int, D: int, E: int, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
+    """`(splits, tiles_per_chunk)` for `M` queries a group against `entries` entries of D features and E values:
+    enough work units (query blocks x splits) for two per thread, at most one split per key tile; chunks of packed
+    tiles of about `CHUNK_BYTES` (at most a quarter of the budget). `ext`: the compiled module (its tile and
+    block sizes)."""
+    tiles = math.ceil(entries / ext.TILE_N)
     blocks = math.ceil(M / ext.BLOCK_Q)
     splits = max(1, min(MAX_SPLITS, tiles, math.ceil(2 * threads / blocks)))
-    tile_bytes = ext.TILE_N * (4 * (dictionary.key_dim + dictionary.value_dim + 1) + 8)
+    tile_bytes = ext.TILE_N * (4 * (D + E + 1) + 8)
     per_chunk = max(1, min(tiles, min(CHUNK_BYTES, memory_budget // 4) // tile_bytes))
     return splits, per_chunk
 
@@ -122,7 +123,9 @@ class Cpu(Backend):
         ext = import_extension("elsfast._cpu")
         G, M, _ = queries.shape
         threads = torch.get_num_threads()
-        splits, per_chunk = plan(ext, dictionary, M, threads, memory_budget)
+        splits, per_chunk = plan(
+            ext, dictionary.size, dictionary.key_dim, dictionary.value_dim, M, threads, memory_budget
+        )
         splits, per_chunk = self.splits or splits, self.tiles_per_chunk or per_chunk
         inputs = kernel_inputs(queries, dictionary, abar)
         E = dictionary.value_dim
@@ -136,6 +139,7 @@ class Cpu(Backend):
             provenance,
             threads,
             choose_isa(ext, self.isa),
+            0,  # no per-image logit bias
         )
         state = fold_partial_states(dictionary, m, l, acc, best if provenance else None, u if provenance else None)
         chunks = G * math.ceil(math.ceil(dictionary.size / ext.TILE_N) / per_chunk)

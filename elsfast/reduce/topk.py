@@ -30,20 +30,18 @@ from pathlib import Path
 import torch
 
 from .dictionary import Dictionary
+from .distinct import DistinctEntries, distinct_entries, resolve_storage
 from .registry import Backend, BackendOutput, register_backend, select_backend
 from .state import ReduceState
 from .topk_index import (
     KINDS,
     STORAGES,
-    DistinctEntries,
     GroupIndex,
     build_group_index,
     cache_key,
     default_cache_dir,
-    distinct_entries,
     faiss_or_reason,
     load_cached,
-    resolve_storage,
     save_cached,
 )
 from .torch_backend import LOG2E

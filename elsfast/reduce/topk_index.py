@@ -29,14 +29,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .dictionary import Dictionary, ImageDictionary, PatchDictionary
+from .dictionary import Dictionary
+from .distinct import DistinctEntries, content_hash, describe, to_units
 
 __all__ = [
-    "DistinctEntries",
     "GroupIndex",
     "build_group_index",
     "default_cache_dir",
-    "distinct_entries",
     "faiss_or_reason",
     "load_cached",
     "save_cached",
@@ -130,11 +129,6 @@ class GroupIndex:
         return _as_dist(d, ids), torch.from_numpy(ids), probe
 
 
-def to_units(keys: torch.Tensor, features: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
-    """Keys or scaled queries `(..., D)` in [-1, 1] units -> the indexed features in index units, float64."""
-    return (keys[..., features].double() + offset) * scale
-
-
 def _as_dist(d: np.ndarray, ids: np.ndarray) -> torch.Tensor:
     d = torch.from_numpy(d).double()
     return torch.where(torch.from_numpy(ids) >= 0, d, torch.inf)
@@ -150,111 +144,19 @@ def centroid_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _describe(dg: Dictionary) -> bytes:
-    """What identifies a one-group dictionary's entries, apart from its images."""
-    if isinstance(dg, PatchDictionary):
-        return repr(("patch", dg.patch_size, dg.padding)).encode() + dg.positions.cpu().numpy().tobytes()
-    if isinstance(dg, ImageDictionary):
-        return repr(("image", dg.shifts)).encode()
-    raise TypeError(f"no top-k index for {type(dg).__name__}")
-
-
-_CONTENT: dict[int, tuple[torch.Tensor, int, str]] = {}
-
-
-def content_hash(images: torch.Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes, remembered while the tensor is unchanged (the memo keeps a
-    reference, so an id is never reused for other data while remembered)."""
-    key = id(images)
-    hit = _CONTENT.get(key)
-    if hit is not None and hit[0] is images and hit[1] == images._version:
-        return hit[2]
-    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    if len(_CONTENT) >= 8:
-        _CONTENT.pop(next(iter(_CONTENT)))
-    _CONTENT[key] = (images, images._version, digest.hexdigest())
-    return digest.hexdigest()
-
-
-def resolve_storage(storage: str, kind: str, images: torch.Tensor) -> str:
-    if storage == "auto":
-        return "uint8" if images.dtype == torch.uint8 else "float32"
-    if storage == "uint8" and images.dtype != torch.uint8:
-        raise ValueError("storage='uint8' stores pixel values exactly and needs uint8 training images")
-    return storage
-
-
 def cache_key(dg: Dictionary, kind: str, storage: str, nlist: int | None) -> str:
     """Content hash naming one group index: training images, entries, index kind and parameters, versions."""
     import faiss
 
     digest = hashlib.sha256(repr((INDEX_FORMAT, faiss.__version__, kind, storage, nlist)).encode())
     digest.update(content_hash(dg.images).encode())
-    digest.update(_describe(dg))
+    digest.update(describe(dg))
     return digest.hexdigest()[:32]
 
 
 def default_nlist(n: int) -> int:
     """Inverted lists for n entries: about 4 sqrt(n), at most 4096 (assigning every entry costs n * nlist * Dv)."""
     return int(min(4096, max(1, round(4 * math.sqrt(n)))))
-
-
-def _image_major(keys: torch.Tensor, n_images: int) -> torch.Tensor:
-    """Chunk keys `(1, S * n, D)` in entry-major order -> `(n * S, D)` with row `i * S + s` (the entry ids)."""
-    D = keys.shape[-1]
-    return keys[0].view(-1, n_images, D).transpose(0, 1).reshape(-1, D)
-
-
-@dataclass
-class DistinctEntries:
-    """The distinct keys of a one-group dictionary and how often each occurs (flat backgrounds repeat one patch
-    thousands of times; a top-k over distinct keys weighted by their counts is exact where a top-k over raw
-    entries could never be certified). `keys` `(U, Dv)` in index units (uint8 for uint8 storage, float32
-    otherwise), `rep_ids` `(U,)` one entry id per key (the first), `counts` `(U,)` float64; `total` entries."""
-
-    keys: torch.Tensor
-    rep_ids: torch.Tensor
-    counts: torch.Tensor
-    features: torch.Tensor
-    storage: str
-    scale: float
-    offset: float
-    total: int
-
-    def unit_rows(self, start: int, stop: int) -> torch.Tensor:
-        return self.keys[start:stop].float()
-
-    def to_units(self, keys: torch.Tensor) -> torch.Tensor:
-        return to_units(keys, self.features, self.offset, self.scale)
-
-
-def distinct_entries(dg: Dictionary, storage: str, *, memory_budget: int = 512 << 20) -> DistinctEntries:
-    """Every entry of the one-group dictionary `dg` in index units, deduplicated (hash, then verified exactly)."""
-    storage = resolve_storage(storage, "flat", dg.images)
-    features = (~dg.constant_features()).nonzero().flatten()
-    Dv, n, S = len(features), dg.size, dg.entries_per_image
-    scale, offset = (127.5, 1.0) if storage == "uint8" else (1.0, 0.0)
-    keys = torch.empty(n, Dv, dtype=torch.uint8 if storage == "uint8" else torch.float32)
-    images_per_chunk = max(1, min(dg.num_images, (memory_budget // 4) // max(1, S * dg.key_dim * 4 * 3)))
-    for start in range(0, dg.num_images, images_per_chunk):
-        stop = min(dg.num_images, start + images_per_chunk)
-        chunk, _ = dg.entries(start, stop, torch.float32)
-        units = (_image_major(chunk.cpu(), stop - start)[:, features] + offset) * scale
-        keys[start * S : stop * S] = units.round_() if storage == "uint8" else units
-    # hash every row to an int64, group equal hashes, then check that the rows of a group really are equal
-    weights = torch.randint(-(2**62), 2**62, (Dv,), generator=torch.Generator().manual_seed(1234))
-    step = max(1, (1 << 24) // max(1, Dv))
-    bits = (lambda t: t.long()) if storage == "uint8" else (lambda t: t.view(torch.int32).long())
-    hashes = torch.cat([(bits(keys[i : i + step]) * weights).sum(1) for i in range(0, n, step)])
-    first = lambda inverse, u: torch.full((u,), n).scatter_reduce_(0, inverse, torch.arange(n), "amin")  # noqa: E731
-    _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
-    rep = first(inverse, len(counts))
-    same = all(torch.equal(keys[i : i + step], keys[rep[inverse[i : i + step]]]) for i in range(0, n, step))
-    if not same:  # a hash collision (astronomically rare): exact row-wise unique
-        _, inverse, counts = torch.unique(keys, dim=0, return_inverse=True, return_counts=True)
-        rep = first(inverse, len(counts))
-    return DistinctEntries(keys[rep], rep, counts.double(), features, storage, scale, offset, n)
 
 
 def build_group_index(
