@@ -6,7 +6,7 @@ Importing elsfast imports nothing optional (no Triton, FAISS or compiled extensi
 from . import creativity, datasets, schedules
 from .machine import MACHINES, ScoreMachine
 from .provenance import Provenance
-from .reduce import Cpu, Shifts, TopK, Triton, backend_names, softmax_reduce
+from .reduce import Cpu, Dedup, Shifts, TopK, Triton, backend_names, softmax_reduce
 from .sampling import SampleTrace, ddim_sample, sample
 from .scales import reference_scales
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MACHINES",
     "Cpu",
+    "Dedup",
     "Provenance",
     "SampleTrace",
     "ScoreMachine",

@@ -27,3 +27,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cpu_ext():
+    """The compiled CPU kernels (`elsfast._cpu`); skips the test where they are not built or the CPU lacks AVX2."""
+    ext = pytest.importorskip("elsfast._cpu", reason="the CPU extension is not compiled (no C++ compiler at install)")
+    if not ext.isas():
+        pytest.skip("this CPU lacks AVX2 + FMA")
+    return ext

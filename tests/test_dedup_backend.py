@@ -16,26 +16,20 @@ from problems import fp32_tolerance, make_problem, reference
 
 import elsfast.reduce.dedup_backend as dedup_backend
 import elsfast.reduce.distinct as distinct
-from elsfast import ScoreMachine
+from elsfast import Dedup, ScoreMachine
 from elsfast.patches import extract_patches, group_sets
 from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, softmax_reduce
-from elsfast.reduce.dedup_backend import Dedup, distinct_table
+from elsfast.reduce.dedup_backend import distinct_table
 from elsfast.reduce.registry import backend_from_spec, backend_spec, select_backend
-
-
-@pytest.fixture(scope="module")
-def ext():
-    ext = pytest.importorskip("elsfast._cpu", reason="the CPU extension is not compiled (no C++ compiler at install)")
-    if not ext.isas():
-        pytest.skip("this CPU lacks AVX2 + FMA")
-    return ext
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
     dedup_backend._CACHE.clear()
+    dedup_backend._COUNTS.clear()
     yield
     dedup_backend._CACHE.clear()
+    dedup_backend._COUNTS.clear()
 
 
 def binary_problem(seed, N, C, H, W, B, abar, classes=None, uint8=False):
@@ -51,9 +45,9 @@ def as_float(train: torch.Tensor) -> torch.Tensor:
     return train.double() / 127.5 - 1 if train.dtype == torch.uint8 else train
 
 
-def variants(ext) -> list[Dedup]:
+def variants(cpu_ext) -> list[Dedup]:
     """Every instruction set this CPU runs, with planned splits and with 3 partial states a query."""
-    return [Dedup(isa=isa, splits=splits) for isa in ext.isas() for splits in (None, 3)]
+    return [Dedup(isa=isa, splits=splits) for isa in cpu_ext.isas() for splits in (None, 3)]
 
 
 @pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
@@ -69,12 +63,12 @@ def variants(ext) -> list[Dedup]:
         ("els", "zeros", False, 5, 1, True),
     ],
 )
-def test_dedup_matches_float64_reference(ext, machine, padding, conditional, P, C, uint8, abar):
+def test_dedup_matches_float64_reference(cpu_ext, machine, padding, conditional, P, C, uint8, abar):
     seed = hash(("dedup", machine, padding, conditional, P, C, uint8, abar)) % 2**31
     train, x, train_labels, labels = binary_problem(seed, 60, C, 9, 7, 3, abar, 3 * conditional, uint8)
     ref = reference(x, as_float(train), abar, machine, padding, P, labels, train_labels)
     tol = fp32_tolerance(x, as_float(train).float(), abar, P, machine)
-    for backend in variants(ext):
+    for backend in variants(cpu_ext):
         m = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=backend)
         out = m.denoise(x, abar, P, labels)
         assert m.last_stats.backends == {"dedup"}
@@ -87,7 +81,7 @@ def test_dedup_matches_float64_reference(ext, machine, padding, conditional, P, 
     assert table.duplication > (1.0 if P == 5 or machine == "ls" else 2.0)
 
 
-def test_distinct_table_counts_every_entry_once(ext):
+def test_distinct_table_counts_every_entry_once(cpu_ext):
     train, _, _, _ = binary_problem(3, 50, 1, 8, 8, 1, 0.5, uint8=True)
     for positions in group_sets(8, 8, 3, "zeros", "els"):
         d = PatchDictionary(train, 3, "zeros", positions)
@@ -110,7 +104,7 @@ def test_distinct_table_counts_every_entry_once(ext):
             assert int((dg.pixel_offsets()[0][0, 0] == centre).nonzero()[0]) == int(table.features[column])
 
 
-def test_distinct_table_is_cached_and_rebuilt_when_the_images_change(ext):
+def test_distinct_table_is_cached_and_rebuilt_when_the_images_change(cpu_ext):
     train, x, _, _ = binary_problem(5, 40, 1, 8, 8, 1, 0.5, uint8=True)
     positions = group_sets(8, 8, 3, "zeros", "els")[0]
     dg = PatchDictionary(train, 3, "zeros", positions)
@@ -132,7 +126,7 @@ def test_distinct_table_is_cached_and_rebuilt_when_the_images_change(ext):
     assert not torch.equal(before, after)
 
 
-def test_distinct_table_cache_is_bounded(ext, monkeypatch):
+def test_distinct_table_cache_is_bounded(cpu_ext, monkeypatch):
     train, _, _, _ = binary_problem(8, 30, 1, 8, 8, 1, 0.5, uint8=True)
     monkeypatch.setattr(dedup_backend, "CACHE_BYTES", 1)
     for P in (1, 3, 5):
@@ -142,7 +136,7 @@ def test_distinct_table_cache_is_bounded(ext, monkeypatch):
         assert len(dedup_backend._CACHE) == 1  # the newest table stays even when it alone exceeds the cap
 
 
-def test_hash_collisions_are_caught_and_resolved_exactly(ext, monkeypatch):
+def test_hash_collisions_are_caught_and_resolved_exactly(cpu_ext, monkeypatch):
     """Every row hashing alike forces the exact fallback; the table must equal the one built with real hashes."""
     train, _, _, _ = binary_problem(11, 30, 1, 8, 8, 2, 0.7, uint8=True)
     dg = PatchDictionary(train, 3, "zeros", group_sets(8, 8, 3, "zeros", "els")[0])
@@ -171,7 +165,7 @@ def test_row_hashes_separate_rows_that_differ_in_any_byte():
     assert torch.equal(distinct._row_hashes(rows.clone()), hashes)
 
 
-def test_dedup_provenance_runs_the_cpu_kernel(ext):
+def test_dedup_provenance_runs_the_cpu_kernel(cpu_ext):
     """With provenance the dominant entry is an entry of the training set (the cpu kernel), as the reference's."""
     train, x, _, _ = binary_problem(17, 40, 1, 8, 9, 2, 0.8, uint8=True)
     train = (
@@ -187,7 +181,7 @@ def test_dedup_provenance_runs_the_cpu_kernel(ext):
         np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
 
 
-def test_auto_takes_dedup_only_where_entries_repeat(ext, monkeypatch):
+def test_auto_takes_dedup_only_where_entries_repeat(cpu_ext, monkeypatch):
     monkeypatch.setattr(dedup_backend, "AUTO_MIN_ENTRIES", 100)
     repeating, x, _, _ = binary_problem(19, 60, 1, 9, 9, 1, 0.5, uint8=True)
     distinct_pixels = torch.randint(
@@ -204,8 +198,15 @@ def test_auto_takes_dedup_only_where_entries_repeat(ext, monkeypatch):
     assert chosen.NAME != "dedup"
     positions = group_sets(9, 9, 3, "zeros", "els")[0]
     queries = extract_patches(x, 3, "zeros", positions).reshape(1, -1, 9)
-    reasons = Dedup().auto_reasons(queries, PatchDictionary(distinct_pixels, 3, "zeros", positions))
+    dictionary = PatchDictionary(distinct_pixels, 3, "zeros", positions)
+    reasons = Dedup().auto_reasons(queries, dictionary)
     assert any("entries per distinct key" in r for r in reasons)
+    # the refused tables are dropped; their counts are remembered, so asking again builds nothing
+    assert dedup_backend._table_key(dictionary.group(0)) not in dedup_backend._CACHE
+    monkeypatch.setattr(dedup_backend, "distinct_entries", lambda *a, **k: pytest.fail("rebuilt a refused table"))
+    assert Dedup().auto_reasons(queries, dictionary) == reasons
+    monkeypatch.undo()
+    monkeypatch.setattr(dedup_backend, "AUTO_MIN_ENTRIES", 100)
     # beyond AUTO_MAX_PATCH_SIZE, and below AUTO_MIN_ENTRIES, auto does not even build a table
     dedup_backend._CACHE.clear()
     assert auto_choice(repeating, dedup_backend.AUTO_MAX_PATCH_SIZE + 2).NAME != "dedup"
@@ -214,7 +215,7 @@ def test_auto_takes_dedup_only_where_entries_repeat(ext, monkeypatch):
     assert not dedup_backend._CACHE
 
 
-def test_dedup_refuses_what_it_cannot_run(ext):
+def test_dedup_refuses_what_it_cannot_run(cpu_ext):
     train, x, _, _ = binary_problem(23, 10, 1, 6, 6, 1, 0.5)
     images = ImageDictionary(train)
     with pytest.raises(BackendUnavailable, match="not a patch dictionary"):
@@ -237,7 +238,7 @@ def test_dedup_configuration_round_trip():
             Dedup(**bad)
 
 
-def test_dedup_agrees_with_the_cpu_kernel_on_repeated_natural_patches(ext):
+def test_dedup_agrees_with_the_cpu_kernel_on_repeated_natural_patches(cpu_ext):
     """A larger problem with MNIST-like statistics (flat background, strokes): dedup against the cpu kernel, which
     runs every entry, within twice the fp32 bound (both are fp32 kernels)."""
     g = torch.Generator().manual_seed(29)

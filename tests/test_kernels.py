@@ -253,14 +253,6 @@ def test_cuda_extension_checks_sizes(cuda_ext):
 # --- the compiled CPU kernel ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cpu_ext():
-    ext = pytest.importorskip("elsfast._cpu", reason="the CPU extension is not compiled (no C++ compiler at install)")
-    if not ext.isas():
-        pytest.skip("this CPU lacks AVX2 + FMA")
-    return ext
-
-
 SPLIT = Cpu(splits=3, tiles_per_chunk=1)  # every tile its own chunk, three partial states a query
 
 

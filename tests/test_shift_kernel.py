@@ -19,28 +19,20 @@ from elsfast.reduce.registry import backend_from_spec, backend_spec, select_back
 from elsfast.reduce.shift_backend import AUTO_MIN_PATCH_SIZE, group_rectangles, query_images
 
 
-@pytest.fixture(scope="module")
-def ext():
-    ext = pytest.importorskip("elsfast._cpu", reason="the CPU extension is not compiled (no C++ compiler at install)")
-    if not ext.isas():
-        pytest.skip("this CPU lacks AVX2 + FMA")
-    return ext
-
-
-def variants(ext) -> list[Shifts]:
+def variants(cpu_ext) -> list[Shifts]:
     """Every instruction set this CPU runs, with planned splits and with 3 partial states a query."""
-    return [Shifts(isa=isa, splits=splits) for isa in ext.isas() for splits in (None, 3)]
+    return [Shifts(isa=isa, splits=splits) for isa in cpu_ext.isas() for splits in (None, 3)]
 
 
 @pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
 @pytest.mark.parametrize(("conditional", "P"), [(False, 1), (False, 3), (True, 3), (False, 5), (True, 7), (False, 13)])
-def test_shift_kernel_matches_float64reference(ext, conditional, P, abar):
+def test_shift_kernel_matches_float64reference(cpu_ext, conditional, P, abar):
     seed = hash(("shifts", conditional, P, abar)) % 2**31
     C = 3 if P == 3 else 1
     train, x, train_labels, labels = make_problem(seed, 45, C, 9, 7, 3, abar, 3 * conditional)
     ref = reference(x, train, abar, "els", "zeros", P, labels, train_labels)
     tol = fp32_tolerance(x, train, abar, P, "els")
-    for backend in variants(ext):
+    for backend in variants(cpu_ext):
         m = ScoreMachine(train, train_labels, machine="els", padding="zeros", backend=backend)
         out = m.denoise(x, abar, P, labels)
         assert m.last_stats.backends == {"shifts"}
@@ -49,7 +41,7 @@ def test_shift_kernel_matches_float64reference(ext, conditional, P, abar):
         assert err <= tol, f"{backend}: max error {err:.3g}"
 
 
-def test_shift_kernel_uint8_images_and_provenance(ext):
+def test_shift_kernel_uint8_images_and_provenance(cpu_ext):
     """uint8 images, 3 channels, P = 7; with provenance the backend runs the cpu kernel (which tracks the dominant
     entry), and tracking does not change the output beyond the fp32 bound."""
     g = torch.Generator().manual_seed(6)
@@ -67,7 +59,7 @@ def test_shift_kernel_uint8_images_and_provenance(ext):
         np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
 
 
-def test_shift_kernel_does_not_depend_on_splits_or_threads(ext):
+def test_shift_kernel_does_not_depend_on_splits_or_threads(cpu_ext):
     train, x, _, _ = make_problem(13, 37, 1, 9, 8, 2, 0.7)
     outs = [ScoreMachine(train, backend=Shifts(splits=s)).denoise(x, 0.7, 5) for s in (1, 2, 3, 64)]
     atol = 2 * fp32_tolerance(x, train, 0.7, 5, "els")
@@ -84,7 +76,7 @@ def test_shift_kernel_does_not_depend_on_splits_or_threads(ext):
     torch.testing.assert_close(fixed[0], fixed[1], rtol=0, atol=0)  # fixed splits: the same sums in the same order
 
 
-def test_auto_takes_the_shift_kernel_for_large_zero_padded_patches(ext):
+def test_auto_takes_the_shift_kernel_for_large_zero_padded_patches(cpu_ext):
     """Zero-padded ELS from AUTO_MIN_PATCH_SIZE on: the interior and edge groups on the shift kernel, the corner
     groups (one position each, nothing shared) on the cpu kernel; smaller patches, circular padding and LS on cpu."""
     train, x, _, _ = make_problem(15, 20, 1, 12, 12, 1, 0.5)
@@ -99,7 +91,7 @@ def test_auto_takes_the_shift_kernel_for_large_zero_padded_patches(ext):
         assert m.last_stats.backends == want, (P, padding, machine)
 
 
-def test_shift_kernel_says_why_it_cannot_run(ext):
+def test_shift_kernel_says_why_it_cannot_run(cpu_ext):
     images = torch.rand(4, 1, 6, 6) * 2 - 1
     x = torch.rand(2, 1, 6, 6) * 2 - 1
     positions = group_sets(6, 6, 3, "zeros", "els")[0]  # the four edge groups of 4 positions
@@ -123,7 +115,7 @@ def test_shift_kernel_says_why_it_cannot_run(ext):
         softmax_reduce(queries.double(), d, abar=0.5, backend="shifts")
 
 
-def test_group_rectangles_and_query_images_rebuild_the_machines_layout(ext):
+def test_group_rectangles_and_query_images_rebuild_the_machines_layout(cpu_ext):
     H, W, P = 9, 7, 5
     x = torch.rand(3, 2, H, W) * 2 - 1
     for positions in group_sets(H, W, P, "zeros", "els"):
@@ -140,7 +132,7 @@ def test_group_rectangles_and_query_images_rebuild_the_machines_layout(ext):
         assert images[:, :, :r].abs().max() == 0 and images[:, :, :, :r].abs().max() == 0  # padding stays zero
 
 
-def test_shift_backend_configuration_and_extension_checks(ext):
+def test_shift_backend_configuration_and_extension_checks(cpu_ext):
     spec = backend_spec(Shifts(splits=4, isa="avx2"))
     assert backend_from_spec(spec) == Shifts(splits=4, isa="avx2")
     for bad in (0, -1, 2.5, True):
@@ -150,9 +142,9 @@ def test_shift_backend_configuration_and_extension_checks(ext):
         Shifts(isa="neon")
     args = [0] * 6
     with pytest.raises(ValueError, match="odd"):
-        ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 2, 1, 1.0, 1.0, False, 1, "avx2")
+        cpu_ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 2, 1, 1.0, 1.0, False, 1, "avx2")
     with pytest.raises(ValueError, match="channels"):
-        ext.reduce_shifts(*args, 1, 5, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "avx2")
+        cpu_ext.reduce_shifts(*args, 1, 5, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "avx2")
     with pytest.raises(ValueError, match="isa"):
-        ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "sse")
-    assert ext.lanes("avx2") == 8 and ext.lanes("avx512") == 16
+        cpu_ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "sse")
+    assert cpu_ext.lanes("avx2") == 8 and cpu_ext.lanes("avx512") == 16

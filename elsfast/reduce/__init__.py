@@ -2,6 +2,7 @@
 
 from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
 from .cpu_backend import Cpu
+from .dedup_backend import Dedup
 from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
 from .shift_backend import Shifts
@@ -14,6 +15,7 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "Cpu",
+    "Dedup",
     "Dictionary",
     "ImageDictionary",
     "PatchDictionary",

@@ -9,9 +9,11 @@ millions of times. Natural RGB images barely repeat a patch, and `auto` passes t
 
 The distinct keys of a group are found once (hash, then verified exactly: `elsfast.reduce.distinct`) and kept in
 memory, named by the content hash of the training images and the group's positions, so the steps of a sample
-that share a patch size share them; the cache holds at most `CACHE_BYTES`. Memory: the table is `distinct x
+that share a patch size share them; the cache holds at most `CACHE_BYTES`. `auto` builds them to learn how
+often keys repeat, and drops those that repeat too little (CIFAR-10: 1.004 entries per key at P = 3), keeping
+only their counts. Memory: the table is `distinct x
 features` bytes for uint8 images (1.1 GB for MNIST at P = 7), its build holds every entry's key once (`entries x
-features` bytes, 2 GB there). With provenance the backend runs the `cpu` kernel, whose dominant entry is an entry
+features` bytes, 2.9 GB there). With provenance the backend runs the `cpu` kernel, whose dominant entry is an entry
 of the training set rather than a distinct key.
 """
 
@@ -48,7 +50,7 @@ log = logging.getLogger("elsfast")
 # AUTO_MAX_PATCH_SIZE (beyond it the `shifts` kernel does more per pair than deduplication saves: MNIST repeats a
 # 9 x 9 patch 1.3 times), groups of at least AUTO_MIN_ENTRIES entries (smaller ones cost more to deduplicate than
 # they take to reduce) and at least AUTO_MIN_DUPLICATION entries per distinct key over the problem's groups
-# (benchmarks/bench_cpu.py::test_dedup_vs_cpu_kernel).
+# (benchmarks/bench_cpu.py::test_dedup_vs_exact_kernels).
 AUTO_MAX_PATCH_SIZE = 7
 AUTO_MIN_ENTRIES = 1 << 20
 AUTO_MIN_DUPLICATION = 1.5
@@ -80,6 +82,7 @@ class DistinctTable:
 
 
 _CACHE: OrderedDict[str, DistinctTable] = OrderedDict()
+_COUNTS: dict[str, tuple[int, int]] = {}  # (entries, distinct keys) of every table built, kept when it is dropped
 
 
 def _table_key(dg: Dictionary) -> str:
@@ -115,6 +118,7 @@ def distinct_table(dg: PatchDictionary, *, memory_budget: int) -> DistinctTable:
         time.perf_counter() - started,
     )
     _CACHE[key] = table
+    _COUNTS[key] = (table.total, table.keys.shape[0])
     while len(_CACHE) > 1 and sum(t.nbytes for t in _CACHE.values()) > CACHE_BYTES:
         _CACHE.popitem(last=False)
     return table
@@ -161,11 +165,18 @@ class Dedup(Backend):
             return [
                 f"{dictionary.size} entries a group: below {AUTO_MIN_ENTRIES} deduplicating costs more than it saves"
             ]
-        # builds the tables once: they are cached for the reduction and for later calls
-        tables = [distinct_table(dictionary.group(g), memory_budget=BUILD_BUDGET) for g in range(dictionary.num_groups)]
-        duplication = sum(t.total for t in tables) / sum(t.keys.shape[0] for t in tables)
-        if duplication < AUTO_MIN_DUPLICATION:
-            return [f"{duplication:.2f} entries per distinct key: below {AUTO_MIN_DUPLICATION} it saves too little"]
+        # builds the tables once: they are cached for the reduction and later calls, or, when they save too
+        # little, dropped, and only their counts are remembered
+        entries = keys = 0
+        for g in range(dictionary.num_groups):
+            key = _table_key(dictionary.group(g))
+            if key not in _COUNTS:
+                distinct_table(dictionary.group(g), memory_budget=BUILD_BUDGET)
+            entries, keys = entries + _COUNTS[key][0], keys + _COUNTS[key][1]
+        if entries / keys < AUTO_MIN_DUPLICATION:
+            for g in range(dictionary.num_groups):
+                _CACHE.pop(_table_key(dictionary.group(g)), None)
+            return [f"{entries / keys:.2f} entries per distinct key: below {AUTO_MIN_DUPLICATION} it saves too little"]
         return []
 
     def reduce(
