@@ -29,8 +29,6 @@ from .state import ReduceState
 
 __all__ = ["Cuda", "reduce_on_host"]
 
-LOG2E = 1.0 / math.log(2.0)
-
 
 def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance: bool, splits: int | None, host: bool):
     ext = import_extension("elsfast._cuda")

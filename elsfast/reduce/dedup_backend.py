@@ -3,18 +3,17 @@ it occurs, on the `cpu` kernel (csrc/cpu_kernel.inc with a per-key logit bias of
 
 Equal keys have equal logits and equal values (a patch's value is its own centre pixel), so summing each distinct
 key once with weight `count` gives the same softmax as summing every entry: the result is exact, not approximate,
-and costs `distinct / total` of the `cpu` kernel's pairs. On MNIST (60,000 digits, interior border class) a
-distinct key stands for 6.1 entries at P = 3, 2.8 at P = 5 and 1.8 at P = 7: flat backgrounds repeat one patch
-millions of times. Natural RGB images barely repeat a patch, and `auto` passes the backend by there.
+and costs `distinct / total` of the `cpu` kernel's pairs. On MNIST (60,000 digits, interior and edge border
+classes) a distinct key stands for 6.9 entries at P = 3, 3.6 at P = 5 and 2.5 at P = 7: flat backgrounds repeat
+one patch millions of times. Natural RGB images barely repeat a patch, and `auto` passes the backend by there.
 
 The distinct keys of a group are found once (hash, then verified exactly: `elsfast.reduce.distinct`) and kept in
 memory, named by the content hash of the training images and the group's positions, so the steps of a sample
 that share a patch size share them; the cache holds at most `CACHE_BYTES`. `auto` builds them to learn how
 often keys repeat, and drops those that repeat too little (CIFAR-10: 1.004 entries per key at P = 3), keeping
-only their counts. Memory: the table is `distinct x
-features` bytes for uint8 images (1.1 GB for MNIST at P = 7), its build holds every entry's key once (`entries x
-features` bytes, 2.9 GB there). With provenance the backend runs the `cpu` kernel, whose dominant entry is an entry
-of the training set rather than a distinct key.
+only their counts. Memory: the table is `distinct x features` bytes for uint8 images (1.1 GB for MNIST at P = 7),
+its build holds every entry's key once (`entries x features` bytes, 2.9 GB there). With provenance the backend
+runs the `cpu` kernel, whose dominant entry is an entry of the training set rather than a distinct key.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ import torch
 from .cpu_backend import Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
 from .dictionary import Dictionary, PatchDictionary
 from .distinct import content_hash, describe, distinct_entries
-from .partials import LOG2E, empty_partial_states, fold_partial_states, import_extension
+from .partials import empty_partial_states, fold_partial_states, import_extension
 from .registry import Backend, BackendOutput, register_backend
-from .state import ReduceState
+from .state import ReduceState, logit_scales
 
 __all__ = [
     "AUTO_MAX_PATCH_SIZE",
@@ -48,9 +47,9 @@ log = logging.getLogger("elsfast")
 
 # `auto` takes the backend for patch dictionaries of uint8 or float32 images with patches of at most
 # AUTO_MAX_PATCH_SIZE (beyond it the `shifts` kernel does more per pair than deduplication saves: MNIST repeats a
-# 9 x 9 patch 1.3 times), groups of at least AUTO_MIN_ENTRIES entries (smaller ones cost more to deduplicate than
-# they take to reduce) and at least AUTO_MIN_DUPLICATION entries per distinct key over the problem's groups
-# (benchmarks/bench_cpu.py::test_dedup_vs_exact_kernels).
+# 9 x 9 patch 1.9 times and dedup runs at 0.75x the shifts kernel there), groups of at least AUTO_MIN_ENTRIES
+# entries (smaller ones cost more to deduplicate than they take to reduce) and at least AUTO_MIN_DUPLICATION
+# entries per distinct key over the problem's groups (benchmarks/bench_cpu.py::test_dedup_vs_exact_kernels).
 AUTO_MAX_PATCH_SIZE = 7
 AUTO_MIN_ENTRIES = 1 << 20
 AUTO_MIN_DUPLICATION = 1.5
@@ -167,16 +166,16 @@ class Dedup(Backend):
             ]
         # builds the tables once: they are cached for the reduction and later calls, or, when they save too
         # little, dropped, and only their counts are remembered
-        entries = keys = 0
-        for g in range(dictionary.num_groups):
-            key = _table_key(dictionary.group(g))
-            if key not in _COUNTS:
-                distinct_table(dictionary.group(g), memory_budget=BUILD_BUDGET)
-            entries, keys = entries + _COUNTS[key][0], keys + _COUNTS[key][1]
-        if entries / keys < AUTO_MIN_DUPLICATION:
-            for g in range(dictionary.num_groups):
-                _CACHE.pop(_table_key(dictionary.group(g)), None)
-            return [f"{entries / keys:.2f} entries per distinct key: below {AUTO_MIN_DUPLICATION} it saves too little"]
+        groups = [dictionary.group(g) for g in range(dictionary.num_groups)]
+        names = [_table_key(dg) for dg in groups]
+        for dg, name in zip(groups, names, strict=True):
+            if name not in _COUNTS:
+                distinct_table(dg, memory_budget=BUILD_BUDGET)
+        duplication = sum(_COUNTS[name][0] for name in names) / sum(_COUNTS[name][1] for name in names)
+        if duplication < AUTO_MIN_DUPLICATION:
+            for name in names:
+                _CACHE.pop(name, None)
+            return [f"{duplication:.2f} entries per distinct key: below {AUTO_MIN_DUPLICATION} it saves too little"]
         return []
 
     def reduce(
@@ -195,8 +194,7 @@ class Dedup(Backend):
         isa = choose_isa(ext, self.isa)
         G, M, _ = queries.shape
         threads = torch.get_num_threads()
-        a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
-        q_scale, key_scale = 2.0 * a / T * LOG2E, a * a / T * LOG2E
+        q_scale, key_scale = logit_scales(abar)
         states, chunks = [], 0
         for g in range(G):
             table = distinct_table(dictionary.group(g), memory_budget=memory_budget)

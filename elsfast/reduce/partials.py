@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 
 from .dictionary import Dictionary
-from .state import ReduceState
+from .state import ReduceState, logit_scales
 
 __all__ = [
     "MAX_VALUE_CHANNELS",
@@ -30,7 +30,6 @@ __all__ = [
 MAX_VALUE_CHANNELS = 4  # the compiled kernels (CPU, CUDA) hold a query's values in registers
 PROGRAMS_PER_SM = 4  # programs (thread blocks) per streaming multiprocessor that keep a GPU busy
 MAX_GRID_AXIS = 65535  # CUDA's limit on the y and z grid dimensions
-LOG2E = 1.0 / math.log(2.0)
 
 
 class KernelInputs(NamedTuple):
@@ -48,11 +47,10 @@ class KernelInputs(NamedTuple):
 def kernel_inputs(queries: torch.Tensor, dictionary: Dictionary, abar: float) -> KernelInputs:
     """The inputs of a fused kernel for queries `(G, M, D)` against `dictionary` at noise level `abar`."""
     device = queries.device
-    a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
     images = dictionary.images.to(device).reshape(dictionary.num_images, -1).contiguous()
     key_offsets, value_offsets = (t.to(device, torch.int32).contiguous() for t in dictionary.pixel_offsets())
-    q = (queries * (2.0 * a / T * LOG2E)).contiguous()
-    return KernelInputs(q, images, key_offsets, value_offsets, a * a / T * LOG2E)
+    q_scale, key_scale = logit_scales(abar)
+    return KernelInputs((queries * q_scale).contiguous(), images, key_offsets, value_offsets, key_scale)
 
 
 def plan_splits(entries: int, tile: int, programs: int, device: torch.device, splits: int | None) -> tuple[int, int]:

@@ -19,8 +19,9 @@ import torch
 
 from .cpu_backend import MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
 from .dictionary import Dictionary, PatchDictionary
-from .partials import LOG2E, empty_partial_states, fold_partial_states, import_extension
+from .partials import empty_partial_states, fold_partial_states, import_extension
 from .registry import Backend, BackendOutput, register_backend
+from .state import logit_scales
 
 __all__ = ["AUTO_MIN_PATCH_SIZE", "Shifts", "group_rectangles", "query_images"]
 
@@ -135,13 +136,12 @@ class Shifts(Backend):
         blocks = math.ceil(N / ext.lanes(isa))
         threads = torch.get_num_threads()
         splits = self.splits or max(1, min(MAX_SPLITS, blocks, math.ceil(2 * threads / B)))
-        a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
         train = dictionary.images.to(queries.device).contiguous()
         m, l, acc, _, _ = empty_partial_states(splits, G, M, C, queries.device)
         ext.reduce_shifts(
             *(t.data_ptr() for t in (images, train, groups, m, l, acc)),
             B, C, H, W, N, G, M, dictionary.patch_size, splits,
-            2.0 * a / T * LOG2E, a * a / T * LOG2E,
+            *logit_scales(abar),
             train.dtype == torch.uint8, threads, isa,
         )  # fmt: skip
         return BackendOutput(fold_partial_states(dictionary, m, l, acc, None, None), blocks)

@@ -25,7 +25,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ReduceState"]
+__all__ = ["LOG2E", "ReduceState", "logit_scales"]
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def logit_scales(abar: float) -> tuple[float, float]:
+    """`(q_scale, key_scale)` = `(2a/T log2 e, a^2/T log2 e)` at noise level abar (a = sqrt(abar), T = 2 (1 - abar)):
+    a query q's logit for key k is `q_scale q.k - key_scale |k|^2` bits (the `|q|^2` term cancels)."""
+    a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
+    return 2.0 * a / T * LOG2E, a * a / T * LOG2E
 
 
 @dataclass

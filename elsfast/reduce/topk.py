@@ -32,7 +32,7 @@ import torch
 from .dictionary import Dictionary
 from .distinct import DistinctEntries, distinct_entries, resolve_storage
 from .registry import Backend, BackendOutput, register_backend, select_backend
-from .state import ReduceState
+from .state import LOG2E, ReduceState
 from .topk_index import (
     KINDS,
     STORAGES,
@@ -44,7 +44,6 @@ from .topk_index import (
     load_cached,
     save_cached,
 )
-from .torch_backend import LOG2E
 
 __all__ = ["TopK", "neglected_bound"]
 

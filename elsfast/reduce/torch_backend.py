@@ -13,20 +13,17 @@ Measured on the 2-core CPU machine this reaches ~1.4e9 query-key pairs/s at D = 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .dictionary import Dictionary
 from .registry import Backend, BackendOutput, register_backend
-from .state import ReduceState
+from .state import ReduceState, logit_scales
 
 __all__ = ["TorchBackend"]
 
 TILE_BYTES = 8 << 20
 MIN_TILE = 1 << 14  # elements: smaller tiles cost more in Python overhead than they save in memory
 QUERY_TILE = 1024
-LOG2E = 1.0 / math.log(2.0)
 
 
 def plan_chunks(queries: torch.Tensor, dictionary: Dictionary, memory_budget: int) -> tuple[int, int, int]:
@@ -63,9 +60,8 @@ class TorchBackend(Backend):
     ) -> BackendOutput:
         G, M, _ = queries.shape
         dtype, device = queries.dtype, queries.device
-        a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
-        q = queries * (2.0 * a / T * LOG2E)
-        key_scale = a * a / T * LOG2E
+        q_scale, key_scale = logit_scales(abar)
+        q = queries * q_scale
         images_per_chunk, query_tile, key_tile = plan_chunks(queries, dictionary, memory_budget)
         state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device, provenance=provenance)
         # one logit buffer for all tiles: a fresh 8 MB tensor per tile costs page faults on every allocation

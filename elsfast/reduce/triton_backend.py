@@ -24,11 +24,11 @@ import torch
 from .dictionary import Dictionary
 from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits
 from .registry import Backend, BackendOutput, register_backend
+from .state import logit_scales
 
 __all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound"]
 
 TF32_MAX_LOGIT_ERROR = 1e-3  # bits
-LOG2E = 1.0 / math.log(2.0)
 PRECISIONS = ("auto", "tf32", "tf32x3", "ieee")
 
 
@@ -40,8 +40,7 @@ def dot_precision(abar: float, query_norm: float, key_norm: float, precision: st
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
-    a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
-    bound = 2.0**-10 * 2.0 * a / T * LOG2E * query_norm * key_norm
+    bound = 2.0**-10 * logit_scales(abar)[0] * query_norm * key_norm
     return "tf32" if bound <= TF32_MAX_LOGIT_ERROR else "tf32x3"
 
 
