@@ -92,7 +92,7 @@ def _measure(benchmark, problem, P, m: ScoreMachine, isa: str, baseline: str, ba
     baseline_s = _median_seconds(reference, x, P)
     baseline_dev = float((reference.denoise(x, ABAR, P).double() - exact).abs().max())
     out = m.denoise(x, ABAR, P)
-    pairs = m.last_stats.pairs
+    pairs = m.last_stats.exact_pairs
     benchmark.pedantic(m.denoise, args=(x, ABAR, P), rounds=ROUNDS, iterations=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(

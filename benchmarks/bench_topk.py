@@ -28,7 +28,7 @@ import torch
 import elsfast
 from elsfast import ScoreMachine, TopK
 from elsfast.reduce import PatchDictionary
-from elsfast.reduce.registry import select_backend
+from elsfast.reduce.policy import select_backend
 
 pytestmark = pytest.mark.benchmark
 
@@ -52,7 +52,7 @@ def _exact_backend(train: torch.Tensor, P: int) -> str:
         return EXACT_BACKEND
     positions = elsfast.patches.group_sets(32, 32, P, "zeros", "els")[0]
     queries = torch.zeros(1, 1, P * P)
-    return select_backend("auto", queries, PatchDictionary(train, P, "zeros", positions), exact_only=True).NAME
+    return select_backend("auto", queries, PatchDictionary(train, P, "zeros", positions)).NAME
 
 
 @pytest.fixture(scope="module")

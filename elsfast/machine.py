@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,8 @@ import torch
 
 from .patches import PADDINGS, extract_patches, group_sets
 from .provenance import Provenance
-from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, softmax_reduce
+from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
+from .reduce.caches import content_hash
 from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
 
 if TYPE_CHECKING:
@@ -39,22 +40,31 @@ MACHINES = ("is", "es", "ls", "els")
 
 @dataclass
 class MachineStats:
-    """What the last `denoise` call did: backends used, dictionary chunks streamed, query-entry pairs of the exact
-    problem, queries reduced, how many of them an approximate backend (top-k) answered, and the largest certified
-    neglected posterior mass among those (0.0 when none; NaN when uncertified, HNSW)."""
+    """What the last `denoise` call did (or, as `total_stats`, every call): `backends`, the backends that ran;
+    `group_backends`, how many reductions' groups ran on each backend or combination (`"topk+cpu"`: a group
+    whose queries ran partly on top-k, partly on its exact fallback); dictionary `chunks` streamed; `pairs`,
+    the query-entry pairs actually scored, and `exact_pairs`, those of the exact problem (more where a backend
+    skipped work: dedup's distinct keys, top-k); `queries` reduced, how many of them an approximate backend
+    (top-k) answered, and the largest certified neglected posterior mass among those (0.0 when none; NaN when
+    uncertified, HNSW)."""
 
-    backends: set[str]
+    backends: set[str] = field(default_factory=set)
+    group_backends: dict[str, int] = field(default_factory=dict)
     chunks: int = 0
     pairs: int = 0
+    exact_pairs: int = 0
     queries: int = 0
     approximate_queries: int = 0
     max_neglected: float = 0.0
 
     def add(self, result: Reduction) -> None:
         """Account for one reduction."""
-        self.backends.add(result.backend)
+        self.backends.update(result.backend.split("+") if result.group_backends else ())
+        for name in result.group_backends:
+            self.group_backends[name] = self.group_backends.get(name, 0) + 1
         self.chunks += result.chunks
         self.pairs += result.pairs
+        self.exact_pairs += result.exact_pairs
         self.queries += result.values.shape[0] * result.values.shape[1]
         if result.neglected is not None and result.approximate_queries:
             self.approximate_queries += result.approximate_queries
@@ -162,8 +172,8 @@ class ScoreMachine:
             self.labels = labels.to(torch.int64).cpu()
         self.machine, self.padding, self.backend = machine, padding, backend
         self.memory_budget, self.dtype = int(memory_budget), dtype
-        self.last_stats = MachineStats(set())
-        self.total_stats = MachineStats(set())  # accumulated over every call since construction
+        self.last_stats = MachineStats()
+        self.total_stats = MachineStats()  # accumulated over every call since construction
         self.process_group = process_group
         if image_offset is None:
             image_offset = 0 if process_group is None else _shard_offset(len(self.images), process_group, self.device)
@@ -295,6 +305,14 @@ class ScoreMachine:
             f"train={n}x{c}x{h}x{w}, conditional={self.labels is not None}, device={self.device})"
         )
 
+    def clear_cache(self) -> int:
+        """Drop what this machine cached: its per-class training subsets, and every in-memory table or index
+        derived from its training images (`elsfast.reduce.caches`); returns how many entries were dropped. Disk
+        caches are left alone."""
+        image_sets = [self.images, *(images for _, images in self._classes.values())]
+        self._classes.clear()
+        return sum(clear_caches(content_hash(images)) for images in image_sets)
+
     def class_subset(self, label: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The training-set ids `[N_c]` and images `[N_c, C, H, W]` of one class (cached). With a process group
         this is the local shard's part; the class must have images on some rank. Collective then."""
@@ -351,7 +369,7 @@ class ScoreMachine:
         x = self._check_x(x)
         patch_size = _check_patch_size(patch_size)
         labels = self._check_labels(labels, x.shape[0])
-        self.last_stats = MachineStats(set())
+        self.last_stats = MachineStats()
         if labels is None:
             out, prov = self._denoise(x, self.images, self.image_ids, abar, patch_size, return_provenance)
             return (out, prov) if return_provenance else out

@@ -1,10 +1,11 @@
-"""The dedup backend (`backend="dedup"`: the cpu kernel over each group's distinct keys, weighted by their counts)
-against the float64 brute force of tests/reference.py, and its tables of distinct keys.
+"""The dedup backend (`backend="dedup"`: the cpu kernel over each group's distinct keys, weighted by their counts):
+its tables of distinct keys, their cache, `auto`'s rule for it, and what it refuses. Its agreement with the float64
+brute force (binary images whose patches repeat, among others) is tests/test_backends.py.
 
 Tolerance: the float32 bound of tests/test_machines.py (8 eps32 L + 1e-6), as for the other kernels; the log2
 count bias adds one fp32 rounding of a logit, inside that bound. The problems repeat patches on purpose (binary
 images, as MNIST's strokes on a flat background), so that every table holds keys that stand for several entries:
-the test checks that they do.
+the tests check that they do.
 """
 
 import math
@@ -12,24 +13,24 @@ import math
 import numpy as np
 import pytest
 import torch
-from problems import fp32_tolerance, make_problem, reference
+from problems import fp32_tolerance, make_problem, reference, stable_seed
 
 import elsfast.reduce.dedup_backend as dedup_backend
 import elsfast.reduce.distinct as distinct
 from elsfast import Dedup, ScoreMachine
 from elsfast.patches import extract_patches, group_sets
-from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, softmax_reduce
+from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, policy, softmax_reduce
 from elsfast.reduce.dedup_backend import distinct_table
-from elsfast.reduce.registry import backend_from_spec, backend_spec, select_backend
+from elsfast.reduce.registry import backend_from_spec, backend_spec
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    dedup_backend._CACHE.clear()
-    dedup_backend._COUNTS.clear()
+    dedup_backend.TABLES.clear()
+    dedup_backend.COUNTS.clear()
     yield
-    dedup_backend._CACHE.clear()
-    dedup_backend._COUNTS.clear()
+    dedup_backend.TABLES.clear()
+    dedup_backend.COUNTS.clear()
 
 
 def binary_problem(seed, N, C, H, W, B, abar, classes=None, uint8=False):
@@ -45,36 +46,21 @@ def as_float(train: torch.Tensor) -> torch.Tensor:
     return train.double() / 127.5 - 1 if train.dtype == torch.uint8 else train
 
 
-def variants(cpu_ext) -> list[Dedup]:
-    """Every instruction set this CPU runs, with planned splits and with 3 partial states a query."""
-    return [Dedup(isa=isa, splits=splits) for isa in cpu_ext.isas() for splits in (None, 3)]
-
-
-@pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
 @pytest.mark.parametrize(
-    ("machine", "padding", "conditional", "P", "C", "uint8"),
+    ("machine", "padding", "P", "C", "uint8"),
     [
-        ("els", "zeros", False, 1, 1, False),
-        ("els", "zeros", False, 3, 1, True),
-        ("els", "zeros", True, 3, 1, False),
-        ("els", "zeros", False, 3, 3, True),
-        ("els", "circular", False, 3, 1, True),
-        ("ls", "zeros", False, 3, 1, False),
-        ("els", "zeros", False, 5, 1, True),
+        ("els", "zeros", 1, 1, False),
+        ("els", "zeros", 3, 1, True),
+        ("els", "zeros", 3, 3, True),
+        ("els", "circular", 3, 1, True),
+        ("ls", "zeros", 3, 1, False),
+        ("els", "zeros", 5, 1, True),
     ],
 )
-def test_dedup_matches_float64_reference(cpu_ext, machine, padding, conditional, P, C, uint8, abar):
-    seed = hash(("dedup", machine, padding, conditional, P, C, uint8, abar)) % 2**31
-    train, x, train_labels, labels = binary_problem(seed, 60, C, 9, 7, 3, abar, 3 * conditional, uint8)
-    ref = reference(x, as_float(train), abar, machine, padding, P, labels, train_labels)
-    tol = fp32_tolerance(x, as_float(train).float(), abar, P, machine)
-    for backend in variants(cpu_ext):
-        m = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=backend)
-        out = m.denoise(x, abar, P, labels)
-        assert m.last_stats.backends == {"dedup"}
-        assert torch.isfinite(out).all()
-        err = np.abs(out.double().numpy() - ref).max()
-        assert err <= tol, f"{backend}: max error {err:.3g}"
+def test_tables_merge_the_entries_of_repeating_images(cpu_ext, machine, padding, P, C, uint8):
+    train, _, _, _ = binary_problem(
+        stable_seed("dedup", machine, padding, P, C, uint8), 60, C, 9, 7, 3, 0.5, None, uint8
+    )
     # the largest group's table really merged entries
     positions = group_sets(9, 7, P, padding, machine)[0]
     table = distinct_table(PatchDictionary(train, P, padding, positions).group(0), memory_budget=1 << 20)
@@ -128,12 +114,12 @@ def test_distinct_table_is_cached_and_rebuilt_when_the_images_change(cpu_ext):
 
 def test_distinct_table_cache_is_bounded(cpu_ext, monkeypatch):
     train, _, _, _ = binary_problem(8, 30, 1, 8, 8, 1, 0.5, uint8=True)
-    monkeypatch.setattr(dedup_backend, "CACHE_BYTES", 1)
+    monkeypatch.setattr(dedup_backend.TABLES, "max_bytes", 1)
     for P in (1, 3, 5):
         distinct_table(
             PatchDictionary(train, P, "zeros", group_sets(8, 8, P, "zeros", "els")[0]), memory_budget=1 << 20
         )
-        assert len(dedup_backend._CACHE) == 1  # the newest table stays even when it alone exceeds the cap
+        assert len(dedup_backend.TABLES) == 1  # the newest table stays even when it alone exceeds the cap
 
 
 def test_hash_collisions_are_caught_and_resolved_exactly(cpu_ext, monkeypatch):
@@ -141,7 +127,7 @@ def test_hash_collisions_are_caught_and_resolved_exactly(cpu_ext, monkeypatch):
     train, _, _, _ = binary_problem(11, 30, 1, 8, 8, 2, 0.7, uint8=True)
     dg = PatchDictionary(train, 3, "zeros", group_sets(8, 8, 3, "zeros", "els")[0])
     honest = distinct_table(dg, memory_budget=1 << 20)
-    dedup_backend._CACHE.clear()
+    dedup_backend.TABLES.clear()
     monkeypatch.setattr(distinct, "_row_hashes", lambda rows: torch.zeros(rows.shape[0], dtype=torch.int64))
     colliding = distinct_table(dg, memory_budget=1 << 20)
     assert colliding.keys.shape == honest.keys.shape
@@ -181,44 +167,44 @@ def test_dedup_provenance_runs_the_cpu_kernel(cpu_ext):
         np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
 
 
-def test_auto_takes_dedup_only_where_entries_repeat(cpu_ext, monkeypatch):
-    monkeypatch.setattr(dedup_backend, "AUTO_MIN_ENTRIES", 100)
+def test_auto_deduplicates_only_where_entries_repeat(cpu_ext, monkeypatch):
+    """`auto`'s dedup rule (small patches, large groups) is decided without building anything; inside `reduce`
+    a group whose keys repeat too little runs on the cpu kernel, its table is dropped, its counts remembered (so
+    it is never built again), and the report names the cpu kernel for it."""
+    monkeypatch.setattr(policy, "DEDUP_MIN_ENTRIES", 100)
     repeating, x, _, _ = binary_problem(19, 60, 1, 9, 9, 1, 0.5, uint8=True)
     distinct_pixels = torch.randint(
         0, 256, (60, 1, 9, 9), generator=torch.Generator().manual_seed(4), dtype=torch.uint8
     )
 
-    def auto_choice(train, P):
+    def problem(train, P):
         positions = group_sets(9, 9, P, "zeros", "els")[0]
         queries = extract_patches(x, P, "zeros", positions).reshape(positions.shape[0], -1, P * P)
-        return select_backend("auto", queries, PatchDictionary(train, P, "zeros", positions), exact_only=True)
+        return queries, PatchDictionary(train, P, "zeros", positions)
 
-    assert auto_choice(repeating, 3).NAME == "dedup"
-    chosen = auto_choice(distinct_pixels, 3)
-    assert chosen.NAME != "dedup"
-    positions = group_sets(9, 9, 3, "zeros", "els")[0]
-    queries = extract_patches(x, 3, "zeros", positions).reshape(1, -1, 9)
-    dictionary = PatchDictionary(distinct_pixels, 3, "zeros", positions)
-    reasons = Dedup().auto_reasons(queries, dictionary)
-    assert any("entries per distinct key" in r for r in reasons)
-    # the refused tables are dropped; their counts are remembered, so asking again builds nothing
-    assert dedup_backend._table_key(dictionary.group(0)) not in dedup_backend._CACHE
+    assert policy.select_backend("auto", *problem(repeating, 3)).NAME == "dedup"
+    assert not dedup_backend.TABLES, "choosing built a table"
+    r = softmax_reduce(*problem(repeating, 3), abar=0.5)
+    assert r.group_backends == ("dedup",) and r.pairs < r.exact_pairs
+    queries, dictionary = problem(distinct_pixels, 3)
+    r = softmax_reduce(queries, dictionary, abar=0.5)
+    assert r.group_backends == ("cpu",) and r.pairs == r.exact_pairs
+    key = dedup_backend._table_key(dictionary.group(0))
+    assert key not in dedup_backend.TABLES and key in dedup_backend.COUNTS
     monkeypatch.setattr(dedup_backend, "distinct_entries", lambda *a, **k: pytest.fail("rebuilt a refused table"))
-    assert Dedup().auto_reasons(queries, dictionary) == reasons
+    assert softmax_reduce(queries, dictionary, abar=0.5).group_backends == ("cpu",)
     monkeypatch.undo()
-    monkeypatch.setattr(dedup_backend, "AUTO_MIN_ENTRIES", 100)
-    # beyond AUTO_MAX_PATCH_SIZE, and below AUTO_MIN_ENTRIES, auto does not even build a table
-    dedup_backend._CACHE.clear()
-    assert auto_choice(repeating, dedup_backend.AUTO_MAX_PATCH_SIZE + 2).NAME != "dedup"
-    monkeypatch.setattr(dedup_backend, "AUTO_MIN_ENTRIES", 10**9)
-    assert auto_choice(repeating, 3).NAME != "dedup"
-    assert not dedup_backend._CACHE
+    # beyond DEDUP_MAX_PATCH_SIZE, and below DEDUP_MIN_ENTRIES, auto does not take dedup
+    monkeypatch.setattr(policy, "DEDUP_MIN_ENTRIES", 100)
+    assert policy.select_backend("auto", *problem(repeating, policy.DEDUP_MAX_PATCH_SIZE + 2)).NAME != "dedup"
+    monkeypatch.setattr(policy, "DEDUP_MIN_ENTRIES", 10**9)
+    assert policy.select_backend("auto", *problem(repeating, 3)).NAME != "dedup"
 
 
 def test_dedup_refuses_what_it_cannot_run(cpu_ext):
     train, x, _, _ = binary_problem(23, 10, 1, 6, 6, 1, 0.5)
     images = ImageDictionary(train)
-    with pytest.raises(BackendUnavailable, match="not a patch dictionary"):
+    with pytest.raises(BackendUnavailable, match="needs a patch dictionary"):
         softmax_reduce(x.reshape(1, 1, -1), images, abar=0.5, backend="dedup")
     positions = group_sets(6, 6, 3, "zeros", "els")[0]
     queries = extract_patches(x, 3, "zeros", positions).reshape(1, -1, 9)
@@ -231,9 +217,9 @@ def test_dedup_refuses_what_it_cannot_run(cpu_ext):
 def test_dedup_configuration_round_trip():
     backend = Dedup(splits=4, tiles_per_chunk=2, isa="avx2")
     spec = backend_spec(backend)
-    assert spec == {"name": "dedup", "splits": 4, "tiles_per_chunk": 2, "isa": "avx2"}
+    assert spec == {"name": "dedup", "splits": 4, "tiles_per_chunk": 2, "isa": "avx2", "min_duplication": None}
     assert backend_from_spec(spec) == backend
-    for bad in ({"splits": 0}, {"tiles_per_chunk": 1.5}, {"isa": "sse"}):
+    for bad in ({"splits": 0}, {"tiles_per_chunk": 1.5}, {"isa": "sse"}, {"min_duplication": 0.5}):
         with pytest.raises(ValueError):
             Dedup(**bad)
 

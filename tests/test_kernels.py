@@ -1,5 +1,7 @@
-"""The fused kernels (issue #3) against the float64 brute force of tests/reference.py: Triton, the CUDA extension's
-algorithm and the compiled CPU kernel.
+"""What is particular to the fused kernels (Triton, the CUDA extension's algorithm, the compiled CPU kernel):
+provenance through split states, tiles, splits and threads, configuration, precision policy, the ahead-of-time GPU
+compile and GPU runs. Their agreement with the float64 brute force on the common matrix of machines is
+tests/test_backends.py.
 
 On a CPU the Triton kernel runs under the interpreter (TRITON_INTERPRET=1, set in conftest.py) on small problems
 with 16 x 16 tiles, so that the sizes (6 x 7 images, 8 training images) fill no tile and the dictionary is split
@@ -24,12 +26,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from problems import CASES, COMBOS, fp32_tolerance, make_problem, reference
+from problems import COMBOS, CudaOnHost, fp32_tolerance, make_problem, reference, stable_seed
 
 from elsfast import Cpu, ScoreMachine, Shifts
 from elsfast.reduce import Backend, BackendUnavailable, ImageDictionary, PatchDictionary, TopK, softmax_reduce
-from elsfast.reduce.cuda_backend import reduce_on_host
-from elsfast.reduce.registry import BackendOutput, backend_from_spec, backend_spec
+from elsfast.reduce.registry import backend_from_spec, backend_spec
 from elsfast.reduce.triton_backend import TF32_MAX_LOGIT_ERROR, Triton, dot_precision
 
 needs_triton = pytest.mark.skipif(
@@ -48,25 +49,9 @@ def _check_weights(prov, ref, tol):
 
 
 @needs_triton
-@pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
-@pytest.mark.parametrize(("machine", "padding", "conditional", "P"), CASES)
-def test_triton_matches_float64reference(machine, padding, conditional, P, abar):
-    seed = hash(("triton", machine, padding, conditional, P, abar)) % 2**31
-    C = 3 if P == 3 else 1
-    H, W = (6, 7) if machine != "es" else (5, 6)
-    train, x, train_labels, labels = make_problem(seed, 8 if machine != "es" else 5, C, H, W, 3, abar, 3 * conditional)
-    ref = reference(x, train, abar, machine, padding, P, labels, train_labels)
-    m = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=SMALL)
-    out = m.denoise(x, abar, P, labels)
-    assert m.last_stats.backends == {"triton"}
-    err = np.abs(out.double().numpy() - ref).max()
-    assert err <= fp32_tolerance(x, train, abar, P, machine), f"max error {err:.3g}"
-
-
-@needs_triton
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
 def test_triton_provenance_matchesreference(machine, padding):
-    g = torch.Generator().manual_seed(hash(("triton-prov", machine, padding)) % 2**31)
+    g = torch.Generator().manual_seed(stable_seed("triton-prov", machine, padding))
     train = torch.rand(6, 2, 5, 6, generator=g) * 2 - 1
     x = torch.randn(2, 2, 5, 6, generator=g)
     m = ScoreMachine(train, machine=machine, padding=padding, backend=SMALL)
@@ -98,16 +83,6 @@ def test_triton_uint8_images_and_image_ids():
 
 
 @needs_triton
-@pytest.mark.parametrize("abar", [1e-4, 0.9999])
-def test_triton_extreme_noise_levels(abar):
-    train, x, _, _ = make_problem(11, 9, 1, 6, 6, 2, abar)
-    ref = reference(x, train, abar, "els", "zeros", 3)
-    out = ScoreMachine(train, backend=SMALL).denoise(x, abar, 3)
-    assert torch.isfinite(out).all()
-    assert np.abs(out.double().numpy() - ref).max() <= fp32_tolerance(x, train, abar, 3, "els")
-
-
-@needs_triton
 def test_triton_splits_and_tiles_do_not_change_the_result():
     train, x, _, _ = make_problem(12, 10, 3, 7, 5, 2, 0.7)
     outs = [
@@ -132,8 +107,8 @@ def test_triton_named_but_unavailable_says_why(monkeypatch):
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     with pytest.raises(BackendUnavailable, match="float32"):
         softmax_reduce(torch.zeros(1, 2, 16, dtype=torch.float64), d, abar=0.5, backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
-    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailable, match="needs CUDA tensors"):
         softmax_reduce(torch.zeros(1, 2, 16), d, abar=0.5, backend="triton")
 
 
@@ -224,15 +199,6 @@ def test_pixel_offsets_rebuild_every_dictionary():
 # --- the CUDA source's algorithm, run on the host --------------------------------------------------------------
 
 
-class CudaOnHost(Backend):
-    """The CUDA kernel's algorithm (csrc/reduce.cu `reduce_host`) as a backend, with dictionary splits."""
-
-    NAME = "cuda-host"
-
-    def reduce(self, queries, dictionary, *, abar, memory_budget, provenance=False):
-        return BackendOutput(reduce_on_host(queries, dictionary, abar=abar, provenance=provenance, splits=3), 1)
-
-
 @pytest.fixture
 def cuda_ext():
     return pytest.importorskip("elsfast._cuda", reason="the CUDA extension is not compiled (no nvcc at install)")
@@ -273,25 +239,6 @@ def compiled_kernels() -> list[Backend]:
     if not kernels:
         pytest.skip("no compiled kernel: neither nvcc nor a C++ compiler with OpenMP at install, or no AVX2")
     return kernels
-
-
-@pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
-@pytest.mark.parametrize(("machine", "padding", "conditional", "P"), [c for c in CASES if c[0] in ("ls", "els")])
-def test_compiled_kernels_match_float64reference(machine, padding, conditional, P, abar):
-    seed = hash(("compiled", machine, padding, conditional, P, abar)) % 2**31
-    C = 3 if P == 3 else 1
-    # 45 training images x 63 positions: 2,835 entries, filling neither the CUDA kernel's 32-entry tiles nor the
-    # CPU kernel's 256-entry ones; 3 images: 189 queries, 1.5 CUDA blocks, 2 CPU blocks of 96, 31.5 stripes of 6
-    train, x, train_labels, labels = make_problem(seed, 45, C, 9, 7, 3, abar, 3 * conditional)
-    ref = reference(x, train, abar, machine, padding, P, labels, train_labels)
-    tol = fp32_tolerance(x, train, abar, P, machine)
-    for backend in compiled_kernels():
-        m = ScoreMachine(train, train_labels, machine=machine, padding=padding, backend=backend)
-        out = m.denoise(x, abar, P, labels)
-        assert m.last_stats.backends == {backend.NAME}
-        assert torch.isfinite(out).all()
-        err = np.abs(out.double().numpy() - ref).max()
-        assert err <= tol, f"{backend}: max error {err:.3g}"
 
 
 @pytest.mark.parametrize("padding", ["zeros", "circular"])
@@ -414,7 +361,7 @@ gpu = pytest.mark.gpu
 @pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
 def test_triton_gpu_matches_float64(machine, padding, abar, precision):
-    train, x, _, _ = make_problem(hash((machine, padding, abar)) % 2**31, 64, 3, 16, 16, 4, abar)
+    train, x, _, _ = make_problem(stable_seed("triton-gpu", machine, padding, abar), 64, 3, 16, 16, 4, abar)
     exact = ScoreMachine(train.double(), machine=machine, padding=padding, dtype=torch.float64)
     want = exact.denoise(x.double(), abar, 5)
     m = ScoreMachine(train, machine=machine, padding=padding, backend=Triton(precision=precision)).to("cuda")
@@ -430,7 +377,7 @@ def test_triton_gpu_matches_float64(machine, padding, abar, precision):
 @pytest.mark.parametrize(("machine", "padding"), [c for c in COMBOS if c[0] in ("ls", "els")])
 @pytest.mark.parametrize("P", [3, 11])
 def test_cuda_gpu_matches_float64(cuda_ext, machine, padding, abar, P):
-    train, x, _, _ = make_problem(hash((machine, padding, abar, P)) % 2**31, 64, 3, 16, 16, 4, abar)
+    train, x, _, _ = make_problem(stable_seed("cuda-gpu", machine, padding, abar, P), 64, 3, 16, 16, 4, abar)
     exact = ScoreMachine(train.double(), machine=machine, padding=padding, dtype=torch.float64)
     want = exact.denoise(x.double(), abar, P)
     m = ScoreMachine(train, machine=machine, padding=padding, backend="cuda").to("cuda")

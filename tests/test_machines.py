@@ -1,5 +1,6 @@
-"""Every machine against the independent float64 brute force of tests/reference.py, the exact identities of
-SPEC section 2, chunking invariance, stability at extreme noise levels and bad input.
+"""The machines: the exact identities of SPEC section 2, chunking invariance, stability at extreme noise levels and
+bad input. Every machine against the float64 brute force of tests/reference.py, on every backend, is
+tests/test_backends.py.
 
 Tolerances. The float64 path must agree with the reference to 1e-9 absolute (pure rounding; the tests run at
 most a few thousand terms). The float32 path computes logits s = (2a q.k - a^2 |k|^2) / T whose absolute
@@ -9,32 +10,11 @@ about eps32 * L and the values lie in [-1, 1], so we require |out - ref| <= 8 * 
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from problems import CASES, COMBOS, fp32_tolerance, make_problem, reference
+from problems import COMBOS, make_problem
 
 from elsfast import ScoreMachine
-
-
-@pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
-@pytest.mark.parametrize(("machine", "padding", "conditional", "P"), CASES)
-def test_matches_float64_reference(machine, padding, conditional, P, abar):
-    seed = hash((machine, padding, conditional, P, abar)) % 2**31
-    C = 3 if P == 3 else 1
-    H, W = (6, 7) if machine != "es" else (5, 6)
-    B = 3 if conditional or P != 5 else 1
-    train, x, train_labels, labels = make_problem(seed, 8 if machine != "es" else 5, C, H, W, B, abar, 3 * conditional)
-    ref = reference(x, train, abar, machine, padding, P, labels, train_labels)
-    for dtype, atol in [
-        (torch.float64, 1e-9),
-        (torch.float32, fp32_tolerance(x, train, abar, P, machine)),
-    ]:
-        m = ScoreMachine(train, train_labels, machine=machine, padding=padding, dtype=dtype)
-        out = m.denoise(x, abar, P, labels)
-        assert out.dtype == dtype and out.shape == x.shape
-        err = np.abs(out.double().numpy() - ref).max()
-        assert err <= atol, f"{dtype}: max error {err:.3g} > {atol:.3g}"
 
 
 def test_uint8_training_images_are_mapped():

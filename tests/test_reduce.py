@@ -1,5 +1,7 @@
 """The core reduction: the merge monoid, the registry and dispatch."""
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -59,26 +61,28 @@ def test_softmax_reduce_reports_work():
     d = ImageDictionary(images)
     q = torch.randn(1, 3, 16)
     r = softmax_reduce(q, d, abar=0.5)
-    assert r.values.shape == (1, 3, 16) and r.backend == "torch" and r.chunks == 1 and r.pairs == 15
+    assert r.values.shape == (1, 3, 16) and r.backend == "torch" and r.chunks == 1
+    assert r.pairs == r.exact_pairs == 15 and r.group_backends == ("torch",)
 
 
 def test_named_backend_that_cannot_run_raises_with_reasons():
     @register_backend
     class NeverBackend(Backend):
         NAME = "never-test"
-        PRIORITY = 0
+        LIMITS: ClassVar[dict[str, str]] = {"quantum": "needs a quantum computer"}
 
         def unsupported_reasons(self, queries, dictionary):
-            return ["needs a quantum computer"]
+            return [self.refuse("quantum")]
 
     try:
         images = torch.rand(3, 1, 4, 4) * 2 - 1
         d = PatchDictionary(images, 3, "zeros", torch.arange(16).view(1, 16))
         q = torch.randn(1, 2, 9)
         assert backend_reasons(q, d)["never-test"] == ["needs a quantum computer"]
-        with pytest.raises(BackendUnavailable, match="quantum"):
+        with pytest.raises(BackendUnavailable, match="quantum") as refusal:
             softmax_reduce(q, d, abar=0.5, backend="never-test")
-        # auto skips it (it comes first in priority) and runs the next one that can (cpu where compiled, or torch)
+        assert refusal.value.reasons == ["needs a quantum computer"]
+        # auto follows its rule list (elsfast.reduce.policy), which names no unlisted backend
         assert softmax_reduce(q, d, abar=0.5).backend in ("cpu", "torch")
     finally:
         del _REGISTRY["never-test"]

@@ -1,5 +1,6 @@
-"""The displacement kernel (`backend="shifts"`, csrc/cpu_shift_kernel.inc) against the float64 brute force of
-tests/reference.py, on zero-padded ELS, the machine it serves.
+"""The displacement kernel (`backend="shifts"`, csrc/cpu_shift_kernel.inc) on zero-padded ELS, the machine it
+serves: patches larger than the image, provenance hand-off, splits and threads, `auto`'s rule, refusals (also the
+late one, from `reduce`). Its agreement with the float64 brute force on the common matrix is tests/test_backends.py.
 
 Tolerance: the float32 bound of tests/test_machines.py (8 eps32 L + 1e-6), as for the other kernels: a pair's dot
 product is a sum of the same fp32 products in another order (row sums, then column sums), the running sums are
@@ -10,35 +11,27 @@ fp64. Problems of 45 training images fill no 16-image (or 8-image) lane block, s
 import numpy as np
 import pytest
 import torch
-from problems import fp32_tolerance, make_problem, reference
+from problems import fp32_tolerance, make_problem, reference, stable_seed
 
 from elsfast import ScoreMachine, Shifts
 from elsfast.patches import extract_patches, group_sets
-from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, softmax_reduce
-from elsfast.reduce.registry import backend_from_spec, backend_spec, select_backend
-from elsfast.reduce.shift_backend import AUTO_MIN_PATCH_SIZE, group_rectangles, query_images
+from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, policy, softmax_reduce
+from elsfast.reduce.policy import SHIFTS_MIN_PATCH_SIZE, select_backend
+from elsfast.reduce.registry import backend_from_spec, backend_spec
+from elsfast.reduce.shift_backend import group_rectangles, query_images
 
 
-def variants(cpu_ext) -> list[Shifts]:
-    """Every instruction set this CPU runs, with planned splits and with 3 partial states a query."""
-    return [Shifts(isa=isa, splits=splits) for isa in cpu_ext.isas() for splits in (None, 3)]
-
-
-@pytest.mark.parametrize("abar", [1e-4, 0.01, 0.5, 0.999, 0.9999])
-@pytest.mark.parametrize(("conditional", "P"), [(False, 1), (False, 3), (True, 3), (False, 5), (True, 7), (False, 13)])
-def test_shift_kernel_matches_float64reference(cpu_ext, conditional, P, abar):
-    seed = hash(("shifts", conditional, P, abar)) % 2**31
-    C = 3 if P == 3 else 1
-    train, x, train_labels, labels = make_problem(seed, 45, C, 9, 7, 3, abar, 3 * conditional)
-    ref = reference(x, train, abar, "els", "zeros", P, labels, train_labels)
-    tol = fp32_tolerance(x, train, abar, P, "els")
-    for backend in variants(cpu_ext):
-        m = ScoreMachine(train, train_labels, machine="els", padding="zeros", backend=backend)
-        out = m.denoise(x, abar, P, labels)
+@pytest.mark.parametrize("abar", [0.01, 0.999])
+def test_shift_kernel_patches_larger_than_the_image(cpu_ext, abar):
+    """P = 13 on 9 x 7 images: every position is a border class of its own, displacements reach past the image."""
+    train, x, train_labels, labels = make_problem(stable_seed("shifts", 13, abar), 45, 1, 9, 7, 3, abar, 3)
+    ref = reference(x, train, abar, "els", "zeros", 13, labels, train_labels)
+    for isa in cpu_ext.isas():
+        m = ScoreMachine(train, train_labels, backend=Shifts(splits=3, isa=isa))
+        out = m.denoise(x, abar, 13, labels)
         assert m.last_stats.backends == {"shifts"}
-        assert torch.isfinite(out).all()
         err = np.abs(out.double().numpy() - ref).max()
-        assert err <= tol, f"{backend}: max error {err:.3g}"
+        assert err <= fp32_tolerance(x, train, abar, 13, "els"), f"{isa}: max error {err:.3g}"
 
 
 def test_shift_kernel_uint8_images_and_provenance(cpu_ext):
@@ -54,6 +47,7 @@ def test_shift_kernel_uint8_images_and_provenance(cpu_ext):
     out = m.denoise(x, 0.8, 7)
     assert np.abs(out.double().numpy() - want).max() <= tol
     tracked, prov = m.denoise(x, 0.8, 7, return_provenance=True)
+    assert m.last_stats.backends == {"cpu"}  # the hand-off is reported
     assert np.abs(tracked.double().numpy() - want).max() <= tol
     for name, a, b in zip(("image", "y", "x"), [prov.source_image, prov.source_y, prov.source_x], ref[:3], strict=True):
         np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
@@ -77,39 +71,48 @@ def test_shift_kernel_does_not_depend_on_splits_or_threads(cpu_ext):
 
 
 def test_auto_takes_the_shift_kernel_for_large_zero_padded_patches(cpu_ext):
-    """Zero-padded ELS from AUTO_MIN_PATCH_SIZE on: the interior and edge groups on the shift kernel, the corner
+    """Zero-padded ELS from SHIFTS_MIN_PATCH_SIZE on: the interior and edge groups on the shift kernel, the corner
     groups (one position each, nothing shared) on the cpu kernel; smaller patches, circular padding and LS on cpu."""
     train, x, _, _ = make_problem(15, 20, 1, 12, 12, 1, 0.5)
     for P, padding, machine, want in [
-        (AUTO_MIN_PATCH_SIZE, "zeros", "els", {"shifts", "cpu"}),
-        (AUTO_MIN_PATCH_SIZE - 2, "zeros", "els", {"cpu"}),
-        (AUTO_MIN_PATCH_SIZE, "circular", "els", {"cpu"}),
-        (AUTO_MIN_PATCH_SIZE, "zeros", "ls", {"cpu"}),
+        (SHIFTS_MIN_PATCH_SIZE, "zeros", "els", {"shifts", "cpu"}),
+        (SHIFTS_MIN_PATCH_SIZE - 2, "zeros", "els", {"cpu"}),
+        (SHIFTS_MIN_PATCH_SIZE, "circular", "els", {"cpu"}),
+        (SHIFTS_MIN_PATCH_SIZE, "zeros", "ls", {"cpu"}),
     ]:
         m = ScoreMachine(train, machine=machine, padding=padding)
         m.denoise(x, 0.5, P)
         assert m.last_stats.backends == want, (P, padding, machine)
 
 
-def test_shift_kernel_says_why_it_cannot_run(cpu_ext):
+def test_shift_kernel_says_why_it_cannot_run(cpu_ext, monkeypatch):
     images = torch.rand(4, 1, 6, 6) * 2 - 1
     x = torch.rand(2, 1, 6, 6) * 2 - 1
     positions = group_sets(6, 6, 3, "zeros", "els")[0]  # the four edge groups of 4 positions
     d = PatchDictionary(images, 3, "zeros", positions)
     queries = extract_patches(x, 3, "zeros", positions).reshape(positions.shape[0], -1, 9)
     assert select_backend("shifts", queries, d).NAME == "shifts"
-    with pytest.raises(BackendUnavailable, match="not whole images"):
+    with pytest.raises(BackendUnavailable, match="whole images"):
         softmax_reduce(queries[:, :5], d, abar=0.5, backend="shifts")
+    # the same number of queries, not the patches of whole images: found only while reducing (a late refusal),
+    # before any work; named it raises, under auto the next rule (the cpu kernel) runs
     shuffled = queries[:, torch.randperm(queries.shape[1], generator=torch.Generator().manual_seed(0))]
-    with pytest.raises(BackendUnavailable, match="not the patches of whole images"):
+    assert not Shifts().unsupported_reasons(shuffled, d)
+    with pytest.raises(BackendUnavailable, match="not the patches of whole images") as late:
         softmax_reduce(shuffled, d, abar=0.5, backend="shifts")
+    assert late.value.reasons and late.value.reasons[0].startswith(Shifts.LIMITS["whole_images"])
+    monkeypatch.setattr(policy, "SHIFTS_MIN_PATCH_SIZE", 3)
+    assert select_backend("auto", shuffled, d).NAME == "shifts"
+    r = softmax_reduce(shuffled, d, abar=0.5)
+    assert r.backend == "cpu"
+    torch.testing.assert_close(r.values, softmax_reduce(shuffled, d, abar=0.5, backend="torch").values)
     circular = PatchDictionary(images, 3, "circular", torch.arange(36).view(1, 36))
-    with pytest.raises(BackendUnavailable, match="circular padding"):
+    with pytest.raises(BackendUnavailable, match="zero-padded"):
         softmax_reduce(torch.zeros(1, 36, 9), circular, abar=0.5, backend="shifts")
     scattered = PatchDictionary(images, 3, "zeros", torch.tensor([[0, 7, 14]]))
     with pytest.raises(BackendUnavailable, match="rectangle"):
         softmax_reduce(torch.zeros(1, 3, 9), scattered, abar=0.5, backend="shifts")
-    with pytest.raises(BackendUnavailable, match="not a patch dictionary"):
+    with pytest.raises(BackendUnavailable, match="zero-padded patch dictionary"):
         softmax_reduce(torch.zeros(1, 2, 36), ImageDictionary(images), abar=0.5, backend="shifts")
     with pytest.raises(BackendUnavailable, match="float32"):
         softmax_reduce(queries.double(), d, abar=0.5, backend="shifts")

@@ -1,10 +1,14 @@
-"""The softmax-over-dictionary core: one function (`softmax_reduce`), many backends."""
+"""The softmax-over-dictionary core: one function (`softmax_reduce`), many backends.
+
+`registry` says what each backend can run and how accurately, `policy` which one `auto` runs (exact backends
+only), `caches` owns the in-memory caches derived from training sets."""
 
 from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
+from .caches import cache_info, clear_caches
 from .cpu_backend import Cpu
 from .dedup_backend import Dedup
 from .dictionary import Dictionary, ImageDictionary, PatchDictionary
-from .registry import Backend, BackendUnavailable, backend_names, backend_reasons, register_backend
+from .registry import Backend, BackendUnavailable, Tolerance, backend_names, backend_reasons, register_backend
 from .shift_backend import Shifts
 from .state import ReduceState
 from .topk import TopK
@@ -22,10 +26,13 @@ __all__ = [
     "ReduceState",
     "Reduction",
     "Shifts",
+    "Tolerance",
     "TopK",
     "Triton",
     "backend_names",
     "backend_reasons",
+    "cache_info",
+    "clear_caches",
     "register_backend",
     "softmax_reduce",
 ]

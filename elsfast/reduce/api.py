@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import cpu_backend, cuda_backend, dedup_backend, shift_backend, topk, torch_backend, triton_backend  # noqa: F401  (register the backends)
+from . import policy, topk  # noqa: F401  (policy registers the exact backends it imports; topk registers itself)
 from .dictionary import Dictionary
-from .registry import BackendOutput, BackendSpec, select_backend
+from .registry import BackendOutput, BackendSpec, check_backend_name, resolve_named
 from .state import ReduceState
 
 if TYPE_CHECKING:
@@ -39,23 +39,34 @@ DEFAULT_MEMORY_BUDGET = 512 << 20
 
 @dataclass(frozen=True)
 class Reduction:
-    """Result of `softmax_reduce`: `values` `(G, M, E)`, the backend that ran, how many dictionary chunks it
-    streamed, and the number of query-entry pairs of the exact problem. `neglected` `(G, M)`: for approximate
-    backends (top-k), an upper bound on the posterior mass each query's result leaves out (0 where it ran
-    exactly), and `approximate_queries` how many queries were answered approximately; None and 0 otherwise.
-    With provenance: `best` `(G, M)` the id (`image * S + s`, see `Dictionary.entry_ids`) of each query's
-    dominant entry, `weight` `(G, M)` its posterior weight and `entropy` `(G, M)` the posterior's entropy in
-    nats; otherwise None."""
+    """Result of `softmax_reduce`.
+
+    `values` `(G, M, E)`. `group_backends` `(G,)`: per group, the backend that ran (`"a+b"` when a group's queries
+    ran on two, e.g. top-k and its exact fallback); `backend` names them all (`"a+b"` when they differ).
+    `chunks`: dictionary chunks streamed. `pairs`: query-entry pairs actually scored (fewer than `exact_pairs`
+    where a backend skipped work: distinct keys, top-k); `exact_pairs`: G * M * entries, the exact problem's.
+    `neglected` `(G, M)`: for approximate backends (top-k), an upper bound on the posterior mass each query's
+    result leaves out (0 where it ran exactly), and `approximate_queries` how many queries were answered
+    approximately; None and 0 otherwise. With provenance: `best` `(G, M)` the id (`image * S + s`, see
+    `Dictionary.entry_ids`) of each query's dominant entry, `weight` `(G, M)` its posterior weight and `entropy`
+    `(G, M)` the posterior's entropy in nats; otherwise None."""
 
     values: torch.Tensor
-    backend: str
+    group_backends: tuple[str, ...]
     chunks: int
     pairs: int
+    exact_pairs: int
     best: torch.Tensor | None = None
     weight: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     neglected: torch.Tensor | None = None
     approximate_queries: int = 0
+
+    @property
+    def backend(self) -> str:
+        """The backends that ran, joined by "+" in order of first appearance (one name when all groups agree)."""
+        names = dict.fromkeys(part for name in self.group_backends for part in name.split("+"))
+        return "+".join(names)
 
 
 def softmax_reduce(
@@ -74,7 +85,8 @@ def softmax_reduce(
         queries: `(G, M, D)` float32 or float64; the computation runs in this dtype on its device.
         dictionary: the keys and values, built chunk by chunk (`elsfast.reduce.dictionary`).
         abar: noise level in (0, 1).
-        backend: a registered backend name, "auto", or a configured backend (e.g. `TopK(k=128)`).
+        backend: "auto" (the fastest *exact* backend for this problem: `elsfast.reduce.policy`), a registered
+            backend name, or a configured backend (e.g. `TopK(k=128)`). Approximate backends run only when named.
         memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use.
         provenance: also return each query's dominant entry, its weight and the posterior entropy.
         process_group: the dictionary is sharded across the ranks of this torch.distributed group (pass the
@@ -82,16 +94,26 @@ def softmax_reduce(
             shard, and every rank gets the result over the whole dictionary. Entry ids must be global
             (`Dictionary.image_ids`).
     """
-    # a sharded dictionary merges exact partial states: `auto` then considers exact backends only
-    chosen = select_backend(backend, queries, dictionary, exact_only=process_group is not None)
-    if process_group is not None and not chosen.EXACT:
-        raise ValueError(f"backend {chosen.NAME!r} is approximate and cannot merge the shards of a sharded dictionary")
+    check_backend_name(backend)
+    if process_group is not None and backend != "auto":
+        named = resolve_named(backend, queries, dictionary)
+        if not named.EXACT:
+            raise ValueError(
+                f"backend {named.NAME!r} is approximate and cannot merge the shards of a sharded dictionary"
+            )
     G, M, _ = queries.shape
+    exact_pairs = G * M * dictionary.size
     if G * M == 0 or dictionary.size == 0:  # nothing to reduce (no entries: every result is 0/0, as when folded)
         E, dtype = dictionary.value_dim, queries.dtype
-        out = BackendOutput(ReduceState.empty(G, M, E, dtype=dtype, device=queries.device, provenance=provenance), 0)
+        state = ReduceState.empty(G, M, E, dtype=dtype, device=queries.device, provenance=provenance)
+        name = backend.NAME if not isinstance(backend, str) else backend
+        out = BackendOutput(state, 0, backends=(name if name != "auto" else "none",) * G, pairs=0)
     else:
-        out = chosen.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
+        ran, out = policy.run(
+            backend, queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance
+        )
+        if out.backends is None:
+            out = out._replace(backends=(ran.NAME,) * G)
     state = out.state
     if process_group is not None:
         from .distributed import all_merge_
@@ -99,9 +121,10 @@ def softmax_reduce(
         all_merge_(state, process_group)
     result = Reduction(
         state.finalize(),
-        chosen.NAME,
+        out.backends,
         out.chunks,
-        G * M * dictionary.size,
+        exact_pairs if out.pairs is None else out.pairs,
+        exact_pairs,
         neglected=out.neglected,
         approximate_queries=out.approximate_queries,
     )

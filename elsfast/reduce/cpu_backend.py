@@ -6,6 +6,7 @@ merged exactly with `ReduceState.fold_`.
 Patch dictionaries (LS, ELS; values of at most 4 channels) on CPU tensors, float32, on x86-64 CPUs with AVX2 and
 FMA (AVX-512F where the CPU has it). Built by setup.py wherever a C++ compiler with OpenMP is found
 (`ELSFAST_CPU=1` makes a failed build an error, `0` skips it). IS, ES and float64 run on the torch backend.
+Running sums are fp64, so the result is as accurate as its fp32 logits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .dictionary import Dictionary
 from .partials import (
+    COMPILED_KERNEL_LIMITS,
     compiled_kernel_reasons,
     empty_partial_states,
     extension_arguments,
@@ -26,7 +28,7 @@ from .partials import (
 )
 from .registry import Backend, BackendOutput, register_backend
 
-__all__ = ["Cpu", "check_options", "choose_isa", "cpu_kernel_reasons"]
+__all__ = ["CPU_KERNEL_LIMITS", "Cpu", "check_options", "choose_isa", "cpu_kernel_reasons"]
 
 CHUNK_BYTES = 2 << 20  # packed key tiles shared by all threads: about an L2/L3 slice
 MAX_SPLITS = 64
@@ -53,21 +55,32 @@ def check_options(backend: Backend, counts: tuple[str, ...]) -> None:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {backend.isa!r}")
 
 
-def cpu_kernel_reasons(isa: str, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-    """Why the kernels of `elsfast._cpu` cannot run this problem with the option `isa` (empty: they can)."""
+CPU_KERNEL_LIMITS = {
+    **COMPILED_KERNEL_LIMITS,
+    "extension": "needs the compiled CPU extension elsfast._cpu",
+    "isa": "needs a CPU instruction set the kernel was built for (AVX2 + FMA, or AVX-512F)",
+    "device": "needs CPU tensors",
+}
+
+
+def cpu_kernel_reasons(backend: Backend, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
+    """Why the kernels of `elsfast._cpu` cannot run this problem with the `isa` option of `backend` (a backend
+    whose `LIMITS` include `CPU_KERNEL_LIMITS`); empty: they can."""
     reasons = []
     ext = import_extension("elsfast._cpu")
     if isinstance(ext, ImportError):
         reasons.append(
-            f"the CPU extension is not compiled ({ext}); reinstall with a C++ compiler with OpenMP "
-            "(ELSFAST_CPU=1 makes a failed build an error)"
+            backend.refuse(
+                "extension",
+                f"{ext}; reinstall with a C++ compiler with OpenMP (ELSFAST_CPU=1 makes a failed build an error)",
+            )
         )
-    elif choose_isa(ext, isa) is None:
-        wanted = "AVX2 + FMA" if isa in ("auto", "avx2") else "AVX-512F"
-        reasons.append(f"this CPU lacks {wanted}, which the kernel needs (it has: {ext.isas() or 'neither'})")
+    elif choose_isa(ext, backend.isa) is None:
+        wanted = "AVX2 + FMA" if backend.isa in ("auto", "avx2") else "AVX-512F"
+        reasons.append(backend.refuse("isa", f"this CPU lacks {wanted}; it has: {ext.isas() or 'neither'}"))
     if queries.device.type != "cpu":
-        reasons.append(f"needs CPU tensors, queries are on {queries.device.type}")
-    return reasons + compiled_kernel_reasons(queries, dictionary, "torch")
+        reasons.append(backend.refuse("device", f"queries are on {queries.device.type}"))
+    return reasons + compiled_kernel_reasons(backend, queries, dictionary)
 
 
 def plan(ext, entries: int, D: int, E: int, M: int, threads: int, memory_budget: int) -> tuple[int, int]:
@@ -100,7 +113,7 @@ class Cpu(Backend):
     isa: str = "auto"
 
     NAME = "cpu"
-    PRIORITY = 60  # after topk (50), which `auto` takes only for huge dictionaries; before torch (100)
+    LIMITS = CPU_KERNEL_LIMITS
 
     def __post_init__(self) -> None:
         check_options(self, ("splits", "tiles_per_chunk"))
@@ -109,7 +122,7 @@ class Cpu(Backend):
         return {"splits": self.splits, "tiles_per_chunk": self.tiles_per_chunk, "isa": self.isa}
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        return cpu_kernel_reasons(self.isa, queries, dictionary)
+        return cpu_kernel_reasons(self, queries, dictionary)
 
     def reduce(
         self,

@@ -10,11 +10,13 @@ CPU, which is how the tests check the CUDA source without a GPU.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 
 from .dictionary import Dictionary
 from .partials import (
+    COMPILED_KERNEL_LIMITS,
     MAX_GRID_AXIS,
     compiled_kernel_reasons,
     empty_partial_states,
@@ -68,21 +70,24 @@ class Cuda(Backend):
     """The compiled CUDA extension (csrc/), for patch dictionaries on CUDA tensors."""
 
     NAME = "cuda"
-    PRIORITY = 30
+    LIMITS: ClassVar[dict[str, str]] = {
+        **COMPILED_KERNEL_LIMITS,
+        "extension": "needs the compiled CUDA extension elsfast._cuda",
+        "device": "needs CUDA tensors",
+        "grid": f"needs at most {MAX_GRID_AXIS} groups (the CUDA grid limit)",
+    }
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         reasons = []
         ext = import_extension("elsfast._cuda")
         if isinstance(ext, ImportError):
-            reasons.append(
-                f"the CUDA extension is not compiled ({ext}); reinstall with nvcc on PATH (ELSFAST_CUDA=1 makes a "
-                "failed build an error)"
-            )
+            detail = f"{ext}; reinstall with nvcc on PATH (ELSFAST_CUDA=1 makes a failed build an error)"
+            reasons.append(self.refuse("extension", detail))
         if queries.device.type != "cuda":
-            reasons.append(f"needs CUDA tensors, queries are on {queries.device.type}")
-        reasons += compiled_kernel_reasons(queries, dictionary, "triton or torch")
+            reasons.append(self.refuse("device", f"queries are on {queries.device.type}"))
+        reasons += compiled_kernel_reasons(self, queries, dictionary)
         if dictionary.num_groups > MAX_GRID_AXIS:
-            reasons.append(f"more than {MAX_GRID_AXIS} groups (the CUDA grid limit)")
+            reasons.append(self.refuse("grid", f"{dictionary.num_groups} groups"))
         return reasons
 
     def reduce(

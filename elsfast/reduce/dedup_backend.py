@@ -3,17 +3,19 @@ it occurs, on the `cpu` kernel (csrc/cpu_kernel.inc with a per-key logit bias of
 
 Equal keys have equal logits and equal values (a patch's value is its own centre pixel), so summing each distinct
 key once with weight `count` gives the same softmax as summing every entry: the result is exact, not approximate,
-and costs `distinct / total` of the `cpu` kernel's pairs. On MNIST (60,000 digits, interior and edge border
-classes) a distinct key stands for 6.9 entries at P = 3, 3.6 at P = 5 and 2.5 at P = 7: flat backgrounds repeat
-one patch millions of times. Natural RGB images barely repeat a patch, and `auto` passes the backend by there.
+and costs `distinct / total` of the `cpu` kernel's pairs. Flat backgrounds repeat one patch millions of times
+(MNIST); natural RGB images barely repeat a patch (the measured figures and `auto`'s rule are in
+`elsfast.reduce.policy`).
 
-The distinct keys of a group are found once (hash, then verified exactly: `elsfast.reduce.distinct`) and kept in
-memory, named by the content hash of the training images and the group's positions, so the steps of a sample
-that share a patch size share them; the cache holds at most `CACHE_BYTES`. `auto` builds them to learn how
-often keys repeat, and drops those that repeat too little (CIFAR-10: 1.004 entries per key at P = 3), keeping
-only their counts. Memory: the table is `distinct x features` bytes for uint8 images (1.1 GB for MNIST at P = 7),
-its build holds every entry's key once (`entries x features` bytes, 2.9 GB there). With provenance the backend
-runs the `cpu` kernel, whose dominant entry is an entry of the training set rather than a distinct key.
+The distinct keys of a group are found once (hash, then verified exactly: `elsfast.reduce.distinct`) inside
+`reduce`, and kept in a byte-bounded in-memory cache (`TABLES`, `CACHE_BYTES`) named by the content hash of the
+training images and the group's positions, so the steps of a sample that share a patch size share them; each
+table is tagged with that content hash (`elsfast.clear_caches`, `ScoreMachine.clear_cache`). With
+`min_duplication`, a group whose keys repeat less than that runs on the `cpu` kernel instead, its table is dropped
+and only its counts are remembered (`COUNTS`), so it is never built again. Memory: the table is `distinct x
+features` bytes for uint8 images (1.1 GB for MNIST at P = 7), its build holds every entry's key once
+(`entries x features` bytes, 2.9 GB there). With provenance the backend runs the `cpu` kernel, whose dominant
+entry is an entry of the training set rather than a distinct key (the report then names `cpu`).
 """
 
 from __future__ import annotations
@@ -22,39 +24,24 @@ import hashlib
 import logging
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .cpu_backend import Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
+from .caches import MemoryCache, content_hash
+from .cpu_backend import CPU_KERNEL_LIMITS, Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
 from .dictionary import Dictionary, PatchDictionary
-from .distinct import content_hash, describe, distinct_entries
+from .distinct import describe, distinct_entries
 from .partials import empty_partial_states, fold_partial_states, import_extension
 from .registry import Backend, BackendOutput, register_backend
 from .state import ReduceState, logit_scales
 
-__all__ = [
-    "AUTO_MAX_PATCH_SIZE",
-    "AUTO_MIN_DUPLICATION",
-    "AUTO_MIN_ENTRIES",
-    "Dedup",
-    "DistinctTable",
-    "distinct_table",
-]
+__all__ = ["CACHE_BYTES", "COUNTS", "TABLES", "Dedup", "DistinctTable", "distinct_table"]
 
 log = logging.getLogger("elsfast")
 
-# `auto` takes the backend for patch dictionaries of uint8 or float32 images with patches of at most
-# AUTO_MAX_PATCH_SIZE (beyond it the `shifts` kernel does more per pair than deduplication saves: MNIST repeats a
-# 9 x 9 patch 1.9 times and dedup runs at 0.75x the shifts kernel there), groups of at least AUTO_MIN_ENTRIES
-# entries (smaller ones cost more to deduplicate than they take to reduce) and at least AUTO_MIN_DUPLICATION
-# entries per distinct key over the problem's groups (benchmarks/bench_cpu.py::test_dedup_vs_exact_kernels).
-AUTO_MAX_PATCH_SIZE = 7
-AUTO_MIN_ENTRIES = 1 << 20
-AUTO_MIN_DUPLICATION = 1.5
 CACHE_BYTES = 4 << 30
-BUILD_BUDGET = 512 << 20  # working memory of a table's build, apart from the keys it collects (auto's builds)
 
 
 @dataclass(frozen=True)
@@ -80,8 +67,9 @@ class DistinctTable:
         return self.keys.numel() * self.keys.element_size() + 4 * self.keys.shape[0]
 
 
-_CACHE: OrderedDict[str, DistinctTable] = OrderedDict()
-_COUNTS: dict[str, tuple[int, int]] = {}  # (entries, distinct keys) of every table built, kept when it is dropped
+TABLES = MemoryCache("dedup tables", CACHE_BYTES, lambda table: table.nbytes)
+# (entries, distinct keys) of every table built, kept when the table is dropped: 64 bytes an entry, 1 MiB in all
+COUNTS = MemoryCache("dedup counts", 1 << 20, lambda counts: 64)
 
 
 def _table_key(dg: Dictionary) -> str:
@@ -93,9 +81,8 @@ def _table_key(dg: Dictionary) -> str:
 def distinct_table(dg: PatchDictionary, *, memory_budget: int) -> DistinctTable:
     """The distinct keys of the one-group patch dictionary `dg`, from the cache or built (and cached)."""
     key = _table_key(dg)
-    hit = _CACHE.get(key)
+    hit = TABLES.get(key)
     if hit is not None:
-        _CACHE.move_to_end(key)
         return hit
     started = time.perf_counter()
     entries = distinct_entries(dg, "auto", memory_budget=memory_budget)
@@ -116,10 +103,9 @@ def distinct_table(dg: PatchDictionary, *, memory_budget: int) -> DistinctTable:
         table.duplication,
         time.perf_counter() - started,
     )
-    _CACHE[key] = table
-    _COUNTS[key] = (table.total, table.keys.shape[0])
-    while len(_CACHE) > 1 and sum(t.nbytes for t in _CACHE.values()) > CACHE_BYTES:
-        _CACHE.popitem(last=False)
+    tags = [content_hash(dg.images)]
+    TABLES.put(key, table, tags=tags)
+    COUNTS.put(key, (table.total, table.keys.shape[0]), tags=tags)
     return table
 
 
@@ -127,56 +113,54 @@ def distinct_table(dg: PatchDictionary, *, memory_budget: int) -> DistinctTable:
 @dataclass(frozen=True)
 class Dedup(Backend):
     """The `cpu` kernel over each group's distinct entries with log-count biases, for patch dictionaries on CPU
-    tensors (exact). Options as `Cpu`.
+    tensors (exact). Options as `Cpu`, and:
 
     Args:
         splits: partial states per query; None: enough work units for two per thread.
         tiles_per_chunk: key tiles of 256 distinct keys packed at once; None: about 2 MB.
         isa: "auto" (AVX-512 over AVX2), "avx2" or "avx512".
+        min_duplication: groups whose entries per distinct key fall below this run on the `cpu` kernel (the
+            report names it); None: every group runs deduplicated.
     """
 
     splits: int | None = None
     tiles_per_chunk: int | None = None
     isa: str = "auto"
+    min_duplication: float | None = None
 
     NAME = "dedup"
-    PRIORITY = 52  # after topk (50); before shifts (55) and cpu (60), where the entries repeat
+    LIMITS: ClassVar[dict[str, str]] = {**CPU_KERNEL_LIMITS, "patches": "needs a patch dictionary (IS/ES run on torch)"}
 
     def __post_init__(self) -> None:
         check_options(self, ("splits", "tiles_per_chunk"))
+        if self.min_duplication is not None and not self.min_duplication >= 1.0:
+            raise ValueError(f"min_duplication must be at least 1 or None, got {self.min_duplication!r}")
 
     def options(self) -> dict:
-        return {"splits": self.splits, "tiles_per_chunk": self.tiles_per_chunk, "isa": self.isa}
+        names = ("splits", "tiles_per_chunk", "isa", "min_duplication")
+        return {name: getattr(self, name) for name in names}
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = cpu_kernel_reasons(self.isa, queries, dictionary)
+        reasons = cpu_kernel_reasons(self, queries, dictionary)
         if not isinstance(dictionary, PatchDictionary):
-            reasons.append("not a patch dictionary (IS/ES run on torch)")
+            reasons.append(self.refuse("patches", type(dictionary).__name__))
         return reasons
 
-    def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = self.unsupported_reasons(queries, dictionary)
-        if reasons:
-            return reasons
-        if dictionary.patch_size > AUTO_MAX_PATCH_SIZE:
-            return [f"patch size {dictionary.patch_size}: above {AUTO_MAX_PATCH_SIZE} patches rarely repeat"]
-        if dictionary.size < AUTO_MIN_ENTRIES:
-            return [
-                f"{dictionary.size} entries a group: below {AUTO_MIN_ENTRIES} deduplicating costs more than it saves"
-            ]
-        # builds the tables once: they are cached for the reduction and later calls, or, when they save too
-        # little, dropped, and only their counts are remembered
-        groups = [dictionary.group(g) for g in range(dictionary.num_groups)]
-        names = [_table_key(dg) for dg in groups]
-        for dg, name in zip(groups, names, strict=True):
-            if name not in _COUNTS:
-                distinct_table(dg, memory_budget=BUILD_BUDGET)
-        duplication = sum(_COUNTS[name][0] for name in names) / sum(_COUNTS[name][1] for name in names)
-        if duplication < AUTO_MIN_DUPLICATION:
-            for name in names:
-                _CACHE.pop(name, None)
-            return [f"{duplication:.2f} entries per distinct key: below {AUTO_MIN_DUPLICATION} it saves too little"]
-        return []
+    def _cpu(self) -> Cpu:
+        return Cpu(splits=self.splits, tiles_per_chunk=self.tiles_per_chunk, isa=self.isa)
+
+    def _table_or_none(self, dg: PatchDictionary, memory_budget: int) -> DistinctTable | None:
+        """The group's table, or None where `min_duplication` sends the group to the cpu kernel (a table that
+        repeats too little is dropped as soon as it is built; its counts are remembered)."""
+        key = _table_key(dg)
+        counts = COUNTS.get(key)
+        if self.min_duplication is not None and counts is not None and counts[0] < self.min_duplication * counts[1]:
+            return None
+        table = distinct_table(dg, memory_budget=memory_budget)
+        if self.min_duplication is not None and table.duplication < self.min_duplication:
+            TABLES.pop(key)
+            return None
+        return table
 
     def reduce(
         self,
@@ -188,16 +172,20 @@ class Dedup(Backend):
         provenance: bool = False,
     ) -> BackendOutput:
         if provenance:  # the dominant entry must be an entry of the training set, not a distinct key
-            cpu = Cpu(splits=self.splits, tiles_per_chunk=self.tiles_per_chunk, isa=self.isa)
-            return cpu.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
+            out = self._cpu().reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
+            return out._replace(backends=("cpu",) * queries.shape[0])
         ext = import_extension("elsfast._cpu")
         isa = choose_isa(ext, self.isa)
         G, M, _ = queries.shape
         threads = torch.get_num_threads()
         q_scale, key_scale = logit_scales(abar)
-        states, chunks = [], 0
+        states: list[ReduceState | None] = [None] * G
+        names, chunks, pairs, undeduplicated = [self.NAME] * G, 0, 0, []
         for g in range(G):
-            table = distinct_table(dictionary.group(g), memory_budget=memory_budget)
+            table = self._table_or_none(dictionary.group(g), memory_budget)
+            if table is None:
+                undeduplicated.append(g)
+                continue
             U, Dv = table.keys.shape
             E = len(table.value_features)
             splits, per_chunk = plan(ext, U, Dv, E, M, threads, memory_budget)
@@ -211,7 +199,16 @@ class Dedup(Backend):
                 *pointers, 1, M, U, 1, Dv, E, Dv, splits, per_chunk, key_scale,
                 table.keys.dtype == torch.uint8, False, threads, isa, table.bias.data_ptr(),
             )  # fmt: skip
-            states.append(fold_partial_states(dictionary, m, l, acc, None, None))
+            states[g] = fold_partial_states(dictionary, m, l, acc, None, None)
             chunks += math.ceil(math.ceil(U / ext.TILE_N) / per_chunk)
+            pairs += M * U
+        if undeduplicated:
+            sub = dictionary.select_groups(undeduplicated)
+            out = self._cpu().reduce(queries[undeduplicated], sub, abar=abar, memory_budget=memory_budget)
+            for i, g in enumerate(undeduplicated):
+                states[g] = out.state.take(groups=slice(i, i + 1))
+                names[g] = "cpu"
+            chunks += out.chunks
+            pairs += len(undeduplicated) * M * dictionary.size
         state = ReduceState(*(torch.cat([getattr(s, f) for s in states]) for f in ("m", "l", "acc")))
-        return BackendOutput(state, chunks)
+        return BackendOutput(state, chunks, backends=tuple(names), pairs=pairs)

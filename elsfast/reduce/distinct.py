@@ -9,14 +9,13 @@ biases) work on them. Keys are in index units: `u = (k + offset) * scale` (uint8
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
 
 from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 
-__all__ = ["DistinctEntries", "content_hash", "describe", "distinct_entries", "resolve_storage", "to_units"]
+__all__ = ["DistinctEntries", "describe", "distinct_entries", "resolve_storage", "to_units"]
 
 
 def to_units(keys: torch.Tensor, features: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
@@ -31,24 +30,6 @@ def describe(dg: Dictionary) -> bytes:
     if isinstance(dg, ImageDictionary):
         return repr(("image", dg.shifts)).encode()
     raise TypeError(f"no distinct entries for {type(dg).__name__}")
-
-
-_CONTENT: dict[int, tuple[torch.Tensor, int, str]] = {}
-
-
-def content_hash(images: torch.Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes, remembered while the tensor is unchanged (the memo keeps a
-    reference, so an id is never reused for other data while remembered)."""
-    key = id(images)
-    hit = _CONTENT.get(key)
-    if hit is not None and hit[0] is images and hit[1] == images._version:
-        return hit[2]
-    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    if len(_CONTENT) >= 8:
-        _CONTENT.pop(next(iter(_CONTENT)))
-    _CONTENT[key] = (images, images._version, digest.hexdigest())
-    return digest.hexdigest()
 
 
 def resolve_storage(storage: str, kind: str, images: torch.Tensor) -> str:

@@ -15,6 +15,7 @@ from .dictionary import Dictionary
 from .state import ReduceState, logit_scales
 
 __all__ = [
+    "COMPILED_KERNEL_LIMITS",
     "MAX_VALUE_CHANNELS",
     "PROGRAMS_PER_SM",
     "KernelInputs",
@@ -75,19 +76,24 @@ def import_extension(name: str) -> ModuleType | ImportError:
         return error
 
 
-def compiled_kernel_reasons(queries: torch.Tensor, dictionary: Dictionary, others: str) -> list[str]:
+COMPILED_KERNEL_LIMITS = {
+    "float32": "computes in float32 (float64 runs on torch)",
+    "image_dtype": "needs uint8 or float32 training images",
+    "value_channels": f"holds at most {MAX_VALUE_CHANNELS} value channels (IS/ES run on torch)",
+}
+
+
+def compiled_kernel_reasons(backend, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
     """What the compiled kernels (CPU, CUDA) cannot run: float64, other image dtypes, more than
-    `MAX_VALUE_CHANNELS` value channels (whole-image dictionaries, IS/ES, run on `others`)."""
+    `MAX_VALUE_CHANNELS` value channels (whole-image dictionaries); reasons from `backend.refuse`, whose
+    `LIMITS` include `COMPILED_KERNEL_LIMITS`."""
     reasons = []
     if queries.dtype != torch.float32:
-        reasons.append(f"the kernel computes in float32, queries are {queries.dtype} (float64 runs on torch)")
+        reasons.append(backend.refuse("float32", f"queries are {queries.dtype}"))
     if dictionary.images.dtype not in (torch.uint8, torch.float32):
-        reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
+        reasons.append(backend.refuse("image_dtype", f"got {dictionary.images.dtype}"))
     if dictionary.value_dim > MAX_VALUE_CHANNELS:
-        reasons.append(
-            f"values of {dictionary.value_dim} channels: the kernel holds at most {MAX_VALUE_CHANNELS} (whole-image "
-            f"dictionaries, IS/ES, run on {others})"
-        )
+        reasons.append(backend.refuse("value_channels", f"values of {dictionary.value_dim} channels"))
     return reasons
 
 

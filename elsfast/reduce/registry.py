@@ -1,15 +1,22 @@
-"""Backend registry and dispatch.
+"""Backend registry: what each backend *can* run, and how closely it agrees with the float64 reference.
 
-Each backend declares what it can run through `unsupported_reasons`, which returns readable strings (empty =
-supported). `backend="auto"` walks the registry in priority order and takes the first backend whose
-`auto_reasons` are empty (exact backends, and approximate ones that certify a tolerance); a backend asked for by
-name that cannot run raises `BackendUnavailable` with its reasons and never falls back silently.
+A backend declares
+- `NAME`, and `EXACT` (False only for backends that approximate the softmax, e.g. top-k);
+- `LIMITS`: the conditions it needs, each a short text; `unsupported_reasons(queries, dictionary)` returns one
+  reason per unmet condition, each starting with that condition's text (`Backend.refuse`). The check is cheap
+  and free of side effects: no table builds, no allocations of the problem's size. A condition that can only be
+  checked while reducing (the shift kernel verifies that the queries are whole-image patches) is declared all
+  the same and raised as `BackendUnavailable` from `reduce` before any work;
+- `accuracy(dtype)`: its agreement with the float64 reference (`Tolerance`).
+
+Which capable backend `backend="auto"` prefers is not a property of a backend: it is the rule list of
+`elsfast.reduce.policy`. A backend asked for by name that cannot run raises `BackendUnavailable` with its reasons
+and never falls back silently.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -21,48 +28,83 @@ __all__ = [
     "BackendOutput",
     "BackendSpec",
     "BackendUnavailable",
+    "Tolerance",
     "backend_from_spec",
     "backend_names",
     "backend_reasons",
     "backend_spec",
     "check_backend_name",
+    "get_backend",
     "register_backend",
-    "select_backend",
+    "resolve_named",
 ]
-
-log = logging.getLogger("elsfast")
 
 
 class BackendOutput(NamedTuple):
     """What `Backend.reduce` returns: the folded state, the dictionary chunks streamed, and for approximate
-    backends a bound on each query's neglected posterior mass `(G, M)` and how many queries they answered."""
+    backends a bound on each query's neglected posterior mass `(G, M)` and how many queries they answered.
+
+    `backends`: per group, the name of what ran (`"a+b"` where a group's queries ran on two backends, e.g. top-k
+    and its exact fallback); None means this backend's `NAME` for every group. `pairs`: the query-entry pairs
+    actually scored; None means every pair of the exact problem (G * M * entries)."""
 
     state: ReduceState
     chunks: int
     neglected: torch.Tensor | None = None
     approximate_queries: int = 0
+    backends: tuple[str, ...] | None = None
+    pairs: int | None = None
 
 
 class BackendUnavailable(RuntimeError):
-    """A backend was asked for by name but cannot run this problem here."""
+    """A backend was asked for by name but cannot run this problem here; `reasons` lists why (each starting with
+    one of the backend's `LIMITS`)."""
+
+    def __init__(self, message: str, reasons: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons)
+
+
+class Tolerance(NamedTuple):
+    """A backend's declared agreement with the float64 reference for queries of one dtype: every output value is
+    within `per_logit * eps(dtype) * L + absolute` of it, where L is the largest logit magnitude the problem
+    allows, `max |2a q.k - a^2 |k|^2| / T` (nats; SPEC section 5). Approximate backends add twice the neglected
+    posterior mass they certify (values lie in [-1, 1])."""
+
+    per_logit: float
+    absolute: float
+
+    def bound(self, dtype: torch.dtype, logit_range: float) -> float:
+        """The largest allowed deviation for queries of `dtype` on a problem whose logits span `logit_range`."""
+        return self.per_logit * torch.finfo(dtype).eps * logit_range + self.absolute
+
+
+# A logit is a dot product of D terms in the queries' dtype; its rounding error is a few eps * L, a weight moves by
+# the same relative amount and the values lie in [-1, 1]. Running sums kept in fp64 (the compiled kernels) or fp32.
+FP_TOLERANCES = {torch.float32: Tolerance(8.0, 1e-6), torch.float64: Tolerance(8.0, 1e-9)}
 
 
 class Backend:
-    """Base class of a reduction backend. Subclasses set `NAME` and `PRIORITY` (lower is tried first under
-    auto) and implement `reduce`. A backend that is not exact says why `auto` should pass it by in
-    `auto_reasons` (the default: "not exact" unless `EXACT`)."""
+    """Base class of a reduction backend. Subclasses set `NAME`, `LIMITS` and implement `reduce` (and
+    `unsupported_reasons` when they have limits)."""
 
     NAME: str = ""
-    PRIORITY: int = 100
     EXACT: bool = True
+    LIMITS: ClassVar[dict[str, str]] = {}
+
+    def refuse(self, limit: str, detail: str = "") -> str:
+        """The reason for the unmet condition `limit` (a key of `LIMITS`), with `detail` about this problem."""
+        text = self.LIMITS[limit]
+        return f"{text} ({detail})" if detail else text
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        """Why this backend cannot run this problem here; empty when it can."""
+        """Why this backend cannot run this problem here (one `refuse` reason per unmet limit); empty when it can.
+        Cheap: it reads shapes, dtypes, devices and the dictionary's description, never the data."""
         return []
 
-    def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        """Why `backend="auto"` should not pick this backend for this problem; empty when it may."""
-        return self.unsupported_reasons(queries, dictionary) + ([] if self.EXACT else ["not exact"])
+    def accuracy(self, dtype: torch.dtype) -> Tolerance:
+        """The declared agreement with the float64 reference for queries of `dtype` (`Tolerance`)."""
+        return FP_TOLERANCES[dtype]
 
     def options(self) -> dict:
         """The backend's options, JSON-ready (`backend_from_spec` rebuilds it from `{"name": NAME, **options}`)."""
@@ -88,14 +130,20 @@ _REGISTRY: dict[str, Backend] = {}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
-    """Class decorator: add a backend to the registry under its `NAME`."""
+    """Class decorator: add a backend (its default configuration) to the registry under its `NAME`."""
     _REGISTRY[cls.NAME] = cls()
     return cls
 
 
 def backend_names() -> list[str]:
-    """Registered backend names in priority order."""
-    return sorted(_REGISTRY, key=lambda name: _REGISTRY[name].PRIORITY)
+    """Registered backend names, in registration order (`auto`'s order is `elsfast.reduce.policy.RULES`)."""
+    return list(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend `name` in its default configuration."""
+    check_backend_name(name)
+    return _REGISTRY[name]
 
 
 def check_backend_name(name: BackendSpec) -> None:
@@ -129,27 +177,12 @@ def backend_reasons(queries: torch.Tensor, dictionary: Dictionary) -> dict[str, 
     return {name: _REGISTRY[name].unsupported_reasons(queries, dictionary) for name in backend_names()}
 
 
-def select_backend(
-    name: BackendSpec, queries: torch.Tensor, dictionary: Dictionary, *, exact_only: bool = False
-) -> Backend:
-    """The backend to run: `name` itself (a name or a configured instance; raising if it cannot run), or under
-    `auto` the first registered backend whose `auto_reasons` are empty (and that is exact, with `exact_only`)."""
+def resolve_named(name: BackendSpec, queries: torch.Tensor, dictionary: Dictionary) -> Backend:
+    """The backend asked for by name or instance (not "auto"), raising `BackendUnavailable` with its reasons
+    when it cannot run this problem."""
     check_backend_name(name)
-    if name != "auto":
-        backend = name if isinstance(name, Backend) else _REGISTRY[name]
-        reasons = backend.unsupported_reasons(queries, dictionary)
-        if reasons:
-            raise BackendUnavailable(f"backend {backend.NAME!r} cannot run here: {'; '.join(reasons)}")
-        return backend
-    refused = {}
-    for candidate in backend_names():
-        backend = _REGISTRY[candidate]
-        reasons = backend.auto_reasons(queries, dictionary) + (
-            ["not exact"] if exact_only and not backend.EXACT else []
-        )
-        if not reasons:
-            log.debug("auto backend: %s", candidate)
-            return backend
-        refused[candidate] = reasons
-    detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items())
-    raise BackendUnavailable(f"no backend can run this problem ({detail})")
+    backend = name if isinstance(name, Backend) else _REGISTRY[name]
+    reasons = backend.unsupported_reasons(queries, dictionary)
+    if reasons:
+        raise BackendUnavailable(f"backend {backend.NAME!r} cannot run here: {'; '.join(reasons)}", reasons)
+    return backend

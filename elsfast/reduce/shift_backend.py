@@ -4,30 +4,27 @@ pair instead of the P^2 of a dot product, so large patches cost about what small
 
 It needs the structure the machines give their queries: query `s * B + b` of group g is the patch of image b at
 the group's position s, and every group is a rectangle of positions (the border classes of zero-padded ELS). The
-backend rebuilds the B query images from the patches and checks that they give back every query exactly;
-queries without that structure (e.g. a subset of a group's queries) are refused with a reason, and `auto` moves
-on to the `cpu` kernel. Float32, CPU tensors, at most 4 channels. With provenance it runs the `cpu` kernel, which
-tracks the dominant entry.
+backend rebuilds the B query images from the patches inside `reduce` and checks that they give back every query
+exactly; queries without that structure (e.g. a subset of a group's queries) are refused there, before any work
+(`BackendUnavailable`: a named request fails, `auto` moves on to the `cpu` kernel). Float32, CPU tensors, at most
+4 channels. With provenance it runs the `cpu` kernel, which tracks the dominant entry (the report names `cpu`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from .cpu_backend import MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
+from .cpu_backend import CPU_KERNEL_LIMITS, MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
 from .dictionary import Dictionary, PatchDictionary
 from .partials import empty_partial_states, fold_partial_states, import_extension
-from .registry import Backend, BackendOutput, register_backend
+from .registry import Backend, BackendOutput, BackendUnavailable, register_backend
 from .state import logit_scales
 
-__all__ = ["AUTO_MIN_PATCH_SIZE", "Shifts", "group_rectangles", "query_images"]
-
-# `auto` takes the displacement kernel from this patch size on; below it the `cpu` kernel's dot products are as
-# fast or faster (benchmarks/bench_cpu.py::test_shift_kernel_against_cpu_kernel)
-AUTO_MIN_PATCH_SIZE = 7
+__all__ = ["Shifts", "group_rectangles", "query_images"]
 
 
 def group_rectangles(dictionary: Dictionary) -> torch.Tensor | str:
@@ -89,7 +86,12 @@ class Shifts(Backend):
     isa: str = "auto"
 
     NAME = "shifts"
-    PRIORITY = 55  # before the cpu kernel (60): same results, a fraction of its work for patches above 3 x 3
+    LIMITS: ClassVar[dict[str, str]] = {
+        **CPU_KERNEL_LIMITS,
+        "zeros": "needs a zero-padded patch dictionary",
+        "rectangles": "needs groups whose positions form rectangles listed row by row (ELS border classes)",
+        "whole_images": "needs queries that are the patches of whole images at the dictionary's positions",
+    }
 
     def __post_init__(self) -> None:
         check_options(self, ("splits",))
@@ -98,20 +100,15 @@ class Shifts(Backend):
         return {"splits": self.splits, "isa": self.isa}
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = cpu_kernel_reasons(self.isa, queries, dictionary)
+        reasons = cpu_kernel_reasons(self, queries, dictionary)
+        if not isinstance(dictionary, PatchDictionary) or dictionary.padding != "zeros":
+            return [*reasons, self.refuse("zeros", getattr(dictionary, "padding", type(dictionary).__name__))]
         rectangles = group_rectangles(dictionary)
         if isinstance(rectangles, str):
-            return [*reasons, rectangles]
-        images = query_images(queries, dictionary)
-        return reasons + ([images] if isinstance(images, str) else [])
-
-    def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = self.unsupported_reasons(queries, dictionary)
-        P = getattr(dictionary, "patch_size", 0)
-        if not reasons and P < AUTO_MIN_PATCH_SIZE:
-            reasons.append(f"patch size {P}: below {AUTO_MIN_PATCH_SIZE} the cpu kernel is as fast")
-        if not reasons and dictionary.entries_per_image == 1:
-            reasons.append("one position a group (LS): no displacement is shared, the cpu kernel is as fast")
+            reasons.append(self.refuse("rectangles", rectangles))
+        if queries.shape[1] % dictionary.entries_per_image:
+            S = dictionary.entries_per_image
+            reasons.append(self.refuse("whole_images", f"{queries.shape[1]} queries a group, {S} positions a group"))
         return reasons
 
     def reduce(
@@ -125,10 +122,15 @@ class Shifts(Backend):
     ) -> BackendOutput:
         if provenance:  # the displacement kernel does not track the dominant entry
             cpu = Cpu(isa=self.isa)
-            return cpu.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
+            out = cpu.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
+            return out._replace(backends=(cpu.NAME,) * queries.shape[0])
+        images = query_images(queries, dictionary)
+        if isinstance(images, str):
+            reason = self.refuse("whole_images", images)
+            raise BackendUnavailable(f"backend 'shifts' cannot run here: {reason}", [reason])
+        images = images.contiguous()
         ext = import_extension("elsfast._cpu")
         isa = choose_isa(ext, self.isa)
-        images = query_images(queries, dictionary).contiguous()
         groups = group_rectangles(dictionary).contiguous()
         G, M, _ = queries.shape
         B, C = images.shape[:2]

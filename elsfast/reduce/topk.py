@@ -14,11 +14,15 @@ a margin for float32 search rounding and for stored-key rounding (float16). The 
 machine's by at most eps * (max - min of the values) per channel: 2 eps for images in [-1, 1]. HNSW gives no
 such bound (its search may miss near entries): `TopK(index="hnsw")` needs `tolerance=None` and reports NaN.
 
-Policy per group (`reduce`): groups with fewer than `min_entries` entries run exactly; otherwise, before an index
-is built, a pilot of 16 queries (exact top-k by brute force) predicts how many queries would meet the tolerance;
-below `min_pass_fraction` the group runs exactly and the noise level is remembered (calls skip the pilot until the
-noise variance has halved); groups of many images are screened on a subset of them first.
-Queries whose bound exceeds the tolerance run exactly, so every result is within tolerance of the exact machine.
+Top-k is approximate: `auto` never runs it; it runs only when asked for (`backend="topk"` or a configured
+`TopK(...)`). Policy per group (`reduce`): groups with fewer than `min_entries` entries run exactly; otherwise,
+before an index is built, a pilot of 16 queries (exact top-k by brute force) predicts how many queries would meet
+the tolerance; below `min_pass_fraction` the group runs exactly and the noise level is remembered (calls skip the
+pilot until the noise variance has halved); groups of many images are screened on a subset of them first.
+Queries whose bound exceeds the tolerance run exactly (on the backend `auto` picks), so every result is within
+tolerance of the exact machine; the report names, per group, what ran ("topk", the exact backend, or both).
+Built indexes are kept in a byte-bounded in-memory cache owned by the `TopK` object (`INDEX_CACHE_BYTES`; cleared
+by `elsfast.clear_caches()`), and on disk under `cache_dir`.
 """
 
 from __future__ import annotations
@@ -26,12 +30,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from . import policy
+from .caches import MemoryCache, content_hash
 from .dictionary import Dictionary
 from .distinct import DistinctEntries, distinct_entries, resolve_storage
-from .registry import Backend, BackendOutput, register_backend, select_backend
+from .registry import FP_TOLERANCES, Backend, BackendOutput, Tolerance, register_backend
 from .state import LOG2E, ReduceState
 from .topk_index import (
     KINDS,
@@ -45,20 +52,35 @@ from .topk_index import (
     save_cached,
 )
 
-__all__ = ["TopK", "neglected_bound"]
+__all__ = ["INDEX_CACHE_BYTES", "TopK", "neglected_bound"]
 
 PILOT_QUERIES = 16
 PILOT_IMAGES = 4096  # larger groups are screened on a subset of about this many images before the full pilot
 RETRY_NOISE_FRACTION = 0.5  # after a failed pilot, the next one waits until 1 - abar has fallen to this fraction
 SEARCH_SLACK = 4e-5  # relative rounding margin of FAISS's float32 squared distances
+INDEX_CACHE_BYTES = 4 << 30  # built indexes kept in memory by one TopK object
 
 
 def _exact_reduce(
     queries: torch.Tensor, dictionary: Dictionary, abar: float, memory_budget: int, provenance: bool
-) -> BackendOutput:
-    """The queries top-k does not answer, on the fastest exact backend that can run them (`auto`, exact only)."""
-    backend = select_backend("auto", queries, dictionary, exact_only=True)
-    return backend.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
+) -> tuple[BackendOutput, tuple[str, ...], int]:
+    """The queries top-k does not answer, on the exact backend `auto` runs: its output, what ran per group and
+    the pairs it scored."""
+    backend, out = policy.run(
+        "auto", queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance
+    )
+    G, M, _ = queries.shape
+    names = out.backends or (backend.NAME,) * G
+    return out, names, G * M * dictionary.size if out.pairs is None else out.pairs
+
+
+def _index_nbytes(gi: GroupIndex) -> int:
+    """Memory of a built index: its stored keys and ids, and the tensors beside it."""
+    itemsize = {"uint8": 1, "float16": 2}.get(gi.storage, 4)
+    tensors = (gi.features, gi.rep_ids, gi.counts, gi.centroids, gi.radius, gi.list_sizes)
+    return gi.size * (len(gi.features) * itemsize + 8) + sum(
+        t.numel() * t.element_size() for t in tensors if t is not None
+    )
 
 
 def neglected_bound(
@@ -102,8 +124,7 @@ class TopK(Backend):
         nlist, nprobe: IVF lists (default about 4 sqrt(n), at most 4096) and lists searched per query.
         storage: "auto" (uint8 for uint8 training images: exact and 4x smaller; float32 otherwise), "float32",
             "float16" or "uint8".
-        min_entries: groups with fewer entries run exactly (and `auto` picks this backend only when some group
-            has at least this many).
+        min_entries: groups with fewer entries run exactly.
         min_pass_fraction: skip building an index when the pilot predicts fewer queries than this meet the
             tolerance.
         cache_dir: where built indexes are kept (default `$ELSFAST_CACHE/indexes`, `~/.cache/elsfast/indexes`);
@@ -121,12 +142,19 @@ class TopK(Backend):
     min_pass_fraction: float = 0.5
     cache_dir: str | None = None
     progress: bool = True
-    _indexes: dict = field(default_factory=dict, init=False, repr=False)
-    _failed_abar: dict = field(default_factory=dict, init=False, repr=False)
+    _indexes: MemoryCache = field(
+        default_factory=lambda: MemoryCache("topk indexes", INDEX_CACHE_BYTES, _index_nbytes), init=False, repr=False
+    )
+    _failed_abar: MemoryCache = field(
+        default_factory=lambda: MemoryCache("topk failed pilots", 1 << 20, lambda abar: 64), init=False, repr=False
+    )
 
     NAME = "topk"
-    PRIORITY = 50
     EXACT = False
+    LIMITS: ClassVar[dict[str, str]] = {
+        "faiss": "needs faiss",
+        "storage": "storage='uint8' needs uint8 training images",
+    }
 
     def __post_init__(self) -> None:
         if int(self.k) < 1:
@@ -148,18 +176,17 @@ class TopK(Backend):
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         faiss, why = faiss_or_reason()
-        reasons = [] if faiss is not None else [why]
+        reasons = [] if faiss is not None else [self.refuse("faiss", why)]
         if self.storage == "uint8" and dictionary.images.dtype != torch.uint8:
-            reasons.append("storage='uint8' needs uint8 training images")
+            reasons.append(self.refuse("storage", f"the images are {dictionary.images.dtype}"))
         return reasons
 
-    def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = self.unsupported_reasons(queries, dictionary)
-        if self.tolerance is None:
-            reasons.append("no tolerance set, so results are not certified")
-        if dictionary.size < self.min_entries:
-            reasons.append(f"groups of {dictionary.size:,} entries (< {self.min_entries:,}): the exact path is cheaper")
-        return reasons
+    def accuracy(self, dtype: torch.dtype) -> Tolerance:
+        """The exact backends' tolerance plus twice the certified neglected mass (values lie in [-1, 1]); infinite
+        without a tolerance (uncertified)."""
+        exact = FP_TOLERANCES[dtype]
+        extra = math.inf if self.tolerance is None else 2.0 * self.tolerance
+        return Tolerance(exact.per_logit, exact.absolute + extra)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -179,8 +206,9 @@ class TopK(Backend):
         a failed pilot the group runs exactly without another pilot until the noise variance 1 - abar has fallen
         to `RETRY_NOISE_FRACTION` of the failed level's: a pilot reads the whole group, and a sampler lowers the
         noise a little at every step."""
-        if key in self._indexes:
-            return self._indexes[key]
+        hit = self._indexes.get(key)
+        if hit is not None:
+            return hit
         cache = self._cache_dir()
         gi = load_cached(cache, key)
         if gi is None:
@@ -200,13 +228,13 @@ class TopK(Backend):
                 return None
             gi = build_group_index(entries, kind=self.index, nlist=self.nlist, progress=self.progress)
             save_cached(cache, key, gi)
-        self._indexes[key] = gi
+        self._indexes.put(key, gi, tags=[content_hash(dg.images)])
         return gi
 
     def _remember_failure(self, key: str, abar: float) -> None:
         """Too few queries of group `key` were (or would be) certified at noise `abar`: keep the least noisy such
         level, from which `_group_index` waits for the noise to halve before the next pilot."""
-        self._failed_abar[key] = max(abar, self._failed_abar.get(key, 0.0))
+        self._failed_abar.put(key, max(abar, self._failed_abar.get(key) or 0.0))
 
     def _pilot_passes(self, entries: DistinctEntries, q: torch.Tensor, abar: float, total: int | None = None) -> bool:
         """Exact top-k of a few queries by brute force over the distinct entries: would enough of them be certified?
@@ -293,7 +321,8 @@ class TopK(Backend):
         dtype, device = queries.dtype, queries.device
         state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device, provenance=provenance)
         neglected = torch.zeros(G, M, dtype=torch.float64)
-        chunks, approximate = 0, 0
+        chunks, approximate, pairs = 0, 0, 0
+        names = [""] * G
         whole_groups: list[int] = []  # groups that run exactly, all together
         for g in range(G):
             dg = dictionary.group(g)
@@ -306,28 +335,38 @@ class TopK(Backend):
                 whole_groups.append(g)
                 continue
             block = max(1, (memory_budget // 4) // max(1, self.k * (D + dictionary.value_dim) * 8))
-            rows_exact = []
+            rows_exact, group_approximate = [], 0
             for lo in range(0, M, block):
                 rows = torch.arange(lo, min(M, lo + block), device=device)
-                sub, bound, _ = self._search_block(gi, dg, queries[g, rows], abar, provenance)
+                sub, bound, ids = self._search_block(gi, dg, queries[g, rows], abar, provenance)
                 ok = torch.ones_like(bound, dtype=torch.bool) if self.tolerance is None else bound <= self.tolerance
                 if ok.any():
                     pick = ok.nonzero().flatten()
                     state.assign_(g, rows[pick.to(device)], sub.take(rows=pick.to(device)))
                     neglected[g, rows[pick].cpu()] = bound[pick]
-                    approximate += int(ok.sum())
+                    group_approximate += int(ok.sum())
+                    pairs += int((ids[pick] >= 0).sum())
                 rows_exact.append(rows[(~ok).to(device)])
             rows_exact = torch.cat(rows_exact)
             if self.tolerance is not None and len(rows_exact) > M * (1 - self.min_pass_fraction):
                 self._remember_failure(key, abar)
+            parts = [self.NAME] if group_approximate else []
             if len(rows_exact):
-                out = _exact_reduce(queries[g : g + 1, rows_exact], dg, abar, memory_budget, provenance)
+                out, exact_names, exact_pairs = _exact_reduce(
+                    queries[g : g + 1, rows_exact], dg, abar, memory_budget, provenance
+                )
                 state.assign_(g, rows_exact, out.state)
                 chunks += out.chunks
+                pairs += exact_pairs
+                parts.append(exact_names[0])
+            names[g] = "+".join(parts)
+            approximate += group_approximate
         if whole_groups:
             sub = dictionary.select_groups(whole_groups)
-            out = _exact_reduce(queries[whole_groups], sub, abar, memory_budget, provenance)
+            out, exact_names, exact_pairs = _exact_reduce(queries[whole_groups], sub, abar, memory_budget, provenance)
             for i, g in enumerate(whole_groups):
                 state.assign_(g, torch.arange(M, device=device), out.state.take(groups=slice(i, i + 1)))
+                names[g] = exact_names[i]
             chunks += out.chunks
-        return BackendOutput(state, chunks, neglected.to(device), approximate)
+            pairs += exact_pairs
+        return BackendOutput(state, chunks, neglected.to(device), approximate, tuple(names), pairs)

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .caches import content_hash
 from .dictionary import Dictionary
-from .distinct import DistinctEntries, content_hash, describe, to_units
+from .distinct import DistinctEntries, describe, to_units
 
 __all__ = [
     "GroupIndex",

@@ -47,7 +47,6 @@ def plan_chunks(queries: torch.Tensor, dictionary: Dictionary, memory_budget: in
 @register_backend
 class TorchBackend(Backend):
     NAME = "torch"
-    PRIORITY = 100
 
     def reduce(
         self,

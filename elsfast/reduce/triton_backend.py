@@ -18,6 +18,7 @@ import importlib
 import math
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -68,7 +69,13 @@ class Triton(Backend):
     splits: int | None = None
 
     NAME = "triton"
-    PRIORITY = 20
+    LIMITS: ClassVar[dict[str, str]] = {
+        "triton": "needs triton",
+        "float32": "computes in float32 (float64 runs on torch)",
+        "image_dtype": "needs uint8 or float32 training images",
+        "device": "needs CUDA tensors (CPU tensors only under Triton's interpreter, for tests)",
+        "grid": f"needs at most {MAX_GRID_AXIS} groups x value blocks (the CUDA grid limit)",
+    }
 
     def __post_init__(self) -> None:
         dot_precision(0.5, 0.0, 0.0, self.precision)
@@ -87,25 +94,21 @@ class Triton(Backend):
         try:
             importlib.import_module("elsfast.kernels.softmax_reduce")
         except ImportError as error:
-            reasons.append(f"triton is not importable ({error}); pip install triton")
+            reasons.append(self.refuse("triton", f"{error}; pip install triton"))
         if queries.dtype != torch.float32:
-            reasons.append(f"the kernels compute in float32, queries are {queries.dtype} (float64 runs on torch)")
+            reasons.append(self.refuse("float32", f"queries are {queries.dtype}"))
         if dictionary.images.dtype not in (torch.uint8, torch.float32):
-            reasons.append(f"training images must be uint8 or float32, got {dictionary.images.dtype}")
+            reasons.append(self.refuse("image_dtype", f"got {dictionary.images.dtype}"))
         if queries.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append("no CUDA device: CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1)")
+            reasons.append(self.refuse("device", "CPU tensors run only under TRITON_INTERPRET=1"))
         elif queries.device.type not in ("cpu", "cuda"):
-            reasons.append(f"device {queries.device.type} is not supported")
+            reasons.append(self.refuse("device", f"queries are on {queries.device.type}"))
         if (
             queries.device.type == "cuda"
             and dictionary.num_groups * math.ceil(dictionary.value_dim / 64) > MAX_GRID_AXIS
         ):
-            reasons.append(f"more than {MAX_GRID_AXIS} groups x value blocks (the CUDA grid limit)")
+            reasons.append(self.refuse("grid", f"{dictionary.num_groups} groups"))
         return reasons
-
-    def auto_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        interpreted = ["the Triton interpreter is for testing; torch is the CPU backend"]
-        return self.unsupported_reasons(queries, dictionary) + (interpreted if queries.device.type == "cpu" else [])
 
     def reduce(
         self,
