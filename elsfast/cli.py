@@ -729,9 +729,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("  cuda: no")
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     print(f"  mps: {'yes' if mps else 'no'}")
-    print("backends (in auto order):")
+    from .reduce.policy import RULES
+
+    print("backends:")
     for name, per_device in _backend_table():
         print(f"  {name}: " + ", ".join(f"{dev} {state}" for dev, state in per_device.items()))
+    print("auto (exact backends only; the first rule that applies and whose backend can run):")
+    for k, rule in enumerate(RULES, 1):
+        print(f"  {k}. {rule.backend.NAME}: {rule.taken_when} ({rule.evidence})")
     print("datasets:")
     for name, ok in datasets.available(args.data_root).items():
         print(f"  {name}: {'available' if ok else 'not found'}")

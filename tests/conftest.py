@@ -1,6 +1,9 @@
 import os
+import random
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,3 +39,24 @@ def cpu_ext():
     if not ext.isas():
         pytest.skip("this CPU lacks AVX2 + FMA")
     return ext
+
+
+@pytest.fixture(autouse=True)
+def seeded_rngs(request):
+    """Seed torch's, numpy's and Python's global generators for every test from its id (CRC-32, the same in every
+    process and whatever else runs), so a test that draws from them draws the same problem each run."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    request.node.rng_seed = seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report names the seed of the global generators (the fixture above)."""
+    outcome = yield
+    report = outcome.get_result()
+    seed = getattr(item, "rng_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("seed", f"global generators seeded with {seed} (CRC-32 of {item.nodeid!r})"))

@@ -24,7 +24,10 @@ import functools
 import importlib.util
 import itertools
 import math
+import os
 import random
+import subprocess
+import sys
 
 import elsfast.kernels.softmax_reduce as triton_kernels
 import numpy as np
@@ -274,6 +277,33 @@ def test_the_cases_cover_every_pair_and_do_not_depend_on_the_process():
         assert seen == set(itertools.product(v1, v2)), (f1, f2)
     assert pairwise_cases(FACTORS) == CASES
     assert stable_seed(case_id(CASES[0])) == stable_seed(case_id(dict(CASES[0])))
+
+
+DIGEST = """
+import hashlib, sys
+sys.path.insert(0, "tests")
+import test_backends as t
+digest = hashlib.sha256()
+for case in t.CASES:
+    seed, train, exact, x, train_labels, labels = t.make_case(case)
+    digest.update(t.case_id(case).encode() + str(seed).encode() + train.numpy().tobytes() + x.numpy().tobytes())
+print(len(t.CASES), digest.hexdigest())
+"""
+
+
+def test_the_problems_do_not_depend_on_the_hash_seed():
+    """`PYTHONHASHSEED=0` and `=1` draw the same cases and the same data (no seed comes from `hash()`)."""
+    outputs = []
+    for hash_seed in ("0", "1"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(
+            [sys.executable, "-c", DIGEST], env=env, cwd=root, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs.append(done.stdout.strip().splitlines()[-1])
+    assert outputs[0] == outputs[1]
+    assert int(outputs[0].split()[0]) == len(CASES)
 
 
 def test_every_registered_backend_is_in_the_suite():

@@ -24,7 +24,7 @@ import torch
 
 from .dictionary import Dictionary
 from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits
-from .registry import Backend, BackendOutput, register_backend
+from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import logit_scales
 
 __all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound"]
@@ -100,7 +100,7 @@ class Triton(Backend):
         if dictionary.images.dtype not in (torch.uint8, torch.float32):
             reasons.append(self.refuse("image_dtype", f"got {dictionary.images.dtype}"))
         if queries.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            reasons.append(self.refuse("device", "CPU tensors run only under TRITON_INTERPRET=1"))
+            reasons.append(self.refuse("device", "queries are on cpu and TRITON_INTERPRET is not 1"))
         elif queries.device.type not in ("cpu", "cuda"):
             reasons.append(self.refuse("device", f"queries are on {queries.device.type}"))
         if (
@@ -109,6 +109,17 @@ class Triton(Backend):
         ):
             reasons.append(self.refuse("grid", f"{dictionary.num_groups} groups"))
         return reasons
+
+    def accuracy(self, dtype: torch.dtype) -> Tolerance:
+        """fp32 dots as the other kernels; "auto" may use tf32 where its logit error is at most
+        `TF32_MAX_LOGIT_ERROR` bits (a weight then moves by at most 2 ln 2 times that, twice over for the normaliser);
+        forced "tf32" truncates both operands to 10 mantissa bits: a logit is off by up to 2^-9 L."""
+        base = super().accuracy(dtype)
+        if self.precision == "tf32":
+            return Tolerance(base.per_logit + 2.0**14, base.absolute)
+        if self.precision == "auto":
+            return Tolerance(base.per_logit, base.absolute + 4 * math.log(2) * TF32_MAX_LOGIT_ERROR)
+        return base
 
     def reduce(
         self,
