@@ -36,6 +36,12 @@ needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the Triton kernels need triton (pip install elsfast[triton])"
 )
 
+
+def needs_interpreter(test):
+    """Runs the Triton kernel on CPU tensors: needs triton and its interpreter (skipped on a GPU machine)."""
+    return pytest.mark.interpreter(needs_triton(test))
+
+
 SMALL = Triton(block_m=16, block_n=16, splits=3)
 
 
@@ -47,7 +53,7 @@ def _check_weights(prov, ref, tol):
     np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=tol * (1 + ref[4].max()))
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("abar", [0.01, 0.5, 0.999])
 @pytest.mark.parametrize(("machine", "padding", "conditional", "P"), CASES)
 def test_triton_matches_float64reference(machine, padding, conditional, P, abar):
@@ -63,7 +69,7 @@ def test_triton_matches_float64reference(machine, padding, conditional, P, abar)
     assert err <= fp32_tolerance(x, train, abar, P, machine), f"max error {err:.3g}"
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
 def test_triton_provenance_matchesreference(machine, padding):
     g = torch.Generator().manual_seed(hash(("triton-prov", machine, padding)) % 2**31)
@@ -79,7 +85,7 @@ def test_triton_provenance_matchesreference(machine, padding):
     torch.testing.assert_close(out, m.denoise(x, 0.6, 3))  # tracking does not change the output
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_uint8_images_and_image_ids():
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (7, 1, 6, 5), generator=g, dtype=torch.uint8)
@@ -97,7 +103,7 @@ def test_triton_uint8_images_and_image_ids():
     torch.testing.assert_close(got, ids[want // 30] * 30 + want % 30)
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize("abar", [1e-4, 0.9999])
 def test_triton_extreme_noise_levels(abar):
     train, x, _, _ = make_problem(11, 9, 1, 6, 6, 2, abar)
@@ -107,7 +113,7 @@ def test_triton_extreme_noise_levels(abar):
     assert np.abs(out.double().numpy() - ref).max() <= fp32_tolerance(x, train, abar, 3, "els")
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_splits_and_tiles_do_not_change_the_result():
     train, x, _, _ = make_problem(12, 10, 3, 7, 5, 2, 0.7)
     outs = [
@@ -120,7 +126,7 @@ def test_triton_splits_and_tiles_do_not_change_the_result():
         torch.testing.assert_close(out, outs[0], rtol=0, atol=atol)
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_empty_problem():
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     r = softmax_reduce(torch.zeros(1, 0, 16), d, abar=0.5, backend=SMALL)
@@ -132,7 +138,7 @@ def test_triton_named_but_unavailable_says_why(monkeypatch):
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     with pytest.raises(BackendUnavailable, match="float32"):
         softmax_reduce(torch.zeros(1, 2, 16, dtype=torch.float64), d, abar=0.5, backend="triton")
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BackendUnavailable, match="no CUDA device"):
         softmax_reduce(torch.zeros(1, 2, 16), d, abar=0.5, backend="triton")
 
@@ -177,6 +183,7 @@ for images, provenance, precision, block_d, block_e, sm in variants:
 
 
 @needs_triton
+@pytest.mark.aot
 def test_triton_kernel_compiles_for_gpus():
     """The interpreter does not check what only a GPU compile does (tl.dot shapes, types, precisions): compile the
     kernel to sm_80 and sm_90 cubins ahead of time, without a GPU, in a process without TRITON_INTERPRET."""
