@@ -240,6 +240,8 @@ class Check:
             return {"status": "failed", "reason": _why(rc, timed_out, text, "the Python probe")}
         info = json.loads(probe.removeprefix("ENVIRONMENT "))
         self.summary["environment"].update(info)
+        if "torch_error" in info:
+            return {"status": "failed", "reason": f"{self.python} cannot import torch: {info['torch_error']}"}
         self.cuda = bool(info.get("cuda_available"))
         device = info.get("device", "no CUDA device")
         if not self.cuda and not self.rehearsal:
@@ -313,11 +315,15 @@ class Check:
 
     def kernel_tests(self, seconds: float) -> dict:
         record = self.pytest_stage("kernel-tests", ["tests", "-m", "aot or gpu", "-q"], seconds)
-        by_marker = {m: _count([c for c in record["tests"].get("cases", []) if m in c["markers"]]) for m in MARKERS}
+        cases = record["tests"].get("cases", [])
+        if not cases:  # pytest did not get to run anything: its own reason stands
+            return record
+        by_marker = {m: _count([c for c in cases if m in c["markers"]]) for m in MARKERS}
         record["by_marker"] = by_marker
         parts = [f"{m}: {_say_counts(c)}" for m, c in by_marker.items()]
-        if not self.cuda and not by_marker["gpu"]["passed"] and not by_marker["gpu"]["failed"]:
-            parts[-1] = f"gpu: skipped: no CUDA device ({by_marker['gpu']['skipped']} tests)"
+        gpu = by_marker["gpu"]
+        if not self.cuda and gpu["skipped"] and not gpu["passed"] and not gpu["failed"] and not gpu["errors"]:
+            parts[-1] = f"gpu: skipped: no CUDA device ({gpu['skipped']} tests)"
         record["reason"] = "; ".join(parts) + (f" ({record['reason']})" if record["status"] == "failed" else "")
         return record
 
