@@ -15,7 +15,10 @@
 Reports pairs/s, the ratios, and the largest deviation of each from a float64 evaluation.
 
 Uses real MNIST (`../shared/data` or `$ELSFAST_DATA`) when present, else 1,000 random images (recorded in the
-result as `data`).
+result as `data`). Sizes from the environment (defaults in brackets): ELSFAST_BENCH_N training digits [1000],
+ELSFAST_BENCH_BATCH noisy digits [2], ELSFAST_BENCH_DEDUP_N training digits of the dedup test [10000],
+ELSFAST_BENCH_ROUNDS timed rounds [3]; a smoke run: `ELSFAST_BENCH_N=50 ELSFAST_BENCH_DEDUP_N=50
+ELSFAST_BENCH_ROUNDS=1`.
 
 Run:  pytest benchmarks/bench_cpu.py -m benchmark --benchmark-only --benchmark-enable \
           --benchmark-json=benchmarks/results/cpu-kernel.json
@@ -38,7 +41,10 @@ pytestmark = pytest.mark.benchmark
 
 DATA = Path(os.environ.get("ELSFAST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 ABAR = 0.5
-ROUNDS = 3
+N = int(os.environ.get("ELSFAST_BENCH_N", 1000))
+BATCH = int(os.environ.get("ELSFAST_BENCH_BATCH", 2))
+DEDUP_N = int(os.environ.get("ELSFAST_BENCH_DEDUP_N", 10000))
+ROUNDS = int(os.environ.get("ELSFAST_BENCH_ROUNDS", 3))
 
 
 def _isas() -> list[str]:
@@ -65,12 +71,12 @@ def _problem(train_images: int, images: int):
 
 @pytest.fixture(scope="module")
 def problem():
-    return _problem(1000, 2)
+    return _problem(N, BATCH)
 
 
 @pytest.fixture(scope="module")
 def problem10k():
-    return _problem(10000, 1)
+    return _problem(DEDUP_N, 1)
 
 
 def _median_seconds(m: ScoreMachine, x: torch.Tensor, P: int) -> float:

@@ -1,18 +1,27 @@
 """The fused kernels on a GPU (issue #3): ELS throughput on CIFAR-10-sized problems and a full CIFAR-10 sample.
 
 1. One ELS evaluation (zero padding, abar = 0.9) of a batch of 64 noisy 32 x 32 RGB images against all 50,000
-   training images, at P = 3, 5, 11, 17, for each formulation: the elsfast backends `torch`, `triton`, `cuda`,
+   training images, at P = 3, 5, 11, 17, for each formulation: the elsfast backends `triton`, `cuda`, `torch`,
    and `scaled_dot_product_attention` on the augmented keys of SPEC section 5 (dictionary materialised, so it runs
-   on the first `SDPA_IMAGES` training images and its pairs/s are compared), and pykeops when it is installed (on
-   as many images). Each formulation's largest deviation from the torch path on the same images is recorded.
+   on the first `SDPA_IMAGES` training images and its pairs/s are compared; keys and values zero-padded so that
+   torch can use a fused kernel, the kernel that ran recorded as `sdpa_kernel`), and pykeops when it is installed
+   (on as many images). The torch path is launch-bound on a GPU, so it runs on the first `TORCH_IMAGES`.
    Recorded: pairs/s (query patches x dictionary patches) and the fraction of the hardware bound of SPEC
-   section 5, min(exponential-unit bound, tf32 GEMM bound at 2 D FLOPs per pair).
-2. A 20-step unconditional ELS sample of 100 images against the whole training set with the calibrated
+   section 5, min(exponential-unit bound, tf32 GEMM bound at 2 D FLOPs per pair); and each formulation's largest
+   deviation from a float64 evaluation on the first `REF_IMAGES` training images (the formulation run again on
+   those; one float64 reference per P).
+2. A `SAMPLES`-image, `STEPS`-step unconditional ELS sample against the whole training set with the calibrated
    `CIFAR10_ResNet_zeros_conditional` patch sizes, end to end.
+
+Sizes come from the environment (defaults in brackets): ELSFAST_BENCH_N training images [50000], _BATCH [64],
+_P patch sizes [3,5,11,17], _TORCH_IMAGES [N], _SDPA_IMAGES [2000], _REF_IMAGES [2000], _ROUNDS timed rounds
+[3 on a GPU, 1 on the CPU], _SAMPLES [100], _STEPS [20]; each is recorded with the result. scripts/gpu_check.py
+sets sizes that fit its 4-minute budget. With ELSFAST_BENCH_DEADLINE (a Unix time) set, a case that would start
+less than 15 s before it is skipped, so a bounded run still ends cleanly and writes its JSON.
 
 Uses the real CIFAR-10 (`../shared/data` or `$ELSFAST_DATA`) when present, else random uint8 images of the same
 size (recorded as `data`). Needs a CUDA device; `ELSFAST_BENCH_DEVICE=cpu` with a small `ELSFAST_BENCH_N` runs
-the same code on the CPU as a smoke test (Triton under TRITON_INTERPRET=1).
+the same code on the CPU as a smoke test (Triton only under TRITON_INTERPRET=1).
 
 Run:  pytest benchmarks/bench_kernels.py -m benchmark --benchmark-only --benchmark-enable \
           --benchmark-json=benchmarks/results/<gpu>-kernels.json
@@ -39,8 +48,13 @@ DATA = Path(os.environ.get("ELSFAST_DATA", Path(__file__).resolve().parents[1].p
 DEVICE = os.environ.get("ELSFAST_BENCH_DEVICE", "cuda")
 N = int(os.environ.get("ELSFAST_BENCH_N", 50000))
 BATCH = int(os.environ.get("ELSFAST_BENCH_BATCH", 64))
-SAMPLES = int(os.environ.get("ELSFAST_BENCH_SAMPLES", 100))
+PATCH_SIZES = [int(p) for p in os.environ.get("ELSFAST_BENCH_P", "3,5,11,17").split(",")]
+TORCH_IMAGES = int(os.environ.get("ELSFAST_BENCH_TORCH_IMAGES", N))
 SDPA_IMAGES = int(os.environ.get("ELSFAST_BENCH_SDPA_IMAGES", 2000))
+REF_IMAGES = int(os.environ.get("ELSFAST_BENCH_REF_IMAGES", 2000))
+ROUNDS = int(os.environ.get("ELSFAST_BENCH_ROUNDS", 3 if DEVICE == "cuda" else 1))
+SAMPLES = int(os.environ.get("ELSFAST_BENCH_SAMPLES", 100))
+STEPS = int(os.environ.get("ELSFAST_BENCH_STEPS", 20))
 ABAR = 0.9
 
 # Per-SM exponential throughput (MUFU.EX2: 16 per clock per SM on Ampere/Hopper) at the boost clock, and dense tf32
@@ -91,28 +105,47 @@ def _pairs(P: int, images: int) -> int:
     return sum(s.shape[0] * (s.shape[1] * BATCH) * (s.shape[1] * images) for s in group_sets(32, 32, P, "zeros", "els"))
 
 
-@pytest.mark.parametrize("P", [3, 5, 11, 17])
-@pytest.mark.parametrize("formulation", ["torch", "triton", "cuda", "sdpa", "pykeops"])
-def test_els_throughput(benchmark, cifar, formulation, P):
+@pytest.fixture(scope="module")
+def float64_reference(cifar):
+    """One float64 evaluation per P on the first REF_IMAGES training images (torch backend, on the device)."""
+    cache = {}
+
+    def get(P: int, x: torch.Tensor) -> torch.Tensor:
+        if P not in cache:
+            images = cifar[0][:REF_IMAGES]
+            exact = ScoreMachine(images, backend="torch", dtype=torch.float64).to(x.device)
+            cache[P] = exact.denoise(x.double(), ABAR, P)
+        return cache[P]
+
+    return get
+
+
+def _runner(formulation: str, images: torch.Tensor, x: torch.Tensor, P: int, info: dict):
+    """A callable evaluating the batch with `formulation` against `images` (on x's device)."""
+    backend = "torch" if formulation in ("sdpa", "pykeops") else formulation
+    machine = ScoreMachine(images, backend=backend).to(x.device)
+    if formulation == "sdpa":
+        return lambda: sdpa_denoise(machine, x, ABAR, P, info=info)
+    if formulation == "pykeops":
+        return _pykeops(machine, x, P, len(images))
+    return lambda: machine.denoise(x, ABAR, P)
+
+
+# P varies slowest: a run bounded in time (ELSFAST_BENCH_DEADLINE) measures every formulation at the first P first
+@pytest.mark.parametrize("formulation", ["triton", "cuda", "torch", "sdpa", "pykeops"])
+@pytest.mark.parametrize("P", PATCH_SIZES)
+def test_els_throughput(benchmark, cifar, float64_reference, formulation, P):
     device = _device()
     images, data = cifar
     x = _noisy(images, device)
-    machine = ScoreMachine(images, backend="torch" if formulation in ("sdpa", "pykeops") else formulation).to(device)
-    used = len(images)
-    if formulation == "sdpa":
-        used = min(SDPA_IMAGES, len(images))
-        run = lambda: sdpa_denoise(machine, x, ABAR, P, images=used)  # noqa: E731
-    elif formulation == "pykeops":
-        used = min(SDPA_IMAGES, len(images))
-        run = _pykeops(machine, x, P, used)
-    else:
-        run = lambda: machine.denoise(x, ABAR, P)  # noqa: E731
+    limit = {"torch": TORCH_IMAGES, "sdpa": SDPA_IMAGES, "pykeops": SDPA_IMAGES}.get(formulation, len(images))
+    used = min(limit, len(images))
+    sdpa: dict = {}
+    run = _runner(formulation, images[:used], x, P, sdpa)
     try:
-        out = run()  # warm-up: compilation, caches
+        run()  # warm-up: compilation, caches
     except BackendUnavailable as error:
         pytest.skip(str(error))
-    reference = machine if formulation == "torch" else ScoreMachine(images[:used], backend="torch").to(device)
-    deviation = 0.0 if formulation == "torch" else float((out - reference.denoise(x, ABAR, P)).abs().max())
     _sync(device)
 
     def timed():
@@ -120,8 +153,12 @@ def test_els_throughput(benchmark, cifar, formulation, P):
         _sync(device)
         return out
 
-    benchmark.pedantic(timed, rounds=3 if device.type == "cuda" else 1, iterations=1)
+    benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
     seconds = benchmark.stats.stats.median
+    reference_images = min(REF_IMAGES, len(images))
+    check = run if used == reference_images else _runner(formulation, images[:reference_images], x, P, {})
+    deviation = float((check().double() - float64_reference(P, x)).abs().max())
+    assert math.isfinite(deviation), f"{formulation} gave a non-finite result at P = {P}"
     pairs = _pairs(P, used)
     info = {
         "formulation": formulation,
@@ -130,10 +167,13 @@ def test_els_throughput(benchmark, cifar, formulation, P):
         "train_images": used,
         "data": data,
         "abar": ABAR,
+        "rounds": ROUNDS,
         "pairs": pairs,
         "seconds": seconds,
         "pairs_per_s": pairs / seconds,
-        "max_abs_deviation_from_torch": deviation,
+        "reference_images": reference_images,
+        "max_abs_deviation_from_float64": deviation,
+        **{f"sdpa_{k}": v for k, v in sdpa.items()},
         **_bound(device, 3 * P * P),
     }
     if "bound_pairs_per_s" in info:
@@ -175,7 +215,7 @@ def test_cifar_sample(benchmark, cifar):
 
     def run():
         out = elsfast.sample(
-            machine, n=SAMPLES, steps=20, patch_size="CIFAR10_ResNet_zeros_conditional", seed=0, progress=False
+            machine, n=SAMPLES, steps=STEPS, patch_size="CIFAR10_ResNet_zeros_conditional", seed=0, progress=False
         )
         _sync(device)
         return out
@@ -185,7 +225,7 @@ def test_cifar_sample(benchmark, cifar):
     benchmark.extra_info.update(
         {
             "samples": SAMPLES,
-            "steps": 20,
+            "steps": STEPS,
             "train_images": len(images),
             "data": data,
             "patch_sizes": "CIFAR10_ResNet_zeros_conditional",

@@ -1,6 +1,7 @@
 """Throughput of one machine evaluation on the CPU with the torch path (issue #2 target: under 5 s and 1 GB), against
 the plain `scaled_dot_product_attention` formulation of the same reduction. The compiled CPU kernel is measured
-against the torch path in bench_cpu.py.
+against the torch path in bench_cpu.py. Sizes from the environment (defaults in brackets): ELSFAST_BENCH_N training
+images [1000], ELSFAST_BENCH_BATCH noisy images [8], ELSFAST_BENCH_ROUNDS timed rounds [3].
 
 Run:  pytest benchmarks/bench_machines.py -m benchmark --benchmark-only --benchmark-enable \
           --benchmark-json=benchmarks/results/cpu-machines.json
@@ -23,9 +24,12 @@ from elsfast import ScoreMachine
 pytestmark = pytest.mark.benchmark
 
 ABAR = 0.5
+N = int(os.environ.get("ELSFAST_BENCH_N", 1000))
+BATCH = int(os.environ.get("ELSFAST_BENCH_BATCH", 8))
+ROUNDS = int(os.environ.get("ELSFAST_BENCH_ROUNDS", 3))
 
 
-def _problem(N=1000, B=8, size=28, seed=0):
+def _problem(N=N, B=BATCH, size=28, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(N, 1, size, size, generator=g) * 2 - 1, torch.randn(B, 1, size, size, generator=g)
 
@@ -37,7 +41,7 @@ def _peak_rss_mb() -> tuple[float, float]:
     hwm = "print(int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024)"
     code = (
         "import torch, elsfast; torch.manual_seed(0);"
-        "t = torch.rand(1000, 1, 28, 28) * 2 - 1; x = torch.randn(8, 1, 28, 28);"
+        f"t = torch.rand({N}, 1, 28, 28) * 2 - 1; x = torch.randn({BATCH}, 1, 28, 28);"
         f"elsfast.ScoreMachine(t, machine='els', padding='zeros', backend='torch').denoise(x, {ABAR}, 5);" + hwm
     )
     baseline = "import torch, elsfast;" + hwm
@@ -56,7 +60,7 @@ def test_random1000_p5_zeros(benchmark, machine):
     m = ScoreMachine(train, machine=machine, padding="zeros", backend="torch")
     out = m.denoise(x, ABAR, 5)
     pairs = m.last_stats.exact_pairs
-    benchmark.pedantic(m.denoise, args=(x, ABAR, 5), rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(m.denoise, args=(x, ABAR, 5), rounds=ROUNDS, iterations=1, warmup_rounds=0)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(pairs=pairs, pairs_per_s=pairs / seconds)
     if machine == "els":
@@ -81,12 +85,12 @@ def test_mnist1000_els_p5(benchmark):
         pytest.skip(f"MNIST not found under {root} (set ELSFAST_DATA)")
     from elsfast import datasets
 
-    data = datasets.load("mnist", root=root, limit=1000)
+    data = datasets.load("mnist", root=root, limit=N)
     benchmark.group = "mnist1000-els-p5"
     m = ScoreMachine(data.images, machine="els", padding="zeros", backend="torch")
-    x = math.sqrt(ABAR) * (data.images[:8].float() / 127.5 - 1) + math.sqrt(1 - ABAR) * _problem()[1]
+    x = math.sqrt(ABAR) * (data.images[:BATCH].float() / 127.5 - 1) + math.sqrt(1 - ABAR) * _problem()[1]
     m.denoise(x, ABAR, 5)
-    benchmark.pedantic(m.denoise, args=(x, ABAR, 5), rounds=3, iterations=1)
+    benchmark.pedantic(m.denoise, args=(x, ABAR, 5), rounds=ROUNDS, iterations=1)
     benchmark.extra_info.update(
         pairs=m.last_stats.exact_pairs, pairs_per_s=m.last_stats.exact_pairs / benchmark.stats.stats.median
     )

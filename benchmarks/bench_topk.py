@@ -12,6 +12,9 @@ path's time for the whole batch: fewer images use the kernels less well); the la
 those images. `ELSFAST_BENCH_EXACT_BACKEND` names the exact backend (default: `auto`'s exact choice,
 the compiled CPU kernel where it is built). Needs the real data (`../shared/data` or `$ELSFAST_DATA`) and faiss.
 
+Sizes from the environment (defaults in brackets): ELSFAST_BENCH_N training digits [60000], ELSFAST_BENCH_BATCH
+[16], ELSFAST_BENCH_ROUNDS timed rounds [1], ELSFAST_BENCH_STEPS sampling steps [20].
+
 Run:  pytest benchmarks/bench_topk.py -m benchmark --benchmark-only --benchmark-enable \
           --benchmark-json=benchmarks/results/cpu-topk.json
 """
@@ -36,6 +39,8 @@ DATA = Path(os.environ.get("ELSFAST_DATA", Path(__file__).resolve().parents[1].p
 N = int(os.environ.get("ELSFAST_BENCH_N", 60000))
 EXACT_IMAGES = int(os.environ.get("ELSFAST_BENCH_EXACT", 1))
 BATCH = int(os.environ.get("ELSFAST_BENCH_BATCH", 16))
+ROUNDS = int(os.environ.get("ELSFAST_BENCH_ROUNDS", 1))
+STEPS = int(os.environ.get("ELSFAST_BENCH_STEPS", 20))
 EXACT_BACKEND = os.environ.get("ELSFAST_BENCH_EXACT_BACKEND")
 
 
@@ -74,7 +79,7 @@ def test_topk_full_mnist(benchmark, abar, index_cache):
     topk.denoise(x[:1], abar, 3)  # builds (or loads) the indexes of the large groups
     build_s = time.perf_counter() - started
 
-    out = benchmark.pedantic(lambda: topk.denoise(x, abar, 3), rounds=1, iterations=1)
+    out = benchmark.pedantic(lambda: topk.denoise(x, abar, 3), rounds=ROUNDS, iterations=1)
     stats = topk.last_stats
     topk_s = benchmark.stats.stats.median
 
@@ -132,16 +137,16 @@ def test_full_mnist_sample(benchmark):
 
     def run() -> torch.Tensor:
         clock[0] = time.perf_counter()
-        return elsfast.sample(m, BATCH, steps=20, patch_size=scales, noise=noise, callback=record)
+        return elsfast.sample(m, BATCH, steps=STEPS, patch_size=scales, noise=noise, callback=record)
 
-    out = benchmark.pedantic(run, rounds=1, iterations=1)
+    out = benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     auto_s = benchmark.stats.stats.median
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     exact_name = _exact_backend(train, 3)
     exact = ScoreMachine(train, backend=exact_name)
     started = time.perf_counter()
-    want = elsfast.sample(exact, EXACT_IMAGES, steps=20, patch_size=scales, noise=noise[:EXACT_IMAGES])
+    want = elsfast.sample(exact, EXACT_IMAGES, steps=STEPS, patch_size=scales, noise=noise[:EXACT_IMAGES])
     exact_s = (time.perf_counter() - started) * BATCH / EXACT_IMAGES
     total = m.total_stats
     benchmark.extra_info.update(

@@ -37,6 +37,12 @@ needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the Triton kernels need triton (pip install elsfast[triton])"
 )
 
+
+def needs_interpreter(test):
+    """Runs the Triton kernel on CPU tensors: needs triton and its interpreter (skipped on a GPU machine)."""
+    return pytest.mark.interpreter(needs_triton(test))
+
+
 SMALL = Triton(block_m=16, block_n=16, splits=3)
 
 
@@ -48,7 +54,7 @@ def _check_weights(prov, ref, tol):
     np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=tol * (1 + ref[4].max()))
 
 
-@needs_triton
+@needs_interpreter
 @pytest.mark.parametrize(("machine", "padding"), COMBOS)
 def test_triton_provenance_matchesreference(machine, padding):
     g = torch.Generator().manual_seed(stable_seed("triton-prov", machine, padding))
@@ -64,7 +70,7 @@ def test_triton_provenance_matchesreference(machine, padding):
     torch.testing.assert_close(out, m.denoise(x, 0.6, 3))  # tracking does not change the output
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_uint8_images_and_image_ids():
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (7, 1, 6, 5), generator=g, dtype=torch.uint8)
@@ -82,7 +88,7 @@ def test_triton_uint8_images_and_image_ids():
     torch.testing.assert_close(got, ids[want // 30] * 30 + want % 30)
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_splits_and_tiles_do_not_change_the_result():
     train, x, _, _ = make_problem(12, 10, 3, 7, 5, 2, 0.7)
     outs = [
@@ -95,7 +101,7 @@ def test_triton_splits_and_tiles_do_not_change_the_result():
         torch.testing.assert_close(out, outs[0], rtol=0, atol=atol)
 
 
-@needs_triton
+@needs_interpreter
 def test_triton_empty_problem():
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     r = softmax_reduce(torch.zeros(1, 0, 16), d, abar=0.5, backend=SMALL)
@@ -152,6 +158,7 @@ for images, provenance, precision, block_d, block_e, sm in variants:
 
 
 @needs_triton
+@pytest.mark.aot
 def test_triton_kernel_compiles_for_gpus():
     """The interpreter does not check what only a GPU compile does (tl.dot shapes, types, precisions): compile the
     kernel to sm_80 and sm_90 cubins ahead of time, without a GPU, in a process without TRITON_INTERPRET."""
