@@ -43,7 +43,6 @@ import io
 import math
 import os
 import pickle
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .fileio import atomic_write
 from .pixels import to_float
 
 __all__ = [
@@ -474,23 +474,10 @@ def _try_load_cache(file: Path, n: int) -> np.ndarray | None:
 
 
 def _write_cache_atomic(file: Path, arr: np.ndarray) -> None:
-    """Write ``arr`` to ``file`` via a temp file in the same folder and ``os.replace``; errors are ignored."""
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-        tmp = None
-    except OSError:
-        pass  # a read-only or full cache folder only costs speed
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    """Write ``arr`` to ``file`` with the shared atomic writer (elsfast's own cache folder: whatever is at the
+    path is replaced); errors are ignored, a read-only or full cache folder only costs speed."""
+    with contextlib.suppress(OSError):
+        atomic_write(file, lambda f: np.save(f, arr, allow_pickle=False), replace="any")
 
 
 _decoded_keys: set[tuple[str, int, int]] = set()

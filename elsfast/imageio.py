@@ -1,21 +1,21 @@
 """Turning samples into pictures and files: uint8 conversion, image grids, atomic PNG / tensor writes.
 
-Samples are float tensors `[N, C, H, W]` in [-1, 1] (the units of `elsfast.sample`). Every writer here is
-atomic: it writes a temporary file in the destination directory and renames it over the destination with
-`os.replace`, so an interrupted run never leaves a half-written file behind.
+Samples are float tensors `[N, C, H, W]` in [-1, 1] (the units of `elsfast.sample`). Every writer here goes
+through `elsfast.fileio.atomic_write` (re-exported here): a temporary file renamed over the destination, so an
+interrupted run never leaves a half-written file behind, and an existing file elsfast did not write is refused
+(`FileExistsError`), never replaced.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write
 
 __all__ = ["SAMPLE_SUFFIXES", "atomic_write", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
 
@@ -93,30 +93,6 @@ def make_grid(
         top, left = padding + r * (h + padding), padding + q * (w + padding)
         grid[top : top + h, left : left + w] = u[k]
     return grid
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Run `write(file)` on a fresh temporary file next to `path`, then rename it to `path` (parents created).
-
-    The temporary file is created with mode 0o666 minus the umask, like an ordinary new file, and removed if
-    `write` raises (KeyboardInterrupt included).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
