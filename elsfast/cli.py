@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from .checks import parse_bytes
 
 __all__ = ["build_parser", "main", "parse_bytes"]
 
@@ -69,21 +70,6 @@ def _odd_patch_size(text: str) -> int:
     value = _int(text)
     if value < 1 or value % 2 == 0:
         raise argparse.ArgumentTypeError(f"the patch size must be an odd positive integer, got {value}")
-    return value
-
-
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """A byte count with an optional binary suffix: `1048576`, `512K`, `512M`, `2G`, `1.5GiB` (K = 1024)."""
-    m = _BYTES.match(text)
-    if m is None:
-        raise ValueError(f"expected a byte count such as 536870912, 512M or 2G, got {text!r}")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value < 1:
-        raise ValueError(f"the byte count must be positive, got {text!r}")
     return value
 
 
@@ -156,7 +142,8 @@ def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: s
         "--patch-size",
         type=_odd_patch_size,
         metavar="P",
-        help=patch_help or f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; ignored by is/es)",
+        help=patch_help
+        or f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; is/es check it, do not use it)",
     )
     if scales:
         sizes.add_argument(

@@ -52,7 +52,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, open_npz
 from .pixels import to_float
 
 __all__ = [
@@ -451,7 +451,7 @@ def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, n: int, where: str) -> 
 
 
 def _read_jpeg_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path) as z:
         missing = {"jpeg", "offsets", "labels"} - set(z.files)
         if missing:
             raise ValueError(f"{path}: CIFAR-10 JPEG npz lacks keys {sorted(missing)} (has {z.files})")
@@ -563,10 +563,7 @@ def _images_from_array(arr: np.ndarray, layout: str | None, where: str) -> np.nd
 
 
 def _load_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray | None, int | None]:
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read npz file: {e}") from e
+    z = open_npz(path)
     with z:
         if not hasattr(z, "files"):
             raise ValueError(f"{path}: expected an .npz archive with an 'images' array")
@@ -729,7 +726,7 @@ def _load_named(
 
 def _load_faces(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """LFW 32x32 npz (``images`` uint8 [N, 32, 32, 3] with R=G=B) -> one channel ``[N, 1, 32, 32]``."""
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path) as z:
         hwc = z["images"][:limit]
         labels = z["labels"][:limit].astype(np.int64)
         num_classes = len(z["identity_names"]) if "identity_names" in z.files else None

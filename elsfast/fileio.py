@@ -35,6 +35,7 @@ __all__ = [
     "check_replaceable",
     "describe_file",
     "elsfast_format",
+    "open_npz",
     "sha256_file",
     "written_by_elsfast",
 ]
@@ -141,6 +142,25 @@ def describe_file(path: str | os.PathLike) -> str:
     if head[:1] in (b"{", b"["):
         return "a JSON/text document"
     return f"a file of {size:,} bytes of unknown format"
+
+
+def open_npz(path: str | os.PathLike):
+    """`numpy.load(path, allow_pickle=False)` of an .npz archive (use it as a context manager). A file that is
+    not a readable zip of .npy arrays raises ValueError naming it and saying what it looks like, instead of
+    numpy's fallback message about pickled data."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable .npz archive: it looks like {describe_file(path)}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        archive.files  # noqa: B018 - the directory of a damaged archive fails here
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise ValueError(f"{path} is a damaged .npz archive ({type(err).__name__}: {err})") from None
+    return archive
 
 
 def _read_manifest(directory: Path) -> dict[str, list[str]]:

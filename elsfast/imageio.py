@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_write
+from .fileio import atomic_write, describe_file, open_npz
 
 __all__ = ["SAMPLE_SUFFIXES", "atomic_write", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
 
@@ -136,8 +136,17 @@ def load_samples(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".pt":
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch's own message would suggest weights_only=False: never do that for a stranger's file
+            raise ValueError(
+                f"{path} cannot be read as samples (a tensor saved by torch.save): it looks like {describe_file(path)}"
+            ) from None
     if suffix == ".npz":
-        with np.load(path) as data:
+        with open_npz(path) as data:
+            if "samples" not in data.files:
+                raise ValueError(f"{path} has no 'samples' array (arrays: {', '.join(data.files) or 'none'})")
             return torch.from_numpy(data["samples"])
     raise ValueError(f"cannot tell the sample file format from {str(path)!r}: use a .pt or .npz suffix")

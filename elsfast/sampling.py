@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .checks import integer_labels
 from .fileio import atomic_write, describe_file, elsfast_format
 from .machine import ScoreMachine
 from .provenance import Provenance
@@ -152,11 +154,14 @@ def _resume(path: Path, key: str, x: torch.Tensor) -> tuple[torch.Tensor, int | 
 
 
 def labels_per_sample(labels, n: int) -> torch.Tensor | None:
+    """`labels` (one class for every sample, or one per sample) as int64 `[n]`, or None. Non-integer labels
+    raise ValueError (1.7 is not class 1), a count other than 1 or `n` raises ValueError."""
     if labels is None:
         return None
-    if isinstance(labels, int):
-        return torch.full((n,), labels, dtype=torch.int64)
-    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    labels = integer_labels(labels, "labels")
+    if labels.dim() == 0:
+        return labels.expand(n).clone()
+    labels = labels.flatten()
     if labels.numel() != n:
         raise ValueError(f"labels must be one int or {n} ints (one per sample), got {labels.numel()}")
     return labels
@@ -239,8 +244,12 @@ def sample(
             device=device,
             memory_budget=memory_budget,
         )
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {n!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {steps!r}")
     size_at = resolve_patch_size(patch_size, steps)
     sample_labels = labels_per_sample(labels, n)
     if noise is None:

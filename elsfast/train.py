@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_pixel_range
 from .fileio import atomic_write, describe_file
 from .models import build_model, model_config
 from .pixels import to_float
@@ -206,7 +207,9 @@ def _load_data(config: TrainConfig, images, labels) -> tuple[torch.Tensor, torch
     elif config.limit is not None:
         images = images[: config.limit]
         labels = None if labels is None else labels[: config.limit]
-    images = to_float(torch.as_tensor(images)).contiguous()
+    images = torch.as_tensor(images)
+    check_pixel_range(images, "training images")
+    images = to_float(images).contiguous()
     if images.dim() != 4:
         raise ValueError(f"training images must have shape [N, C, H, W], got {list(images.shape)}")
     if images.shape[0] == 0:
