@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .imageio import atomic_write
+from .fileio import atomic_write
 from .machine import ScoreMachine
 from .metrics import cosine_similarity
 from .sampling import ddim_sample

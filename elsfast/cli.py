@@ -9,18 +9,20 @@
 
 Every library error (ValueError, FileNotFoundError, BackendUnavailable) and every bad argument prints one
 line, `elsfast: error: <message>`, to stderr and exits with status 2. Ctrl-C exits with 130. Output files are
-written only once sampling has finished, and atomically (see `elsfast.imageio`).
+written only once sampling has finished, atomically, and never over a file elsfast did not write (see
+`elsfast.fileio`).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from .checks import parse_bytes
 
 __all__ = ["build_parser", "main", "parse_bytes"]
 
@@ -68,21 +70,6 @@ def _odd_patch_size(text: str) -> int:
     value = _int(text)
     if value < 1 or value % 2 == 0:
         raise argparse.ArgumentTypeError(f"the patch size must be an odd positive integer, got {value}")
-    return value
-
-
-_BYTES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """A byte count with an optional binary suffix: `1048576`, `512K`, `512M`, `2G`, `1.5GiB` (K = 1024)."""
-    m = _BYTES.match(text)
-    if m is None:
-        raise ValueError(f"expected a byte count such as 536870912, 512M or 2G, got {text!r}")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value < 1:
-        raise ValueError(f"the byte count must be positive, got {text!r}")
     return value
 
 
@@ -155,7 +142,8 @@ def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: s
         "--patch-size",
         type=_odd_patch_size,
         metavar="P",
-        help=patch_help or f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; ignored by is/es)",
+        help=patch_help
+        or f"odd patch size used at every step (default: {DEFAULT_PATCH_SIZE}; is/es check it, do not use it)",
     )
     if scales:
         sizes.add_argument(
@@ -236,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", metavar="PATH.png", help=f"PNG grid of the samples (default: {DEFAULT_OUT})")
     g.add_argument("--save", metavar="PATH", help="also save the raw samples [n, C, H, W] as .pt or .npz")
     g.add_argument(
-        "--checkpoint",
+        "--resume-from",
         metavar="PATH|none",
-        help="state file written after every step so that the same command, run again after a crash, resumes "
-        "where it stopped; removed when the run finishes (default: the first output path + '.ckpt'; 'none': off)",
+        help="sampling checkpoint written after every step so that the same command, run again after a crash, "
+        "resumes where it stopped; removed when the run finishes. Any other existing file there is refused, never "
+        "replaced (default: the first output path + '.ckpt'; 'none': off)",
     )
+    g.add_argument("--checkpoint", metavar="PATH|none", help="deprecated name of --resume-from (next release: gone)")
     g.add_argument("--nrow", type=_at_least(1), metavar="K", help="images per grid row (default: ceil(sqrt(n)))")
     g.add_argument(
         "--scale",
@@ -411,6 +401,30 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         if Path(args.save).is_dir():
             raise CLIError(f"argument --save: {args.save!r} is a directory")
     _check_labels_count(args.labels, args.n)
+    _check_outputs({"--out": args.out, "--save": args.save})
+    resume = _resume_path(args)
+    if resume is not None and Path(resume).exists():
+        from .fileio import describe_file, elsfast_format
+
+        if elsfast_format(resume) != "elsfast-sampling-state":
+            raise CLIError(
+                f"argument --resume-from: {resume!r} is not an elsfast sampling checkpoint: it looks like "
+                f"{describe_file(resume)}; elsfast leaves it as it is (pass another path, or none)"
+            )
+    args.resume = resume
+
+
+def _check_outputs(paths: dict[str, str | None]) -> None:
+    """Refuse, before any work, output paths holding a file elsfast did not write (it would never replace it)."""
+    from .fileio import check_replaceable
+
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        try:
+            check_replaceable(path)
+        except OSError as e:
+            raise CLIError(f"argument {flag}: {e}") from None
 
 
 def _sample_labels(spec, data, n: int):
@@ -477,9 +491,20 @@ def _patch_size_spec(args: argparse.Namespace):
     return args.patch_size or DEFAULT_PATCH_SIZE
 
 
-def _checkpoint_path(args: argparse.Namespace) -> str | None:
+def _resume_path(args: argparse.Namespace) -> str | None:
+    """--resume-from PATH|none (or its deprecated name --checkpoint); default: the first output + '.ckpt'."""
+    given = args.resume_from
     if args.checkpoint is not None:
-        return None if args.checkpoint.lower() == "none" else args.checkpoint
+        if given is not None:
+            raise CLIError("argument --checkpoint: give --resume-from only (--checkpoint is its deprecated name)")
+        print(
+            f"{PROG}: warning: 'sample --checkpoint' is deprecated and goes in the next release: use --resume-from "
+            "(in calibrate/compare --checkpoint is the trained network)",
+            file=sys.stderr,
+        )
+        given = args.checkpoint
+    if given is not None:
+        return None if given.lower() == "none" else given
     return f"{args.save if args.out is None else args.out}.ckpt"
 
 
@@ -506,7 +531,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         schedule=args.schedule,
         progress=not args.quiet,
-        checkpoint=_checkpoint_path(args),
+        resume_from=args.resume,
     ).cpu()
     seconds = time.perf_counter() - started
 
@@ -618,6 +643,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         raise CLIError(f"argument --samples: no such file: {args.samples!r}")
     if args.json is not None and Path(args.json).is_dir():
         raise CLIError(f"argument --json: {args.json!r} is a directory")
+    _check_outputs({"--json": args.json})
     device = _resolve_device(args.device)
 
     import json

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .cli import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
+from .cli import PROG, CLIError, _add_data_args, _at_least, _check_outputs, _int, _odd_patch_size, _resolve_device
 
 __all__ = ["add_research_commands"]
 
@@ -64,7 +64,11 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
     g.add_argument("--checkpoint-every", type=_at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    once = g.add_mutually_exclusive_group()
+    once.add_argument("--resume", action="store_true", help="continue from --out if it exists")
+    once.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --out (without it, or --resume, it is refused)"
+    )
     _common(t)
     t.set_defaults(func=_cmd_train)
 
@@ -126,6 +130,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from . import datasets
     from .train import TrainConfig, train
 
+    if not args.resume and not args.overwrite and Path(args.out).exists():
+        from .fileio import describe_file
+
+        raise CLIError(
+            f"argument --out: {args.out!r} already exists (it looks like {describe_file(args.out)}): add --resume "
+            "to continue it or --overwrite to replace it"
+        )
+
     config = TrainConfig(
         dataset=args.dataset,
         root=args.data_root,
@@ -151,7 +163,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)
     if args.conditional and data.labels is None:
         raise CLIError(f"--conditional needs a labelled dataset; {data.name} has no labels")
-    done = train(config, resume=args.resume, progress=not args.quiet, images=data.images, labels=data.labels)
+    done = train(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        images=data.images,
+        labels=data.labels,
+    )
     state = "finished" if done["finished"] else "stopped (resume with --resume)"
     print(
         f"{PROG}: trained {done['steps']}/{done['total_steps']} steps ({state}), loss {done['loss']:.4f}, "
@@ -179,6 +198,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".json"):
         raise CLIError(f"--out must end in .json, got {args.out!r}")
+    _check_outputs({"--out": args.out, "--plot": args.plot or str(Path(args.out).with_suffix(".png"))})
     model, config, data, labels, device = _network_and_data(args)
     started = time.perf_counter()
     machine = ScoreMachine(data.images, labels, machine=args.machine, padding=config["model"]["padding"], device=device)

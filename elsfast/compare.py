@@ -54,7 +54,8 @@ from .calibrate import (
     seed_labels,
     seed_noise,
 )
-from .imageio import atomic_write, make_grid
+from .fileio import atomic_write, check_replaceable
+from .imageio import make_grid
 from .machine import MACHINES, ScoreMachine
 from .metrics import pearson_r, r_squared
 from .sampling import ddim_sample, sample
@@ -376,6 +377,11 @@ def compare(
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
+    # before any seed runs: a file elsfast did not write at one of the report's paths would be refused at the end
+    for name in ("results.json", "grid.png", "hist.png", "scatter.png", "summary.md"):
+        check_replaceable(out_dir / name)
+    for seed in seeds:
+        check_replaceable(out_dir / "samples" / f"seed_{seed:05d}.pt")
     saved = load_results(out_dir)
     rows: dict[int, dict] = {}
     if saved is not None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .checks import check_pixel_range
 from .machine import ScoreMachine
 from .pixels import to_float
 from .provenance import Provenance
@@ -116,10 +117,30 @@ def measure(
 ) -> list[dict]:
     """Creativity measures of each sample `[n, C, H, W]`, one dict per sample.
 
-    `provenance` (e.g. `SampleTrace.provenance`) gives the pixel sources; without it they are the nearest
+    `samples` must be float in [-1, 1] (ValueError otherwise; a UserWarning for [0, 1]-looking samples).
+    `provenance` (e.g. `SampleTrace.provenance` of the `sample` call that made these samples) gives the pixel
+    sources; it must be `[n, H, W]` for these n samples (ValueError otherwise); without it they are the nearest
     dictionary patches (`nearest_patch_provenance`). `patch_size` is the P of the consistency check (use the
     last step's P for a multiscale sample).
     """
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or not samples.is_floating_point():
+        what = f"{samples.dtype} {list(samples.shape)}" if isinstance(samples, torch.Tensor) else type(samples)
+        raise ValueError(f"samples must be a float tensor [n, C, H, W] in [-1, 1], got {what}")
+    if tuple(samples.shape[1:]) != machine.image_shape:
+        raise ValueError(
+            f"samples are [C, H, W] = {list(samples.shape[1:])} but the machine's training images are "
+            f"{list(machine.image_shape)}"
+        )
+    check_pixel_range(samples, "samples")
+    if provenance is not None:
+        expected = (samples.shape[0], *samples.shape[2:])
+        found = tuple(provenance.source_image.shape)
+        if found != expected:
+            raise ValueError(
+                f"provenance is for a batch of shape [n, H, W] = {list(found)} but the samples need "
+                f"{list(expected)}: pass the provenance of these samples (trace.provenance of "
+                "sample(..., return_provenance=True)), or none"
+            )
     samples = samples.to(machine.device)
     rms, nearest = nearest_training(samples, machine.images)
     if provenance is None:

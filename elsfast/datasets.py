@@ -43,7 +43,6 @@ import io
 import math
 import os
 import pickle
-import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from .fileio import atomic_write, open_npz
 from .pixels import to_float
 
 __all__ = [
@@ -451,7 +451,7 @@ def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, n: int, where: str) -> 
 
 
 def _read_jpeg_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path) as z:
         missing = {"jpeg", "offsets", "labels"} - set(z.files)
         if missing:
             raise ValueError(f"{path}: CIFAR-10 JPEG npz lacks keys {sorted(missing)} (has {z.files})")
@@ -474,23 +474,10 @@ def _try_load_cache(file: Path, n: int) -> np.ndarray | None:
 
 
 def _write_cache_atomic(file: Path, arr: np.ndarray) -> None:
-    """Write ``arr`` to ``file`` via a temp file in the same folder and ``os.replace``; errors are ignored."""
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-        tmp = None
-    except OSError:
-        pass  # a read-only or full cache folder only costs speed
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    """Write ``arr`` to ``file`` with the shared atomic writer (elsfast's own cache folder: whatever is at the
+    path is replaced); errors are ignored, a read-only or full cache folder only costs speed."""
+    with contextlib.suppress(OSError):
+        atomic_write(file, lambda f: np.save(f, arr, allow_pickle=False), replace="any")
 
 
 _decoded_keys: set[tuple[str, int, int]] = set()
@@ -576,10 +563,7 @@ def _images_from_array(arr: np.ndarray, layout: str | None, where: str) -> np.nd
 
 
 def _load_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray | None, int | None]:
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read npz file: {e}") from e
+    z = open_npz(path)
     with z:
         if not hasattr(z, "files"):
             raise ValueError(f"{path}: expected an .npz archive with an 'images' array")
@@ -742,7 +726,7 @@ def _load_named(
 
 def _load_faces(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """LFW 32x32 npz (``images`` uint8 [N, 32, 32, 3] with R=G=B) -> one channel ``[N, 1, 32, 32]``."""
-    with np.load(path, allow_pickle=False) as z:
+    with open_npz(path) as z:
         hwc = z["images"][:limit]
         labels = z["labels"][:limit].astype(np.int64)
         num_classes = len(z["identity_names"]) if "identity_names" in z.files else None

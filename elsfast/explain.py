@@ -30,7 +30,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import creativity, sampling
-from .imageio import atomic_write, to_uint8
+from .fileio import atomic_write, check_replaceable
+from .imageio import to_uint8
 from .machine import ScoreMachine
 from .provenance import Provenance
 from .scales import PatchSizeSpec
@@ -451,6 +452,8 @@ def explain(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
+    for name in [*(f"sample_{k}.png" for k in range(n)), "measures.json"]:
+        check_replaceable(out_dir / name)  # before sampling: a foreign file there would be refused at the end
     sample_labels = sampling.labels_per_sample(labels, n)
     images, trace = sampling.sample(
         machine,

@@ -1,21 +1,21 @@
 """Turning samples into pictures and files: uint8 conversion, image grids, atomic PNG / tensor writes.
 
-Samples are float tensors `[N, C, H, W]` in [-1, 1] (the units of `elsfast.sample`). Every writer here is
-atomic: it writes a temporary file in the destination directory and renames it over the destination with
-`os.replace`, so an interrupted run never leaves a half-written file behind.
+Samples are float tensors `[N, C, H, W]` in [-1, 1] (the units of `elsfast.sample`). Every writer here goes
+through `elsfast.fileio.atomic_write` (re-exported here): a temporary file renamed over the destination, so an
+interrupted run never leaves a half-written file behind, and an existing file elsfast did not write is refused
+(`FileExistsError`), never replaced.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
+
+from .fileio import atomic_write, describe_file, open_npz
 
 __all__ = ["SAMPLE_SUFFIXES", "atomic_write", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
 
@@ -95,30 +95,6 @@ def make_grid(
     return grid
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Run `write(file)` on a fresh temporary file next to `path`, then rename it to `path` (parents created).
-
-    The temporary file is created with mode 0o666 minus the umask, like an ordinary new file, and removed if
-    `write` raises (KeyboardInterrupt included).
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
     """Write `make_grid(images, **kw)` (images `[N, C, H, W]`, C = 1 or 3) as a PNG at `path`, atomically.
 
@@ -160,8 +136,17 @@ def load_samples(path: str | os.PathLike) -> torch.Tensor:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".pt":
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # torch's own message would suggest weights_only=False: never do that for a stranger's file
+            raise ValueError(
+                f"{path} cannot be read as samples (a tensor saved by torch.save): it looks like {describe_file(path)}"
+            ) from None
     if suffix == ".npz":
-        with np.load(path) as data:
+        with open_npz(path) as data:
+            if "samples" not in data.files:
+                raise ValueError(f"{path} has no 'samples' array (arrays: {', '.join(data.files) or 'none'})")
             return torch.from_numpy(data["samples"])
     raise ValueError(f"cannot tell the sample file format from {str(path)!r}: use a .pt or .npz suffix")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checks import check_device, check_pixel_range, integer_labels, parse_memory_budget
 from .patches import PADDINGS, extract_patches, group_sets
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
@@ -84,6 +86,8 @@ def _check_abar(abar: float | torch.Tensor) -> float:
         if abar.numel() != 1:
             raise ValueError(f"abar must be a single number, got a tensor of shape {tuple(abar.shape)}")
         abar = abar.item()
+    if isinstance(abar, bool) or not isinstance(abar, numbers.Real):
+        raise TypeError(f"abar must be a number strictly between 0 and 1, got {abar!r}")
     abar = float(abar)
     if not (0.0 < abar < 1.0):
         raise ValueError(f"abar must lie strictly between 0 and 1, got {abar}")
@@ -91,7 +95,13 @@ def _check_abar(abar: float | torch.Tensor) -> float:
 
 
 def _check_patch_size(patch_size: int) -> int:
-    if isinstance(patch_size, bool) or int(patch_size) != patch_size:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Real | torch.Tensor):
+        raise TypeError(f"patch_size must be an odd positive integer, got {patch_size!r}")
+    if isinstance(patch_size, torch.Tensor) and patch_size.numel() != 1:
+        raise ValueError(
+            f"patch_size must be one odd positive integer, got a tensor of shape {tuple(patch_size.shape)}"
+        )
+    if not math.isfinite(float(patch_size)) or int(patch_size) != patch_size:
         raise ValueError(f"patch_size must be an odd positive integer, got {patch_size!r}")
     patch_size = int(patch_size)
     if patch_size < 1 or patch_size % 2 == 0:
@@ -111,7 +121,8 @@ class ScoreMachine:
         backend: reduction backend name or "auto" (see `elsfast.reduce.backend_names()`), or a configured backend
             such as `elsfast.TopK(k=128, tolerance=1e-4)`.
         device: where the training set lives and the computation runs (default: the images' device).
-        memory_budget: bytes of working memory per reduction; sets the dictionary chunk sizes.
+        memory_budget: bytes of working memory per reduction (a positive int, or a string such as "512M" or
+            "2G"); sets the dictionary chunk sizes.
         dtype: compute dtype, torch.float32 (default) or torch.float64.
         process_group: shard the dictionary across the ranks of this torch.distributed group (the default group
             is `torch.distributed.group.WORLD`): each rank passes its own shard of the training set, calls
@@ -129,7 +140,7 @@ class ScoreMachine:
         padding: str = "zeros",
         backend: BackendSpec = "auto",
         device: torch.device | str | None = None,
-        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
         dtype: torch.dtype = torch.float32,
         process_group: ProcessGroup | None = None,
         image_offset: int | None = None,
@@ -146,6 +157,8 @@ class ScoreMachine:
         check_backend_name(backend)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        memory_budget = parse_memory_budget(memory_budget)
+        device = check_device(device)
         if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
             shape = tuple(train_images.shape) if isinstance(train_images, torch.Tensor) else type(train_images)
             raise ValueError(f"train_images must be a tensor [N, C, H, W], got {shape}")
@@ -154,11 +167,7 @@ class ScoreMachine:
         if train_images.dtype != torch.uint8:
             if not train_images.is_floating_point():
                 raise ValueError(f"train_images must be uint8 or float, got {train_images.dtype}")
-            if not torch.isfinite(train_images).all():
-                raise ValueError("train_images contains NaN or infinite values")
-            lo, hi = train_images.min().item(), train_images.max().item()
-            if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
-                raise ValueError(f"float train_images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
+            check_pixel_range(train_images, "train_images")
             train_images = train_images.to(dtype)
         self.device = torch.device(device) if device is not None else train_images.device
         self.images = train_images.to(self.device).contiguous()
@@ -169,7 +178,7 @@ class ScoreMachine:
                 raise ValueError(f"train_labels must have shape [{self.images.shape[0]}], got {tuple(labels.shape)}")
             if labels.is_floating_point() or labels.dtype == torch.bool:
                 raise ValueError(f"train_labels must be integers, got {labels.dtype}")
-            self.labels = labels.to(torch.int64).cpu()
+            self.labels = integer_labels(labels, "train_labels")
         self.machine, self.padding, self.backend = machine, padding, backend
         self.memory_budget, self.dtype = int(memory_budget), dtype
         self.last_stats = MachineStats()
@@ -345,10 +354,17 @@ class ScoreMachine:
             return None
         if self.labels is None:
             raise ValueError("labels were given but the machine has no train_labels: pass train_labels=...")
-        labels = torch.as_tensor(labels).cpu()
+        labels = integer_labels(labels, "labels")
         if labels.dim() != 1 or labels.shape[0] != batch:
             raise ValueError(f"labels must have shape [{batch}] (one per sample), got {tuple(labels.shape)}")
-        return labels.to(torch.int64)
+        return labels
+
+    def _check_size(self, patch_size: int) -> int:
+        """With zero padding a patch of P >= 2 max(H, W) - 1 covers the whole image wherever it is centred, and a
+        larger P only adds zero features to every key and query: the same machine. Such P run at that size."""
+        if self.padding == "zeros" and self.machine in ("ls", "els"):
+            return min(patch_size, 2 * max(self.image_shape[1:]) - 1)
+        return patch_size
 
     def denoise(
         self,
@@ -361,15 +377,23 @@ class ScoreMachine:
     ) -> torch.Tensor | tuple[torch.Tensor, Provenance]:
         """The machine's `E[x_0 | x_t = x]` for a batch `x` `[B, C, H, W]` at noise level `abar` in (0, 1).
 
-        `patch_size` (odd) is ignored by IS and ES. `labels` `[B]` restricts each sample's dictionary to the
-        training images of its class. Returns `[B, C, H, W]` in the machine's dtype, on its device; with
+        `patch_size` must be an odd positive integer for every machine; IS and ES do not use it. With zero
+        padding, LS and ELS give the same result for every P >= 2 max(H, W) - 1 and run such P at that size.
+        `labels` `[B]` (integers) restricts each sample's dictionary to the training images of its class.
+        Returns `[B, C, H, W]` in the machine's dtype, on its device (`[0, C, H, W]` for an empty batch); with
         `return_provenance`, also each pixel's dominant dictionary entry and posterior entropy (`Provenance`).
         """
         abar = _check_abar(abar)
         x = self._check_x(x)
-        patch_size = _check_patch_size(patch_size)
+        patch_size = self._check_size(_check_patch_size(patch_size))
         labels = self._check_labels(labels, x.shape[0])
         self.last_stats = MachineStats()
+        if x.shape[0] == 0:
+            if not return_provenance:
+                return x.clone()
+            index = torch.zeros(0, *self.image_shape[1:], dtype=torch.int64, device=x.device)
+            real = torch.zeros(index.shape, dtype=x.dtype, device=x.device)
+            return x.clone(), Provenance(index, index.clone(), index.clone(), real, real.clone())
         if labels is None:
             out, prov = self._denoise(x, self.images, self.image_ids, abar, patch_size, return_provenance)
             return (out, prov) if return_provenance else out

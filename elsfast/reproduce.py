@@ -25,7 +25,7 @@ import torch
 from . import datasets
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
-from .imageio import atomic_write
+from .fileio import atomic_write, check_replaceable
 from .machine import ScoreMachine
 from .train import TrainConfig, load_checkpoint, train
 
@@ -92,6 +92,8 @@ def reproduce(
     else:
         name = "custom"
     out = Path(out_dir)
+    for name in ("calibration.png", "reproduction.json"):  # refused now rather than after hours of work
+        check_replaceable(out / name)
     out.mkdir(parents=True, exist_ok=True)
     config = replace(
         preset.train,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .imageio import atomic_write
+from .checks import integer_labels
+from .fileio import atomic_write, describe_file, elsfast_format
 from .machine import ScoreMachine
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET
@@ -111,29 +113,55 @@ def _run_key(m: ScoreMachine, noise: torch.Tensor, steps: int, schedule, sizes: 
     return digest.hexdigest()
 
 
-def _resume(path: str | Path, key: str, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-    """The saved state and its step if `path` holds a checkpoint of this run, else (x, None): a checkpoint of
-    another run, or an unreadable one, is ignored with a warning (and overwritten by the first step)."""
-    path = Path(path)
-    if not path.exists():
-        return x, None
+STATE_FORMAT = "elsfast-sampling-state"
+STATE_VERSION = 1
+
+
+def _read_state(path: Path) -> dict:
+    """The sampling checkpoint at `path` (written by `sample(resume_from=...)`); ValueError naming the file and
+    saying what it looks like when it is anything else (it is then left as it is)."""
+    if path.is_dir():
+        raise ValueError(f"resume_from: {path} is a directory, not a sampling checkpoint")
+    fmt = elsfast_format(path)
+    if fmt != STATE_FORMAT:
+        raise ValueError(
+            f"resume_from: {path} is not an elsfast sampling checkpoint: it looks like {describe_file(path)}. "
+            "elsfast leaves it as it is; pass another path (or none) to resume_from / --resume-from"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["key"] == key and state["x"].shape == x.shape:
-            return state["x"].to(x), int(state["i"])
-        reason = "it belongs to another run"
-    except Exception as err:  # a truncated or foreign file must not stop a fresh run
-        reason = f"it cannot be read ({err})"
-    warnings.warn(f"ignoring checkpoint {path}: {reason}; starting from the beginning", stacklevel=3)
-    return x, None
+    except Exception as err:  # a damaged file of ours: report it, never delete it
+        raise ValueError(f"resume_from: the sampling checkpoint {path} is damaged ({type(err).__name__})") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise ValueError(f"resume_from: {path} has sampling-checkpoint version {version!r}, not {STATE_VERSION}")
+    return state
+
+
+def _resume(path: Path, key: str, x: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+    """The saved state and its step if `path` holds a checkpoint of this run, else (x, None) when there is no
+    file. Any other file (another run's checkpoint, a network checkpoint, anything) raises ValueError."""
+    if not path.exists():
+        return x, None
+    state = _read_state(path)
+    if state.get("key") != key or not isinstance(state.get("x"), torch.Tensor) or state["x"].shape != x.shape:
+        raise ValueError(
+            f"resume_from: {path} holds the state of another sampling run (a different machine, training set, "
+            "noise, steps, patch sizes or labels); elsfast leaves it as it is: delete it to start over, or pass "
+            "another path"
+        )
+    return state["x"].to(x), int(state["i"])
 
 
 def labels_per_sample(labels, n: int) -> torch.Tensor | None:
+    """`labels` (one class for every sample, or one per sample) as int64 `[n]`, or None. Non-integer labels
+    raise ValueError (1.7 is not class 1), a count other than 1 or `n` raises ValueError."""
     if labels is None:
         return None
-    if isinstance(labels, int):
-        return torch.full((n,), labels, dtype=torch.int64)
-    labels = torch.as_tensor(labels, dtype=torch.int64).flatten()
+    labels = integer_labels(labels, "labels")
+    if labels.dim() == 0:
+        return labels.expand(n).clone()
+    labels = labels.flatten()
     if labels.numel() != n:
         raise ValueError(f"labels must be one int or {n} ints (one per sample), got {labels.numel()}")
     return labels
@@ -159,6 +187,7 @@ def sample(
     noise: torch.Tensor | None = None,
     callback: StepCallback | None = None,
     return_provenance: bool = False,
+    resume_from: str | Path | None = None,
     checkpoint: str | Path | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleTrace]:
@@ -177,11 +206,25 @@ def sample(
         callback: called after every step (see `ddim_sample`).
         return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
             evaluation (which produces the output) and the posterior entropy maps of every step.
-        checkpoint: a file to which the state is written atomically after every step; if it exists when a run
-            starts and was written by the same run (same machine, training set, noise, steps, sizes, labels),
-            sampling resumes from it instead of starting over. It is removed when the run finishes. A trace
-            (`return_provenance`) then covers the steps run since the resume.
+        resume_from: a sampling checkpoint file: the state is written to it atomically after every step (a
+            torch file with `format` "elsfast-sampling-state", a version and the run's key); if it exists when
+            a run starts and was written by the same run (same machine, training set, noise, steps, sizes,
+            labels), sampling resumes from it instead of starting over. Any other existing file (another run's
+            checkpoint, a network checkpoint, ...) raises ValueError naming it and is left untouched. The file is
+            removed when the run finishes. A trace (`return_provenance`) then covers the steps run since the
+            resume.
+        checkpoint: deprecated name of `resume_from` (DeprecationWarning; removed in the next release).
     """
+    if checkpoint is not None:
+        if resume_from is not None:
+            raise TypeError("pass resume_from= only (checkpoint= is its deprecated name)")
+        warnings.warn(
+            "sample(checkpoint=...) is deprecated: use resume_from= (the same file); checkpoint= goes in the next "
+            "release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        resume_from = checkpoint
     if isinstance(source, ScoreMachine):
         m = source
     else:
@@ -201,8 +244,12 @@ def sample(
             device=device,
             memory_budget=memory_budget,
         )
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int, got {n!r}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {steps!r}")
     size_at = resolve_patch_size(patch_size, steps)
     sample_labels = labels_per_sample(labels, n)
     if noise is None:
@@ -224,20 +271,27 @@ def sample(
         return x0
 
     x, start, on_step = noise.to(m.device, m.dtype), None, callback
-    if checkpoint is not None:
+    state_path = None if resume_from is None else Path(resume_from)
+    if state_path is not None:
         key = _run_key(m, noise, steps, schedule, [size_at(i / steps, i) for i in range(steps)], sample_labels)
-        x, start = _resume(checkpoint, key, x)
+        x, start = _resume(state_path, key, x)
 
         def on_step(info: dict) -> None:
             if info["i"] > 1:  # the last update is the output itself
-                state = {"key": key, "i": info["i"] - 1, "x": info["x"].cpu()}
-                atomic_write(checkpoint, lambda f: torch.save(state, f))
+                state = {
+                    "format": STATE_FORMAT,
+                    "version": STATE_VERSION,
+                    "key": key,
+                    "i": info["i"] - 1,
+                    "x": info["x"].cpu(),
+                }
+                atomic_write(state_path, lambda f: torch.save(state, f))
             if callback is not None:
                 callback(info)
 
     out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=on_step, start=start)
-    if checkpoint is not None:
-        Path(checkpoint).unlink(missing_ok=True)
+    if state_path is not None and elsfast_format(state_path) == STATE_FORMAT:
+        state_path.unlink()  # only our own checkpoint: anything else that appeared there stays
     if not return_provenance:
         return out
     times, sizes, provs = zip(*trace, strict=True)

@@ -8,6 +8,7 @@ section 4: they may be offset by one step relative to the machine sampler).
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
@@ -35,16 +36,21 @@ def resolve_patch_size(spec: PatchSizeSpec, steps: int) -> Callable[[float, int]
     if isinstance(spec, str):
         scales = reference_scales()
         if spec not in scales:
-            raise ValueError(f"unknown calibrated scales {spec!r}; known: {', '.join(sorted(scales))}")
+            raise ValueError(f"patch_size: unknown calibrated scales {spec!r}; known: {', '.join(sorted(scales))}")
         table = scales[spec]
         if len(table) == steps:
             return lambda t, i: table[i]
         return lambda t, i: table[min(len(table) - 1, round(t * len(table)))]
     if callable(spec):
         return lambda t, i: spec(t)
-    if isinstance(spec, int):
+    if isinstance(spec, numbers.Real):
         return lambda t, i: spec
-    table = list(spec)
+    try:
+        table = list(spec)
+    except TypeError:
+        raise TypeError(
+            f"patch_size must be an odd int, a list of them, a callable of t or a scales name, got {spec!r}"
+        ) from None
     if len(table) != steps:
-        raise ValueError(f"a patch-size list needs one entry per step ({steps}), got {len(table)}")
+        raise ValueError(f"patch_size: a patch-size list needs one entry per step ({steps}), got {len(table)}")
     return lambda t, i: table[i]

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .imageio import atomic_write
+from .checks import check_pixel_range
+from .fileio import atomic_write, describe_file
 from .models import build_model, model_config
 from .pixels import to_float
 from .schedules import get_schedule
@@ -188,7 +189,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device | None = None) 
 
 
 def _save(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    # `train` decided up front whether the file may be replaced (resume, overwrite, or no file yet)
+    atomic_write(path, lambda f: torch.save(state, f), replace="any")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -205,7 +207,9 @@ def _load_data(config: TrainConfig, images, labels) -> tuple[torch.Tensor, torch
     elif config.limit is not None:
         images = images[: config.limit]
         labels = None if labels is None else labels[: config.limit]
-    images = to_float(torch.as_tensor(images)).contiguous()
+    images = torch.as_tensor(images)
+    check_pixel_range(images, "training images")
+    images = to_float(images).contiguous()
     if images.dim() != 4:
         raise ValueError(f"training images must have shape [N, C, H, W], got {list(images.shape)}")
     if images.shape[0] == 0:
@@ -239,6 +243,7 @@ def train(
     config: TrainConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     images: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
@@ -249,7 +254,8 @@ def train(
     `images` (uint8 or float in [-1, 1], `[N, C, H, W]`) and `labels` (`[N]`) replace the dataset named in the
     config. With `resume=True` and an existing `config.out`, training continues from that checkpoint exactly (its
     model, data and optimisation settings must match the config: ValueError otherwise); without the file it
-    starts from scratch. With `resume=False` an existing `config.out` is overwritten.
+    starts from scratch. With `resume=False` an existing `config.out` raises FileExistsError (naming it and what
+    it looks like) unless `overwrite=True`, which replaces it; `resume` and `overwrite` exclude each other.
 
     Returns `{"steps", "total_steps", "epoch", "loss", "seconds", "total_seconds", "finished", "checkpoint"}`:
     steps done so far (all runs), the step count of the full schedule (epochs or max_steps), epochs completed,
@@ -259,6 +265,15 @@ def train(
     if config.out is None:
         raise ValueError("TrainConfig.out (the checkpoint file) is required")
     out = Path(config.out)
+    if resume and overwrite:
+        raise ValueError("resume=True and overwrite=True exclude each other: continue the checkpoint or replace it")
+    if out.is_dir():
+        raise IsADirectoryError(f"the checkpoint path {out} is a directory")
+    if out.exists() and not resume and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists (it looks like {describe_file(out)}): pass resume=True (--resume) to continue "
+            "it, or overwrite=True (--overwrite) to replace it"
+        )
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
     device = _resolve_device(config.device)

@@ -16,11 +16,17 @@ from PIL import Image
 import elsfast
 import elsfast.sampling
 from elsfast.cli import main, parse_bytes
+from elsfast.fileio import MANIFEST_NAME
 from elsfast.imageio import load_samples
 from elsfast.reduce.registry import BackendUnavailable
 from elsfast.scales import reference_scales
 
 FAST = ["--limit", "100", "--n", "2", "--steps", "4", "--patch-size", "3", "--device", "cpu", "--quiet"]
+
+
+def _listing(directory) -> list[str]:
+    """The files in `directory`, sorted, without elsfast's record of the files it wrote there."""
+    return sorted(name for name in os.listdir(directory) if name != MANIFEST_NAME)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -60,7 +66,7 @@ def test_sample_writes_png_and_samples(tmp_path, capsys):
     samples = torch.load(save, weights_only=True)
     assert samples.shape == (2, 1, 28, 28) and samples.dtype == torch.float32
     assert torch.isfinite(samples).all()
-    assert sorted(os.listdir(tmp_path)) == ["grid.png", "samples.pt"]  # no temporary files
+    assert _listing(tmp_path) == ["grid.png", "samples.pt"]  # no temporary files
     summary = stdout.strip().splitlines()
     assert len(summary) == 1 and "2 samples" in summary[0] and str(out) in summary[0]
     assert "[1, 28, 28]" in summary[0]
@@ -78,7 +84,7 @@ def test_save_only_writes_no_png(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run(capsys, "sample", *FAST, "--save", "x.npz")
     assert code == 0, err
-    assert os.listdir(tmp_path) == ["x.npz"]
+    assert _listing(tmp_path) == ["x.npz"]
     with np.load(tmp_path / "x.npz") as data:
         assert data["samples"].shape == (2, 1, 28, 28)
 
@@ -171,7 +177,7 @@ def test_bad_sample_arguments(tmp_path, capsys, monkeypatch, args, words):
     base = ["--n", "2", "--steps", "4", "--limit", "100", "--device", "cpu", "--quiet"]
     code, _, err = run(capsys, "sample", *base, *args)
     assert_one_line_error(code, err, *words)
-    assert os.listdir(tmp_path) == []  # nothing written
+    assert _listing(tmp_path) == []  # nothing written
 
 
 def test_labels_on_unlabelled_dataset(tmp_path, capsys, unlabelled_npz):
@@ -198,7 +204,7 @@ def test_library_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(elsfast.sampling, "sample", unavailable)
     code, _, err = run(capsys, "sample", *FAST, "--out", str(tmp_path / "g.png"))
     assert_one_line_error(code, err, "fancy", "CUDA")
-    assert os.listdir(tmp_path) == []
+    assert _listing(tmp_path) == []
 
 
 def test_keyboard_interrupt_is_clean(tmp_path, capsys, monkeypatch):
@@ -209,7 +215,7 @@ def test_keyboard_interrupt_is_clean(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "sample", *FAST, "--out", str(tmp_path / "g.png"), "--save", str(tmp_path / "s.pt"))
     assert code == 130
     assert err.strip() == "elsfast: interrupted"
-    assert os.listdir(tmp_path) == []
+    assert _listing(tmp_path) == []
 
 
 def test_no_command_and_help(capsys):
@@ -282,7 +288,7 @@ def test_explain_writes_figures_and_measures(tmp_path, capsys):
     out = tmp_path / "why"
     code, stdout, err = run(capsys, "explain", *SMALL, "--n", "2", "--seed", "5", "--quiet", "--out-dir", str(out))
     assert code == 0, err
-    assert sorted(os.listdir(out)) == ["measures.json", "sample_0.png", "sample_1.png"]
+    assert _listing(out) == ["measures.json", "sample_0.png", "sample_1.png"]
     with Image.open(out / "sample_0.png") as im:
         assert im.mode == "RGB" and im.size[0] > 300 and im.size[1] > 300
     measures = json.loads((out / "measures.json").read_text())
@@ -328,7 +334,7 @@ def test_measure_saved_samples(tmp_path, capsys, suffix):
     assert lines[0].split() == ["sample", "nearest", "RMS", "memorised", "sources", "largest", "consistency", "entropy"]
     assert lines[1].split()[:2] == ["0", f"#{measures[0]['nearest_training_index']}"]
     assert "measured 3 samples" in lines[4] and str(out) in lines[4]
-    assert sorted(os.listdir(tmp_path)) == sorted(["m.json", saved.name])  # no temporary files
+    assert _listing(tmp_path) == sorted(["m.json", saved.name])  # no temporary files
 
 
 def test_measure_labels_and_padding(tmp_path, capsys):
@@ -366,7 +372,7 @@ def test_bad_measure_arguments(tmp_path, capsys, monkeypatch, saved_samples, arg
     samples = [] if "--samples" in args else ["--samples", str(saved_samples)]
     code, _, err = run(capsys, "measure", "--limit", "50", "--device", "cpu", *samples, *args, "--json", "m.json")
     assert_one_line_error(code, err, *words)
-    assert sorted(os.listdir(tmp_path)) == ["s.pt"]  # nothing written
+    assert _listing(tmp_path) == ["s.pt"]  # nothing written
 
 
 def test_measure_unreadable_samples(tmp_path, capsys):
@@ -398,7 +404,7 @@ def test_bad_explain_arguments(tmp_path, capsys, monkeypatch, args, words):
     out = [] if args == [] or "--out-dir" in args else ["--out-dir", "why"]
     code, _, err = run(capsys, "explain", *SMALL, "--n", "2", "--quiet", *out, *args)
     assert_one_line_error(code, err, *words)
-    assert os.listdir(tmp_path) == ["file.txt"]  # nothing written
+    assert _listing(tmp_path) == ["file.txt"]  # nothing written
 
 
 def test_explain_library_errors_are_one_line(tmp_path, capsys, monkeypatch):
@@ -408,7 +414,7 @@ def test_explain_library_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(elsfast.sampling, "sample", unavailable)
     code, _, err = run(capsys, "explain", *SMALL, "--quiet", "--out-dir", str(tmp_path / "why"))
     assert_one_line_error(code, err, "fancy", "CUDA")
-    assert os.listdir(tmp_path) == []
+    assert _listing(tmp_path) == []
 
 
 def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
@@ -422,7 +428,7 @@ def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, checkpoint=f"{out}.ckpt", callback=crash)
+        elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, resume_from=f"{out}.ckpt", callback=crash)
     ckpt = Path(f"{out}.ckpt")
     # mark the saved state, so that a resumed run is told apart from one that started over
     state = torch.load(ckpt, weights_only=True)
@@ -432,8 +438,8 @@ def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
     args = ["sample", "--limit", "40", "--n", "2", "--steps", "5", "--quiet", "--out", str(out)]
     assert main([*args, "--save", str(tmp_path / "s.pt")]) == 0
     assert not ckpt.exists()
-    resumed = elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, checkpoint=tmp_path / "copy.ckpt")
+    resumed = elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, resume_from=tmp_path / "copy.ckpt")
     torch.testing.assert_close(load_samples(tmp_path / "s.pt"), resumed, rtol=0, atol=0)
     assert not torch.equal(resumed, elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False))
-    assert main([*args, "--checkpoint", "none"]) == 0
+    assert main([*args, "--resume-from", "none"]) == 0
     assert not list(tmp_path.glob("*.ckpt"))

@@ -10,7 +10,13 @@ import torch
 from PIL import Image
 
 from elsfast import imageio
+from elsfast.fileio import MANIFEST_NAME
 from elsfast.imageio import load_samples, make_grid, save_grid, save_samples, to_uint8
+
+
+def _listing(directory) -> list[str]:
+    """The files in `directory`, sorted, without elsfast's record of the files it wrote there."""
+    return sorted(name for name in os.listdir(directory) if name != MANIFEST_NAME)
 
 
 def _umask() -> int:
@@ -107,7 +113,7 @@ def test_save_grid_writes_png_atomically(tmp_path, channels, mode):
     images = torch.rand(5, channels, 7, 6) * 2 - 1
     path = tmp_path / "nested" / "dir" / "grid.png"  # the directory is created
     assert save_grid(images, path, nrow=3, scale=2) == path
-    assert os.listdir(path.parent) == ["grid.png"]  # no temporary file left behind
+    assert _listing(path.parent) == ["grid.png"]  # no temporary file left behind
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == mode
         pixels = np.asarray(im)
@@ -118,7 +124,7 @@ def test_save_grid_writes_png_atomically(tmp_path, channels, mode):
 
 def test_save_grid_failure_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "grid.png"
-    path.write_bytes(b"old")
+    imageio.atomic_write(path, lambda f: f.write(b"old"))  # elsfast's own earlier file: it may be replaced
 
     def broken_save(self, fp, *args, **kwargs):
         fp.write(b"half a png")
@@ -127,13 +133,13 @@ def test_save_grid_failure_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
         save_grid(torch.zeros(2, 1, 4, 4), path)
-    assert os.listdir(tmp_path) == ["grid.png"] and path.read_bytes() == b"old"
+    assert _listing(tmp_path) == ["grid.png"] and path.read_bytes() == b"old"
 
 
 def test_save_grid_requires_png_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"\.png"):
         save_grid(torch.zeros(1, 1, 4, 4), tmp_path / "grid.jpg")
-    assert os.listdir(tmp_path) == []
+    assert _listing(tmp_path) == []
 
 
 def test_save_grid_refuses_a_directory(tmp_path):
@@ -149,7 +155,7 @@ def test_save_grid_refuses_a_directory(tmp_path):
 def test_save_samples_round_trip(tmp_path, suffix):
     x = torch.randn(3, 1, 5, 5)
     path = save_samples(x, tmp_path / "out" / f"samples{suffix}")
-    assert os.listdir(path.parent) == [path.name]
+    assert _listing(path.parent) == [path.name]
     if suffix == ".pt":
         raw = torch.load(path, weights_only=True)
     else:
@@ -164,7 +170,7 @@ def test_save_samples_bad_suffix(tmp_path):
     for name in ("samples.png", "samples", "samples.npy"):
         with pytest.raises(ValueError, match=r"\.pt or \.npz"):
             save_samples(torch.zeros(1, 1, 2, 2), tmp_path / name)
-    assert os.listdir(tmp_path) == []
+    assert _listing(tmp_path) == []
 
 
 def test_atomic_write_cleans_up_on_interrupt(tmp_path):
@@ -174,4 +180,4 @@ def test_atomic_write_cleans_up_on_interrupt(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         imageio.atomic_write(tmp_path / "x.npz", interrupted)
-    assert os.listdir(tmp_path) == []
+    assert _listing(tmp_path) == []

@@ -160,18 +160,18 @@ def test_checkpoint_resumes_after_a_crash(tmp_path):
             raise _Crash
 
     with pytest.raises(_Crash):
-        elsfast.sample(m, n=2, steps=8, seed=4, progress=False, checkpoint=ckpt, callback=crash)
+        elsfast.sample(m, n=2, steps=8, seed=4, progress=False, resume_from=ckpt, callback=crash)
     assert ckpt.exists()
     steps_run = []
     resumed = elsfast.sample(
-        m, n=2, steps=8, seed=4, progress=False, checkpoint=ckpt, callback=lambda info: steps_run.append(info["i"])
+        m, n=2, steps=8, seed=4, progress=False, resume_from=ckpt, callback=lambda info: steps_run.append(info["i"])
     )
     assert steps_run == [3, 2, 1], "resumes at the step after the last one saved"
     torch.testing.assert_close(resumed, full, rtol=0, atol=0)
     assert not ckpt.exists(), "a finished run removes its checkpoint"
 
 
-def test_checkpoint_of_another_run_or_corrupt_is_ignored(tmp_path):
+def test_checkpoint_of_another_run_or_a_foreign_file_is_refused_and_kept(tmp_path):
     train = torch.rand(6, 1, 6, 6) * 2 - 1
     ckpt = tmp_path / "run.ckpt"
 
@@ -179,13 +179,24 @@ def test_checkpoint_of_another_run_or_corrupt_is_ignored(tmp_path):
         raise _Crash
 
     with pytest.raises(_Crash):
-        elsfast.sample(train, n=1, steps=5, seed=1, progress=False, checkpoint=ckpt, callback=crash)
-    with pytest.warns(UserWarning, match="another run"):
-        other = elsfast.sample(train, n=1, steps=5, seed=2, progress=False, checkpoint=ckpt)
-    torch.testing.assert_close(other, elsfast.sample(train, n=1, steps=5, seed=2, progress=False))
+        elsfast.sample(train, n=1, steps=5, seed=1, progress=False, resume_from=ckpt, callback=crash)
+    saved = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"run\.ckpt holds the state of another sampling run"):
+        elsfast.sample(train, n=1, steps=5, seed=2, progress=False, resume_from=ckpt)
+    assert ckpt.read_bytes() == saved, "another run's checkpoint is left as it is"
     ckpt.write_bytes(b"not a checkpoint")
-    with pytest.warns(UserWarning, match="cannot be read"):
-        elsfast.sample(train, n=1, steps=5, seed=2, progress=False, checkpoint=ckpt)
+    with pytest.raises(ValueError, match=r"run\.ckpt is not an elsfast sampling checkpoint: it looks like a file"):
+        elsfast.sample(train, n=1, steps=5, seed=2, progress=False, resume_from=ckpt)
+    assert ckpt.read_bytes() == b"not a checkpoint"
+
+
+def test_checkpoint_is_the_deprecated_name_of_resume_from(tmp_path):
+    train = torch.rand(6, 1, 6, 6) * 2 - 1
+    with pytest.warns(DeprecationWarning, match="resume_from"):
+        old = elsfast.sample(train, n=1, steps=4, progress=False, checkpoint=tmp_path / "a.ckpt")
+    torch.testing.assert_close(old, elsfast.sample(train, n=1, steps=4, progress=False), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="resume_from"):
+        elsfast.sample(train, n=1, steps=4, checkpoint="a", resume_from="b")
 
 
 def test_generator_replaces_seed():

@@ -142,8 +142,28 @@ def test_conditional_training_needs_labels(tmp_path):
 def test_trains_on_the_embedded_mnist_subset(tmp_path):
     config = _config(tmp_path, dataset="mnist-embedded", limit=12, pad_to=32, arch="unet", channels=[4, 8, 8])
     for conditional, num_classes, labels in ((False, None, None), (True, 10, torch.tensor([1]))):
-        summary = train(dataclasses.replace(config, max_steps=2, conditional=conditional), progress=False)
+        run = dataclasses.replace(config, max_steps=2, conditional=conditional)
+        summary = train(run, overwrite=conditional, progress=False)  # the second run replaces the first's file
         assert summary["steps"] == 2 and summary["loss"] > 0
         model, conf, _ = load_checkpoint(config.out)
         assert conf["model"]["arch"] == "unet" and conf["model"]["num_classes"] == num_classes
         assert model(torch.zeros(1, 1, 32, 32), torch.tensor([0.5]), labels).shape == (1, 1, 32, 32)
+
+
+def test_an_existing_checkpoint_is_never_replaced_without_resume_or_overwrite(tmp_path):
+    images, _ = _images(8)
+    config = _config(tmp_path, max_steps=1)
+    train(config, images=images, progress=False)
+    trained = Path(config.out).read_bytes()
+    with pytest.raises(FileExistsError, match=r"model\.pt already exists \(it looks like an elsfast network"):
+        train(config, images=images, progress=False)
+    assert Path(config.out).read_bytes() == trained
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(config, images=images, resume=True, overwrite=True, progress=False)
+    assert train(dataclasses.replace(config, seed=1), images=images, overwrite=True, progress=False)["steps"] == 1
+    assert Path(config.out).read_bytes() != trained
+    foreign = tmp_path / "notes.pt"
+    foreign.write_bytes(b"my notes")
+    with pytest.raises(FileExistsError, match="unknown format"):
+        train(dataclasses.replace(config, out=str(foreign)), images=images, progress=False)
+    assert foreign.read_bytes() == b"my notes"

@@ -238,7 +238,7 @@ def build_group_index(
 def _save(path: Path, gi: GroupIndex, key: str) -> None:
     import faiss
 
-    from ..imageio import atomic_write
+    from ..fileio import atomic_write
 
     payload = {
         "format": INDEX_FORMAT,
@@ -250,7 +250,8 @@ def _save(path: Path, gi: GroupIndex, key: str) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     data = buffer.getvalue()
-    atomic_write(path, lambda f: f.write(data + hashlib.sha256(data).digest() + MAGIC))
+    # the cache directory is elsfast's own: a corrupted index file there is replaced, not refused
+    atomic_write(path, lambda f: f.write(data + hashlib.sha256(data).digest() + MAGIC), replace="any")
 
 
 def _load(path: Path, key: str) -> GroupIndex:

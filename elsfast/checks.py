@@ -1,0 +1,119 @@
+"""Argument checks shared by the API and the command line, so both accept and refuse the same things.
+
+- `parse_memory_budget`: bytes as an int or a string with a binary suffix ("512M", "2G", "1.5GiB").
+- `integer_labels`: class labels that are integers (never truncated floats).
+- `check_pixel_range`: float images in the [-1, 1] convention, with a warning for images that look like [0, 1].
+- `check_device`: a torch device that exists here.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import torch
+
+__all__ = ["check_device", "check_pixel_range", "integer_labels", "parse_bytes", "parse_memory_budget"]
+
+_BYTES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+PIXEL_TOLERANCE = 1e-4
+"""How far outside [-1, 1] float pixels may lie (rounding of a conversion) before they are refused."""
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count with an optional binary suffix: `1048576`, `512K`, `512M`, `2G`, `1.5GiB` (K = 1024).
+    ValueError for anything else, and for counts below one byte."""
+    m = _BYTES.match(text)
+    if m is None:
+        raise ValueError(f"expected a byte count such as 536870912, 512M or 2G, got {text!r}")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value < 1:
+        raise ValueError(f"the byte count must be positive, got {text!r}")
+    return value
+
+
+def parse_memory_budget(value: int | str) -> int:
+    """`memory_budget` in bytes from a positive int or a string understood by `parse_bytes` ("512M", "2G").
+
+    ValueError naming `memory_budget` for 0, negative or unparsable values; TypeError for other types (bool and
+    float included: a float would be a byte count with a fraction).
+    """
+    if isinstance(value, str):
+        try:
+            return parse_bytes(value)
+        except ValueError as err:
+            raise ValueError(f"memory_budget: {err}") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"memory_budget must be an int (bytes) or a string such as '512M', got {value!r}")
+    if value < 1:
+        raise ValueError(f"memory_budget must be a positive number of bytes (e.g. 512 << 20 or '512M'), got {value}")
+    return value
+
+
+def integer_labels(labels, name: str = "labels") -> torch.Tensor:
+    """`labels` (an int, a sequence or a tensor) as an int64 CPU tensor, flattened to 1-D only if it is 0-D.
+
+    Non-integer values raise ValueError naming `name` (`1.9` is not class 1); booleans and non-numeric values
+    raise TypeError. Integral floats (`2.0`) are accepted.
+    """
+    if isinstance(labels, bool):
+        raise TypeError(f"{name} must be integers, got a bool")
+    try:
+        tensor = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {labels!r}") from None
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"{name} must be integers, got {tensor.dtype}")
+    if tensor.is_floating_point():
+        bad = tensor[~torch.isfinite(tensor) | (tensor != tensor.round())]
+        if bad.numel():
+            raise ValueError(f"{name} must be integers (class indices), got {bad.flatten()[0].item():.6g}")
+    return tensor.to(torch.int64).cpu()
+
+
+def check_pixel_range(images: torch.Tensor, name: str) -> None:
+    """Check float `images` (any shape) against the [-1, 1] pixel convention.
+
+    NaN/inf, or values outside [-1, 1] by more than `PIXEL_TOLERANCE`, raise ValueError naming `name`, the range
+    found and the fix; non-constant float images within [0, 1] (the look of `imgs.float() / 255`) give a
+    UserWarning with the fix (`x * 2 - 1`). uint8 images are not checked (they map to [-1, 1] by construction).
+    """
+    if images.dtype == torch.uint8 or images.numel() == 0:
+        return
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1.0 - PIXEL_TOLERANCE or hi > 1.0 + PIXEL_TOLERANCE:
+        hint = " (uint8-like values: pass the uint8 tensor itself)" if hi > 2.0 and lo >= 0 else ""
+        raise ValueError(
+            f"float {name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}; rescale them, e.g. "
+            "x / x.abs().max() for signed data, or pass uint8 images"
+        )
+    if 0.0 <= lo < hi <= 1.0 + PIXEL_TOLERANCE:
+        warnings.warn(
+            f"float {name} lie in [{lo:.3g}, {hi:.3g}] with no negative value: they look like [0, 1] images, but "
+            f"elsfast's pixels are in [-1, 1] (black = -1); pass {name} * 2 - 1 (or the uint8 images)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_device(device: torch.device | str | None) -> torch.device | None:
+    """`device` as a `torch.device` that exists here (None stays None). ValueError naming `device` for an
+    unknown device string, a CUDA device without CUDA, or an index beyond the device count."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: not a torch device: {device!r} (try 'cpu' or 'cuda')") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device: CUDA was asked for, but no CUDA device is available here (use device='cpu')")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("device: MPS is not available here (use device='cpu')")
+    return device
