@@ -38,6 +38,7 @@ CONFIG_NAME = "elsfast_machine.json"
 CONFIG_FORMAT = "elsfast-machine/1"
 
 MACHINES = ("is", "es", "ls", "els")
+DICTIONARIES = ("same", "valid")
 
 
 @dataclass
@@ -129,6 +130,11 @@ class ScoreMachine:
             `denoise` with the same arguments, and gets the exact result over the union of all shards.
         image_offset: index of this shard's first image in the full training set (names sources in provenance);
             by default 0, or with a process group the total size of the shards of lower ranks.
+        dictionary: ELS only. "same" (default): the paper's dictionary (App. B.1, eqs. 37-40), every patch at every
+            centre of the padded training images (zero padding: of the query pixel's border class). "valid": only
+            the (H-P+1)(W-P+1) patches lying fully inside each training image, one dictionary shared by every pixel,
+            as in the authors' published code (queries are still padded per `padding`); for reproducing numbers
+            computed with it (SPEC section 4).
     """
 
     def __init__(
@@ -144,11 +150,16 @@ class ScoreMachine:
         dtype: torch.dtype = torch.float32,
         process_group: ProcessGroup | None = None,
         image_offset: int | None = None,
+        dictionary: str = "same",
     ) -> None:
         if machine not in MACHINES:
             raise ValueError(f"unknown machine {machine!r}; known: {', '.join(MACHINES)}")
         if padding not in PADDINGS:
             raise ValueError(f"unknown padding {padding!r}; known: {', '.join(PADDINGS)}")
+        if dictionary not in DICTIONARIES:
+            raise ValueError(f"unknown dictionary {dictionary!r}; known: {', '.join(DICTIONARIES)}")
+        if dictionary == "valid" and machine != "els":
+            raise ValueError(f"dictionary='valid' is an option of the ELS machine, not of {machine!r}")
         if machine == "es" and padding == "zeros":
             raise ValueError(
                 "the ES machine is defined by circular translations; with zero padding it reduces to IS: "
@@ -180,6 +191,7 @@ class ScoreMachine:
                 raise ValueError(f"train_labels must be integers, got {labels.dtype}")
             self.labels = integer_labels(labels, "train_labels")
         self.machine, self.padding, self.backend = machine, padding, backend
+        self.dictionary = dictionary
         self.memory_budget, self.dtype = int(memory_budget), dtype
         self.last_stats = MachineStats()
         self.total_stats = MachineStats()  # accumulated over every call since construction
@@ -229,6 +241,7 @@ class ScoreMachine:
             "format": CONFIG_FORMAT,
             "machine": self.machine,
             "padding": self.padding,
+            "dictionary": self.dictionary,
             "backend": backend_spec(self.backend),
             "memory_budget": self.memory_budget,
             "dtype": str(self.dtype).removeprefix("torch."),
@@ -267,6 +280,7 @@ class ScoreMachine:
         kwargs = {
             "machine": config["machine"],
             "padding": config["padding"],
+            "dictionary": config.get("dictionary", "same"),
             "backend": backend_from_spec(config["backend"]),
             "memory_budget": config["memory_budget"],
             "dtype": getattr(torch, config["dtype"]),
@@ -361,7 +375,13 @@ class ScoreMachine:
 
     def _check_size(self, patch_size: int) -> int:
         """With zero padding a patch of P >= 2 max(H, W) - 1 covers the whole image wherever it is centred, and a
-        larger P only adds zero features to every key and query: the same machine. Such P run at that size."""
+        larger P only adds zero features to every key and query: the same machine. Such P run at that size.
+        The valid dictionary needs a patch that fits inside the image."""
+        if self.dictionary == "valid" and patch_size > min(self.image_shape[1:]):
+            raise ValueError(
+                f"patch_size {patch_size} does not fit inside the {self.image_shape[1]} x {self.image_shape[2]} "
+                "training images: dictionary='valid' holds only patches that lie fully inside them"
+            )
         if self.padding == "zeros" and self.machine in ("ls", "els"):
             return min(patch_size, 2 * max(self.image_shape[1:]) - 1)
         return patch_size
@@ -434,6 +454,16 @@ class ScoreMachine:
         self.total_stats.add(result)
         return result
 
+    def _groups(self, H: int, W: int, patch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The group sets as `(query positions (G, S), dictionary positions (G, S'))`: the same positions for every
+        machine (each pixel's dictionary holds the patches centred where the group's pixels are), except the
+        valid dictionary of ELS: one group of every pixel against the patches lying fully inside the images."""
+        if self.dictionary == "valid":
+            r = patch_size // 2
+            inside = torch.arange(H * W).view(H, W)[r : H - r, r : W - r].reshape(1, -1)
+            return [(torch.arange(H * W).view(1, H * W), inside)]
+        return [(positions, positions) for positions in group_sets(H, W, patch_size, self.padding, self.machine)]
+
     def _denoise(
         self, x: torch.Tensor, images: torch.Tensor, ids: torch.Tensor, abar: float, patch_size: int, provenance: bool
     ) -> tuple[torch.Tensor, Provenance | None]:
@@ -460,16 +490,16 @@ class ScoreMachine:
             )
         out = torch.empty(B, C, H * W, dtype=x.dtype, device=x.device)
         fields = torch.empty(5, B, H * W, dtype=torch.float64, device=x.device) if provenance else None
-        for positions in group_sets(H, W, patch_size, self.padding, self.machine):
+        for positions, entries in self._groups(H, W, patch_size):
             G, S = positions.shape
             queries = extract_patches(x, patch_size, self.padding, positions).reshape(G, S * B, -1)
-            dictionary = PatchDictionary(images, patch_size, self.padding, positions, image_ids=ids)
+            dictionary = PatchDictionary(images, patch_size, self.padding, entries, image_ids=ids)
             r = self._reduce(queries, dictionary, abar, provenance)  # values (G, S * B, C), queries in (s, b) order
             pixels = positions.flatten().to(x.device)
             out[:, :, pixels] = r.values.reshape(G * S, B, C).permute(1, 2, 0)
             if provenance:
-                # entry id = image * S + s: the patch centred at pixel positions[g, s] of that image
-                source = positions.to(x.device).gather(1, r.best % S)  # (G, S * B) flat source pixel
+                # entry id = image * S' + s: the patch centred at pixel entries[g, s] of that image
+                source = entries.to(x.device).gather(1, r.best % entries.shape[1])  # (G, S * B) flat source pixel
                 per_query = torch.stack([r.best // S, source // W, source % W, r.weight, r.entropy])
                 fields[:, :, pixels] = per_query.reshape(5, G * S, B).transpose(1, 2).double()
         out = out.reshape(B, C, H, W)

@@ -70,7 +70,9 @@ def make_problem(seed, N, C, H, W, B, abar, classes=None):
     return train, x, train_labels, labels
 
 
-def reference(x, train, abar, machine, padding, P, labels=None, train_labels=None, provenance=False) -> np.ndarray:
+def reference(
+    x, train, abar, machine, padding, P, labels=None, train_labels=None, provenance=False, dictionary="same"
+) -> np.ndarray:
     """The float64 brute force of tests/reference.py on torch tensors: `reference_denoise`, or with `provenance`
     `reference_provenance`."""
     fn = reference_provenance if provenance else reference_denoise
@@ -83,6 +85,7 @@ def reference(x, train, abar, machine, padding, P, labels=None, train_labels=Non
         patch_size=P,
         labels=None if labels is None else labels.numpy(),
         train_labels=None if train_labels is None else train_labels.numpy(),
+        dictionary=dictionary,
     )
 
 

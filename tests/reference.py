@@ -25,9 +25,10 @@ def _posterior(query: np.ndarray, keys: np.ndarray, abar: float) -> np.ndarray:
     return w / w.sum()
 
 
-def _problems(x, train, *, machine, padding, patch_size, labels, train_labels):
+def _problems(x, train, *, machine, padding, patch_size, labels, train_labels, dictionary="same"):
     """Yield (b, pixel or None, query, keys, values, sources) for every softmax of the machine; a source is
-    (training image index, source y, source x) for each dictionary entry (pixel None: one softmax per image)."""
+    (training image index, source y, source x) for each dictionary entry (pixel None: one softmax per image).
+    `dictionary="valid"` (ELS): every pixel's dictionary is the patches lying fully inside the training images."""
     B, _, H, W = x.shape
     for b in range(B):
         members = np.arange(len(train)) if labels is None else np.flatnonzero(np.asarray(train_labels) == labels[b])
@@ -49,6 +50,8 @@ def _problems(x, train, *, machine, padding, patch_size, labels, train_labels):
                         for z2 in range(W):
                             if machine == "ls":
                                 member = (y2, z2) == (y, z)
+                            elif dictionary == "valid":
+                                member = r <= y2 <= H - 1 - r and r <= z2 <= W - 1 - r
                             elif padding == "circular":
                                 member = True
                             else:
@@ -64,11 +67,20 @@ def _problems(x, train, *, machine, padding, patch_size, labels, train_labels):
                 yield b, (y, z), query, np.array(keys), np.array(values), sources
 
 
-def reference_denoise(x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None):
+def reference_denoise(
+    x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None, dictionary="same"
+):
     """E[x0 | x] for x [B, C, H, W] and train [N, C, H, W] (float64 numpy), per SPEC section 2."""
     x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
     out = np.zeros_like(x)
-    kw = dict(machine=machine, padding=padding, patch_size=patch_size, labels=labels, train_labels=train_labels)
+    kw = dict(
+        machine=machine,
+        padding=padding,
+        patch_size=patch_size,
+        labels=labels,
+        train_labels=train_labels,
+        dictionary=dictionary,
+    )
     for b, pixel, query, keys, values, _ in _problems(x, train, **kw):
         mean = _posterior(query, keys, abar) @ values
         if pixel is None:
@@ -78,13 +90,22 @@ def reference_denoise(x, train, abar, *, machine, padding="zeros", patch_size=3,
     return out
 
 
-def reference_provenance(x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None):
+def reference_provenance(
+    x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None, dictionary="same"
+):
     """Per pixel: (source image, source y, source x, weight of the dominant entry, entropy in nats), each
     [B, H, W]; the dominant entry is the one of largest posterior weight."""
     x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
     B, _, H, W = x.shape
     out = np.zeros((5, B, H, W))
-    kw = dict(machine=machine, padding=padding, patch_size=patch_size, labels=labels, train_labels=train_labels)
+    kw = dict(
+        machine=machine,
+        padding=padding,
+        patch_size=patch_size,
+        labels=labels,
+        train_labels=train_labels,
+        dictionary=dictionary,
+    )
     for b, pixel, query, keys, _, sources in _problems(x, train, **kw):
         p = _posterior(query, keys, abar)
         j = int(p.argmax())

@@ -50,6 +50,7 @@ FACTORS = {
     "dtype": ("float32", "float64"),
     "train": ("float", "uint8", "binary"),
     "P": (1, 3, 5, 7),
+    "dictionary": ("same", "valid"),  # ELS only (the authors' valid-patch dictionary); other machines ignore it
 }
 
 
@@ -88,7 +89,13 @@ def case_id(case: dict) -> str:
     P = case["P"] if machine in ("ls", "els") else "-"
     cond = "cond" if case["conditional"] else "uncond"
     sizes = f"C{case['C']}-B{case['B']}-P{P}-abar{case['abar']:g}"
-    return f"{machine}-{padding}-{cond}-{sizes}-{case['dtype']}-{case['train']}"
+    valid = "-valid" if dictionary_of(case) == "valid" else ""
+    return f"{machine}-{padding}{valid}-{cond}-{sizes}-{case['dtype']}-{case['train']}"
+
+
+def dictionary_of(case: dict) -> str:
+    """The case's dictionary: "valid" only for ELS (with a patch that fits the 9 x 7 images)."""
+    return case["dictionary"] if case["combo"][0] == "els" else "same"
 
 
 def make_case(case: dict):
@@ -124,7 +131,8 @@ def expected(index: int) -> np.ndarray:
     case = CASES[index]
     _, _, exact, x, train_labels, labels = make_case(case)
     machine, padding = case["combo"]
-    return reference(x.double(), exact, case["abar"], machine, padding, case["P"], labels, train_labels)
+    P, dictionary = case["P"], dictionary_of(case)
+    return reference(x.double(), exact, case["abar"], machine, padding, P, labels, train_labels, dictionary=dictionary)
 
 
 # --- the variants ------------------------------------------------------------------------------------------------
@@ -233,7 +241,7 @@ def test_conformance(name, variant, index, device, monkeypatch):
     where = f"seed {seed}, case {case_id(case)}, backend {name}"
     make = lambda budget: ScoreMachine(  # noqa: E731
         train, train_labels, machine=machine, padding=padding, backend=variant, dtype=dtype, memory_budget=budget,
-        device=device,
+        device=device, dictionary=dictionary_of(case),
     )  # fmt: skip
     x = x.to(device)
     try:

@@ -237,3 +237,23 @@ def test_eps_and_score_conversions(small):
     torch.testing.assert_close(m.score(x, abar), (math.sqrt(abar) * d - x) / (1 - abar))
     # score = -eps / sqrt(1 - abar)
     torch.testing.assert_close(m.score(x, abar), -m.eps(x, abar) / math.sqrt(1 - abar))
+
+
+def test_valid_dictionary_options_and_round_trip(tmp_path):
+    """dictionary="valid" is an ELS option; its patches must fit inside the images; it is saved with the machine
+    and its sources all lie at centres of patches inside the images."""
+    train, x, _, _ = make_problem(21, 6, 1, 7, 6, 2, 0.999)
+    with pytest.raises(ValueError, match="option of the ELS machine"):
+        ScoreMachine(train, machine="ls", dictionary="valid")
+    with pytest.raises(ValueError, match="unknown dictionary"):
+        ScoreMachine(train, dictionary="full")
+    m = ScoreMachine(train, dictionary="valid", padding="circular", dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not fit"):
+        m.denoise(x, 0.5, 7)
+    out, prov = m.denoise(x, 0.999, 5, return_provenance=True)
+    assert int(prov.source_y.min()) >= 2 and int(prov.source_y.max()) <= 4
+    assert int(prov.source_x.min()) >= 2 and int(prov.source_x.max()) <= 3
+    m.save_pretrained(tmp_path)
+    back = ScoreMachine.from_pretrained(tmp_path, train_images=train)
+    assert back.dictionary == "valid"
+    torch.testing.assert_close(back.to(dtype=torch.float64).denoise(x, 0.999, 5), out, rtol=0, atol=0)
