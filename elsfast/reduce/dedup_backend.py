@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..threads import kernel_threads
 from .cpu_backend import Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
 from .dictionary import Dictionary, PatchDictionary
 from .distinct import content_hash, describe, distinct_entries
@@ -193,7 +194,7 @@ class Dedup(Backend):
         ext = import_extension("elsfast._cpu")
         isa = choose_isa(ext, self.isa)
         G, M, _ = queries.shape
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         q_scale, key_scale = logit_scales(abar)
         states, chunks = [], 0
         for g in range(G):
