@@ -3,13 +3,17 @@
 Importing elsfast imports nothing optional (no Triton, FAISS or compiled extension).
 """
 
-from . import creativity, datasets, schedules
-from .machine import MACHINES, ScoreMachine
-from .provenance import Provenance
-from .reduce import Cpu, Dedup, Shifts, TopK, Triton, backend_names, cache_info, softmax_reduce
-from .reduce import clear_caches as _clear_reduction_caches
-from .sampling import SampleTrace, ddim_sample, sample
-from .scales import reference_scales
+from .threads import bound_openmp_spin, kernel_threads, limit_threads, set_num_threads
+
+bound_openmp_spin()  # before torch loads libgomp: idle OpenMP threads spin briefly, then sleep (elsfast.threads)
+
+from . import creativity, datasets, schedules  # noqa: E402
+from .machine import MACHINES, ScoreMachine  # noqa: E402
+from .provenance import Provenance  # noqa: E402
+from .reduce import Cpu, Dedup, Shifts, TopK, Triton, backend_names, cache_info, softmax_reduce  # noqa: E402
+from .reduce import clear_caches as _clear_reduction_caches  # noqa: E402
+from .sampling import SampleTrace, ddim_sample, sample  # noqa: E402
+from .scales import reference_scales  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -38,8 +42,11 @@ __all__ = [
     "creativity",
     "datasets",
     "ddim_sample",
+    "kernel_threads",
+    "limit_threads",
     "reference_scales",
     "sample",
     "schedules",
+    "set_num_threads",
     "softmax_reduce",
 ]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .checks import parse_bytes
+from .threads import limit_threads
 
 __all__ = ["build_parser", "main", "parse_bytes"]
 
@@ -167,6 +168,13 @@ def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: s
         type=_bytes_arg,
         metavar="BYTES",
         help="working memory per reduction, e.g. 512M or 2G (default: 512M)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_at_least(1),
+        metavar="N",
+        help="CPU threads of the kernels and torch (default: $ELSFAST_NUM_THREADS, else torch's; at most the CPUs "
+        "this process may use)",
     )
 
 
@@ -532,6 +540,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         schedule=args.schedule,
         progress=not args.quiet,
         resume_from=args.resume,
+        threads=args.threads,
     ).cpu()
     seconds = time.perf_counter() - started
 
@@ -587,19 +596,20 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     data = _load_dataset(args)
     labels = _sample_labels(args.labels, data, args.n)
     machine = _make_machine(args, data, device)
-    measures = explain.explain(
-        machine,
-        args.n,
-        seed=args.seed,
-        steps=args.steps,
-        patch_size=_patch_size_spec(args),
-        labels=labels,
-        out_dir=out_dir,
-        schedule=args.schedule,
-        progress=not args.quiet,
-        top=args.top,
-        scale=args.scale,
-    )
+    with limit_threads(args.threads):
+        measures = explain.explain(
+            machine,
+            args.n,
+            seed=args.seed,
+            steps=args.steps,
+            patch_size=_patch_size_spec(args),
+            labels=labels,
+            out_dir=out_dir,
+            schedule=args.schedule,
+            progress=not args.quiet,
+            top=args.top,
+            scale=args.scale,
+        )
     seconds = time.perf_counter() - started
     for m in measures:
         print(f"sample {m['sample']}: {_summary(m)} -> {out_dir / m['figure']}")
@@ -665,7 +675,8 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     labels = _sample_labels(args.labels, data, n)
     machine = _make_machine(args, data, device)
     patch_size = args.patch_size or DEFAULT_PATCH_SIZE
-    measures = measure(machine, samples, patch_size=patch_size, labels=labels)
+    with limit_threads(args.threads):
+        measures = measure(machine, samples, patch_size=patch_size, labels=labels)
     seconds = time.perf_counter() - started
 
     rows = [

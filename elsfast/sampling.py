@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .checks import integer_labels
+from .estimate import LONG_RUN_PAIRS, estimate_sample
 from .fileio import atomic_write, describe_file, elsfast_format
 from .machine import ScoreMachine
 from .provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET
 from .scales import PatchSizeSpec, resolve_patch_size
 from .schedules import get_schedule
+from .threads import check_threads, limit_threads
 
 __all__ = ["Denoiser", "SampleTrace", "ddim_sample", "labels_per_sample", "sample"]
 
@@ -167,6 +170,14 @@ def labels_per_sample(labels, n: int) -> torch.Tensor | None:
     return labels
 
 
+def _announce(m: ScoreMachine, n: int, steps: int, size_at, schedule, labels, start: int | None) -> None:
+    """Print the pairs and an estimated time of a long run (over `LONG_RUN_PAIRS`) to stderr before it starts."""
+    plan = estimate_sample(m, n, steps, size_at, schedule=schedule, labels=labels, calibrate=False, start=start)
+    if plan.pairs > LONG_RUN_PAIRS:
+        plan = estimate_sample(m, n, steps, size_at, schedule=schedule, labels=labels, start=start)
+        print(f"elsfast: sampling {plan.describe(n)}", file=sys.stderr, flush=True)
+
+
 def sample(
     source: ScoreMachine | torch.Tensor | str | Path,
     n: int = 16,
@@ -190,6 +201,7 @@ def sample(
     resume_from: str | Path | None = None,
     checkpoint: str | Path | None = None,
     generator: torch.Generator | None = None,
+    threads: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleTrace]:
     """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
 
@@ -203,6 +215,9 @@ def sample(
         seed: seeds the initial noise, drawn on the CPU so that a seed gives the same noise on every device.
         noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
         generator: a CPU `torch.Generator` to draw the initial noise from instead of `seed`.
+        progress: a progress bar; and for a run of more than `elsfast.estimate.LONG_RUN_PAIRS` query x dictionary
+            pairs, one line on stderr before it starts with the pairs and the time estimated by a short
+            calibration (`elsfast.estimate.estimate_sample`).
         callback: called after every step (see `ddim_sample`).
         return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
             evaluation (which produces the output) and the posterior entropy maps of every step.
@@ -213,6 +228,8 @@ def sample(
             checkpoint, a network checkpoint, ...) raises ValueError naming it and is left untouched. The file is
             removed when the run finishes. A trace (`return_provenance`) then covers the steps run since the
             resume.
+        threads: CPU threads of the compiled kernels and of torch during the run (default: `ELSFAST_NUM_THREADS`,
+            else torch's count; never more than the CPUs this process may use; see `elsfast.threads`).
         checkpoint: deprecated name of `resume_from` (DeprecationWarning; removed in the next release).
     """
     if checkpoint is not None:
@@ -225,6 +242,7 @@ def sample(
             stacklevel=2,
         )
         resume_from = checkpoint
+    check_threads(threads)
     if isinstance(source, ScoreMachine):
         m = source
     else:
@@ -289,7 +307,10 @@ def sample(
             if callback is not None:
                 callback(info)
 
-    out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=on_step, start=start)
+    with limit_threads(threads):
+        if progress and m.process_group is None:
+            _announce(m, n, steps, size_at, schedule, sample_labels, start)
+        out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=on_step, start=start)
     if state_path is not None and elsfast_format(state_path) == STATE_FORMAT:
         state_path.unlink()  # only our own checkpoint: anything else that appeared there stays
     if not return_provenance:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..threads import kernel_threads
 from .dictionary import Dictionary
 from .partials import (
     COMPILED_KERNEL_LIMITS,
@@ -135,7 +136,7 @@ class Cpu(Backend):
     ) -> BackendOutput:
         ext = import_extension("elsfast._cpu")
         G, M, _ = queries.shape
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         splits, per_chunk = plan(
             ext, dictionary.size, dictionary.key_dim, dictionary.value_dim, M, threads, memory_budget
         )

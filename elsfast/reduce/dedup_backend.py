@@ -29,6 +29,7 @@ from typing import ClassVar
 
 import torch
 
+from ..threads import kernel_threads
 from .caches import MemoryCache, content_hash
 from .cpu_backend import CPU_KERNEL_LIMITS, Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
 from .dictionary import Dictionary, PatchDictionary
@@ -177,7 +178,7 @@ class Dedup(Backend):
         ext = import_extension("elsfast._cpu")
         isa = choose_isa(ext, self.isa)
         G, M, _ = queries.shape
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         q_scale, key_scale = logit_scales(abar)
         states: list[ReduceState | None] = [None] * G
         names, chunks, pairs, undeduplicated = [self.NAME] * G, 0, 0, []

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 
+from ..threads import kernel_threads
 from .cpu_backend import CPU_KERNEL_LIMITS, MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
 from .dictionary import Dictionary, PatchDictionary
 from .partials import empty_partial_states, fold_partial_states, import_extension
@@ -136,7 +137,7 @@ class Shifts(Backend):
         B, C = images.shape[:2]
         N, _, H, W = dictionary.images.shape
         blocks = math.ceil(N / ext.lanes(isa))
-        threads = torch.get_num_threads()
+        threads = kernel_threads()
         splits = self.splits or max(1, min(MAX_SPLITS, blocks, math.ceil(2 * threads / B)))
         train = dictionary.images.to(queries.device).contiguous()
         m, l, acc, _, _ = empty_partial_states(splits, G, M, C, queries.device)
