@@ -12,11 +12,19 @@ Presets:
   ELS calibrated over P in 3..13 on 6 seeds; ELS, LS and IS compared with the network on 30 seeds, 20 steps.
 - `mnist-paper`: the paper's configuration for MNIST ResNet (zeros): full MNIST padded to 32x32, 256 channels,
   batch 128, lr 1e-4, 300 epochs, unconditional; P in 3..17 on 10 seeds; 100 seeds. Needs a GPU and the data.
+- one paper-scale preset for every CNN row of the paper's Table 1, named `DATASET-ARCH-PADDING`
+  (`TABLE1`: MNIST, Fashion-MNIST, CIFAR-10 and the 32 x 32 grey faces standing in for CelebA, x ResNet/UNet x the
+  paper's padding and conditioning), with the paper's training (SPEC section 3) and the machine the paper found
+  best calibrated (LS for the faces UNet, ELS elsewhere). They need a GPU and the data; `reproduce` prints each
+  one's cost (network steps, machine evaluations and pairs) before it starts.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,7 +37,9 @@ from .fileio import atomic_write, check_replaceable
 from .machine import ScoreMachine
 from .train import TrainConfig, load_checkpoint, train
 
-__all__ = ["PRESETS", "Preset", "reproduce"]
+__all__ = ["PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
+
+log = logging.getLogger("elsfast")
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,8 @@ class Preset:
     steps: int = 20
     machines: tuple[str, ...] = ("els", "ls", "is")
     notes: str = ""
+    calibrate_machine: str = "els"  # the machine whose P(t) is calibrated (the paper: LS for the CelebA UNet)
+    paper_r: float | None = None  # the paper's Table 1 median for this configuration (of `calibrate_machine`)
 
 
 PRESETS: dict[str, Preset] = {
@@ -73,6 +85,81 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# The CNN rows of the paper's Table 1 (150-step network, 20-step machine): dataset, architecture, padding,
+# class-conditional, the machine the paper reports as best, its median r.
+TABLE1 = (
+    ("mnist", "unet", "zeros", False, "els", 0.89),
+    ("cifar10", "unet", "zeros", True, "els", 0.90),
+    ("fashion-mnist", "unet", "zeros", True, "els", 0.93),
+    ("faces", "unet", "zeros", False, "ls", 0.90),
+    ("mnist", "resnet", "zeros", False, "els", 0.94),
+    ("mnist", "resnet", "circular", False, "els", 0.77),
+    ("cifar10", "resnet", "zeros", True, "els", 0.95),
+    ("cifar10", "resnet", "circular", True, "els", 0.94),
+    ("fashion-mnist", "resnet", "zeros", True, "els", 0.94),
+    ("faces", "resnet", "zeros", False, "els", 0.96),
+)
+
+for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
+    PRESETS[f"{_dataset}-{_arch}-{_padding}"] = Preset(
+        train=TrainConfig(
+            dataset=_dataset,
+            pad_to=32 if "mnist" in _dataset else None,
+            arch=_arch,
+            padding=_padding,
+            conditional=_conditional,
+        ),
+        sizes=(3, 5, 7, 9, 11, 13, 15, 17),
+        calibration_seeds=10,
+        comparison_seeds=100,
+        calibrate_machine=_machine,
+        paper_r=_r,
+        notes=(
+            f"the paper's {_dataset} {_arch.upper() if _arch == 'unet' else 'ResNet'} ({_padding}"
+            f"{', class-conditional' if _conditional else ''}) configuration, Table 1: {_machine.upper()} r = {_r}; "
+            "needs a GPU"
+        ),
+    )
+
+
+def preset_cost(preset: Preset, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    """What a preset costs on `images` `[N, C, H, W]`: network training steps, machine evaluations of the
+    calibration and the comparison, and the query x dictionary pairs of one evaluation of one image for each
+    compared machine at the smallest and largest calibrated patch size (`elsfast.estimate.evaluation_pairs`)."""
+    from .estimate import evaluation_pairs
+
+    config = preset.train
+    per_epoch = math.ceil(len(images) / config.batch_size)
+    steps = config.max_steps if config.max_steps is not None else per_epoch * config.epochs
+    label = None if labels is None or not config.conditional else labels[:1]
+    pairs = {}
+    for name in preset.machines:
+        m = ScoreMachine(images, labels if config.conditional else None, machine=name, padding=config.padding)
+        sizes = (min(preset.sizes), max(preset.sizes)) if name in ("ls", "els") else (3,)
+        pairs[name] = {int(P): evaluation_pairs(m, 1, P, label) for P in sizes}
+    evaluations = preset.steps - 1
+    return {
+        "network_steps": int(steps),
+        "network_epochs": config.epochs if config.max_steps is None else None,
+        "calibration_evaluations": preset.calibration_seeds * evaluations * len(preset.sizes),
+        "comparison_evaluations": preset.comparison_seeds * evaluations * len(preset.machines),
+        "pairs_per_evaluation": pairs,
+    }
+
+
+def describe_cost(cost: dict) -> str:
+    """The cost of `preset_cost` in one paragraph for the user."""
+    pairs = "; ".join(
+        f"{name.upper()} " + ", ".join(f"{v:.2g} at P={P}" for P, v in by_size.items())
+        for name, by_size in cost["pairs_per_evaluation"].items()
+    )
+    return (
+        f"expected cost: {cost['network_steps']:,} network training steps; "
+        f"{cost['calibration_evaluations']:,} machine evaluations to calibrate and "
+        f"{cost['comparison_evaluations']:,} to compare (one image each); pairs per evaluation: {pairs}"
+    )
+
+
 def reproduce(
     preset: str | Preset,
     out_dir: str | Path,
@@ -92,8 +179,8 @@ def reproduce(
     else:
         name = "custom"
     out = Path(out_dir)
-    for name in ("calibration.png", "reproduction.json"):  # refused now rather than after hours of work
-        check_replaceable(out / name)
+    for file in ("calibration.png", "reproduction.json"):  # refused now rather than after hours of work
+        check_replaceable(out / file)
     out.mkdir(parents=True, exist_ok=True)
     config = replace(
         preset.train,
@@ -103,6 +190,10 @@ def reproduce(
         max_minutes=train_minutes if train_minutes is not None else preset.train.max_minutes,
     )
     data = datasets.load(config.dataset, root=config.root, pad_to=config.pad_to, limit=config.limit)
+    cost = preset_cost(preset, data.images, data.labels)
+    log.info("elsfast reproduce %s: %s", name, describe_cost(cost))
+    if progress:
+        print(f"elsfast reproduce {name}: {describe_cost(cost)}", file=sys.stderr)
     trained = train(config, resume=True, progress=progress, images=data.images, labels=data.labels)
     model, model_config, _ = load_checkpoint(config.out, device=device)
     labels = data.labels if config.conditional else None
@@ -112,7 +203,7 @@ def reproduce(
     if calibration_path.exists():
         calibration = CalibrationResult.from_json(calibration_path)
     else:
-        machine = ScoreMachine(data.images, labels, machine="els", padding=padding, device=device)
+        machine = ScoreMachine(data.images, labels, machine=preset.calibrate_machine, padding=padding, device=device)
         calibration = calibrate(
             model,
             machine,
@@ -143,6 +234,9 @@ def reproduce(
     summary = {
         "preset": name,
         "notes": preset.notes,
+        "paper_r": preset.paper_r,
+        "calibrated_machine": preset.calibrate_machine,
+        "cost": cost,
         "training": {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished")},
         "scales": calibration.scales,
         "summary": report["summary"],

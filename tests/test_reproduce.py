@@ -49,3 +49,27 @@ def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         reproduce("cifar-huge", tmp_path)
     assert "mnist-small" in PRESETS
+
+
+def test_every_table1_row_is_a_preset_with_its_cost():
+    """The ten CNN rows of the paper's Table 1 are presets with the paper's training, and their cost (network
+    steps, evaluations, pairs) is counted before anything runs."""
+    from elsfast import datasets
+    from elsfast.reproduce import TABLE1, preset_cost
+
+    assert len(TABLE1) == 10
+    for dataset, arch, padding, conditional, machine, r in TABLE1:
+        preset = PRESETS[f"{dataset}-{arch}-{padding}"]
+        assert preset.train.arch == arch and preset.train.padding == padding
+        assert preset.train.conditional == conditional and preset.calibrate_machine == machine
+        assert preset.paper_r == r and preset.comparison_seeds == 100 and preset.train.epochs == 300
+    assert PRESETS["faces-unet-zeros"].calibrate_machine == "ls"
+    data = datasets.load("mnist-embedded", pad_to=32, limit=100)
+    cost = preset_cost(PRESETS["mnist-resnet-circular"], data.images, data.labels)
+    assert cost["network_steps"] == 300 * 1  # 100 images: one batch of 128 an epoch
+    assert cost["pairs_per_evaluation"]["els"] == {3: 1024 * 1024 * 100, 17: 1024 * 1024 * 100}
+    assert cost["pairs_per_evaluation"]["ls"][3] == 1024 * 100
+    assert cost["pairs_per_evaluation"]["is"] == {3: 100}
+    assert cost["comparison_evaluations"] == 100 * 19 * 3
+    conditional = preset_cost(PRESETS["cifar10-resnet-zeros"], data.images[:, :1].expand(-1, 3, -1, -1), data.labels)
+    assert conditional["pairs_per_evaluation"]["is"][3] == int((data.labels == data.labels[0]).sum())
