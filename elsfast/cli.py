@@ -138,6 +138,13 @@ def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: s
     g = p.add_argument_group("machine")
     g.add_argument("--machine", default="els", choices=MACHINES, help="which machine (default: els)")
     g.add_argument("--padding", default="zeros", choices=PADDINGS, help="patch border padding (default: zeros)")
+    g.add_argument(
+        "--dictionary",
+        default="same",
+        choices=("same", "valid"),
+        help="ELS dictionary: same (the paper's, default) or valid (only patches inside the images, as in the "
+        "authors' code)",
+    )
     sizes = g.add_mutually_exclusive_group() if scales else g
     sizes.add_argument(
         "--patch-size",
@@ -356,6 +363,8 @@ def _check_machine_args(args: argparse.Namespace) -> None:
     """Cheap checks of the machine group, before any data is loaded."""
     from .reduce.registry import check_backend_name
 
+    if args.dictionary != "same" and args.machine != "els":
+        raise CLIError(f"argument --dictionary: {args.dictionary} is an option of --machine els")
     if args.machine == "es" and args.padding == "zeros":
         raise CLIError(
             "the es machine is defined by circular translations and needs --padding circular "
@@ -486,6 +495,7 @@ def _make_machine(args: argparse.Namespace, data, device):
         data.labels,
         machine=args.machine,
         padding=args.padding,
+        dictionary=args.dictionary,
         backend=_backend_arg(args),
         device=device,
         memory_budget=args.memory_budget or DEFAULT_MEMORY_BUDGET,

@@ -103,6 +103,7 @@ def _run_key(m: ScoreMachine, noise: torch.Tensor, steps: int, schedule, sizes: 
     for part in (
         m.machine,
         m.padding,
+        m.dictionary,
         m.dtype,
         steps,
         schedule if isinstance(schedule, str) else repr(schedule),
@@ -206,7 +207,8 @@ def sample(
     """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
 
     Args:
-        source: a `ScoreMachine` (its machine, padding, backend and device are used as they are), a tensor of
+        source: a `ScoreMachine` (its machine, padding, dictionary, backend and device are used as they are; e.g.
+            `ScoreMachine(images, dictionary="valid")` for the authors' ELS dictionary), a tensor of
             training images `[N, C, H, W]` (with `train_labels` for conditional sampling), or a dataset name
             or path understood by `elsfast.datasets.load` (train split; its labels come along).
         patch_size: an odd int, a list with one size per step, a callable of t, or the name of a published

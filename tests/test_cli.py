@@ -443,3 +443,13 @@ def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
     assert not torch.equal(resumed, elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False))
     assert main([*args, "--resume-from", "none"]) == 0
     assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_sample_with_the_valid_dictionary(tmp_path, capsys):
+    from elsfast.cli import main
+
+    argv = ["sample", "--limit", "30", "--n", "1", "--steps", "3", "--patch-size", "3", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--dictionary", "valid", "--out", str(tmp_path / "valid.png")]) == 0
+    assert (tmp_path / "valid.png").exists()
+    assert main([*argv, "--machine", "ls", "--dictionary", "valid", "--out", str(tmp_path / "ls.png")]) == 2
+    assert "--dictionary" in capsys.readouterr().err and not (tmp_path / "ls.png").exists()
