@@ -25,7 +25,7 @@ def _posterior(query: np.ndarray, keys: np.ndarray, abar: float) -> np.ndarray:
     return w / w.sum()
 
 
-def _problems(x, train, *, machine, padding, patch_size, labels, train_labels, dictionary="same"):
+def _problems(x, train, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None, dictionary="same"):
     """Yield (b, pixel or None, query, keys, values, sources) for every softmax of the machine; a source is
     (training image index, source y, source x) for each dictionary entry (pixel None: one softmax per image).
     `dictionary="valid"` (ELS): every pixel's dictionary is the patches lying fully inside the training images."""
@@ -67,21 +67,12 @@ def _problems(x, train, *, machine, padding, patch_size, labels, train_labels, d
                 yield b, (y, z), query, np.array(keys), np.array(values), sources
 
 
-def reference_denoise(
-    x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None, dictionary="same"
-):
-    """E[x0 | x] for x [B, C, H, W] and train [N, C, H, W] (float64 numpy), per SPEC section 2."""
+def reference_denoise(x, train, abar, **problem):
+    """E[x0 | x] for x [B, C, H, W] and train [N, C, H, W] (float64 numpy), per SPEC section 2; `problem`: the
+    machine and its options (`_problems`)."""
     x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
     out = np.zeros_like(x)
-    kw = dict(
-        machine=machine,
-        padding=padding,
-        patch_size=patch_size,
-        labels=labels,
-        train_labels=train_labels,
-        dictionary=dictionary,
-    )
-    for b, pixel, query, keys, values, _ in _problems(x, train, **kw):
+    for b, pixel, query, keys, values, _ in _problems(x, train, **problem):
         mean = _posterior(query, keys, abar) @ values
         if pixel is None:
             out[b] = mean.reshape(x.shape[1:])
@@ -90,23 +81,13 @@ def reference_denoise(
     return out
 
 
-def reference_provenance(
-    x, train, abar, *, machine, padding="zeros", patch_size=3, labels=None, train_labels=None, dictionary="same"
-):
+def reference_provenance(x, train, abar, **problem):
     """Per pixel: (source image, source y, source x, weight of the dominant entry, entropy in nats), each
     [B, H, W]; the dominant entry is the one of largest posterior weight."""
     x, train = np.asarray(x, np.float64), np.asarray(train, np.float64)
     B, _, H, W = x.shape
     out = np.zeros((5, B, H, W))
-    kw = dict(
-        machine=machine,
-        padding=padding,
-        patch_size=patch_size,
-        labels=labels,
-        train_labels=train_labels,
-        dictionary=dictionary,
-    )
-    for b, pixel, query, keys, _, sources in _problems(x, train, **kw):
+    for b, pixel, query, keys, _, sources in _problems(x, train, **problem):
         p = _posterior(query, keys, abar)
         j = int(p.argmax())
         entropy = -(p[p > 0] * np.log(p[p > 0])).sum()

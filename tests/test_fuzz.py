@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from problems import fp32_tolerance, reference
+from problems import COMBOS, fp32_tolerance, reference
 
 import elsfast
 from elsfast.cli import main
@@ -27,15 +27,6 @@ from elsfast.cli import main
 QUICK = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 LONG = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 ALARM_SECONDS = 120  # an example that runs longer than this is a hang
-
-COMBOS = [
-    ("is", "zeros"),
-    ("es", "circular"),
-    ("ls", "zeros"),
-    ("ls", "circular"),
-    ("els", "zeros"),
-    ("els", "circular"),
-]
 
 
 @contextlib.contextmanager
