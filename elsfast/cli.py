@@ -341,22 +341,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(text: str):
+    """--device: "auto" (CUDA where available, else the CPU) or a torch device that exists here."""
     import torch
+
+    from .checks import check_device
 
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"argument --device: not a torch device: {text!r} (try cpu, cuda, cuda:0 or auto)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError("argument --device: CUDA is not available here (try --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"argument --device: {text} does not exist ({torch.cuda.device_count()} CUDA device(s))")
-    elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise CLIError("argument --device: MPS is not available here (try --device cpu)")
-    return device
+        return check_device(text)
+    except ValueError as error:
+        raise CLIError(f"argument --device: {str(error).removeprefix('device: ')}") from None
 
 
 def _check_machine_args(args: argparse.Namespace) -> None:
