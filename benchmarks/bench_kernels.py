@@ -17,7 +17,7 @@ Sizes come from the environment (defaults in brackets): ELSFAST_BENCH_N training
 _P patch sizes [3,5,11,17], _TORCH_IMAGES [N], _SDPA_IMAGES [2000], _REF_IMAGES [2000], _ROUNDS timed rounds
 [3 on a GPU, 1 on the CPU], _SAMPLES [100], _STEPS [20]; each is recorded with the result. scripts/gpu_check.py
 sets sizes that fit its 4-minute budget. With ELSFAST_BENCH_DEADLINE (a Unix time) set, a case that would start
-less than 15 s before it is skipped, so a bounded run still ends cleanly and writes its JSON.
+after it is skipped, so a bounded run still ends cleanly and writes its JSON.
 
 Uses the real CIFAR-10 (`../shared/data` or `$ELSFAST_DATA`) when present, else random uint8 images of the same
 size (recorded as `data`). Needs a CUDA device; `ELSFAST_BENCH_DEVICE=cpu` with a small `ELSFAST_BENCH_N` runs
@@ -78,6 +78,7 @@ def _sync(device: torch.device) -> None:
 
 @pytest.fixture(scope="module")
 def cifar() -> tuple[torch.Tensor, str]:
+    _device()  # skip before decoding 50,000 images where the device is missing
     if (DATA / "cifar10").is_dir():
         return elsfast.datasets.load("cifar10", root=DATA, limit=N).images, "cifar10"
     g = torch.Generator().manual_seed(0)

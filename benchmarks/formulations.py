@@ -13,16 +13,18 @@ from elsfast.reduce import PatchDictionary
 
 QUERY_BLOCK = 256
 
-# The SDPA kernels tried, fastest first, and how each wants the augmented keys (dimension D + 1) and the values
+# The SDPA kernels tried, fastest first, each with how it gets the augmented keys (dimension D + 1) and the values
 # (dimension E = C, 1 or 3) padded with zeros, which changes no logit and no output: the fused kernels refuse E = 3
 # (flash needs the values as wide as the keys, memory-efficient attention dimensions that are multiples of 8), and
-# then torch falls back to the math kernel, which materialises the whole logit matrix. "same": as wide as the keys.
-SDPA_KERNELS = {
-    "FLASH_ATTENTION": (8, "same"),
-    "EFFICIENT_ATTENTION": (8, 8),
-    "CUDNN_ATTENTION": (8, 8),
-    "MATH": (1, 1),
-}
+# then torch falls back to the math kernel, which materialises the whole logit matrix. (kernel, key dimension a
+# multiple of, value dimension a multiple of or "same": as wide as the keys.)
+SDPA_KERNELS = [
+    ("FLASH_ATTENTION", 8, "same"),
+    ("EFFICIENT_ATTENTION", 8, 8),
+    ("EFFICIENT_ATTENTION", 8, "same"),
+    ("CUDNN_ATTENTION", 8, "same"),
+    ("MATH", 1, 1),
+]
 _CHOSEN: dict[tuple, dict] = {}
 
 
@@ -30,8 +32,7 @@ def _pad(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, -t.shape[-1] % multiple)) if multiple > 1 else t
 
 
-def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str):
-    key_multiple, value_multiple = SDPA_KERNELS[kernel]
+def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_multiple: int, value_multiple: int | str):
     q, k = _pad(q, key_multiple), _pad(k, key_multiple)
     v = F.pad(v, (0, k.shape[-1] - v.shape[-1])) if value_multiple == "same" else _pad(v, value_multiple)
     return q, k, v
@@ -40,13 +41,13 @@ def _padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str):
 def sdpa_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
     """The fastest SDPA kernel that accepts these (augmented, (G, 1, L, D + 1)) queries, keys and values once
     padded as it wants: each of SDPA_KERNELS is tried in turn on a slice of the inputs under `sdpa_kernel`.
-    Returns {"kernel", "key_dim", "value_dim", "refused": {kernel: torch's reason}}, cached per device, dtype and
-    dimensions."""
+    Returns {"kernel", "key_dim", "value_dim", "padding", "refused": {kernel: torch's reason}}, cached per device,
+    dtype and dimensions."""
     key = (q.device.type, q.dtype, q.shape[-1], v.shape[-1])
     if key not in _CHOSEN:
         refused = {}
-        for name in SDPA_KERNELS:
-            qs, ks, vs = _padded(q[:1, :, :8], k[:1, :, :8], v[:1, :, :8], name)
+        for name, key_multiple, value_multiple in SDPA_KERNELS:
+            qs, ks, vs = _padded(q[:1, :, :8], k[:1, :, :8], v[:1, :, :8], key_multiple, value_multiple)
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
                 try:
@@ -55,9 +56,15 @@ def sdpa_kernel_for(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
                 except RuntimeError as error:
                     why = [str(w.message).split("(Triggered internally")[0].strip() for w in seen]
                     why = [w for w in why if w and not w.endswith("not used because:")] or [str(error)]
-                    refused[name] = "; ".join(why)[:300]
+                    refused[f"{name} (values {vs.shape[-1]} wide)"] = "; ".join(why)[:300]
                     continue
-            _CHOSEN[key] = {"kernel": name, "key_dim": ks.shape[-1], "value_dim": vs.shape[-1], "refused": refused}
+            _CHOSEN[key] = {
+                "kernel": name,
+                "key_dim": ks.shape[-1],
+                "value_dim": vs.shape[-1],
+                "padding": (key_multiple, value_multiple),
+                "refused": refused,
+            }
             break
         else:
             raise RuntimeError(f"no SDPA kernel accepts these inputs: {refused}")
@@ -87,7 +94,7 @@ def sdpa_denoise(
         chosen = sdpa_kernel_for(q_aug, k_aug, v)
         if info is not None:
             info.update(chosen)
-        q_aug, k_aug, v = _padded(q_aug, k_aug, v, chosen["kernel"])
+        q_aug, k_aug, v = _padded(q_aug, k_aug, v, *chosen["padding"])
         with sdpa_kernel(getattr(SDPBackend, chosen["kernel"])):
             values = torch.cat(
                 [
