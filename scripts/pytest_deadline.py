@@ -9,6 +9,7 @@ single CUDA synchronisation or a compiled call that runs long overshoots by its 
 gpu_check.py also bounds each stage as a whole.
 """
 
+import contextlib
 import signal
 
 import pytest
@@ -29,38 +30,33 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.user_properties.append(("markers", ",".join(sorted({m.name for m in item.iter_markers()}))))
 
 
-def _limited(item: pytest.Item, phase: str):
+@contextlib.contextmanager
+def _deadline(item: pytest.Item, phase: str):
+    """An alarm that fails `phase` of `item` past its --deadline (none when 0 or without setitimer)."""
     seconds = item.config.getoption("--deadline")
     if not seconds or not hasattr(signal, "setitimer"):
-        return None
+        yield
+        return
 
     def expire(signum, frame):
         raise DeadlineExceeded(f"{item.nodeid}: {phase} ran past its {seconds:g} s deadline")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
-    return previous
-
-
-def _clear(previous) -> None:
-    if previous is not None:
+    try:
+        yield
+    finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item: pytest.Item):
-    previous = _limited(item, "setup")
-    try:
+    with _deadline(item, "setup"):
         yield
-    finally:
-        _clear(previous)
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    previous = _limited(item, "call")
-    try:
+    with _deadline(item, "call"):
         yield
-    finally:
-        _clear(previous)
