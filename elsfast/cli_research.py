@@ -7,7 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .cli import PROG, CLIError, _add_data_args, _at_least, _check_outputs, _int, _odd_patch_size, _resolve_device
+from .cli import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
+from .fileio import check_replaceable
 
 __all__ = ["add_research_commands"]
 
@@ -198,7 +199,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".json"):
         raise CLIError(f"--out must end in .json, got {args.out!r}")
-    _check_outputs({"--out": args.out, "--plot": args.plot or str(Path(args.out).with_suffix(".png"))})
+    for flag, path in (("--out", args.out), ("--plot", args.plot or str(Path(args.out).with_suffix(".png")))):
+        try:
+            check_replaceable(path)  # before the trajectories: a file elsfast did not write there stays
+        except OSError as e:
+            raise CLIError(f"argument {flag}: {e}") from None
     model, config, data, labels, device = _network_and_data(args)
     started = time.perf_counter()
     machine = ScoreMachine(data.images, labels, machine=args.machine, padding=config["model"]["padding"], device=device)

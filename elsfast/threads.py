@@ -14,7 +14,7 @@ Waiting. An OpenMP worker that finishes its share of a parallel region spins bef
 300,000 rounds by default (milliseconds), which on a CPU shared with other busy processes burns the cores that
 the busy work needs (issue 15: 40.8 s instead of 22.9 s with `OMP_WAIT_POLICY=passive`). libgomp reads its wait
 policy once, when it is loaded (at `import torch`), so `bound_openmp_spin()`, called by `import elsfast` before
-it imports torch, sets `GOMP_SPINCOUNT` to `SPIN_COUNT` (a bounded spin of some tens of microseconds, enough
+it imports torch, sets `GOMP_SPINCOUNT` to `SPIN_COUNT` (a bounded spin of a few microseconds, enough
 for back-to-back parallel regions on a quiet machine) unless `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` is already
 set, `ELSFAST_OMP_SPIN=default` asks to leave libgomp alone, or torch was imported first (then it has no effect:
 start Python with `OMP_WAIT_POLICY=passive`, or import elsfast before torch). The `elsfast` command always
@@ -39,8 +39,8 @@ __all__ = [
     "set_num_threads",
 ]
 
-SPIN_COUNT = 20_000
-"""`GOMP_SPINCOUNT` set by `bound_openmp_spin`: about 20-100 us of spinning, against libgomp's 300,000."""
+SPIN_COUNT = 1_000
+"""`GOMP_SPINCOUNT` set by `bound_openmp_spin`: a few microseconds of spinning, against libgomp's 300,000."""
 
 _chosen: int | None = None
 
