@@ -253,8 +253,26 @@ class ScoreMachine:
         given; either way it must match the recorded SHA-256."""
         path = Path(path)
         config = json.loads((path / CONFIG_NAME if path.is_dir() else path).read_text())
+        try:
+            return cls.from_config(
+                config, train_images=train_images, train_labels=train_labels, root=root, device=device
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict,
+        *,
+        train_images: torch.Tensor | None = None,
+        train_labels: torch.Tensor | None = None,
+        root: str | Path | None = None,
+        device: torch.device | str | None = None,
+    ) -> ScoreMachine:
+        """Rebuild a machine from `config()` (as `from_pretrained` does from the saved json)."""
         if config.get("format") != CONFIG_FORMAT:
-            raise ValueError(f"{path} is not an elsfast machine config (format {config.get('format')!r})")
+            raise ValueError(f"not an elsfast machine config (format {config.get('format')!r})")
         kwargs = {
             "machine": config["machine"],
             "padding": config["padding"],
@@ -265,7 +283,7 @@ class ScoreMachine:
         }
         if train_images is None:
             if config["source"] is None:
-                raise ValueError(f"{path} records no dataset: pass train_images= (and train_labels=)")
+                raise ValueError("the config records no dataset: pass train_images= (and train_labels=)")
             source = dict(config["source"])
             name = source.pop("dataset")
             m = cls.from_dataset(name, root=root, conditional=config["conditional"], **source, **kwargs)
@@ -273,7 +291,7 @@ class ScoreMachine:
             m = cls(train_images, train_labels, **kwargs)
         if m.fingerprint != config["train_sha256"]:
             raise ValueError(
-                f"the training set differs from the one saved in {path} (SHA-256 {m.fingerprint[:12]}... "
+                f"the training set differs from the saved one (SHA-256 {m.fingerprint[:12]}... "
                 f"instead of {config['train_sha256'][:12]}...)"
             )
         return m
