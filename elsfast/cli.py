@@ -779,6 +779,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("auto (exact backends only; the first rule that applies and whose backend can run):")
     for k, rule in enumerate(RULES, 1):
         print(f"  {k}. {rule.backend.NAME}: {rule.taken_when} ({rule.evidence})")
+    from .integrations import integration_status
+
+    print("integrations (optional libraries; one that is installed but fails to import counts as missing):")
+    for name, state in integration_status().items():
+        print(f"  {name}: {state}")
     print("datasets:")
     for name, ok in datasets.available(args.data_root).items():
         print(f"  {name}: {'available' if ok else 'not found'}")

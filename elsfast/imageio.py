@@ -55,6 +55,7 @@ def make_grid(
     padding: int = 2,
     scale: int = 1,
     pad_value: int = 255,
+    value_range: tuple[float, float] = (-1.0, 1.0),
 ) -> np.ndarray:
     """Tile images `[N, C, H, W]` (float in [-1, 1], or uint8) into one uint8 picture `[H', W', C]`.
 
@@ -65,7 +66,18 @@ def make_grid(
         H' = rows * (H * scale + padding) + padding,   W' = nrow * (W * scale + padding) + padding.
 
     C is kept: 1 (grey) or 3 (RGB). Empty cells of the last row are `pad_value`.
+
+    Float images are read in `value_range` (lo, hi): lo is black (0), hi white (255), values outside are
+    clipped. The default (-1, 1) is the units of `elsfast.sample`; pass `value_range=(0, 1)` for images a diffusers
+    pipeline returns with `output_type="pt"` (like torchvision's `save_image(..., normalize=True,
+    value_range=(lo, hi))`). uint8 images are used as they are.
     """
+    lo, hi = (float(v) for v in value_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise ValueError(f"value_range must be two finite numbers lo < hi, got {value_range!r}")
+    images = _as_tensor(images)
+    if images.is_floating_point() and (lo, hi) != (-1.0, 1.0):
+        images = (images.to(torch.float64) - lo) * (2.0 / (hi - lo)) - 1.0
     u = to_uint8(images)
     n, h, w, c = u.shape
     if n == 0:
@@ -98,7 +110,10 @@ def make_grid(
 def save_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
     """Write `make_grid(images, **kw)` (images `[N, C, H, W]`, C = 1 or 3) as a PNG at `path`, atomically.
 
-    `path` must end in `.png`; its directory is created if needed. Returns the path written.
+    Float images are expected in [-1, 1] (`elsfast.sample`'s units: -1 black, 1 white); for another range pass
+    `value_range=(lo, hi)`, e.g. `(0, 1)` for a diffusers pipeline's `output_type="pt"` images. The other keywords
+    (`nrow`, `padding`, `scale`, `pad_value`) are `make_grid`'s. `path` must end in `.png`; its directory is
+    created if needed. Returns the path written.
     """
     from PIL import Image
 

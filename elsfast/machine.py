@@ -49,7 +49,9 @@ class MachineStats:
     the query-entry pairs actually scored, and `exact_pairs`, those of the exact problem (more where a backend
     skipped work: dedup's distinct keys, top-k); `queries` reduced, how many of them an approximate backend
     (top-k) answered, and the largest certified neglected posterior mass among those (0.0 when none; NaN when
-    uncertified, HNSW)."""
+    uncertified, HNSW). With a process group (a sharded dictionary) the counts cover the whole dictionary: the
+    chunks, pairs and exact pairs of all `ranks` summed, `group_backends` summed over ranks, `backends` their
+    union; `queries` are every rank's (the same queries)."""
 
     backends: set[str] = field(default_factory=set)
     group_backends: dict[str, int] = field(default_factory=dict)
@@ -59,6 +61,37 @@ class MachineStats:
     queries: int = 0
     approximate_queries: int = 0
     max_neglected: float = 0.0
+    ranks: int = 1
+
+    @classmethod
+    def across_ranks(cls, shards: Sequence[MachineStats]) -> MachineStats:
+        """The stats of one call over a sharded dictionary from each rank's stats of it (see the class)."""
+        whole = cls(queries=shards[0].queries, ranks=sum(s.ranks for s in shards))
+        for s in shards:
+            whole.backends |= s.backends
+            for name, count in s.group_backends.items():
+                whole.group_backends[name] = whole.group_backends.get(name, 0) + count
+            whole.chunks += s.chunks
+            whole.pairs += s.pairs
+            whole.exact_pairs += s.exact_pairs
+            whole.approximate_queries += s.approximate_queries
+            whole.max_neglected = max(whole.max_neglected, s.max_neglected)
+        return whole
+
+    def merge_(self, other: MachineStats) -> MachineStats:
+        """Add the stats of another call (`total_stats`); returns self."""
+        self.backends |= other.backends
+        for name, count in other.group_backends.items():
+            self.group_backends[name] = self.group_backends.get(name, 0) + count
+        self.chunks += other.chunks
+        self.pairs += other.pairs
+        self.exact_pairs += other.exact_pairs
+        self.queries += other.queries
+        self.approximate_queries += other.approximate_queries
+        worst = other.max_neglected
+        self.max_neglected = worst if math.isnan(worst) else max(self.max_neglected, worst)
+        self.ranks = max(self.ranks, other.ranks)
+        return self
 
     def add(self, result: Reduction) -> None:
         """Account for one reduction."""
@@ -275,8 +308,26 @@ class ScoreMachine:
         given; either way it must match the recorded SHA-256."""
         path = Path(path)
         config = json.loads((path / CONFIG_NAME if path.is_dir() else path).read_text())
+        try:
+            return cls.from_config(
+                config, train_images=train_images, train_labels=train_labels, root=root, device=device
+            )
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict,
+        *,
+        train_images: torch.Tensor | None = None,
+        train_labels: torch.Tensor | None = None,
+        root: str | Path | None = None,
+        device: torch.device | str | None = None,
+    ) -> ScoreMachine:
+        """Rebuild a machine from `config()` (as `from_pretrained` does from the saved json)."""
         if config.get("format") != CONFIG_FORMAT:
-            raise ValueError(f"{path} is not an elsfast machine config (format {config.get('format')!r})")
+            raise ValueError(f"not an elsfast machine config (format {config.get('format')!r})")
         kwargs = {
             "machine": config["machine"],
             "padding": config["padding"],
@@ -288,7 +339,7 @@ class ScoreMachine:
         }
         if train_images is None:
             if config["source"] is None:
-                raise ValueError(f"{path} records no dataset: pass train_images= (and train_labels=)")
+                raise ValueError("the config records no dataset: pass train_images= (and train_labels=)")
             source = dict(config["source"])
             name = source.pop("dataset")
             m = cls.from_dataset(name, root=root, conditional=config["conditional"], **source, **kwargs)
@@ -296,7 +347,7 @@ class ScoreMachine:
             m = cls(train_images, train_labels, **kwargs)
         if m.fingerprint != config["train_sha256"]:
             raise ValueError(
-                f"the training set differs from the one saved in {path} (SHA-256 {m.fingerprint[:12]}... "
+                f"the training set differs from the saved one (SHA-256 {m.fingerprint[:12]}... "
                 f"instead of {config['train_sha256'][:12]}...)"
             )
         return m
@@ -416,17 +467,23 @@ class ScoreMachine:
             return x.clone(), Provenance(index, index.clone(), index.clone(), real, real.clone())
         if labels is None:
             out, prov = self._denoise(x, self.images, self.image_ids, abar, patch_size, return_provenance)
-            return (out, prov) if return_provenance else out
-        out = torch.empty_like(x)
-        parts, part_rows = [], []
-        for label in labels.unique().tolist():
-            rows = (labels == label).nonzero().flatten().to(x.device)
-            ids, images = self.class_subset(label)
-            out[rows], prov = self._denoise(x[rows], images, ids, abar, patch_size, return_provenance)
-            if return_provenance:
-                parts.append(prov)
-                part_rows.append(rows)
-        return (out, Provenance.cat(parts, part_rows, x.shape[0])) if return_provenance else out
+        else:
+            out = torch.empty_like(x)
+            parts, part_rows = [], []
+            for label in labels.unique().tolist():
+                rows = (labels == label).nonzero().flatten().to(x.device)
+                ids, images = self.class_subset(label)
+                out[rows], prov = self._denoise(x[rows], images, ids, abar, patch_size, return_provenance)
+                if return_provenance:
+                    parts.append(prov)
+                    part_rows.append(rows)
+            prov = Provenance.cat(parts, part_rows, x.shape[0]) if return_provenance else None
+        if self.process_group is not None:  # one collective per call: the stats of the whole dictionary
+            shards: list[MachineStats | None] = [None] * torch.distributed.get_world_size(self.process_group)
+            torch.distributed.all_gather_object(shards, self.last_stats, group=self.process_group)
+            self.last_stats = MachineStats.across_ranks(shards)
+        self.total_stats.merge_(self.last_stats)
+        return (out, prov) if return_provenance else out
 
     def eps(self, x: torch.Tensor, abar: float, patch_size: int = 3, labels=None) -> torch.Tensor:
         """Noise prediction `(x - sqrt(abar) D) / sqrt(1 - abar)`, same arguments as `denoise`."""
@@ -451,7 +508,6 @@ class ScoreMachine:
             process_group=self.process_group,
         )
         self.last_stats.add(result)
-        self.total_stats.add(result)
         return result
 
     def _groups(self, H: int, W: int, patch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

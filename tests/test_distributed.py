@@ -1,8 +1,11 @@
-"""Sharded dictionaries: two CPU processes (gloo) give the single-process answer (issue #6, part 4)."""
+"""Sharded dictionaries: two CPU processes (gloo) give the single-process answer (issue #6, part 4), with the
+stats of the whole dictionary and the same provenance on ties (issue #17, part 4); the README's torchrun example."""
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +31,19 @@ WORKER = textwrap.dedent(
             out, prov = m.denoise(d["x"], 0.7, 3, labels, return_provenance=True)
             results[(machine, padding, conditional)] = (out, prov.source_image, prov.source_y, prov.source_x,
                                                         prov.weight, prov.entropy)
+            s = m.last_stats
+            results[(machine, padding, conditional, "stats")] = (s.ranks, s.exact_pairs, s.queries, s.chunks)
+    # exact ties across ranks: the lowest global id wins, wherever it lives (rank 0 holds 7 and 5, rank 1 holds 2
+    # and 9, for four queries; the last query has no entries on rank 1)
+    from elsfast.reduce.distributed import all_merge_
+    from elsfast.reduce.state import ReduceState
+    tie = ReduceState(torch.tensor([[1.0, 1.0, 2.0, 1.0]], dtype=torch.float64),
+                      torch.ones(1, 4, dtype=torch.float64), torch.ones(1, 4, 1, dtype=torch.float64),
+                      torch.tensor([[7, 5, 4, 3]]) if rank == 0 else torch.tensor([[2, 9, 8, -1]]),
+                      torch.zeros(1, 4, dtype=torch.float64))
+    if rank == 1:
+        tie.m[0, 2], tie.m[0, 3], tie.l[0, 3], tie.acc[0, 3] = 3.0, -float("inf"), 0.0, 0.0
+    results["ties"] = all_merge_(tie, dist.group.WORLD).best
     torch.save(results, dest)
     dist.barrier()  # both ranks done before either tears gloo down (else gloo may abort at exit)
     dist.destroy_process_group()
@@ -63,9 +79,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
         output, _ = p.communicate(timeout=120)
         assert p.returncode == 0, output
     shards = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
-    for (machine, padding, conditional), got in shards[0].items():
+    for rank in range(2):
+        assert shards[rank].pop("ties").tolist() == [[2, 5, 8, 3]]
+    for key, got in shards[0].items():
+        if key[-1] == "stats":
+            continue
+        machine, padding, conditional = key
         m = ScoreMachine(train, train_labels, machine=machine, padding=padding, dtype=torch.float64)
         out, prov = m.denoise(x, 0.7, 3, labels if conditional else None, return_provenance=True)
+        # last_stats describe the whole dictionary on every rank (issue #17): its pairs, not one shard's
+        ranks, exact_pairs, queries, chunks = shards[0][(*key, "stats")]
+        assert shards[1][(*key, "stats")] == (ranks, exact_pairs, queries, chunks)
+        assert (ranks, exact_pairs, queries) == (2, m.last_stats.exact_pairs, m.last_stats.queries), key
+        assert chunks >= 2
         expected = (out, prov.source_image, prov.source_y, prov.source_x, prov.weight, prov.entropy)
         for name, a, b, c in zip(
             ("out", "image", "y", "x", "weight", "entropy"),
@@ -75,4 +101,59 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             strict=True,
         ):
             torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name}: ranks disagree")
-            torch.testing.assert_close(a, c, rtol=0, atol=1e-12, msg=f"{machine} {padding} {conditional} {name}")
+            where = (a - c).abs() > 1e-12
+            detail = f"{a[where].tolist()[:8]} instead of {c[where].tolist()[:8]}"
+            assert not where.any(), f"{machine} {padding} {conditional} {name}: {int(where.sum())} differ, {detail}"
+
+
+def test_ties_go_to_the_lowest_entry_id_in_every_merge():
+    """Equal maxima name the lowest id: in a tile (whatever the order of its ids), in a top-k list, in merge_ (both
+    orders) and in fold_ over kernel splits, so that no way of splitting the dictionary changes the answer."""
+    from elsfast.reduce.state import ReduceState
+
+    values = torch.zeros(1, 5, 1, dtype=torch.float64)
+    logits = torch.tensor([[[0.0, 2.0, 2.0, 1.0, 2.0]]], dtype=torch.float64)
+    for ids in ([10, 11, 12, 13, 14], [14, 12, 11, 10, 13], [3, 9, 1, 0, 7]):
+        state = ReduceState.from_logits(logits.clone(), values, torch.tensor(ids))
+        assert state.best.item() == min(ids[1], ids[2], ids[4]), ids
+    top = ReduceState.from_query_logits(
+        logits, values.unsqueeze(1).expand(1, 1, 5, 1), torch.tensor([[[4, 8, 6, 1, 7]]])
+    )
+    assert top.best.item() == 6
+
+    def single(m, best):
+        one = torch.ones(1, 1, dtype=torch.float64)
+        return ReduceState(
+            torch.tensor([[m]], dtype=torch.float64), one, one.unsqueeze(-1), torch.tensor([[best]]), 0 * one
+        )
+
+    for a, b, expected in [
+        ((1.0, 7), (1.0, 3), 3),
+        ((1.0, 3), (1.0, 7), 3),
+        ((1.0, 3), (2.0, 7), 7),
+        ((2.0, 9), (1.0, 1), 9),
+    ]:
+        assert single(*a).merge_(single(*b)).best.item() == expected, (a, b)
+    empty = ReduceState.empty(1, 1, 1, dtype=torch.float64, device=torch.device("cpu"), provenance=True)
+    assert empty.merge_(single(1.0, 5)).best.item() == 5
+    # fold_ of K = 5 kernel splits, the tie at splits 1 and 4: id 2 (split 4) beats id 6 (split 1)
+    splits = [single(m, best) for m, best in [(0.0, 1), (3.0, 6), (1.0, 4), (3.0, 8), (3.0, 2)]]
+    stacked = ReduceState(*(torch.stack([getattr(s, f) for s in splits]) for f in ("m", "l", "acc", "best", "u")))
+    assert stacked.fold_().best.item() == 2
+
+
+@pytest.mark.slow
+def test_torchrun_example_matches_one_process(tmp_path):
+    """The README's sharded example, launched as a user would: `torchrun --standalone --nproc_per_node 2` (gloo on
+    CPU), class-conditional; rank 0 compares images, provenance and whole-dictionary stats with one process."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(root / "examples" / "sharded_sampling.py"), "--check", "--conditional", "--limit", "60"]
+    command += ["--samples", "3", "--steps", "4", "--out", str(tmp_path / "grid.png")]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "same as one process" in output and "whole-dictionary pairs equal" in output, output
+    assert output.count("last call over 2 ranks") == 2, output
+    assert (tmp_path / "grid.png").is_file()

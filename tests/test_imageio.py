@@ -181,3 +181,19 @@ def test_atomic_write_cleans_up_on_interrupt(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         imageio.atomic_write(tmp_path / "x.npz", interrupted)
     assert _listing(tmp_path) == []
+
+
+def test_grid_value_range_maps_lo_to_black_and_hi_to_white(tmp_path):
+    """`value_range=(0, 1)` reads a diffusers pipeline's [0, 1] images as `(-1, 1)` reads elsfast's samples."""
+    from elsfast.imageio import make_grid, save_grid
+
+    x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0]).view(1, 1, 1, 5)
+    np.testing.assert_array_equal(make_grid(x, padding=0), make_grid((x + 1) / 2, padding=0, value_range=(0, 1)))
+    np.testing.assert_array_equal(make_grid(x, padding=0)[0, :, 0], [0, 64, 128, 255, 255])
+    np.testing.assert_array_equal(make_grid(x * 10, padding=0, value_range=(-10, 10)), make_grid(x, padding=0))
+    with pytest.raises(ValueError, match="value_range"):
+        make_grid(x, value_range=(1, 1))
+    path = save_grid((x + 1) / 2, tmp_path / "g.png", padding=0, value_range=(0, 1))
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), make_grid(x, padding=0)[:, :, 0])

@@ -1,27 +1,42 @@
 """Use an analytic machine where a diffusers `UNet2DModel` is used: `ELSUNet` predicts epsilon.
 
     from diffusers import DDIMPipeline, DDIMScheduler
-    from elsfast.integrations.diffusers import ELSUNet
+    from elsfast.integrations.diffusers import ELSPipeline, ELSUNet
 
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
-    pipe = DDIMPipeline(unet=ELSUNet(machine, scheduler, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe = DDIMPipeline(unet=ELSUNet(machine, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
     images = pipe(batch_size=4, num_inference_steps=19, generator=torch.Generator().manual_seed(0)).images
+    pipe.save_pretrained("els-pipe")                      # writes the machine's configuration, not its data
+    pipe = DDIMPipeline.from_pretrained("els-pipe")       # reloads the training set, checks its SHA-256
+    pipe = ELSPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    digits = pipe(class_labels=[3, 7], num_inference_steps=19).images   # class-conditional
 
-diffusers is imported lazily (only for the output class `UNet2DOutput`; without diffusers a small dataclass
-with the same `.sample` field is returned), so this module imports without it.
+`examples/diffusers_pipeline.py` runs all of it. Importing this module imports diffusers (ELSUNet is a diffusers
+`ModelMixin` + `ConfigMixin`). Where diffusers is missing or broken (`elsfast.integrations.optional_import`;
+`DIFFUSERS_UNAVAILABLE` holds the reason) `ELSUNet` is a plain torch module with the same `forward` (returning
+`ELSUNetOutput`), its `save_pretrained`/`from_pretrained` raise ImportError with that reason, and `ELSPipeline`
+cannot be imported.
 
-How a timestep becomes a noise level. `ELSUNet` copies `alphas_cumprod` from the scheduler it is paired with
-(exactly the scheduler's float32 values, so that its epsilon and the scheduler's x0 reconstruction use the same
-abar and the scheduler recovers the machine's x0 up to rounding). An integer timestep j
-uses `alphas_cumprod[j]`; a fractional one (Euler-type schedulers) interpolates sigma = sqrt((1 - abar) / abar)
-linearly between the neighbours, as those schedulers do. An abar of 0 (zero-terminal-SNR schedules) is raised to
-1e-12. The patch size is chosen from the time t = (j + 1) / num_train_timesteps: diffusers' training timestep
-j is the end of the (j + 1)-th of num_train_timesteps intervals, e.g. `beta_schedule="squaredcos_cap_v2"` has
-`alphas_cumprod[j] = abar((j + 1) / N)` of elsfast's "cosine" schedule. (t = j / N would shift a published
-20-entry P(t) list by one step when N = 20.)
+Which scheduler gives a timestep its noise level. `ELSUNet` keeps no copy of a schedule: at every call it reads
+`alphas_cumprod` and `num_train_timesteps` from the scheduler that drives it, which is
+
+1. the scheduler of the pipeline that is calling it: when the call comes from inside a method of a diffusers
+   `DiffusionPipeline` that holds this model as a component (its `__call__`), that pipeline's current
+   `scheduler` (so `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` is followed);
+2. otherwise the scheduler it was connected to (`ELSUNet(machine, scheduler)` or `unet.follow(scheduler)`), read
+   live, so an in-place change to it is followed too;
+3. otherwise it refuses (RuntimeError) and says how to connect one.
+
+An integer timestep j uses `alphas_cumprod[j]`; a fractional one (Euler-type schedulers) interpolates sigma =
+sqrt((1 - abar) / abar) linearly between the neighbours, as those schedulers do. An abar of 0 (zero-terminal-SNR
+schedules) is raised to 1e-12. The patch size is chosen from the time t = (j + 1) / num_train_timesteps: diffusers'
+training timestep j is the end of the (j + 1)-th of num_train_timesteps intervals, e.g.
+`beta_schedule="squaredcos_cap_v2"` has `alphas_cumprod[j] = abar((j + 1) / N)` of elsfast's "cosine" schedule.
+(t = j / N would shift a published 20-entry P(t) list by one step when N = 20.) A `[B]` tensor of unequal
+timesteps is evaluated per distinct value (the machine evaluates one noise level per call).
 
 Scheduler settings that matter (ELSUNet refuses other prediction types and warns about clip_sample=True,
-thresholding=True and set_alpha_to_one=False):
+thresholding=True and set_alpha_to_one=False, once per scheduler):
 
 - `clip_sample=False`: the paper's sampler never clips the x0 prediction (diffusers' default is True);
 - `prediction_type="epsilon"`: ELSUNet returns epsilon;
@@ -40,53 +55,75 @@ i = n - 1, ..., 1, and lands on abar = 1, like elsfast's sampler. With the same 
 `elsfast.sample` does: `torch.randn([n, C, H, W], generator=g, dtype=machine.dtype)` on the CPU) the images agree
 up to the float32 rounding of diffusers' alphas_cumprod, which the sampler amplifies: measured worst 2.5e-5
 (float64 machine) and 5e-4 (float32 machine) in [-1, 1] units; with exact float64 alphas_cumprod, 1e-15
-(`tests/test_integrations.py`).
+(`tests/test_diffusers.py`).
 
-`ELSUNet.to(...)`, `.cuda()`, `.double()` move or convert the machine (in place: it is shared, not copied);
-half precision is ignored (machines compute in float32 or float64; outputs take the input's dtype).
+Saving and loading. `save_pretrained(d)` (also through `pipe.save_pretrained`) writes `d/config.json`: the
+diffusers keys pipelines read (`sample_size`, `in_channels`, `out_channels`), the patch-size spec and, under
+`machine`, `ScoreMachine.config()`: the machine's parameters, the training set's SHA-256 and, for a machine built
+by `ScoreMachine.from_dataset`, the dataset reference. The training images are not copied unless asked
+(`save_training_set=True`, at construction or in the call: `d/training_set.pt`). `from_pretrained(d)` rebuilds
+the machine from the dataset reference, the saved copy, or `train_images=` (in that order of preference:
+`train_images=`, the copy, the reference) and refuses a training set whose SHA-256 differs, or none, with a
+message that says what to pass. A callable patch size cannot be saved (save_pretrained says so).
+
+Precision. Machines compute in float32 or float64 (`.to(torch.float64)` / `.double()` convert the machine, in
+place: it is shared, not copied). Half precision (`torch_dtype=torch.float16` in `from_pretrained`,
+`pipe.to(torch.float16)`) sets the dtype of the model's inputs and outputs only: pipelines then draw their noise
+and run their scheduler in float16, and the machine still computes in float32, because a softmax over patch
+distances at low noise needs more than float16's 11 significant bits (the logits scale as 1 / (1 - abar)).
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass
-from functools import cache
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..imageio import atomic_write
 from ..machine import ScoreMachine
 from ..ode import patch_size_at
 from ..scales import PatchSizeSpec
 from ..schedules import get_schedule
+from . import OPTIONAL_LIBRARIES, optional_import
 from ._machine_module import MachineModule
 
-__all__ = ["ELSUNet", "ELSUNetOutput", "ddim_scheduler_config", "make_ddim_scheduler"]
+__all__ = ["DIFFUSERS_UNAVAILABLE", "TRAINING_SET_NAME", "ELSUNet", "ELSUNetOutput", "ddim_scheduler_config"]
+__all__ += ["make_ddim_scheduler"]
 
 _MIN_ABAR = 1e-12
+_PIPELINE_FRAMES = 16  # how far up the stack ELSUNet looks for the pipeline that calls it
+TRAINING_SET_NAME = "training_set.pt"
+"""The file `save_pretrained(..., save_training_set=True)` writes beside config.json: `{"images", "labels"}`."""
+
+_diffusers, DIFFUSERS_UNAVAILABLE = optional_import(*OPTIONAL_LIBRARIES["diffusers"])
+"""Why diffusers cannot be used here ("" when it can): missing, or installed but failing to import."""
+
+if _diffusers is not None:
+    try:
+        from diffusers import ConfigMixin, DiffusionPipeline, ModelMixin
+        from diffusers.models.unets.unet_2d import UNet2DOutput
+        from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+        from diffusers.utils.torch_utils import randn_tensor
+    except Exception as err:  # a submodule that fails to import makes diffusers as unusable as a missing one
+        _diffusers, DIFFUSERS_UNAVAILABLE = None, f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 @dataclass
 class ELSUNetOutput:
-    """What `ELSUNet.forward` returns when diffusers is not installed (diffusers' `UNet2DOutput` otherwise)."""
+    """What `ELSUNet.forward` returns when diffusers is not available (diffusers' `UNet2DOutput` otherwise)."""
 
     sample: torch.Tensor
 
 
-@cache
-def _output_class() -> type:
-    try:
-        from diffusers.models.unets.unet_2d import UNet2DOutput
-    except ImportError:
-        try:
-            from diffusers.models.unet_2d import UNet2DOutput  # diffusers < 0.26
-        except ImportError:
-            return ELSUNetOutput
-    return UNet2DOutput
-
-
 class _Config(dict):
-    """A dict with attribute access, like diffusers' `FrozenDict` (`unet.config.sample_size`)."""
+    """A read-only dict with attribute access, like diffusers' `FrozenDict` (`unet.config.sample_size`)."""
 
     def __getattr__(self, name: str):
         try:
@@ -94,8 +131,29 @@ class _Config(dict):
         except KeyError:
             raise AttributeError(name) from None
 
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("ELSUNet's config is frozen")
 
-def _check_scheduler_config(config) -> None:
+    __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
+
+
+def _scheduler_config(scheduler) -> dict:
+    config = getattr(scheduler, "config", None)
+    return dict(config) if config is not None else {}
+
+
+def _check_scheduler(scheduler) -> None:
+    """Raise unless `scheduler` has an epsilon-prediction schedule; warn about settings the paper does not use."""
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise TypeError(
+            f"scheduler must have alphas_cumprod (a diffusers DDIMScheduler, DDPMScheduler, ...), "
+            f"got {type(scheduler).__name__}"
+        )
+    config = _scheduler_config(scheduler)
+    n = int(config.get("num_train_timesteps", len(alphas)))
+    if n != len(alphas):
+        raise ValueError(f"the scheduler has num_train_timesteps={n} but {len(alphas)} alphas_cumprod")
     prediction = config.get("prediction_type", "epsilon")
     if prediction != "epsilon":
         raise ValueError(
@@ -106,119 +164,395 @@ def _check_scheduler_config(config) -> None:
         warnings.warn(
             "the scheduler clips x0 predictions to [-1, 1] (clip_sample=True); the paper's sampler does not: "
             "pass clip_sample=False to reproduce it",
-            stacklevel=3,
+            stacklevel=4,
         )
     if config.get("thresholding", False):
-        warnings.warn("the scheduler uses dynamic thresholding, which the paper's sampler does not", stacklevel=3)
+        warnings.warn("the scheduler uses dynamic thresholding, which the paper's sampler does not", stacklevel=4)
     if config.get("set_alpha_to_one", True) is False:
         warnings.warn(
             "set_alpha_to_one=False: the last DDIM step lands on alphas_cumprod[0] instead of abar = 1, so the "
             "output is not the machine's x0 prediction",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
-class ELSUNet(MachineModule):
-    """A `ScoreMachine` as a diffusers-style epsilon-prediction network (see the module docstring).
+def _saveable_patch_size(patch_size: PatchSizeSpec) -> int | str | list[int] | None:
+    """The JSON form of a patch-size spec, or None for a callable (which cannot be saved)."""
+    if callable(patch_size):
+        return None
+    if isinstance(patch_size, str):
+        return patch_size
+    if isinstance(patch_size, int):
+        return int(patch_size)
+    return [int(p) for p in patch_size]
+
+
+_Bases: tuple[type, ...] = (MachineModule,) if _diffusers is None else (MachineModule, ModelMixin, ConfigMixin)
+
+
+class ELSUNet(*_Bases):
+    """A `ScoreMachine` as a diffusers epsilon-prediction model (see the module docstring).
 
     Args:
-        machine: the analytic machine; `.to()` on this module moves it (in place).
-        scheduler: the diffusers scheduler (DDIM, DDPM, ...) whose `alphas_cumprod` and `num_train_timesteps`
-            define the noise level of each timestep; it must predict epsilon.
+        machine: the analytic machine; `.to()` on this module moves or converts it (in place).
+        scheduler: optional; the scheduler to read noise levels from when the call does not come from a pipeline
+            (a pipeline's own scheduler always wins). It must predict epsilon. `follow()` changes it.
         patch_size: an odd int; a callable of t = (timestep + 1) / num_train_timesteps; a list or the name of a
             published calibrated list (`elsfast.reference_scales()`), entry round(t * len) clipped to the list.
+        save_training_set: whether `save_pretrained` writes a copy of the training images (default: only their
+            SHA-256 and, when the machine was built by `ScoreMachine.from_dataset`, the dataset reference).
     """
 
-    def __init__(self, machine: ScoreMachine, scheduler, patch_size: PatchSizeSpec = 3) -> None:
+    config_name = "config.json"
+
+    def __init__(
+        self,
+        machine: ScoreMachine,
+        scheduler=None,
+        patch_size: PatchSizeSpec = 3,
+        *,
+        save_training_set: bool = False,
+    ) -> None:
         super().__init__(machine)
-        alphas = getattr(scheduler, "alphas_cumprod", None)
-        if alphas is None:
-            raise TypeError(
-                f"scheduler must have alphas_cumprod (a diffusers DDIMScheduler, DDPMScheduler, ...), "
-                f"got {type(scheduler).__name__}"
-            )
-        config = getattr(scheduler, "config", None) or {}
-        _check_scheduler_config(config)
-        self.alphas_cumprod = torch.as_tensor(alphas).detach().to("cpu", torch.float64).flatten()
-        self.num_train_timesteps = int(config.get("num_train_timesteps", self.alphas_cumprod.numel()))
-        if self.num_train_timesteps != self.alphas_cumprod.numel():
-            raise ValueError(
-                f"the scheduler has num_train_timesteps={self.num_train_timesteps} but "
-                f"{self.alphas_cumprod.numel()} alphas_cumprod"
-            )
         if not callable(patch_size):
             patch_size_at(patch_size, 1.0)  # an unknown name or an empty list fails here, not mid-sampling
         self.patch_size = patch_size
-        c, h, w = machine.image_shape
-        self.config = _Config(
-            sample_size=h if h == w else (h, w),
-            in_channels=c,
-            out_channels=c,
-            num_train_timesteps=self.num_train_timesteps,
-            machine=machine.machine,
-            padding=machine.padding,
-        )
+        self.save_training_set = bool(save_training_set)
+        self.io_dtype: torch.dtype | None = None  # float16 / bfloat16 inputs and outputs (the machine stays fp32)
+        self.scheduler = None
+        self._checked = None  # the last scheduler checked by _check_scheduler
+        if scheduler is not None:
+            self.follow(scheduler)
+        self._register_config()
 
-    def _timestep(self, timestep, batch: int) -> float:
-        if isinstance(timestep, torch.Tensor):
-            flat = timestep.detach().flatten()
-            if flat.numel() == 0:
-                raise ValueError("timestep is an empty tensor")
-            if flat.numel() > 1:
-                if flat.numel() != batch:
-                    raise ValueError(f"timestep must be one value or one per sample ({batch}), got {flat.numel()}")
-                if not bool((flat == flat[0]).all()):
-                    raise ValueError(
-                        f"ELSUNet evaluates one noise level per call: all timesteps must be equal, got {flat.tolist()}"
-                    )
-            timestep = flat[0].item()
-        value = float(timestep)
-        if not (math.isfinite(value) and 0 <= value <= self.num_train_timesteps - 1):
-            raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps - 1}], got {timestep}")
-        return value
+    # ------------------------------------------------------------------ configuration
 
-    def abar(self, timestep: float) -> float:
-        """abar of a (possibly fractional) timestep: `alphas_cumprod[j]`, or sigma interpolated between two."""
+    def _register_config(self) -> None:
+        c, h, w = self.machine.image_shape
+        values = {
+            "sample_size": h if h == w else [h, w],
+            "in_channels": c,
+            "out_channels": c,
+            "patch_size": _saveable_patch_size(self.patch_size),
+            "machine": self.machine.config(),
+        }
+        if _diffusers is None:
+            self.__dict__["config"] = _Config(values)
+        else:
+            self.register_to_config(**values)
+
+    def follow(self, scheduler) -> ELSUNet:
+        """Read noise levels from `scheduler` (live, no copy) when not called from a pipeline; returns self."""
+        _check_scheduler(scheduler)
+        self.scheduler = self._checked = scheduler
+        return self
+
+    def _calling_pipeline(self):
+        """The diffusers pipeline whose method is calling this model (it holds the model as a component)."""
+        if _diffusers is None:
+            return None
+        frame = sys._getframe(2)
+        for _ in range(_PIPELINE_FRAMES):
+            if frame is None:
+                return None
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, DiffusionPipeline) and any(v is self for v in vars(owner).values()):
+                return owner
+            frame = frame.f_back
+        return None
+
+    def driving_scheduler(self):
+        """The scheduler whose noise levels a call uses now: the calling pipeline's, else the connected one."""
+        pipe = self._calling_pipeline()
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+        if scheduler is None:
+            scheduler = self.scheduler
+        if scheduler is None:
+            raise RuntimeError(
+                "ELSUNet does not know which scheduler drives it, so it cannot turn a timestep into a noise level: "
+                "call it from a diffusers pipeline that holds it (DDIMPipeline(unet=unet, scheduler=...), "
+                "ELSPipeline), or connect a scheduler with unet.follow(scheduler) / ELSUNet(machine, scheduler)"
+            )
+        if scheduler is not self._checked:
+            _check_scheduler(scheduler)
+            self._checked = scheduler
+        return scheduler
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's inputs and outputs (pipelines draw their noise in it): the machine's, or
+        float16 / bfloat16 after `.to(torch.float16)` (the machine then still computes in float32)."""
+        return self.io_dtype if self.io_dtype is not None else self.machine.dtype
+
+    def _apply(self, fn, recurse: bool = True):
+        probe = fn(torch.empty(0, device=self.machine.device, dtype=self.dtype))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            if probe.dtype in (torch.float32, torch.float64):
+                self.io_dtype = None
+            elif probe.dtype != self.dtype:
+                self.io_dtype = probe.dtype
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ the model
+
+    def _timesteps(self, timestep, batch: int, num_train_timesteps: int) -> torch.Tensor:
+        """The timestep of each sample, `[batch]` float64."""
+        values = torch.as_tensor(timestep).detach().to("cpu", torch.float64).flatten()
+        if values.numel() == 0:
+            raise ValueError("timestep is an empty tensor")
+        if values.numel() not in (1, batch):
+            raise ValueError(f"timestep must be one value or one per sample ({batch}), got {values.numel()}")
+        bad = ~(torch.isfinite(values) & (values >= 0) & (values <= num_train_timesteps - 1))
+        if bad.any():
+            raise ValueError(
+                f"timestep must lie in [0, {num_train_timesteps - 1}] (the driving scheduler's training timesteps), "
+                f"got {values[bad].tolist()}"
+            )
+        return values.expand(batch)
+
+    def abar(self, timestep: float, scheduler=None) -> float:
+        """abar of a (possibly fractional) timestep of `scheduler` (default: `driving_scheduler()`):
+        `alphas_cumprod[j]`, or sigma interpolated linearly between two neighbours."""
+        alphas = (scheduler if scheduler is not None else self.driving_scheduler()).alphas_cumprod
         lo = math.floor(timestep)
         frac = timestep - lo
         if frac == 0:
-            abar = self.alphas_cumprod[lo].item()
+            abar = float(alphas[lo])
         else:
-            a0, a1 = self.alphas_cumprod[lo].item(), self.alphas_cumprod[lo + 1].item()
+            a0, a1 = float(alphas[lo]), float(alphas[lo + 1])
             s0, s1 = (math.sqrt((1 - a) / max(a, _MIN_ABAR)) for a in (a0, a1))
             abar = 1.0 / (1.0 + ((1 - frac) * s0 + frac * s1) ** 2)
         return max(abar, _MIN_ABAR)
 
-    def time(self, timestep: float) -> float:
-        """t = (timestep + 1) / num_train_timesteps, clipped to [0, 1]: the time the patch-size spec sees."""
-        return min(1.0, max(0.0, (timestep + 1) / self.num_train_timesteps))
+    def time(self, timestep: float, scheduler=None) -> float:
+        """t = (timestep + 1) / num_train_timesteps of `scheduler` (default: `driving_scheduler()`), clipped to
+        [0, 1]: the time the patch-size spec sees."""
+        n = len((scheduler if scheduler is not None else self.driving_scheduler()).alphas_cumprod)
+        return min(1.0, max(0.0, (timestep + 1) / n))
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
-        class_labels: torch.Tensor | int | None = None,
+        class_labels: torch.Tensor | int | list[int] | None = None,
         return_dict: bool = True,
+        **unused: Any,
     ):
-        """Epsilon prediction for `sample` `[B, C, H, W]` at `timestep` (an int, a 0-d tensor, or a `[B]` tensor of
-        equal values; ValueError otherwise). `class_labels` (`[B]` or one int) select class-conditional
-        dictionaries. Returns `UNet2DOutput(sample=eps)` (or `ELSUNetOutput`), or `(eps,)` if not return_dict."""
-        value = self._timestep(timestep, sample.shape[0])
+        """Epsilon prediction for `sample` `[B, C, H, W]` at `timestep` of the driving scheduler: an int or float,
+        a 0-d tensor, or a `[B]` tensor (one per sample; unequal values are evaluated per distinct value).
+        `class_labels` (one int or `[B]`) select class-conditional dictionaries. Returns
+        `UNet2DOutput(sample=eps)` (`ELSUNetOutput` without diffusers), or `(eps,)` if not return_dict; eps has
+        the dtype and device of `sample`. Other keyword arguments of `UNet2DModel.forward` are not supported and
+        raise TypeError."""
+        if unused:
+            raise TypeError(f"ELSUNet.forward got unsupported arguments {sorted(unused)}")
+        scheduler = self.driving_scheduler()
+        batch = sample.shape[0]
+        steps = self._timesteps(timestep, batch, len(scheduler.alphas_cumprod))
         labels = class_labels
         if isinstance(labels, int):
-            labels = torch.full((sample.shape[0],), labels, dtype=torch.int64)
+            labels = torch.full((batch,), labels, dtype=torch.int64)
         elif labels is not None:
-            labels = torch.as_tensor(labels).flatten()
-        size = patch_size_at(self.patch_size, self.time(value))
-        eps = self.machine.eps(sample, self.abar(value), size, labels).to(sample.device, sample.dtype)
+            labels = torch.as_tensor(labels).flatten().cpu()
+        distinct = steps.unique()
+        if distinct.numel() == 1:
+            eps = self._eps(sample, distinct.item(), labels, scheduler)
+        else:
+            eps = torch.empty_like(sample)
+            for value in distinct.tolist():
+                rows = (steps == value).nonzero().flatten()
+                part = None if labels is None else labels[rows]
+                eps[rows.to(sample.device)] = self._eps(sample[rows.to(sample.device)], value, part, scheduler)
         if not return_dict:
             return (eps,)
-        return _output_class()(sample=eps)
+        return ELSUNetOutput(sample=eps) if _diffusers is None else UNet2DOutput(sample=eps)
+
+    def _eps(self, sample: torch.Tensor, timestep: float, labels: torch.Tensor | None, scheduler) -> torch.Tensor:
+        size = patch_size_at(self.patch_size, self.time(timestep, scheduler))
+        eps = self.machine.eps(sample, self.abar(timestep, scheduler), size, labels)
+        return eps.to(sample.device, sample.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"machine={self.machine!r}, num_train_timesteps={self.num_train_timesteps}, patch_size={self.patch_size!r}"
-        )
+        return f"machine={self.machine!r}, patch_size={self.patch_size!r}"
+
+    # ------------------------------------------------------------------ save and load
+
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        is_main_process: bool = True,
+        *,
+        save_training_set: bool | None = None,
+        **unused: Any,
+    ) -> None:
+        """Write `save_directory/config.json` (atomically): the frozen config with the machine's configuration and
+        its training set's SHA-256 (see the module docstring); with `save_training_set` (default: the
+        constructor's choice) also `training_set.pt`. Only the main process writes. diffusers' weight options
+        (`safe_serialization`, `variant`, ...) are accepted and ignored: the model has no weights."""
+        if _diffusers is None:
+            raise ImportError(f"ELSUNet.save_pretrained needs diffusers, which is unavailable: {DIFFUSERS_UNAVAILABLE}")
+        if callable(self.patch_size):
+            raise ValueError(
+                "a callable patch_size cannot be saved: use an int, a list or a calibrated list name "
+                "(elsfast.reference_scales())"
+            )
+        if not is_main_process:
+            return
+        self._register_config()  # the machine may have moved or changed dtype since construction
+        directory = Path(save_directory)
+        text = self.to_json_string().encode()
+        atomic_write(directory / self.config_name, lambda f: f.write(text))
+        if self.save_training_set if save_training_set is None else save_training_set:
+            data = {"images": self.machine.images.cpu(), "labels": self.machine.labels}
+            atomic_write(directory / TRAINING_SET_NAME, lambda f: torch.save(data, f))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        subfolder: str | None = None,
+        train_images: torch.Tensor | None = None,
+        train_labels: torch.Tensor | None = None,
+        root: str | Path | None = None,
+        device: torch.device | str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+        scheduler=None,
+        **unused: Any,
+    ) -> ELSUNet:
+        """Rebuild a model saved by `save_pretrained` from a local directory (`subfolder` inside it, as diffusers'
+        pipelines pass). The training set comes from `train_images`/`train_labels`, else the saved copy, else the
+        dataset reference (`root` as for `elsfast.datasets.load`); it must have the recorded SHA-256 (ValueError
+        otherwise, or when there is none). `torch_dtype` (or `dtype`): float32/float64 set the machine's compute
+        dtype, float16/bfloat16 the dtype of inputs and outputs only. diffusers' loading options (`device_map`,
+        `variant`, `low_cpu_mem_usage`, ...) are accepted and ignored: the model has no weights."""
+        if _diffusers is None:
+            raise ImportError(f"ELSUNet.from_pretrained needs diffusers, which is unavailable: {DIFFUSERS_UNAVAILABLE}")
+        directory = Path(pretrained_model_name_or_path)
+        if subfolder:
+            directory = directory / subfolder
+        path = directory / cls.config_name
+        if not path.is_file():
+            raise FileNotFoundError(f"no ELSUNet config at {path}")
+        config = json.loads(path.read_text())
+        if config.get("_class_name") != cls.__name__ or "machine" not in config:
+            raise ValueError(f"{path} is not an ELSUNet config (_class_name {config.get('_class_name')!r})")
+        copy = directory / TRAINING_SET_NAME
+        if train_images is None and copy.is_file():
+            data = torch.load(copy, map_location="cpu", weights_only=True)
+            train_images, train_labels = data["images"], data["labels"]
+        try:
+            machine = ScoreMachine.from_config(
+                config["machine"], train_images=train_images, train_labels=train_labels, root=root, device=device
+            )
+        except (ValueError, FileNotFoundError) as err:
+            raise (FileNotFoundError if isinstance(err, FileNotFoundError) else ValueError)(
+                f"cannot rebuild the ELSUNet saved in {directory}: {err}. Pass the training set with "
+                f"ELSUNet.from_pretrained(path, train_images=..., train_labels=...) (give the model to a pipeline's "
+                f"from_pretrained as unet=...), or save it with save_training_set=True"
+            ) from err
+        patch_size = config.get("patch_size")
+        unet = cls(machine, scheduler, 3 if patch_size is None else patch_size)
+        dtype = torch_dtype if torch_dtype is not None else dtype
+        if dtype in (torch.float32, torch.float64):
+            machine.to(dtype=dtype)
+        elif dtype is not None:
+            if not dtype.is_floating_point:
+                raise ValueError(f"torch_dtype must be a floating-point dtype, got {dtype}")
+            unet.io_dtype = dtype
+        return unet
+
+
+def _class_labels(class_labels, batch_size: int) -> torch.Tensor | None:
+    if class_labels is None:
+        return None
+    labels = torch.as_tensor(class_labels, dtype=torch.int64).flatten()
+    if labels.numel() == 1:
+        labels = labels.expand(batch_size)
+    if labels.numel() != batch_size:
+        raise ValueError(f"class_labels must be one label or one per image ({batch_size}), got {labels.numel()}")
+    return labels
+
+
+if _diffusers is not None:
+    __all__ += ["ELSPipeline"]
+
+    class ELSPipeline(DiffusionPipeline):
+        """Sample images from an `ELSUNet` with any diffusers scheduler (DDIM, DDPM, Euler, DPM-Solver++, ...),
+        optionally class-conditional.
+
+        The loop is the one of `DDIMPipeline`/`DDPMPipeline`, made scheduler-generic (`scale_model_input`,
+        `init_noise_sigma`), plus `class_labels`. The initial noise is drawn as those pipelines draw it
+        (`randn_tensor([B, C, H, W], generator, dtype=unet.dtype)`), so with `make_ddim_scheduler(n)` and
+        `num_inference_steps = n - 1` the images are `elsfast.sample`'s for the same generator.
+        """
+
+        model_cpu_offload_seq = "unet"
+
+        def __init__(self, unet: ELSUNet, scheduler) -> None:
+            super().__init__()
+            self.register_modules(unet=unet, scheduler=scheduler)
+
+        @torch.no_grad()
+        def __call__(
+            self,
+            batch_size: int | None = None,
+            class_labels: torch.Tensor | list[int] | int | None = None,
+            generator: torch.Generator | list[torch.Generator] | None = None,
+            num_inference_steps: int = 50,
+            eta: float = 0.0,
+            output_type: str = "pil",
+            return_dict: bool = True,
+        ):
+            """Generate images.
+
+            Args:
+                batch_size: how many images (default: one per class label, else 1).
+                class_labels: one label for every image, or one per image (`[batch_size]`); the machine must have
+                    training labels. None: unconditional.
+                generator: the torch generator(s) of the initial noise (and of DDPM's / DDIM eta's noise).
+                num_inference_steps: scheduler steps.
+                eta: DDIM's eta, passed to schedulers whose `step` accepts it.
+                output_type: "pil", "np" (`[B, H, W, C]` in [0, 1]) or "pt" (`[B, C, H, W]` in [0, 1]).
+                return_dict: return an `ImagePipelineOutput` (else a tuple `(images,)`).
+            """
+            if output_type not in ("pil", "np", "pt"):
+                raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+            if batch_size is None:
+                batch_size = 1 if class_labels is None or isinstance(class_labels, int) else len(class_labels)
+            labels = _class_labels(class_labels, batch_size)
+            config = self.unet.config
+            size = config.sample_size
+            h, w = (size, size) if isinstance(size, int) else size
+            shape = (batch_size, config.in_channels, h, w)
+            image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+            image = image * self.scheduler.init_noise_sigma
+            self.scheduler.set_timesteps(num_inference_steps)
+            accepted = set(inspect.signature(self.scheduler.step).parameters)
+            extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+            for t in self.progress_bar(self.scheduler.timesteps):
+                model_input = self.scheduler.scale_model_input(image, t)
+                eps = self.unet(model_input, t, class_labels=labels).sample
+                image = self.scheduler.step(eps, t, image, **extra).prev_sample
+            image = (image / 2 + 0.5).clamp(0, 1)
+            if output_type == "pt":
+                images = image
+            else:
+                images = image.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
+            self.maybe_free_model_hooks()
+            if not return_dict:
+                return (images,)
+            return ImagePipelineOutput(images=images)
+
+else:
+
+    def __getattr__(name: str):
+        if name == "ELSPipeline":
+            raise ImportError(f"ELSPipeline needs diffusers, which is unavailable: {DIFFUSERS_UNAVAILABLE}")
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def ddim_scheduler_config(steps: int = 20, schedule="cosine-legacy", substeps: int = 1) -> dict:
@@ -252,8 +586,10 @@ def ddim_scheduler_config(steps: int = 20, schedule="cosine-legacy", substeps: i
 def make_ddim_scheduler(steps: int = 20, schedule="cosine-legacy", substeps: int = 1):
     """A diffusers `DDIMScheduler(**ddim_scheduler_config(steps, schedule, substeps))`; run it with
     `num_inference_steps = steps - 1`."""
-    try:
-        from diffusers import DDIMScheduler
-    except ImportError as err:
-        raise ImportError("make_ddim_scheduler needs diffusers: pip install 'elsfast[diffusers]'") from err
+    if _diffusers is None:
+        raise ImportError(
+            f"make_ddim_scheduler needs diffusers (pip install 'elsfast[diffusers]'): {DIFFUSERS_UNAVAILABLE}"
+        )
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler(**ddim_scheduler_config(steps, schedule, substeps))

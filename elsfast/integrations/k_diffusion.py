@@ -8,9 +8,19 @@ point rescaled: x_t = sqrt(abar) x with abar = 1 / (1 + sigma^2) (so sigma = sqr
     from k_diffusion.sampling import sample_euler
     from elsfast.integrations.k_diffusion import ELSDenoiser, get_sigmas_elsfast
 
-    sigmas = get_sigmas_elsfast(20)                       # elsfast's grid: abar(i / 20), i = 19..1, then 0
+    sigmas = get_sigmas_elsfast(20, machine=machine)      # elsfast's grid: abar(i / 20), i = 19..1, then 0
     x = noise * (1 + sigmas[0] ** 2) ** 0.5               # VP noise at t = 19/20, in VE units
     images = sample_euler(ELSDenoiser(machine), x, sigmas, extra_args={"class_labels": labels})
+
+Any other k-diffusion sampler and schedule works the same way; `sigma_min` / `sigma_max` give the range of the
+machine's schedule for k-diffusion's `get_sigmas_karras` (or `get_sigmas_exponential`, ...):
+
+    from k_diffusion.sampling import get_sigmas_karras, sample_dpmpp_2m
+
+    denoiser = ELSDenoiser(machine, patch_size="MNIST_ResNet_zeros")
+    sigmas = get_sigmas_karras(20, denoiser.sigma_min, denoiser.sigma_max).to(machine.dtype)
+    x = torch.randn(4, 1, 28, 28, dtype=machine.dtype) * sigmas[0]        # VE noise: x = x0 + sigma_max * noise
+    images = sample_dpmpp_2m(denoiser, x, sigmas, extra_args={"class_labels": labels})
 
 Euler in sigma is exactly elsfast's DDIM sampler (z_next = z + (sigma_next - sigma) (z - D) / sigma is the
 DDIM update written for z = x_t / sqrt(abar)), so the lines above reproduce `elsfast.sample(..., steps=20,
@@ -42,15 +52,31 @@ def sigma_of_abar(abar: float) -> float:
 
 
 def get_sigmas_elsfast(
-    steps: int = 20, schedule="cosine-legacy", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64
+    steps: int = 20,
+    schedule="cosine-legacy",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    *,
+    machine: ScoreMachine | MachineModule | None = None,
 ) -> torch.Tensor:
     """The sigmas of elsfast's DDIM grid, k-diffusion style: sigma(abar(i / steps)) for i = steps - 1, ..., 1,
-    then 0 (`steps` values, `steps - 1` model evaluations). Start from `noise * sqrt(1 + sigmas[0] ** 2)`."""
+    then 0 (`steps` values, `steps - 1` model evaluations). Start from `noise * sqrt(1 + sigmas[0] ** 2)`.
+
+    The sigmas are computed in float64 and returned in `dtype` on `device`; by default those of `machine` (a
+    `ScoreMachine` or an adapter such as `ELSDenoiser`), so that k-diffusion's loop, which multiplies x by them,
+    runs in the machine's dtype; without a machine, float32 on the CPU (k-diffusion's `get_sigmas_*` default).
+    Give `dtype` or `machine`, not both."""
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
+    if machine is not None:
+        if dtype is not None:
+            raise ValueError("give dtype or machine, not both: the sigmas take the machine's dtype")
+        dtype = machine.dtype
+        device = machine.device if device is None else device
     abar_of = get_schedule(schedule)
     values = [sigma_of_abar(abar_of(i / steps)) for i in range(steps - 1, 0, -1)] + [0.0]
-    return torch.tensor(values, dtype=dtype, device=device)
+    sigmas = torch.tensor(values, dtype=torch.float64)
+    return sigmas.to(device or "cpu", dtype or torch.float32)
 
 
 class ELSDenoiser(MachineModule):
@@ -73,13 +99,15 @@ class ELSDenoiser(MachineModule):
 
     @property
     def sigma_max(self) -> float:
-        """sigma at t = 1 of the schedule (at t = 0.999 if abar(1) = 0), for k-diffusion's `get_sigmas_*`."""
+        """sigma at t = 1 of the schedule (at t = 0.999 if abar(1) = 0), for k-diffusion's `get_sigmas_*`: the
+        noise level to start from (`x = sigma_max * noise`): about 80 for the paper's legacy cosine schedule."""
         abar_of = get_schedule(self.schedule)
         return sigma_of_abar(abar_of(1.0) if abar_of(1.0) > 0 else abar_of(0.999))
 
     @property
     def sigma_min(self) -> float:
-        """sigma at t = 0.001 of the schedule, for k-diffusion's `get_sigmas_*`."""
+        """sigma at t = 0.001 of the schedule, for k-diffusion's `get_sigmas_*`: the last positive noise level
+        (the samplers then step to 0 and return the x0 prediction)."""
         return sigma_of_abar(get_schedule(self.schedule)(0.001))
 
     def t_of_sigma(self, sigma: float) -> float:

@@ -3,7 +3,9 @@
 Each rank reduces its own shard of the dictionary to a `ReduceState` over the same queries; `all_merge_` turns
 every rank's state into the state of the whole dictionary: an all-reduce MAX of the running maxima, a rescale
 of each rank's sums to the common maximum, and an all-reduce SUM. The dominant entry is the one of the rank
-holding the global maximum (ties go to the largest id, the same on every rank).
+holding the global maximum; where several ranks hold it (equal logits, e.g. repeated patches) the lowest global
+id wins (an all-reduce MIN), the rule `ReduceState.merge_` applies to chunks and kernel splits, so a sharded run
+names the same sources as one process.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ def all_merge_(state: ReduceState, group: dist.ProcessGroup | None = None) -> Re
     if state.best is not None:
         shift = torch.where(seen, state.m - m, 0.0)
         state.u.copy_(scale * (state.u + shift * state.l))
-        best = torch.where(seen & (state.m == m), state.best, -1)
-        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
-        state.best.copy_(best)
+        none = torch.iinfo(torch.int64).max
+        best = torch.where(seen & (state.m == m), state.best, none)
+        dist.all_reduce(best, op=dist.ReduceOp.MIN, group=group)
+        state.best.copy_(torch.where(best == none, -1, best))  # -1: no rank had entries for that query
         dist.all_reduce(state.u, group=group)
     state.l.mul_(scale)
     state.acc.mul_(scale.unsqueeze(-1))

@@ -10,6 +10,8 @@ than exp on a CPU. For a set of entries j with logits s_j and values v_j a state
 and, when provenance is tracked,
 
     best = the id of the entry with the largest logit (the dominant dictionary entry)   (G, M) int64
+           (among equal largest logits the lowest id, so that provenance does not depend on how the dictionary
+           is split into chunks, kernel splits or the shards of ranks)
     u    = sum_j 2^(s_j - m) (s_j - m)                                                   (G, M)
 
 so that the dominant entry's weight is 1 / l and the posterior's entropy is ln l - ln 2 * u / l nats.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["LOG2E", "ReduceState", "logit_scales"]
+__all__ = ["LOG2E", "ReduceState", "logit_scales", "lowest_id_of_max"]
 
 LOG2E = 1.0 / math.log(2.0)
 
@@ -35,6 +37,15 @@ def logit_scales(abar: float) -> tuple[float, float]:
     a query q's logit for key k is `q_scale q.k - key_scale |k|^2` bits (the `|q|^2` term cancels)."""
     a, T = math.sqrt(abar), 2.0 * (1.0 - abar)
     return 2.0 * a / T * LOG2E, a * a / T * LOG2E
+
+
+def lowest_id_of_max(logits: torch.Tensor, m: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The lowest id among the entries whose logit equals the maximum `m`: `logits` `(G, M, n)`, `m` `(G, M)`,
+    `ids` `(n,)` or `(G, M, n)` int64; returns `(G, M)` (-1 where every logit is -inf or NaN)."""
+    ids = ids.expand(logits.shape)
+    at_max = (logits == m.unsqueeze(-1)) & torch.isfinite(m).unsqueeze(-1)
+    best = torch.where(at_max, ids, torch.iinfo(torch.int64).max).amin(dim=-1)
+    return torch.where(at_max.any(dim=-1), best, -1)
 
 
 @dataclass
@@ -71,8 +82,11 @@ class ReduceState:
             m = logits.amax(dim=-1)
             weights = torch.exp2(logits.sub_(m.unsqueeze(-1)), out=logits)
         else:
-            m, arg = logits.max(dim=-1)
-            best = ids[arg]
+            m, arg = logits.max(dim=-1)  # the first of equal maxima
+            if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
+                best = lowest_id_of_max(logits, m, ids)
+            else:
+                best = ids[arg]  # increasing ids: the first maximum has the lowest id
             shifted = logits.sub_(m.unsqueeze(-1))
             weights = torch.exp2(shifted)
             u = torch.einsum("gmn,gmn->gm", weights, shifted)  # batched dot: 2x faster than (w * s).sum(-1)
@@ -96,14 +110,14 @@ class ReduceState:
         """State of per-query entry sets (top-k): `logits` `(G, M, k)` in bits, `values` `(G, M, k, E)`, `ids`
         `(G, M, k)` the entries' ids (with it, provenance), `counts` `(G, M, k)` how many equal entries each one
         stands for (default 1). Entries with logit -inf count for nothing."""
-        m, arg = logits.max(dim=-1)
+        m = logits.amax(dim=-1)
         shifted = logits - m.unsqueeze(-1)
         weights = torch.exp2(shifted)
         if counts is not None:
             weights = weights * counts
         state = cls(m, weights.sum(dim=-1), torch.einsum("gmk,gmke->gme", weights, values))
         if ids is not None:
-            state.best = ids.gather(-1, arg.unsqueeze(-1)).squeeze(-1)
+            state.best = lowest_id_of_max(logits, m, ids)
             state.u = torch.einsum("gmk,gmk->gm", weights, torch.where(weights > 0, shifted, 0.0))
         return state
 
@@ -134,7 +148,10 @@ class ReduceState:
             shift_a = torch.where(self.l > 0, self.m - m, 0.0)
             shift_b = torch.where(other.l > 0, other.m - m, 0.0)
             self.u.copy_(a * (self.u + shift_a * self.l) + b * (other.u + shift_b * other.l))
-            self.best.copy_(torch.where(other.m > self.m, other.best, self.best))
+            # the larger maximum's entry; on equal maxima the lower id (ids of both sides are >= 0 there: a side
+            # with no entries has m = -inf, which equals the other side's only when neither has any)
+            tie = torch.minimum(self.best, other.best)
+            self.best.copy_(torch.where(other.m > self.m, other.best, torch.where(other.m == self.m, tie, self.best)))
         self.l.mul_(a).add_(other.l * b)
         self.acc.mul_(a.unsqueeze(-1)).add_(other.acc * b.unsqueeze(-1))
         self.m.copy_(m)
