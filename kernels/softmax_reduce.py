@@ -32,7 +32,15 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_softmax_reduce", "softmax_reduce_kernel"]
+__all__ = ["KERNEL_SIGNATURE", "launch_config", "launch_softmax_reduce", "softmax_reduce_kernel"]
+
+# The runtime arguments of `softmax_reduce_kernel` and their Triton types (uint8 images: img_ptr "*u8"), for ahead-of-
+# time compiles (benchmarks/static_cost.py, tests) that must match what the launcher passes.
+KERNEL_SIGNATURE = dict(
+    q_ptr="*fp32", img_ptr="*fp32", koff_ptr="*i32", voff_ptr="*i32", m_ptr="*fp32", l_ptr="*fp32",
+    acc_ptr="*fp32", best_ptr="*i64", u_ptr="*fp32", G="i32", M="i32", N="i32", S="i32", D="i32", E="i32",
+    pixels_per_image="i32", entries_per_split="i32", key_scale="fp32",
+)  # fmt: skip
 
 
 @triton.jit
@@ -140,6 +148,34 @@ def softmax_reduce_kernel(
             tl.store(u_ptr + out, u_i, mask=row_ok)
 
 
+def launch_config(
+    D: int,
+    E: int,
+    *,
+    is_uint8: bool,
+    provenance: bool,
+    dot_precision: str,
+    block_m: int,
+    block_n: int,
+    block_e: int,
+) -> dict:
+    """The compile-time arguments `launch_softmax_reduce` passes for keys of D features and values of E channels
+    (constexprs, num_warps, num_stages): one place for the launcher and the static cost tool
+    (benchmarks/static_cost.py), so that the tool compiles exactly what a launch compiles."""
+    return dict(
+        IS_UINT8=is_uint8,
+        PROVENANCE=provenance,
+        DOT_PRECISION=dot_precision,
+        VALUE_PRECISION="ieee" if dot_precision == "ieee" else "tf32x3",
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=min(128, max(16, triton.next_power_of_2(D))),  # a GPU tl.dot needs K >= 16
+        BLOCK_E=block_e,
+        num_warps=4,  # Triton's defaults, written out
+        num_stages=3,
+    )
+
+
 def launch_softmax_reduce(
     q: torch.Tensor,
     images: torch.Tensor,
@@ -169,7 +205,10 @@ def launch_softmax_reduce(
     G, M, D = q.shape
     N = images.shape[0]
     S, E = key_offsets.shape[1], value_offsets.shape[2]
-    block_d = min(128, max(16, triton.next_power_of_2(D)))  # a GPU tl.dot needs K >= 16
+    config = launch_config(
+        D, E, is_uint8=images.dtype == torch.uint8, provenance=provenance, dot_precision=dot_precision,
+        block_m=block_m, block_n=block_n, block_e=block_e,
+    )  # fmt: skip
     device = q.device
     m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
     l = torch.empty_like(m)
@@ -178,31 +217,8 @@ def launch_softmax_reduce(
     u = torch.empty_like(m) if provenance else m
     grid = (triton.cdiv(M, block_m), G * triton.cdiv(E, block_e), splits)
     softmax_reduce_kernel[grid](
-        q,
-        images,
-        key_offsets,
-        value_offsets,
-        m,
-        l,
-        acc,
-        best,
-        u,
-        G,
-        M,
-        N,
-        S,
-        D,
-        E,
-        images.shape[1],
-        entries_per_split,
-        key_scale,
-        IS_UINT8=images.dtype == torch.uint8,
-        PROVENANCE=provenance,
-        DOT_PRECISION=dot_precision,
-        VALUE_PRECISION="ieee" if dot_precision == "ieee" else "tf32x3",
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        BLOCK_E=block_e,
-    )
+        q, images, key_offsets, value_offsets, m, l, acc, best, u,
+        G, M, N, S, D, E, images.shape[1], entries_per_split, key_scale,
+        **config,
+    )  # fmt: skip
     return m, l, acc, (best if provenance else None), (u if provenance else None)

@@ -26,7 +26,7 @@ from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_sp
 from .registry import Backend, BackendOutput, register_backend
 from .state import logit_scales
 
-__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound"]
+__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound", "value_block"]
 
 TF32_MAX_LOGIT_ERROR = 1e-3  # bits
 PRECISIONS = ("auto", "tf32", "tf32x3", "ieee")
@@ -42,6 +42,12 @@ def dot_precision(abar: float, query_norm: float, key_norm: float, precision: st
         return precision
     bound = 2.0**-10 * logit_scales(abar)[0] * query_norm * key_norm
     return "tf32" if bound <= TF32_MAX_LOGIT_ERROR else "tf32x3"
+
+
+def value_block(E: int) -> int:
+    """Value channels one program accumulates (`BLOCK_E`): E rounded up to a power of two, at least 16 (a GPU
+    `tl.dot` dimension), at most 64 (whole-image dictionaries run in several value blocks)."""
+    return min(64, max(16, 1 << (E - 1).bit_length()))
 
 
 def key_norm_bound(dictionary: Dictionary) -> float:
@@ -122,7 +128,7 @@ class Triton(Backend):
         inputs = kernel_inputs(queries, dictionary, abar)
         precision = dot_precision(abar, float(queries.norm(dim=-1).max()), key_norm_bound(dictionary), self.precision)
         E = dictionary.value_dim
-        block_e = min(64, max(16, 1 << (E - 1).bit_length()))  # the launcher's value block
+        block_e = value_block(E)
         programs = math.ceil(M / self.block_m) * G * math.ceil(E / block_e)
         splits, per_split = plan_splits(dictionary.size, self.block_n, programs, queries.device, self.splits)
         partial = launch_softmax_reduce(
