@@ -255,20 +255,19 @@ class Config:
 
 
 def problem_sizes(quick: bool) -> list[tuple[int, int, bool, bool, str]]:
-    """`(P, C, uint8, provenance, precision)` of the configs to measure. Full: CIFAR-10 (C = 3) at every odd P up
-    to 11 and MNIST (C = 1) at P = 3 and 11, uint8 images, with and without provenance, at "tf32x3" (`auto`'s
-    choice at all but the highest noise); at P = 3 and 11 also "tf32" (`auto` at very high noise), float32 images
-    and the forced "ieee". Quick (CI): P = 3 and 11, C = 3, uint8, tf32x3, with and without provenance."""
+    """`(P, C, uint8, provenance, precision)` of the configs to measure, at the distance precision `auto` picks
+    (`elsfast.reduce.triton_backend.dot_precision`: "fp16x2" for uint8 images; "tf32x3" for float32 images, "tf32"
+    at very high noise). Full: CIFAR-10 (C = 3) at every odd P up to 11 and MNIST (C = 1) at P = 3 and 11, uint8
+    images, with and without provenance; at P = 3 and 11 also float32 images and the forced "ieee". Quick (CI):
+    P = 3 and 11, C = 3, uint8, with and without provenance."""
+    from elsfast.reduce.triton_backend import dot_precision
+
+    u8 = dot_precision(0.5, 1.0, 1.0, "auto", uint8=True)
     if quick:
-        return [(P, 3, True, prov, "tf32x3") for P in (3, 11) for prov in (False, True)]
-    out = [
-        (P, C, True, prov, "tf32x3")
-        for C, Ps in ((3, (3, 5, 7, 9, 11)), (1, (3, 11)))
-        for P in Ps
-        for prov in (False, True)
-    ]
-    out += [(P, 3, True, prov, "tf32") for P in (3, 11) for prov in (False, True)]
-    out += [(P, 3, False, False, "tf32x3") for P in (3, 11)]
+        return [(P, 3, True, prov, u8) for P in (3, 11) for prov in (False, True)]
+    sizes = ((3, (3, 5, 7, 9, 11)), (1, (3, 11)))
+    out = [(P, C, True, prov, u8) for C, Ps in sizes for P in Ps for prov in (False, True)]
+    out += [(P, 3, False, False, precision) for P in (3, 11) for precision in ("tf32x3", "tf32")]
     out += [(P, 3, True, False, "ieee") for P in (3, 11)]
     return out
 
@@ -308,7 +307,12 @@ def compile_triton(config: Config, workdir: Path) -> dict:
     if config.uint8:
         signature["img_ptr"] = "*u8"
     signature.update(dict.fromkeys(launch, "constexpr"))
-    source = ASTSource(module.softmax_reduce_kernel, signature, launch)
+    # A launch specialises 16-byte-aligned pointers (every fresh torch tensor) and integers divisible by 16
+    # (M_PAD, a multiple of BLOCK_M) as such ("tt.divisibility"); other integers are left unspecialised here.
+    names = module.softmax_reduce_kernel.arg_names
+    aligned = [k for k, v in module.KERNEL_SIGNATURE.items() if v.startswith("*") or k in module.ALIGNED_INTEGERS]
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k in aligned}
+    source = ASTSource(module.softmax_reduce_kernel, signature, launch, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = workdir / f"{config.name}.ptx"
     ptx.write_text(compiled.asm["ptx"])
@@ -340,7 +344,7 @@ def cuda_configs(quick: bool) -> list[Config]:
     """The CUDA kernel for the same patch problems (its fp32 FMAs have no precision choice)."""
     out = []
     for P, C, uint8, provenance, precision in problem_sizes(quick):
-        if precision != "tf32x3":
+        if precision in ("tf32", "ieee"):
             continue
         name = f"cuda-P{P}-C{C}-{'u8' if uint8 else 'f32'}-fp32{'-prov' if provenance else ''}"
         out.append(Config(name, "cuda", P, C, C * P * P, C, provenance, uint8, "fp32", True))
@@ -383,7 +387,9 @@ def cuda_kernel_info(config: Config, workdir: Path) -> dict:
     constant = lambda name: int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))  # noqa: E731
     block_q, tile_n, chunk_d = constant("kBlockQ"), constant("kTileN"), constant("kChunkD")
     functions = parse_sass(sass)
-    name = next(f for f in functions if "reduce_kernel" in f)
+    # one instance per value channel count (template parameter kE): reduce_kernel<E>, mangled ...ILi<E>E...
+    instances = [f for f in functions if "reduce_kernel" in f]
+    name = next((f for f in instances if f"ILi{config.E}E" in f), instances[0])
     sections = re.split(r"ptxas info\s+: Compiling entry function", ptxas)
     section = next(s for s in sections if name in s)
     return {
@@ -524,21 +530,57 @@ def _summary(r: dict) -> str:
     )
 
 
+def markdown_table(after: dict, before: dict | None = None) -> str:
+    """A markdown table of a static-cost JSON document (and the same configs of an earlier one, side by side):
+    the table of docs/performance.md."""
+    old = {r["config"]["name"]: r for r in (before or {}).get("results", []) if "error" not in r}
+
+    def cells(r: dict | None) -> list[str]:
+        if r is None:
+            return ["", "", "", ""]
+        spill = r["spill_store_bytes"]
+        return [
+            f"{r['registers']} / {spill} B / {r['shared_bytes'] // 1024} KB / {r['ctas_per_sm']}",
+            f"{r['warp_instructions_per_pair']:.3f}",
+            f"{r['predicted_pairs_per_s']:.2e} ({r['bound_by']})",
+            f"{r['problem_seconds']:.0f}",
+        ]
+
+    head = ["regs / spill stores / smem / CTAs per SM", "warp-inst per pair", "predicted pairs/s (bound)", "s"]
+    lines = ["| config | " + " | ".join(f"{h} before" for h in head) + " | " + " | ".join(head) + " |"]
+    lines.append("|---" * (1 + 2 * len(head)) + "|")
+    for r in after["results"]:
+        if "error" in r:
+            continue
+        name = r["config"]["name"]
+        earlier = old.get(name) or old.get(name.replace("fp16x2", "tf32x3"))  # auto's uint8 precision before
+        lines.append(f"| {name} | " + " | ".join(cells(earlier) + cells(r)) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="the CI subset (P = 3 and 11, C = 3, uint8)")
     parser.add_argument("--kernels", default="triton,cuda", help="comma-separated: triton, cuda")
+    parser.add_argument("--only", default="", help="measure only the configs whose name contains this")
+    parser.add_argument(
+        "--table", nargs="+", type=Path, metavar="JSON", help="print the markdown table of AFTER.json [BEFORE.json]"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        documents = [json.loads(path.read_text()) for path in args.table]
+        print(markdown_table(documents[0], documents[1] if len(documents) > 1 else None))
+        return 0
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: this tool compiles for a GPU")
     kinds = args.kernels.split(",")
     configs = (triton_configs(args.quick) if "triton" in kinds else []) + (
         cuda_configs(args.quick) if "cuda" in kinds else []
     )
-    results = run(configs)
+    results = run([c for c in configs if args.only in c.name])
     document = {
-        "command": "python benchmarks/static_cost.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python benchmarks/static_cost.py", *(argv if argv is not None else sys.argv[1:])]),
         "target": "sm_90 (H100/H200 SXM)",
         "constants": constants(),
         "results": results,
