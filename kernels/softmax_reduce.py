@@ -1,26 +1,43 @@
 """Fused Triton kernel of the patch-softmax core (SPEC section 5), installed as `elsfast.kernels.softmax_reduce`.
 
-What it computes. For queries q `(G, M, D)` (already scaled to bits, q' = q 2a/T log2 e) and a dictionary given
-by training images and offset tables (`Dictionary.pixel_offsets`), each program folds a range of the
-dictionary's N*S entries into a streaming log-sum-exp state for BLOCK_M queries of one group:
+What it computes. For queries q `(G, M, D)` (in bits, q' = q 2a/T log2 e) and a dictionary given by training
+images and offset tables (`Dictionary.pixel_offsets`), each program folds a range of the dictionary's entries into
+a streaming log-sum-exp state for BLOCK_M queries of one group:
 
     s_j  = q'.k_j - c |k_j|^2                 (bits; c = a^2/T log2 e; the |q|^2 term cancels in the softmax)
     m    = max_j s_j,  l = sum_j 2^(s_j - m),  acc = sum_j 2^(s_j - m) v_j
     best = the entry of largest s_j (first on ties),  u = sum_j 2^(s_j - m) (s_j - m)   (provenance)
 
-Keys are gathered from the images inside the kernel (entry j = s * N + n, image n, position s: key feature f is
-`image[n][key_offsets[g, s, f]]`, 0 where the offset is -1), so the patch dictionary is never materialised;
-uint8 images are mapped to [-1, 1] on load. Tiling: BLOCK_M queries x BLOCK_N entries, the key dimension in
-chunks of BLOCK_D (one chunk for patches up to D = 128), values in blocks of BLOCK_E (one block for patch
-dictionaries, E = C; whole-image dictionaries (IS/ES) recompute the logits once per value block). The grid is
-(query blocks, G x value blocks, SPLITS): SPLITS > 1 splits the dictionary across programs when there are few
-queries; the partial states are merged exactly on the host (`ReduceState.merge_`).
+Built like FlashAttention-2 (issue 20). Entries are walked in tiles of BLOCK_N images at one position s (entry
+j = s * N + n, the order of every backend), so a tile's offset row `key_offsets[g, s]` is loaded once and
+broadcast, its image rows are consecutive and the entry's image and position are scalars: no division in the
+loop. Keys are gathered from the images on the fly (the patch dictionary is never materialised); the last tile
+of a row s is the only one with entries past N, and it is masked through its keys' norms (|k|^2 = +inf gives a
+logit of -inf), not per element. Queries are loaded once per program, outside the entry loop, when the key
+dimension fits one chunk (D <= 128); longer keys walk 64-feature chunks in a runtime loop (so that the chunks
+share their shared-memory buffers) and reload the query chunk, zero-padded on the host so that the loads are
+aligned and unmasked. p.v runs as E FMAs per pair (patch values, E <= 4) instead of a GEMM padded to 16; whole-image
+values (IS/ES, E > 4) keep `tl.dot` over BLOCK_E-channel blocks. Tiles, warps and stages per (D, E) come from
+`launch_config`, which also refuses tiles over the shared-memory budget (`SHARED_MEMORY_LIMIT`).
 
-Precision. Accumulation is fp32. The distance dot runs at `DOT_PRECISION`: "tf32" (tensor cores, 10-bit
-mantissa) only where the logit scale allows it (see `elsfast.reduce.triton_backend.dot_precision`), otherwise
-"tf32x3" (three tf32 products, fp32-accurate) or "ieee". The weighted value sum always runs fp32-accurate
-("tf32x3", or "ieee" when the distances do). The interpreter (TRITON_INTERPRET=1) computes every dot
-in exact fp32 whatever the setting. Offsets into the images and the outputs are 64-bit.
+Precision (DOT_PRECISION):
+- "fp16x2" (uint8 images): keys are the exact integers k = 2u - 255 (k / 255 is the pixel in [-1, 1]; 0 for
+  zero padding), exact in fp16, with the 1/255 folded into the queries and |k|^2 summed exactly in fp32
+  (< 2^24). The queries, scaled by a power of two 2^sigma into fp16's range, are split q = q_hi + q_lo + r
+  (q_hi = fp16(q), q_lo = fp16(q - q_hi)), and q.k = q_hi.k + q_lo.k runs as two fp16 tensor-core passes with
+  exact products and fp32 accumulation. Error bound of a logit s (bits), with L = sum_f |q'_f k_f| + c |k|^2
+  (k in pixel units, L <= |q'| |k| + c |k|^2) and eps = eps32 = 2^-23:
+      |r_f| <= 2^-22 |q_f| (+ 2^-25 2^-sigma absolute, fp16 subnormals: negligible after the scaling)
+      -> split error          <= 2^-22 sum_f |q'_f k_f|           =  2 eps L
+      2D fp32 accumulations   <= 2D eps sum_f |q'_f k_f|          (tensor cores may truncate: eps, not eps/2)
+      scale, subtract c |k|^2 <= 2 eps L
+      total |ds| <= (2D + 4) eps L bits, against (D + 2) eps L for an fp32 FMA dot; in practice the
+      accumulation errors are random and the kernel stays within the fp32 backends' tolerance (tests).
+- "tf32" (fp32 images, only at very high noise): operands truncated to tf32, |ds| <= 2^-9 sum_f |q'_f k_f|
+  (see `elsfast.reduce.triton_backend.dot_precision`); "tf32x3" (fp32 images): three tf32 products,
+  fp32-grade; "ieee": plain fp32 FMAs (BLOCK_D <= 32 so that it does not spill).
+The weighted value sums are fp32 FMAs (uint8 values as exact integers 2u - 255, scaled by 1/255 at the store).
+The interpreter (TRITON_INTERPRET=1) computes every dot in fp32 whatever the setting.
 
 Differences from the torch backend: the same state and the same entry order within a split, one pass instead of
 chunks and tiles of a memory budget; fp32 only (float64 queries run on torch).
@@ -28,16 +45,91 @@ chunks and tiles of a memory budget; fp32 only (float64 queries run on torch).
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_softmax_reduce", "softmax_reduce_kernel"]
+__all__ = [
+    "KERNEL_SIGNATURE",
+    "SHARED_MEMORY_LIMIT",
+    "launch_config",
+    "launch_softmax_reduce",
+    "shared_memory_estimate",
+    "softmax_reduce_kernel",
+    "split_queries",
+]
+
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_80 .. sm_90 (CUDA guide, CC 8.0+)
+
+# The runtime arguments of `softmax_reduce_kernel` and their Triton types (uint8 images: img_ptr "*u8"), for ahead-of-
+# time compiles (benchmarks/static_cost.py, tests) that must match what the launcher passes.
+KERNEL_SIGNATURE = dict(
+    q_ptr="*fp32", qhi_ptr="*fp16", qlo_ptr="*fp16", img_ptr="*fp32", koff_ptr="*i32", voff_ptr="*i32",
+    m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", best_ptr="*i64", u_ptr="*fp32", G="i32", M="i32", N="i32",
+    S="i32", pixels_per_image="i32", tiles_per_split="i32", key_scale="fp32", dot_scale="fp32", value_scale="fp32",
+    M_PAD="i32",
+)  # fmt: skip
+ALIGNED_INTEGERS = ("M_PAD",)  # always a multiple of 16 (of BLOCK_M): launches specialise it as such
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    # tl.exp2 lowers to ex2.approx.f32 plus a denormal fix-up (3 more instructions); the flush-to-zero form is one
+    # MUFU.EX2, and weights below 2^-126 of the largest are negligible. The interpreter has no inline PTX.
+    if FAST:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _key_chunk(img_tile, rows, koff_row, c0, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_UINT8: tl.constexpr):
+    """Keys of one tile, features [c0, c0 + BLOCK_D): (BLOCK_N, BLOCK_D) fp32 (exact integers 2u - 255 for uint8
+    images, 0 for zero padding and for features past D)."""
+    d = c0 + tl.arange(0, BLOCK_D)
+    off = tl.load(koff_row + d, mask=d < D, other=-1)  # one offset row per tile, broadcast over its entries
+    valid = off >= 0
+    # unmasked loads: padded features read pixel 0 of the row and are zeroed by the (per-feature) scale below
+    pix = tl.load(img_tile + rows[:, None] + tl.maximum(off, 0)[None, :])
+    if IS_UINT8:
+        k = pix.to(tl.float32) * tl.where(valid, 2.0, 0.0)[None, :] + tl.where(valid, -255.0, 0.0)[None, :]
+    else:
+        k = pix * tl.where(valid, 1.0, 0.0)[None, :]
+    return k
+
+
+@triton.jit
+def _value(ptrs, IS_UINT8: tl.constexpr):
+    """Values at `ptrs` as fp32: uint8 pixels as the exact integers 2u - 255 (255 x the pixel in [-1, 1])."""
+    v = tl.load(ptrs).to(tl.float32)
+    if IS_UINT8:
+        v = v * 2.0 - 255.0
+    return v
+
+
+@triton.jit
+def _distance_dot(q_hi, q_lo, q_f32, k, qk, SPLIT16: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """qk + q.k^T for one key chunk k (BLOCK_N, BLOCK_D) fp32: two fp16 passes over the queries' halves (integer
+    keys are exact in fp16), or one tl.dot at DOT_PRECISION over the fp32 queries."""
+    if SPLIT16:
+        kt = tl.trans(k.to(tl.float16))
+        qk = tl.dot(q_hi, kt, qk)
+        qk = tl.dot(q_lo, kt, qk)
+    else:
+        qk = tl.dot(q_f32, tl.trans(k), qk, input_precision=DOT_PRECISION)
+    return qk
 
 
 @triton.jit
 def softmax_reduce_kernel(
-    q_ptr,  # (G, M, D) fp32, scaled to bits
+    q_ptr,  # (G, M, D) fp32 queries in bits (uint8 images: divided by 255); unused with fp16x2
+    qhi_ptr,  # (G, M_PAD, D_PAD) fp16, zero-padded: the high and low halves of q 2^sigma (fp16x2 only)
+    qlo_ptr,
     img_ptr,  # (N, C*H*W) uint8 or fp32
     koff_ptr,  # (G, S, D) int32 pixel offsets, -1 = zero padding
     voff_ptr,  # (G, S, E) int32
@@ -50,20 +142,27 @@ def softmax_reduce_kernel(
     M,
     N,
     S,
-    D,
-    E,
     pixels_per_image,
-    entries_per_split,
-    key_scale,  # c = a^2/T log2 e
+    tiles_per_split,  # tiles (BLOCK_N images at one position) per split
+    key_scale,  # c of the logit (uint8: c / 255^2, for integer keys)
+    dot_scale,  # 2^-sigma: undoes the queries' power-of-two scaling (1 without fp16x2)
+    value_scale,  # 1/255 for uint8 images (integer values), 1 otherwise
+    M_PAD,  # rows of the query halves per group: a multiple of BLOCK_M
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,  # row stride of the query halves: CHUNKS * BLOCK_D
+    E: tl.constexpr,
     IS_UINT8: tl.constexpr,
     PROVENANCE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    VALUE_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    FAST_EXP2: tl.constexpr,
 ):
+    CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    VALUE_FMA: tl.constexpr = E <= 4
+    SPLIT16: tl.constexpr = DOT_PRECISION == "fp16x2"
     pid_m = tl.program_id(0)
     pid_ge = tl.program_id(1)
     split = tl.program_id(2)
@@ -73,71 +172,216 @@ def softmax_reduce_kernel(
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    d_range = tl.arange(0, BLOCK_D)
-    e_range = e0 + tl.arange(0, BLOCK_E)
-    e_ok = e_range < E
-    q_base = q_ptr + (g.to(tl.int64) * M + rows.to(tl.int64)) * D  # (BLOCK_M,)
+    q_row = (g.to(tl.int64) * M + rows.to(tl.int64)) * D  # (BLOCK_M,)
     koff_base = koff_ptr + g.to(tl.int64) * S * D
     voff_base = voff_ptr + g.to(tl.int64) * S * E
+    n_range = tl.arange(0, BLOCK_N)
+    e_range = e0 + tl.arange(0, BLOCK_E)
+    e_ok = e_range < E
+
+    # queries once per program when the key dimension is one chunk (FlashAttention-2's Q tile)
+    d_range = tl.arange(0, BLOCK_D)
+    q_mask = row_ok[:, None] & (d_range < D)[None, :]
+    # the halves are zero-padded to whole tiles: aligned, unmasked, vectorised loads
+    q16 = (g.to(tl.int64) * M_PAD + rows.to(tl.int64))[:, None] * D_PAD + d_range[None, :]
+    if CHUNKS == 1:
+        if SPLIT16:
+            q_hi = tl.load(qhi_ptr + q16)
+            q_lo = tl.load(qlo_ptr + q16)
+            q_f32 = q_hi
+        else:
+            q_f32 = tl.load(q_ptr + q_row[:, None] + d_range[None, :], mask=q_mask, other=0.0)
+            q_hi = q_f32
+            q_lo = q_f32
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     u_i = tl.zeros((BLOCK_M,), tl.float32)
     best_i = tl.full((BLOCK_M,), -1, tl.int64)
+    acc0 = tl.zeros((BLOCK_M,), tl.float32)
+    acc1 = tl.zeros((BLOCK_M,), tl.float32)
+    acc2 = tl.zeros((BLOCK_M,), tl.float32)
+    acc3 = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
 
-    total = N.to(tl.int64) * S
-    start = split.to(tl.int64) * entries_per_split
-    stop = tl.minimum(start + entries_per_split, total)
-    for j0 in range(start, stop, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)  # entry j = s * N + n
-        j_ok = j < stop
-        s = j // N
-        n = j - s * N
-        image = img_ptr + n * pixels_per_image  # (BLOCK_N,) 64-bit
+    tiles_per_row = tl.cdiv(N, BLOCK_N)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, S * tiles_per_row)
+    image_rows = n_range * pixels_per_image  # (BLOCK_N,) int32 offsets of a tile's image rows
+    for t in range(first, last):
+        s = t // tiles_per_row  # scalars: one position s and BLOCK_N consecutive images n0 ... per tile
+        n0 = (t - s * tiles_per_row) * BLOCK_N
+        img_tile = img_ptr + n0.to(tl.int64) * pixels_per_image
+        koff_row = koff_base + s.to(tl.int64) * D
+        n_ok = n0 + n_range < N
+        # entries past N (last tile of a row) read row N - 1 and are dropped through their norm below
+        tile_rows = tl.where(n_ok, image_rows, (N - 1 - n0) * pixels_per_image)
+
         qk = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        kk = tl.zeros((BLOCK_N,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + d_range
-            d_ok = d < D
-            q = tl.load(q_base[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            off = tl.load(koff_base + s[:, None] * D + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=-1)
-            k = tl.load(image[:, None] + tl.maximum(off, 0), mask=off >= 0, other=0).to(tl.float32)
-            if IS_UINT8:
-                k = tl.where(off >= 0, k / 127.5 - 1.0, 0.0)
-            kk += tl.sum(k * k, axis=1)
-            qk += tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        logits = tl.where(j_ok[None, :], qk - key_scale * kk[None, :], float("-inf"))
+        if CHUNKS == 1:
+            k = _key_chunk(img_tile, tile_rows, koff_row, 0, D, BLOCK_D, IS_UINT8)
+            kk = tl.sum(k * k, axis=1)  # exact for integer keys: every partial sum is an integer < 2^24
+            qk = _distance_dot(q_hi, q_lo, q_f32, k, qk, SPLIT16, DOT_PRECISION)
+        else:
+            # a runtime loop (not unrolled), so that the chunks share their shared-memory buffers
+            kk = tl.zeros((BLOCK_N,), tl.float32)
+            for c in range(CHUNKS):
+                k = _key_chunk(img_tile, tile_rows, koff_row, c * BLOCK_D, D, BLOCK_D, IS_UINT8)
+                kk += tl.sum(k * k, axis=1)
+                if SPLIT16:
+                    q_hi = tl.load(qhi_ptr + q16 + c * BLOCK_D)
+                    q_lo = tl.load(qlo_ptr + q16 + c * BLOCK_D)
+                    qk = _distance_dot(q_hi, q_lo, q_hi, k, qk, SPLIT16, DOT_PRECISION)
+                else:
+                    d = c * BLOCK_D + d_range
+                    mask = row_ok[:, None] & (d < D)[None, :]
+                    q_f32 = tl.load(q_ptr + q_row[:, None] + d[None, :], mask=mask, other=0.0)
+                    qk = _distance_dot(q_f32, q_f32, q_f32, k, qk, SPLIT16, DOT_PRECISION)
+        ckk = tl.where(n_ok, key_scale * kk, float("inf"))
+        logits = qk * dot_scale - ckk[None, :]
 
         tile_max = tl.max(logits, axis=1)
         m_new = tl.maximum(m_i, tile_max)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(logits - m_new[:, None])
+        alpha = _exp2(m_i - m_new, FAST_EXP2)  # 0 on the first tile (m_i = -inf)
+        shifted = logits - m_new[:, None]
+        p = _exp2(shifted, FAST_EXP2)
         if PROVENANCE:
-            tile_arg = tl.argmax(logits, axis=1)
-            tile_best = tl.sum(tl.where(tl.arange(0, BLOCK_N)[None, :] == tile_arg[:, None], j[None, :], 0), axis=1)
-            local = (tile_best % N) * S + tile_best // N
+            tile_arg = tl.argmax(logits, axis=1)  # the first of equal logits: entry order
+            local = (n0 + tile_arg).to(tl.int64) * S + s
             best_i = tl.where(tile_max > m_i, local, best_i)
             shift = tl.where(l_i > 0, m_i - m_new, 0.0)
-            u_i = alpha * (u_i + shift * l_i) + tl.sum(p * tl.where(p > 0, logits - m_new[:, None], 0.0), axis=1)
+            # dropped entries have p = 0 and shifted = -inf: clamp so that 0 * shifted is 0, not nan
+            u_i = alpha * (u_i + shift * l_i) + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=1)
         l_i = alpha * l_i + tl.sum(p, axis=1)
 
-        voff = tl.load(voff_base + s[:, None] * E + e_range[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0)
-        v = tl.load(image[:, None] + voff, mask=j_ok[:, None] & e_ok[None, :], other=0).to(tl.float32)
-        if IS_UINT8:
-            v = v / 127.5 - 1.0
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=VALUE_PRECISION)
+        voff_row = voff_base + s.to(tl.int64) * E
+        if VALUE_FMA:
+            # E FMAs per pair; a value is one pixel of the tile's image rows, its offset one scalar per tile
+            v0 = _value(img_tile + tile_rows + tl.load(voff_row), IS_UINT8)
+            acc0 = acc0 * alpha + tl.sum(p * v0[None, :], axis=1)
+            if E > 1:
+                v1 = _value(img_tile + tile_rows + tl.load(voff_row + 1), IS_UINT8)
+                acc1 = acc1 * alpha + tl.sum(p * v1[None, :], axis=1)
+            if E > 2:
+                v2 = _value(img_tile + tile_rows + tl.load(voff_row + 2), IS_UINT8)
+                acc2 = acc2 * alpha + tl.sum(p * v2[None, :], axis=1)
+            if E > 3:
+                v3 = _value(img_tile + tile_rows + tl.load(voff_row + 3), IS_UINT8)
+                acc3 = acc3 * alpha + tl.sum(p * v3[None, :], axis=1)
+        else:
+            voff = tl.load(voff_row + e_range, mask=e_ok, other=0)
+            v = tl.load(img_tile + tile_rows[:, None] + voff[None, :], mask=e_ok[None, :], other=0).to(tl.float32)
+            if IS_UINT8:
+                v = tl.where(e_ok[None, :], v * 2.0 - 255.0, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee" if DOT_PRECISION == "ieee" else "tf32x3")
         m_i = m_new
 
     out = (split.to(tl.int64) * G + g) * M + rows
-    acc_ptrs = acc_ptr + out[:, None] * E + e_range[None, :]
-    tl.store(acc_ptrs, acc, mask=row_ok[:, None] & e_ok[None, :])
+    if VALUE_FMA:
+        # uint8 values were the integers 2u - 255: value_scale = 1/255 maps them to [-1, 1]
+        tl.store(acc_ptr + out * E, acc0 * value_scale, mask=row_ok)
+        if E > 1:
+            tl.store(acc_ptr + out * E + 1, acc1 * value_scale, mask=row_ok)
+        if E > 2:
+            tl.store(acc_ptr + out * E + 2, acc2 * value_scale, mask=row_ok)
+        if E > 3:
+            tl.store(acc_ptr + out * E + 3, acc3 * value_scale, mask=row_ok)
+    else:
+        acc_ptrs = acc_ptr + out[:, None] * E + e_range[None, :]
+        tl.store(acc_ptrs, acc * value_scale, mask=row_ok[:, None] & e_ok[None, :])
     if e0 == 0:
         tl.store(m_ptr + out, m_i, mask=row_ok)
         tl.store(l_ptr + out, l_i, mask=row_ok)
         if PROVENANCE:
             tl.store(best_ptr + out, best_i, mask=row_ok)
             tl.store(u_ptr + out, u_i, mask=row_ok)
+
+
+def split_queries(q: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`(q_hi, q_lo, dot_scale)` for "fp16x2": q 2^sigma = q_hi + q_lo + r with fp16 halves, sigma chosen so that
+    the largest |q| 2^sigma lies in [2^13, 2^14) (far from fp16's overflow at 65504 and its subnormals), and
+    dot_scale = 2^-sigma. q `(G, M, D)` fp32; the halves are `(G, rows, columns)`, zero beyond `(M, D)`."""
+    G, M, D = q.shape
+    largest = float(q.abs().max()) if q.numel() else 0.0
+    sigma = 0 if largest == 0.0 or not math.isfinite(largest) else 13 - math.floor(math.log2(largest))
+    sigma = max(-100, min(100, sigma))
+    scaled = torch.zeros(G, rows, columns, dtype=torch.float32, device=q.device)
+    scaled[:, :M, :D] = q * 2.0**sigma
+    q_hi = scaled.to(torch.float16)
+    q_lo = (scaled - q_hi.float()).to(torch.float16)
+    return q_hi, q_lo, 2.0**-sigma
+
+
+def shared_memory_estimate(config: dict) -> int:
+    """An upper bound on the shared memory (bytes) `softmax_reduce_kernel` compiles to for these compile-time
+    arguments: the dot operands of a tile (queries and keys, fp16 halves or fp32 and their tf32 splits) times the
+    pipeline stages, plus the layout conversions of the reductions. Checked against the compiled kernels in
+    tests/test_gpu_kernels_static.py."""
+    bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
+    itemsize = 2 if config["DOT_PRECISION"] == "fp16x2" else 4
+    operands = (bm + bn) * bd * itemsize * (2 if config["DOT_PRECISION"] in ("fp16x2", "tf32x3") else 1)
+    values = 0 if config["E"] <= 4 else (bm * bn + bn * config["BLOCK_E"]) * 4 * 2
+    return operands * max(1, config["num_stages"]) + bm * bn * 4 + values
+
+
+def launch_config(
+    D: int,
+    E: int,
+    *,
+    is_uint8: bool,
+    provenance: bool,
+    dot_precision: str,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_e: int = 16,
+    fast_exp2: bool = True,
+    stages: int | None = None,
+) -> dict:
+    """The compile-time arguments `launch_softmax_reduce` passes for keys of D features and values of E channels:
+    constexprs, num_warps and num_stages, in one place for the launcher and the static cost tool
+    (benchmarks/static_cost.py), so that the tool compiles exactly what a launch compiles.
+
+    Defaults per key dimension (chosen with the static tool, docs/performance.md), 8 warps and one stage: keys
+    of one chunk (up to 128 features; 64 for tf32x3, 32 for ieee, which spilled 9.8 KB at 128) run 256 x 64
+    tiles; longer keys 64-feature chunks (fp16x2) and 128 x 128 tiles. `block_m`, `block_n` override the tiles and
+    `stages` the software-pipelining depth (two stages turned the gathers into cp.async with per-element bounds
+    logic: 2x the instructions at P = 11). A config whose shared memory estimate exceeds `SHARED_MEMORY_LIMIT` is
+    re-planned (fewer stages, then a smaller BLOCK_N, then BLOCK_M) before launch, never handed to the GPU."""
+    chunk = {"fp16x2": 128, "tf32": 128, "tf32x3": 64, "ieee": 32}[dot_precision]
+    block_d = min(chunk, max(16, triton.next_power_of_2(D)))
+    one_chunk = block_d >= D
+    if not one_chunk and dot_precision == "fp16x2":
+        block_d = 64  # longer keys loop over chunks; 64 keeps two query halves and a key chunk in registers
+    # One chunk: queries stay in registers and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer
+    # keys reload a query chunk per key chunk: 128 x 128 tiles halve that reload per pair.
+    bm = block_m or (256 if one_chunk else 128)
+    bn = block_n or (64 if one_chunk else 128)
+    config = dict(
+        D=D,
+        E=E,
+        IS_UINT8=is_uint8,
+        PROVENANCE=provenance,
+        DOT_PRECISION=dot_precision,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=block_d,
+        BLOCK_E=block_e,
+        FAST_EXP2=fast_exp2,
+        num_warps=8 if bm >= 128 else 4,
+        num_stages=stages if stages is not None else 1,
+    )
+    config["D_PAD"] = triton.cdiv(D, block_d) * block_d
+    while shared_memory_estimate(config) > SHARED_MEMORY_LIMIT:
+        if config["num_stages"] > 1:
+            config["num_stages"] -= 1
+        elif config["BLOCK_N"] > 16:
+            config["BLOCK_N"] //= 2
+        elif config["BLOCK_M"] > 16:
+            config["BLOCK_M"] //= 2
+            config["num_warps"] = 8 if config["BLOCK_M"] >= 128 else 4
+        else:
+            raise ValueError(f"no tile of D = {D}, E = {E} fits {SHARED_MEMORY_LIMIT} bytes of shared memory")
+    return config
 
 
 def launch_softmax_reduce(
@@ -148,61 +392,47 @@ def launch_softmax_reduce(
     key_scale: float,
     *,
     splits: int,
-    entries_per_split: int,
-    provenance: bool,
-    dot_precision: str,
-    block_m: int,
-    block_n: int,
-    block_e: int,
+    tiles_per_split: int,
+    config: dict,
 ) -> tuple[torch.Tensor, ...]:
-    """Run `softmax_reduce_kernel`; returns the partial states `(m, l, acc, best, u)`, each with a leading
-    `(splits,)` axis: m, l, u `(splits, G, M)` fp32, acc `(splits, G, M, E)` fp32, best `(splits, G, M)` int64
-    local ids `n * S + s` (-1 for an empty split); best and u are None without provenance.
+    """Run `softmax_reduce_kernel` with `config` (`launch_config`); returns the partial states `(m, l, acc, best,
+    u)`, each with a leading `(splits,)` axis: m, l, u `(splits, G, M)` fp32, acc `(splits, G, M, E)` fp32, best
+    `(splits, G, M)` int64 local ids `n * S + s` (-1 for an empty split); best and u are None without provenance.
 
-    `splits` programs per (query block, group, value block) fold `entries_per_split` consecutive entries each (a
-    multiple of `block_n`; `elsfast.reduce.partials.plan_splits`). `block_e`: values per program (>= 16).
+    `splits` programs per (query block, group, value block) fold `tiles_per_split` consecutive tiles each (a tile:
+    `config["BLOCK_N"]` images at one position; `elsfast.reduce.partials.plan_splits`).
 
     q `(G, M, D)` fp32 contiguous in bits; images `(N, C*H*W)` uint8 or fp32; key_offsets `(G, S, D)` and
     value_offsets `(G, S, E)` int32, all on one device; key_scale c of the logit q.k - c |k|^2
-    (`elsfast.reduce.partials.KernelInputs`). `block_m`, `block_n`: tile sizes (powers of two; on a
-    GPU at least 16, the smallest `tl.dot` shape)."""
-    G, M, D = q.shape
+    (`elsfast.reduce.partials.KernelInputs`). Launches on q's device."""
+    G, M, _ = q.shape
     N = images.shape[0]
     S, E = key_offsets.shape[1], value_offsets.shape[2]
-    block_d = min(128, max(16, triton.next_power_of_2(D)))  # a GPU tl.dot needs K >= 16
+    uint8 = images.dtype == torch.uint8
+    if uint8:  # integer keys and values 2u - 255 = 255 x pixel: fold the 1/255 into q, c and the values
+        q, key_scale, value_scale = q / 255.0, key_scale / 255.0**2, 1.0 / 255.0
+    else:
+        value_scale = 1.0
+    d_pad = config["D_PAD"]
+    m_pad = max(1, triton.cdiv(M, config["BLOCK_M"])) * config["BLOCK_M"]
+    if config["DOT_PRECISION"] == "fp16x2":
+        q_hi, q_lo, dot_scale = split_queries(q, m_pad, d_pad)
+    else:
+        q_hi = q_lo = torch.empty(1, dtype=torch.float16, device=q.device)
+        dot_scale = 1.0
     device = q.device
     m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
     l = torch.empty_like(m)
     acc = torch.empty(splits, G, M, E, dtype=torch.float32, device=device)
-    best = torch.empty(splits, G, M, dtype=torch.int64, device=device) if provenance else m
-    u = torch.empty_like(m) if provenance else m
-    grid = (triton.cdiv(M, block_m), G * triton.cdiv(E, block_e), splits)
-    softmax_reduce_kernel[grid](
-        q,
-        images,
-        key_offsets,
-        value_offsets,
-        m,
-        l,
-        acc,
-        best,
-        u,
-        G,
-        M,
-        N,
-        S,
-        D,
-        E,
-        images.shape[1],
-        entries_per_split,
-        key_scale,
-        IS_UINT8=images.dtype == torch.uint8,
-        PROVENANCE=provenance,
-        DOT_PRECISION=dot_precision,
-        VALUE_PRECISION="ieee" if dot_precision == "ieee" else "tf32x3",
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        BLOCK_E=block_e,
-    )
+    best = torch.empty(splits, G, M, dtype=torch.int64, device=device) if config["PROVENANCE"] else m
+    u = torch.empty_like(m) if config["PROVENANCE"] else m
+    grid = (triton.cdiv(M, config["BLOCK_M"]), G * triton.cdiv(E, config["BLOCK_E"]), splits)
+    # on the tensors' device, not the current one (a launch on another device would read foreign pointers)
+    with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        softmax_reduce_kernel[grid](
+            q.contiguous(), q_hi, q_lo, images, key_offsets, value_offsets, m, l, acc, best, u,
+            G, M, N, S, images.shape[1], tiles_per_split, key_scale, dot_scale, value_scale,
+            m_pad, **config,
+        )  # fmt: skip
+    provenance = config["PROVENANCE"]
     return m, l, acc, (best if provenance else None), (u if provenance else None)

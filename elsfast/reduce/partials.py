@@ -59,13 +59,13 @@ def plan_splits(entries: int, tile: int, programs: int, device: torch.device, sp
     grid axes launch `programs` programs: `splits` itself if given, else enough to reach `PROGRAMS_PER_SM`
     programs per SM of a CUDA `device` (1 elsewhere); at most one split per tile, `entries_per_split` a multiple
     of `tile`, and no split empty."""
-    tiles = math.ceil(entries / tile)
+    tiles = max(1, math.ceil(entries / tile))
     if splits is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-        splits = math.ceil(PROGRAMS_PER_SM * sms / programs)
+        splits = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))  # no queries (M = 0): one program's worth
     splits = max(1, min(splits, tiles, MAX_GRID_AXIS))
     per_split = math.ceil(tiles / splits) * tile
-    return math.ceil(entries / per_split), per_split
+    return max(1, math.ceil(entries / per_split)), per_split
 
 
 def import_extension(name: str) -> ModuleType | ImportError:

@@ -4,12 +4,14 @@ on the fly, streaming log-sum-exp, dictionary split across programs and merged e
 Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1 set before triton is
 imported), which is for testing: `auto` never picks it on a CPU. fp32 only.
 
-Precision policy (SPEC section 5). The distance dot q'.k may run on tf32 tensor cores (operands rounded to 10
-mantissa bits, relative error at most 2^-11 each) only where the resulting logit error is negligible:
-|error| <= 2^-10 sum_f |q'_f k_f| <= 2^-10 |q'| |k| bits, with |q'| = 2a/T log2(e) |q| the largest scaled query
-norm and |k| <= sqrt(D) max|pixel| the largest key norm. tf32 is used when that bound is at most
-`TF32_MAX_LOGIT_ERROR` bits (a weight then moves by at most 0.07%), which happens only at very high noise; otherwise
-"tf32x3" (three tf32 products, fp32-accurate, still on tensor cores). `precision="ieee"` forces plain fp32 FMAs.
+Precision policy (SPEC section 5). uint8 images: "fp16x2", the exact integer keys 2u - 255 against the queries'
+two fp16 halves (fp32-grade; bound in the kernel's module docstring). float32 images: the distance dot q'.k may
+run on tf32 tensor cores only where the resulting logit error is negligible. tf32 operands given as raw fp32 are
+truncated, not rounded (relative error below 2^-10 each), so |error| <= 2^-9 sum_f |q'_f k_f| <= 2^-9 |q'| |k|
+bits, with |q'| = 2a/T log2(e) |q| the largest scaled query norm and |k| <= sqrt(D) max|pixel| the largest key
+norm. tf32 is used when that bound is at most `TF32_MAX_LOGIT_ERROR` bits (a weight then moves by at most
+0.07%), which happens only at very high noise; otherwise "tf32x3" (three tf32 products, fp32-accurate, still on
+tensor cores). `precision="ieee"` forces plain fp32 FMAs.
 """
 
 from __future__ import annotations
@@ -27,22 +29,33 @@ from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_sp
 from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import logit_scales
 
-__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound"]
+__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound", "value_block"]
 
 TF32_MAX_LOGIT_ERROR = 1e-3  # bits
-PRECISIONS = ("auto", "tf32", "tf32x3", "ieee")
+PRECISIONS = ("auto", "fp16x2", "tf32", "tf32x3", "ieee")
 
 
-def dot_precision(abar: float, query_norm: float, key_norm: float, precision: str = "auto") -> str:
-    """The `tl.dot` input precision for the distance dot: `precision` itself unless "auto", then "tf32" where the
-    tf32 logit error bound `2^-10 (2a/T) log2(e) query_norm key_norm` (bits) is at most `TF32_MAX_LOGIT_ERROR`,
-    "tf32x3" otherwise. `query_norm`, `key_norm`: the largest query and key norms (pixel units)."""
+def dot_precision(abar: float, query_norm: float, key_norm: float, precision: str = "auto", uint8: bool = False) -> str:
+    """The distance dot's precision: `precision` itself unless "auto", then "fp16x2" for uint8 images (`uint8`),
+    else "tf32" where the tf32 logit error bound `2^-9 (2a/T) log2(e) query_norm key_norm` (bits) is at most
+    `TF32_MAX_LOGIT_ERROR`, "tf32x3" otherwise. `query_norm`, `key_norm`: the largest query and key norms (pixel
+    units). "fp16x2" needs integer keys, i.e. uint8 images."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp16x2" and not uint8:
+        raise ValueError('precision "fp16x2" needs uint8 images (exact integer keys)')
     if precision != "auto":
         return precision
-    bound = 2.0**-10 * logit_scales(abar)[0] * query_norm * key_norm
+    if uint8:
+        return "fp16x2"
+    bound = 2.0**-9 * logit_scales(abar)[0] * query_norm * key_norm
     return "tf32" if bound <= TF32_MAX_LOGIT_ERROR else "tf32x3"
+
+
+def value_block(E: int) -> int:
+    """Value channels one program accumulates (`BLOCK_E`): E rounded up to a power of two, at least 16 (a GPU
+    `tl.dot` dimension), at most 64 (whole-image dictionaries run in several value blocks)."""
+    return min(64, max(16, 1 << (E - 1).bit_length()))
 
 
 def key_norm_bound(dictionary: Dictionary) -> float:
@@ -58,14 +71,17 @@ class Triton(Backend):
     """Fused Triton kernel (CUDA; CPU only under the interpreter, for tests).
 
     Args:
-        precision: distance-dot precision, "auto" (the policy of the module docstring), "tf32", "tf32x3", "ieee".
-        block_m, block_n: query and entry tile sizes (powers of two, at least 16).
+        precision: distance-dot precision, "auto" (the policy of the module docstring), "fp16x2" (uint8 images),
+            "tf32", "tf32x3", "ieee".
+        block_m, block_n: query and entry tile sizes (powers of two, at least 16); None: the kernel's default for
+            the key dimension (`elsfast.kernels.softmax_reduce.launch_config`). Tiles over the shared-memory
+            limit are re-planned before launch.
         splits: dictionary splits per (query block, group); None: enough programs to fill the GPU (one on a CPU).
     """
 
     precision: str = "auto"
-    block_m: int = 64
-    block_n: int = 64
+    block_m: int | None = None
+    block_n: int | None = None
     splits: int | None = None
 
     NAME = "triton"
@@ -78,10 +94,10 @@ class Triton(Backend):
     }
 
     def __post_init__(self) -> None:
-        dot_precision(0.5, 0.0, 0.0, self.precision)
+        dot_precision(0.5, 0.0, 0.0, self.precision, uint8=True)
         for name in ("block_m", "block_n"):
             size = getattr(self, name)
-            if size < 16 or size & (size - 1):
+            if size is not None and (size < 16 or size & (size - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
         if self.splits is not None and self.splits < 1:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
@@ -130,23 +146,28 @@ class Triton(Backend):
         memory_budget: int,
         provenance: bool = False,
     ) -> BackendOutput:
-        from elsfast.kernels.softmax_reduce import launch_softmax_reduce
+        from elsfast.kernels.softmax_reduce import launch_config, launch_softmax_reduce
 
         G, M, _ = queries.shape
         inputs = kernel_inputs(queries, dictionary, abar)
-        precision = dot_precision(abar, float(queries.norm(dim=-1).max()), key_norm_bound(dictionary), self.precision)
+        uint8 = dictionary.images.dtype == torch.uint8
+        query_norm = float(queries.norm(dim=-1).max()) if queries.numel() else 0.0
+        precision = dot_precision(abar, query_norm, key_norm_bound(dictionary), self.precision, uint8)
         E = dictionary.value_dim
-        block_e = min(64, max(16, 1 << (E - 1).bit_length()))  # the launcher's value block
-        programs = math.ceil(M / self.block_m) * G * math.ceil(E / block_e)
-        splits, per_split = plan_splits(dictionary.size, self.block_n, programs, queries.device, self.splits)
-        partial = launch_softmax_reduce(
-            *inputs,
-            splits=splits,
-            entries_per_split=per_split,
-            block_e=block_e,
+        config = launch_config(
+            dictionary.key_dim,
+            E,
+            is_uint8=uint8,
             provenance=provenance,
             dot_precision=precision,
             block_m=self.block_m,
             block_n=self.block_n,
+            block_e=value_block(E),
+            fast_exp2=queries.device.type == "cuda",
         )
+        programs = math.ceil(M / config["BLOCK_M"]) * G * math.ceil(E / config["BLOCK_E"])
+        # a tile is BLOCK_N images at one position: S rows of ceil(N / BLOCK_N) tiles
+        tiles = dictionary.entries_per_image * math.ceil(dictionary.num_images / config["BLOCK_N"])
+        splits, per_split = plan_splits(tiles, 1, programs, queries.device, self.splits)
+        partial = launch_softmax_reduce(*inputs, splits=splits, tiles_per_split=per_split, config=config)
         return BackendOutput(fold_partial_states(dictionary, *partial), 1)
