@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write
+from .fileio import atomic_write, describe_file
 from .machine import ScoreMachine
 from .metrics import cosine_similarity
 from .sampling import ddim_sample
@@ -342,9 +342,14 @@ class CalibrationResult:
 
     @classmethod
     def from_json(cls, path: str | Path) -> CalibrationResult:
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not an elsfast calibration (format {data.get('format')!r})")
+        """Read a calibration written by `to_json`; ValueError naming the file (and what it looks like) for any
+        other file."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (UnicodeDecodeError, ValueError):
+            data = None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an elsfast calibration: it looks like {describe_file(path)}")
         steps, k = data["steps"], len(data["sizes"])
         keys = [str(s) for s in data["seeds"]]
         best = torch.tensor([[0, *data["best"][key][1:]] for key in keys], dtype=torch.int64).reshape(-1, steps)

@@ -235,3 +235,23 @@ def test_describe_file_names_what_a_file_looks_like(tmp_path, network):
     assert describe_file(tmp_path / "s.npz") == "a numpy .npz archive (arrays samples)"
     assert describe_file(tmp_path / "g.png") == "a PNG image"
     assert describe_file(tmp_path) == "a directory"
+
+
+@pytest.mark.parametrize("name", ["network.pt", "calibration.json", "reproduction.json", "report/summary.md"])
+def test_reproduce_refuses_a_foreign_file_at_each_stage_and_keeps_it(tmp_path, name):
+    from elsfast.reproduce import Preset, reproduce
+    from elsfast.train import TrainConfig
+
+    tiny = Preset(
+        train=TrainConfig(dataset="mnist-embedded", limit=16, channels=4, blocks=1, batch_size=8, max_steps=1),
+        sizes=(1, 3),
+        calibration_seeds=1,
+        comparison_seeds=1,
+        steps=3,
+    )
+    foreign = tmp_path / name
+    foreign.parent.mkdir(parents=True, exist_ok=True)
+    foreign.write_bytes(FOREIGN)
+    with pytest.raises((ValueError, FileExistsError), match=foreign.name.replace(".", r"\.")):
+        reproduce(tiny, tmp_path, progress=False)
+    assert foreign.read_bytes() == FOREIGN

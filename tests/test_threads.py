@@ -85,20 +85,32 @@ def test_the_kernels_use_the_decided_count(monkeypatch, cpu_ext):
 
 
 @pytest.mark.parametrize(
-    ("extra", "code", "expected"),
+    ("extra", "expected"),
     [
-        ({}, "import elsfast, os", str(threads.SPIN_COUNT)),
-        ({"OMP_WAIT_POLICY": "active"}, "import elsfast, os", "None"),
-        ({"GOMP_SPINCOUNT": "7"}, "import elsfast, os", "7"),
-        ({"ELSFAST_OMP_SPIN": "default"}, "import elsfast, os", "None"),
-        ({}, "import torch, elsfast, os", "None"),  # too late: libgomp has read its settings
+        ({}, str(threads.SPIN_COUNT)),
+        ({"OMP_WAIT_POLICY": "active"}, None),
+        ({"GOMP_SPINCOUNT": "7"}, "7"),
+        ({"ELSFAST_OMP_SPIN": "default"}, None),
     ],
 )
-def test_import_bounds_the_openmp_spin_unless_told_otherwise(extra, code, expected):
+def test_the_spin_bound_respects_what_the_user_set(monkeypatch, extra, expected):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ELSFAST_OMP_SPIN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in extra.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delitem(sys.modules, "torch")  # as before `import torch`; restored afterwards
+    threads.bound_openmp_spin()
+    assert os.environ.get("GOMP_SPINCOUNT") == expected
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"), [("import elsfast, os", str(threads.SPIN_COUNT)), ("import torch, elsfast, os", "None")]
+)
+def test_import_elsfast_first_bounds_the_spin_and_torch_first_cannot(code, expected):
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "ELSFAST_OMP_SPIN")}
     out = subprocess.run(
         [sys.executable, "-c", f"{code}; print(os.environ.get('GOMP_SPINCOUNT'))"],
-        env={**env, "PYTHONPATH": str(ROOT), **extra},
+        env={**env, "PYTHONPATH": str(ROOT)},
         capture_output=True,
         text=True,
         check=True,
