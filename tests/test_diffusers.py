@@ -400,7 +400,9 @@ def test_elspipeline_save_and_load_with_a_copy_of_the_training_set(tmp_path):
     """A machine built from tensors records no dataset: its training set is saved only when asked
     (save_training_set=True); the copy is checked against the recorded SHA-256 when loaded."""
     m = _machine(F64, labels=torch.tensor([0, 1] * 4))
-    pipe = ELSPipeline(unet=ELSUNet(m, patch_size=5, save_training_set=True), scheduler=DDPMScheduler(50))
+    pipe = ELSPipeline(
+        unet=ELSUNet(m, patch_size=5, save_training_set=True), scheduler=DDPMScheduler(50, clip_sample=False)
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def run(p):
