@@ -6,10 +6,11 @@ roundings, independent of the memory budget (how many tiles and chunks a query's
 
     |out32 - out64| <= 4 eps32 L + 1e-6,   L = max |logit| in nats, bounded from the norms (tests/problems.py)
 
-(a logit's rounding error is at most about 2 eps32 L; a weighted mean of values in [-1, 1] moves by at most twice
-the largest logit error; 1e-6 covers exp2, the tile sums and the final casts). Measured over the grid below:
-at most 0.16 eps32 L + 3e-7. Before, fp32 merges (thousands per query at small budgets) and fp32 matrix-vector
-value sums (one dominant weight swallows every weight below half its ulp) added up to 2e-4 on MNIST.
+(a weighted mean of values in [-1, 1] moves by at most twice the largest logit error (nats); a logit's error
+measures up to about 2 eps32 L (1.9 eps32 on IS at D = 1,024; its worst case, (D/2 + 2) eps32 L, is never near);
+1e-6 covers exp2, the tile sums and the final casts). Measured over the grid below: at most 0.16 eps32 L + 3e-7.
+Before, fp32 merges (thousands per query at small budgets) and fp32 matrix-vector value sums (one dominant weight
+swallows every weight below half its ulp) added up to 2e-4 on MNIST.
 
 The full case of the issue (2,000 embedded digits, 8 images, budgets 512 MiB to 1 MiB, within 2e-5) takes minutes
 on 2 cores: benchmarks/bench_torch_accuracy.py. Here a reduced MNIST case (100 digits, one image) that the old code
