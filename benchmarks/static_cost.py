@@ -258,7 +258,8 @@ def problem_sizes(quick: bool) -> list[tuple[int, int, bool, bool, str]]:
     """`(P, C, uint8, provenance, precision)` of the configs to measure, at the distance precision `auto` picks
     (`elsfast.reduce.triton_backend.dot_precision`: "fp16x2" for uint8 images; "tf32x3" for float32 images, "tf32"
     at very high noise). Full: CIFAR-10 (C = 3) at every odd P up to 11 and MNIST (C = 1) at P = 3 and 11, uint8
-    images, with and without provenance; at P = 3 and 11 also float32 images and the forced "ieee". Quick (CI):
+    images, with and without provenance, and P = 13, 15, 17 (the rest of CIFAR-10's published P(t)) without; at
+    P = 3 and 11 also float32 images and the forced "ieee". Quick (CI):
     P = 3 and 11, C = 3, uint8, with and without provenance."""
     from elsfast.reduce.triton_backend import dot_precision
 
@@ -267,6 +268,7 @@ def problem_sizes(quick: bool) -> list[tuple[int, int, bool, bool, str]]:
         return [(P, 3, True, prov, u8) for P in (3, 11) for prov in (False, True)]
     sizes = ((3, (3, 5, 7, 9, 11)), (1, (3, 11)))
     out = [(P, C, True, prov, u8) for C, Ps in sizes for P in Ps for prov in (False, True)]
+    out += [(P, 3, True, False, u8) for P in (13, 15, 17)]  # the rest of the published CIFAR-10 P(t)
     out += [(P, 3, False, False, precision) for P in (3, 11) for precision in ("tf32x3", "tf32")]
     out += [(P, 3, True, False, "ieee") for P in (3, 11)]
     return out
@@ -506,6 +508,29 @@ def constants() -> dict:
     }
 
 
+# The 100-image class-conditional CIFAR-10 sample of issue 20: 3.9e13 pairs over 19 evaluations at the published
+# P(t) (elsfast.reference_scales()["CIFAR10_ResNet_zeros_conditional"], whose first 19 entries are taken here).
+SAMPLE_PAIRS, SAMPLE_SCHEDULE = 3.9e13, "CIFAR10_ResNet_zeros_conditional"
+
+
+def sample_prediction(results: list[dict], kernel: str) -> dict | None:
+    """Predicted seconds of the CIFAR-10 sample for `kernel`: each evaluation's pairs at the predicted rate of its
+    P (C = 3, uint8, no provenance); None if a P of the schedule was not measured."""
+    import elsfast
+
+    schedule = elsfast.reference_scales()[SAMPLE_SCHEDULE][:19]
+    rate = {
+        r["config"]["P"]: r["predicted_pairs_per_s"]
+        for r in results
+        if "error" not in r and r["config"]["kernel"] == kernel and r["config"]["C"] == 3
+        and r["config"]["uint8"] and not r["config"]["provenance"] and r["config"]["auto"]
+    }  # fmt: skip
+    if any(P not in rate for P in schedule):
+        return None
+    per_evaluation = SAMPLE_PAIRS / len(schedule)
+    return {"schedule": schedule, "pairs": SAMPLE_PAIRS, "seconds": sum(per_evaluation / rate[P] for P in schedule)}
+
+
 def run(configs: list[Config]) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -584,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": "sm_90 (H100/H200 SXM)",
         "constants": constants(),
         "results": results,
+        "sample_prediction": {k: sample_prediction(results, k) for k in ("triton", "cuda")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=1) + "\n")

@@ -44,7 +44,8 @@ PYBIND11_MODULE(_cuda, module) {
       [](std::uintptr_t q, std::uintptr_t images, std::uintptr_t key_offsets, std::uintptr_t value_offsets,
          std::uintptr_t m, std::uintptr_t l, std::uintptr_t acc, std::uintptr_t best, std::uintptr_t u, int64_t G,
          int64_t M, int64_t N, int64_t S, int64_t D, int64_t E, int64_t pixels_per_image, int64_t entries_per_split,
-         int64_t splits, float key_scale, bool uint8, bool provenance, std::uintptr_t stream, bool host) {
+         int64_t splits, float key_scale, bool uint8, bool provenance, std::uintptr_t stream, bool host,
+         int device) {
         const auto args = make_args(q, images, key_offsets, value_offsets, m, l, acc, best, u, G, M, N, S, D, E,
                                     pixels_per_image, entries_per_split, splits, key_scale, uint8, provenance);
         if (host) {
@@ -52,8 +53,15 @@ PYBIND11_MODULE(_cuda, module) {
           elsfast::reduce_host(args);
           return;
         }
-        if (const char* error = elsfast::launch_reduce(args, stream)) throw std::runtime_error(error);
+        if (device < 0) throw std::invalid_argument("elsfast._cuda: device must be the tensors' CUDA device index");
+        if (const char* error = elsfast::launch_reduce(args, stream, device)) throw std::runtime_error(error);
       },
       "Fold the dictionary into per-split partial states (see csrc/reduce.h). host=True runs the kernel's "
-      "algorithm serially on host pointers (tests without a GPU); otherwise launches on `stream`.");
+      "algorithm serially on host pointers (tests without a GPU); otherwise launches on `stream` of CUDA device "
+      "`device` (the tensors' device index).",
+      py::arg("q"), py::arg("images"), py::arg("key_offsets"), py::arg("value_offsets"), py::arg("m"), py::arg("l"),
+      py::arg("acc"), py::arg("best"), py::arg("u"), py::arg("G"), py::arg("M"), py::arg("N"), py::arg("S"),
+      py::arg("D"), py::arg("E"), py::arg("pixels_per_image"), py::arg("entries_per_split"), py::arg("splits"),
+      py::arg("key_scale"), py::arg("uint8"), py::arg("provenance"), py::arg("stream"), py::arg("host"),
+      py::arg("device") = -1);
 }

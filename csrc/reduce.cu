@@ -14,26 +14,38 @@ __host__ __device__ inline float pixel(const ReduceArgs& a, int64_t index) {
   return static_cast<const float*>(a.images)[index];
 }
 
-// Entry j of a group is image n = j % N at position s = j / N (entry-major, as the Triton kernel).
-__host__ __device__ inline int64_t local_id(const ReduceArgs& a, int64_t j) { return (j % a.N) * a.S + j / a.N; }
+// Entry j of a group is image n = j % N at position s = j / N (entry-major, as the Triton kernel); its key
+// feature d is pixel key_offsets[g, s, d] of image n (0 where the offset is -1), its value channel e pixel
+// value_offsets[g, s, e], its local id n * S + s.
 
-__host__ __device__ inline float key_feature(const ReduceArgs& a, int64_t g, int64_t j, int64_t d) {
-  const int32_t off = a.key_offsets[(g * a.S + j / a.N) * a.D + d];
-  return off < 0 ? 0.0f : pixel(a, (j % a.N) * a.pixels_per_image + off);
+// Entry j0 + jj as (position s, image n), from the tile's first entry (s0, n0) = (j0 / N, j0 % N): the kernel
+// divides once per tile instead of once per gathered feature (64-bit divisions were ~40 per tile, issue 20).
+__host__ __device__ inline void tile_entry(const ReduceArgs& a, int64_t s0, int64_t n0, int jj, int64_t& s,
+                                           int64_t& n) {
+  s = s0;
+  n = n0 + jj;
+  while (n >= a.N) {  // at most once when N >= kTileN
+    n -= a.N;
+    ++s;
+  }
 }
 
-__host__ __device__ inline float value(const ReduceArgs& a, int64_t g, int64_t j, int64_t e) {
-  return pixel(a, (j % a.N) * a.pixels_per_image + a.value_offsets[(g * a.S + j / a.N) * a.E + e]);
-}
-
-// The streaming log-sum-exp state of one query (elsfast/reduce/state.py), in bits.
+// The streaming log-sum-exp state of one query (elsfast/reduce/state.py), in bits. kE: value channels, a
+// template parameter so that the accumulators and every loop over them live in registers (a runtime E put acc[]
+// in local memory: ~1,100 local loads and stores per tile, issue 20).
+template <int kE>
 struct Online {
   float m = -INFINITY, l = 0.0f, u = 0.0f;
-  float acc[kMaxE] = {0.0f, 0.0f, 0.0f, 0.0f};
+  float acc[kE];
   int64_t best = -1;
 
+  __host__ __device__ Online() {
+#pragma unroll
+    for (int e = 0; e < kE; ++e) acc[e] = 0.0f;
+  }
+
   // Fold one tile: logits s[j] (-inf for the tile's unused slots), values v[j][e], local ids ids[j].
-  __host__ __device__ void fold(const float (&s)[kTileN], const float (*v)[kMaxE], const int64_t* ids, int E,
+  __host__ __device__ void fold(const float (&s)[kTileN], const float (*v)[kMaxE], const int64_t* ids,
                                 bool provenance) {
     float tile_max = -INFINITY;
     int arg = 0;
@@ -51,12 +63,14 @@ struct Online {
       if (tile_max > m) best = ids[arg];
     }
     l *= alpha;
-    for (int e = 0; e < E; ++e) acc[e] *= alpha;
+#pragma unroll
+    for (int e = 0; e < kE; ++e) acc[e] *= alpha;
 #pragma unroll
     for (int j = 0; j < kTileN; ++j) {
       const float p = exp2f(s[j] - m_new);
       l += p;
-      for (int e = 0; e < E; ++e) acc[e] += p * v[j][e];
+#pragma unroll
+      for (int e = 0; e < kE; ++e) acc[e] += p * v[j][e];
       if (provenance && p > 0.0f) u += p * (s[j] - m_new);
     }
     m = m_new;
@@ -65,7 +79,8 @@ struct Online {
   __host__ __device__ void store(const ReduceArgs& a, int64_t out) const {
     a.m[out] = m;
     a.l[out] = l;
-    for (int e = 0; e < a.E; ++e) a.acc[out * a.E + e] = acc[e];
+#pragma unroll
+    for (int e = 0; e < kE; ++e) a.acc[out * kE + e] = acc[e];
     if (a.provenance) {
       a.best[out] = best;
       a.u[out] = u;
@@ -78,9 +93,12 @@ __host__ __device__ inline int64_t split_stop(const ReduceArgs& a, int64_t split
   return stop < a.N * a.S ? stop : a.N * a.S;
 }
 
-// Grid (query blocks, G, splits); block kBlockQ threads, thread t owns query blockIdx.x * kBlockQ + t.
+// Grid (query blocks, G, splits); block kBlockQ threads, thread t owns query blockIdx.x * kBlockQ + t. The
+// query's current chunk of kChunkD features lives in the thread's registers (qr), loaded once per block when
+// D <= kChunkD; each entry's chunk is read from shared memory as a broadcast, 4 features a load.
+template <int kE>
 __global__ void __launch_bounds__(kBlockQ) reduce_kernel(const ReduceArgs a) {
-  __shared__ float keys[kTileN][kChunkD];
+  __shared__ __align__(16) float keys[kTileN][kChunkD];
   __shared__ float queries[kChunkD][kBlockQ];
   __shared__ float norms[kTileN];
   __shared__ float values[kTileN][kMaxE];
@@ -91,14 +109,33 @@ __global__ void __launch_bounds__(kBlockQ) reduce_kernel(const ReduceArgs a) {
   const int64_t first_row = static_cast<int64_t>(blockIdx.x) * kBlockQ;
   const int64_t row = first_row + t;
   const int64_t start = split * a.entries_per_split, stop = split_stop(a, split);
-  Online state;
+  const bool one_chunk = a.D <= kChunkD;
+  float qr[kChunkD];
+  // Stage the queries' chunk d0 through shared memory (coalesced global reads), then into registers.
+  auto load_queries = [&](int64_t d0, int dc) {
+    for (int i = t; i < kChunkD * kBlockQ; i += kBlockQ) {
+      const int d = i / kBlockQ, r = i % kBlockQ;
+      const int64_t qrow = first_row + r;
+      queries[d][r] = (d < dc && qrow < a.M) ? a.q[(g * a.M + qrow) * a.D + d0 + d] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < kChunkD; ++d) qr[d] = queries[d][t];
+  };
+  if (one_chunk) load_queries(0, static_cast<int>(a.D));
+  Online<kE> state;
   for (int64_t j0 = start; j0 < stop; j0 += kTileN) {
     const int n = static_cast<int>(stop - j0 < kTileN ? stop - j0 : kTileN);
     __syncthreads();  // the previous tile's shared memory has been read
+    const int64_t s0 = j0 / a.N, n0 = j0 - s0 * a.N;
     if (t < kTileN) {
+      int64_t s_t, n_t;
+      tile_entry(a, s0, n0, t, s_t, n_t);
       norms[t] = 0.0f;
-      ids[t] = t < n ? local_id(a, j0 + t) : -1;
-      for (int e = 0; e < a.E; ++e) values[t][e] = t < n ? value(a, g, j0 + t, e) : 0.0f;
+      ids[t] = t < n ? n_t * a.S + s_t : -1;
+      const int32_t* voff = a.value_offsets + (g * a.S + s_t) * a.E;
+#pragma unroll
+      for (int e = 0; e < kE; ++e) values[t][e] = t < n ? pixel(a, n_t * a.pixels_per_image + voff[e]) : 0.0f;
     }
     float dots[kTileN];
 #pragma unroll
@@ -108,14 +145,17 @@ __global__ void __launch_bounds__(kBlockQ) reduce_kernel(const ReduceArgs a) {
       if (d0 > 0) __syncthreads();  // the previous chunk has been read
       for (int i = t; i < kTileN * kChunkD; i += kBlockQ) {
         const int j = i / kChunkD, d = i % kChunkD;
-        keys[j][d] = (j < n && d < dc) ? key_feature(a, g, j0 + j, d0 + d) : 0.0f;
+        float k = 0.0f;
+        if (j < n && d < dc) {
+          int64_t s_j, n_j;
+          tile_entry(a, s0, n0, j, s_j, n_j);
+          const int32_t off = a.key_offsets[(g * a.S + s_j) * a.D + d0 + d];
+          k = off < 0 ? 0.0f : pixel(a, n_j * a.pixels_per_image + off);
+        }
+        keys[j][d] = k;
       }
-      for (int i = t; i < kChunkD * kBlockQ; i += kBlockQ) {
-        const int d = i / kBlockQ, r = i % kBlockQ;
-        const int64_t qrow = first_row + r;
-        queries[d][r] = (d < dc && qrow < a.M) ? a.q[(g * a.M + qrow) * a.D + d0 + d] : 0.0f;
-      }
-      __syncthreads();
+      if (!one_chunk) load_queries(d0, dc);  // includes the barrier after the key tile's stores
+      else __syncthreads();
       if (t < kTileN) {
         float sum = 0.0f;
         for (int d = 0; d < dc; ++d) sum += keys[t][d] * keys[t][d];
@@ -124,8 +164,8 @@ __global__ void __launch_bounds__(kBlockQ) reduce_kernel(const ReduceArgs a) {
 #pragma unroll
       for (int j = 0; j < kTileN; ++j) {
         float dot = 0.0f;
-#pragma unroll 8
-        for (int d = 0; d < kChunkD; ++d) dot += queries[d][t] * keys[j][d];
+#pragma unroll
+        for (int d = 0; d < kChunkD; ++d) dot += qr[d] * keys[j][d];
         dots[j] += dot;
       }
     }
@@ -133,38 +173,33 @@ __global__ void __launch_bounds__(kBlockQ) reduce_kernel(const ReduceArgs a) {
     float s[kTileN];
 #pragma unroll
     for (int j = 0; j < kTileN; ++j) s[j] = j < n ? dots[j] - a.key_scale * norms[j] : -INFINITY;
-    state.fold(s, values, ids, static_cast<int>(a.E), a.provenance);
+    state.fold(s, values, ids, a.provenance);
   }
   if (row < a.M) state.store(a, (split * a.G + g) * a.M + row);
 }
 
-}  // namespace
-
-const char* launch_reduce(const ReduceArgs& args, std::uintptr_t stream) {
-  if (args.E > kMaxE) return "elsfast._cuda: more than 4 value channels";
-  const dim3 grid(static_cast<unsigned>((args.M + kBlockQ - 1) / kBlockQ), static_cast<unsigned>(args.G),
-                  static_cast<unsigned>(args.splits));
-  reduce_kernel<<<grid, kBlockQ, 0, reinterpret_cast<cudaStream_t>(stream)>>>(args);
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
-}
-
-void reduce_host(const ReduceArgs& a) {
+template <int kE>
+void reduce_host_impl(const ReduceArgs& a) {
   std::vector<float> keys(kTileN * a.D);
   float values[kTileN][kMaxE];
   int64_t ids[kTileN];
   for (int64_t split = 0; split < a.splits; ++split) {
     for (int64_t g = 0; g < a.G; ++g) {
-      std::vector<Online> states(a.M);
+      std::vector<Online<kE>> states(a.M);
       const int64_t stop = split_stop(a, split);
       for (int64_t j0 = split * a.entries_per_split; j0 < stop; j0 += kTileN) {
         const int n = static_cast<int>(stop - j0 < kTileN ? stop - j0 : kTileN);
         float norms[kTileN] = {};
+        const int64_t s0 = j0 / a.N, n0 = j0 - s0 * a.N;  // the kernel's per-tile entry decoding
         for (int j = 0; j < kTileN; ++j) {
-          ids[j] = j < n ? local_id(a, j0 + j) : -1;
-          for (int e = 0; e < a.E; ++e) values[j][e] = j < n ? value(a, g, j0 + j, e) : 0.0f;
+          int64_t s_j, n_j;
+          tile_entry(a, s0, n0, j, s_j, n_j);
+          ids[j] = j < n ? n_j * a.S + s_j : -1;
+          const int32_t* voff = a.value_offsets + (g * a.S + s_j) * a.E;
+          for (int e = 0; e < kE; ++e) values[j][e] = j < n ? pixel(a, n_j * a.pixels_per_image + voff[e]) : 0.0f;
           for (int64_t d = 0; d < a.D; ++d) {
-            keys[j * a.D + d] = j < n ? key_feature(a, g, j0 + j, d) : 0.0f;
+            const int32_t off = j < n ? a.key_offsets[(g * a.S + s_j) * a.D + d] : -1;
+            keys[j * a.D + d] = off < 0 ? 0.0f : pixel(a, n_j * a.pixels_per_image + off);
             norms[j] += keys[j * a.D + d] * keys[j * a.D + d];
           }
         }
@@ -176,11 +211,44 @@ void reduce_host(const ReduceArgs& a) {
             for (int64_t d = 0; d < a.D; ++d) dot += q[d] * keys[j * a.D + d];
             s[j] = j < n ? dot - a.key_scale * norms[j] : -INFINITY;
           }
-          states[row].fold(s, values, ids, static_cast<int>(a.E), a.provenance);
+          states[row].fold(s, values, ids, a.provenance);
         }
       }
       for (int64_t row = 0; row < a.M; ++row) states[row].store(a, (split * a.G + g) * a.M + row);
     }
+  }
+}
+
+}  // namespace
+
+const char* launch_reduce(const ReduceArgs& args, std::uintptr_t stream, int device) {
+  if (args.E > kMaxE) return "elsfast._cuda: more than 4 value channels";
+  // Launch on the tensors' device, not the runtime's current one (the stream belongs to the tensors' device),
+  // and leave the caller's current device as it was.
+  int previous = 0;
+  cudaError_t error = cudaGetDevice(&previous);
+  if (error == cudaSuccess && previous != device) error = cudaSetDevice(device);
+  if (error != cudaSuccess) return cudaGetErrorString(error);
+  const dim3 grid(static_cast<unsigned>((args.M + kBlockQ - 1) / kBlockQ), static_cast<unsigned>(args.G),
+                  static_cast<unsigned>(args.splits));
+  const auto s = reinterpret_cast<cudaStream_t>(stream);
+  switch (args.E) {  // one instance per value channel count: E = C of the patch dictionaries
+    case 1: reduce_kernel<1><<<grid, kBlockQ, 0, s>>>(args); break;
+    case 2: reduce_kernel<2><<<grid, kBlockQ, 0, s>>>(args); break;
+    case 3: reduce_kernel<3><<<grid, kBlockQ, 0, s>>>(args); break;
+    default: reduce_kernel<4><<<grid, kBlockQ, 0, s>>>(args); break;
+  }
+  error = cudaGetLastError();
+  if (previous != device) cudaSetDevice(previous);
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+void reduce_host(const ReduceArgs& a) {
+  switch (a.E) {
+    case 1: reduce_host_impl<1>(a); break;
+    case 2: reduce_host_impl<2>(a); break;
+    case 3: reduce_host_impl<3>(a); break;
+    default: reduce_host_impl<4>(a); break;
   }
 }
 

@@ -28,8 +28,9 @@ struct ReduceArgs {
   bool provenance;
 };
 
-// Launch on `stream` (a cudaStream_t as an integer). Returns nullptr or the CUDA error's message.
-const char* launch_reduce(const ReduceArgs& args, std::uintptr_t stream);
+// Launch on `stream` (a cudaStream_t as an integer) of CUDA device `device`, the device of the tensors (the current
+// device is restored afterwards). Returns nullptr or the CUDA error's message.
+const char* launch_reduce(const ReduceArgs& args, std::uintptr_t stream, int device);
 
 // The kernel's per-query algorithm (same entry order, tiles, helpers and online update) run serially on the
 // host: tests check the CUDA source's arithmetic and indexing with it on machines without a GPU.

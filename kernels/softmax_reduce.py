@@ -343,19 +343,22 @@ def launch_config(
 
     Defaults per key dimension (chosen with the static tool, docs/performance.md), 8 warps and one stage: keys
     of one chunk (up to 128 features; 64 for tf32x3, 32 for ieee, which spilled 9.8 KB at 128) run 256 x 64
-    tiles; longer keys 64-feature chunks (fp16x2) and 128 x 128 tiles. `block_m`, `block_n` override the tiles and
-    `stages` the software-pipelining depth (two stages turned the gathers into cp.async with per-element bounds
-    logic: 2x the instructions at P = 11). A config whose shared memory estimate exceeds `SHARED_MEMORY_LIMIT` is
-    re-planned (fewer stages, then a smaller BLOCK_N, then BLOCK_M) before launch, never handed to the GPU."""
+    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands). ieee's FMA dot still
+    spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
+    the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
+    per-element bounds logic: 2x the instructions at P = 11). A config whose shared memory estimate exceeds
+    `SHARED_MEMORY_LIMIT` is re-planned (fewer stages, then a smaller BLOCK_N, then BLOCK_M) before launch, never
+    handed to the GPU."""
     chunk = {"fp16x2": 128, "tf32": 128, "tf32x3": 64, "ieee": 32}[dot_precision]
     block_d = min(chunk, max(16, triton.next_power_of_2(D)))
     one_chunk = block_d >= D
-    if not one_chunk and dot_precision == "fp16x2":
-        block_d = 64  # longer keys loop over chunks; 64 keeps two query halves and a key chunk in registers
+    if not one_chunk:
+        block_d = min(block_d, 64)  # longer keys loop over chunks; 128 fp32 features spilled (tf32, P = 11)
     # One chunk: queries stay in registers and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer
     # keys reload a query chunk per key chunk: 128 x 128 tiles halve that reload per pair.
+    # fp32 operands (tf32, tf32x3, ieee) of long keys need twice the registers: 128 x 64 (128 x 128 spilled).
     bm = block_m or (256 if one_chunk else 128)
-    bn = block_n or (64 if one_chunk else 128)
+    bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" else 64)
     config = dict(
         D=D,
         E=E,

@@ -44,6 +44,8 @@ def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance:
     E = dictionary.value_dim
     m, l, acc, best, u = empty_partial_states(splits, G, M, E, device)
     stream = 0 if host else torch.cuda.current_stream(device).cuda_stream
+    # the extension launches on the tensors' device, whatever the current device is
+    index = -1 if host else (device.index if device.index is not None else torch.cuda.current_device())
     ext.reduce(
         *extension_arguments(inputs, (m, l, acc, best, u), dictionary),
         per_split,
@@ -53,6 +55,7 @@ def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance:
         provenance,
         stream,
         host,
+        index,
     )
     return fold_partial_states(dictionary, m, l, acc, best if provenance else None, u if provenance else None)
 
