@@ -198,6 +198,17 @@ def global_bytes(opcode: str) -> float:
 # --- compile ---------------------------------------------------------------------------------------------------------
 
 
+def _ptxas(arch: str) -> str:
+    """The ptxas Triton itself uses for `arch` (e.g. "sm_90a"): it must accept the PTX version Triton emits (triton
+    3.9 emits PTX 9.4 and picks its bundled CUDA 13.4 `ptxas-blackwell`, while its plain `ptxas` is 12.9)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(int(re.sub(r"\D", "", arch))).path
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return _tool("ptxas")
+
+
 def _tool(name: str) -> str:
     """ptxas / cuobjdump from Triton's wheel (the CUDA toolkit on the device image lacks cuobjdump)."""
     try:
@@ -322,7 +333,7 @@ def compile_triton(config: Config, workdir: Path) -> dict:
     cubin.write_bytes(compiled.asm["cubin"])
     arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
     info = subprocess.run(
-        [_tool("ptxas"), f"-arch={arch}", "-v", str(ptx), "-o", str(workdir / "ptxas.cubin")],
+        [_ptxas(arch), f"-arch={arch}", "-v", str(ptx), "-o", str(workdir / "ptxas.cubin")],
         capture_output=True,
         text=True,
         check=True,
