@@ -321,8 +321,11 @@ def compile_triton(config: Config, workdir: Path) -> dict:
     cubin = workdir / f"{config.name}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    # the ptxas Triton itself uses for sm_90 (triton 3.9 emits PTX 9.x for its "ptxas-blackwell", 3.6 PTX 8.x)
     info = subprocess.run(
-        [_tool("ptxas"), f"-arch={arch}", "-v", str(ptx), "-o", str(workdir / "ptxas.cubin")],
+        [get_ptxas(90).path, f"-arch={arch}", "-v", str(ptx), "-o", str(workdir / "ptxas.cubin")],
         capture_output=True,
         text=True,
         check=True,
