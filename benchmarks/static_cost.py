@@ -198,17 +198,6 @@ def global_bytes(opcode: str) -> float:
 # --- compile ---------------------------------------------------------------------------------------------------------
 
 
-def _ptxas(arch: str) -> str:
-    """The ptxas Triton itself uses for `arch` (e.g. "sm_90a"): it must accept the PTX version Triton emits (triton
-    3.9 emits PTX 9.4 and picks its bundled CUDA 13.4 `ptxas-blackwell`, while its plain `ptxas` is 12.9)."""
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-
-        return get_ptxas(int(re.sub(r"\D", "", arch))).path
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return _tool("ptxas")
-
-
 def _tool(name: str) -> str:
     """ptxas / cuobjdump from Triton's wheel (the CUDA toolkit on the device image lacks cuobjdump)."""
     try:
@@ -332,8 +321,11 @@ def compile_triton(config: Config, workdir: Path) -> dict:
     cubin = workdir / f"{config.name}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     arch = re.search(r"\.target\s+(sm_\w+)", compiled.asm["ptx"]).group(1)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    # the ptxas Triton itself uses for sm_90 (triton 3.9 emits PTX 9.x for its "ptxas-blackwell", 3.6 PTX 8.x)
     info = subprocess.run(
-        [_ptxas(arch), f"-arch={arch}", "-v", str(ptx), "-o", str(workdir / "ptxas.cubin")],
+        [get_ptxas(90).path, f"-arch={arch}", "-v", str(ptx), "-o", str(workdir / "ptxas.cubin")],
         capture_output=True,
         text=True,
         check=True,

@@ -96,8 +96,10 @@ __host__ __device__ inline int64_t split_stop(const ReduceArgs& a, int64_t split
 // Grid (query blocks, G, splits); block kBlockQ threads, thread t owns query blockIdx.x * kBlockQ + t. The
 // query's current chunk of kChunkD features lives in the thread's registers (qr), loaded once per block when
 // D <= kChunkD; each entry's chunk is read from shared memory as a broadcast, 4 features a load.
+// At least 3 blocks per SM: ptxas's own choice for E = 1 was 128 registers and a 24-byte spill; with the bound it
+// takes 148-160 registers and spills nothing (benchmarks/static_cost.py).
 template <int kE>
-__global__ void __launch_bounds__(kBlockQ) reduce_kernel(const ReduceArgs a) {
+__global__ void __launch_bounds__(kBlockQ, 3) reduce_kernel(const ReduceArgs a) {
   __shared__ __align__(16) float keys[kTileN][kChunkD];
   __shared__ float queries[kChunkD][kBlockQ];
   __shared__ float norms[kTileN];
