@@ -29,12 +29,12 @@ import random
 import subprocess
 import sys
 
-import elsfast.kernels.softmax_reduce as triton_kernels
 import numpy as np
 import pytest
 import torch
 from problems import COMBOS, CudaOnHost, logit_range, reference, stable_seed
 
+import elsfast.kernels.softmax_reduce as triton_kernels
 from elsfast import ScoreMachine
 from elsfast.reduce import Backend, BackendUnavailable, Cpu, Dedup, Shifts, TopK, Triton, backend_names
 from elsfast.reduce.registry import get_backend
