@@ -68,30 +68,30 @@ class MachineStats:
         """The stats of one call over a sharded dictionary from each rank's stats of it (see the class)."""
         whole = cls(queries=shards[0].queries, ranks=sum(s.ranks for s in shards))
         for s in shards:
-            whole.backends |= s.backends
-            for name, count in s.group_backends.items():
-                whole.group_backends[name] = whole.group_backends.get(name, 0) + count
-            whole.chunks += s.chunks
-            whole.pairs += s.pairs
-            whole.exact_pairs += s.exact_pairs
-            whole.approximate_queries += s.approximate_queries
-            whole.max_neglected = max(whole.max_neglected, s.max_neglected)
+            whole._add_work(s)
         return whole
 
     def merge_(self, other: MachineStats) -> MachineStats:
         """Add the stats of another call (`total_stats`); returns self."""
+        self._add_work(other)
+        self.queries += other.queries
+        self.ranks = max(self.ranks, other.ranks)
+        return self
+
+    def _add_work(self, other: MachineStats) -> None:
+        """Add what `other` ran and scored (backends, groups, chunks, pairs, approximate queries, worst mass)."""
         self.backends |= other.backends
         for name, count in other.group_backends.items():
             self.group_backends[name] = self.group_backends.get(name, 0) + count
         self.chunks += other.chunks
         self.pairs += other.pairs
         self.exact_pairs += other.exact_pairs
-        self.queries += other.queries
         self.approximate_queries += other.approximate_queries
-        worst = other.max_neglected
+        self._note_neglected(other.max_neglected)
+
+    def _note_neglected(self, worst: float) -> None:
+        """Keep the largest neglected mass; NaN (uncertified) wins over any number."""
         self.max_neglected = worst if math.isnan(worst) else max(self.max_neglected, worst)
-        self.ranks = max(self.ranks, other.ranks)
-        return self
 
     def add(self, result: Reduction) -> None:
         """Account for one reduction."""
@@ -104,8 +104,7 @@ class MachineStats:
         self.queries += result.values.shape[0] * result.values.shape[1]
         if result.neglected is not None and result.approximate_queries:
             self.approximate_queries += result.approximate_queries
-            worst = float(result.neglected.max())
-            self.max_neglected = worst if math.isnan(worst) else max(self.max_neglected, worst)
+            self._note_neglected(float(result.neglected.max()))
 
 
 def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
