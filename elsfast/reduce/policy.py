@@ -124,28 +124,36 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def auto_candidates(queries: torch.Tensor, dictionary: Dictionary) -> Iterator[Backend]:
-    """The backends `auto` may run for this problem, most preferred first (raising `BackendUnavailable`, with
-    every rule's reasons, when there is none)."""
-    refused = {}
+def auto_candidates(
+    queries: torch.Tensor, dictionary: Dictionary, refused: dict[str, list[str]] | None = None
+) -> Iterator[Backend]:
+    """The backends `auto` may run for this problem, most preferred first; each rule passed by, with its reasons,
+    goes into `refused` (when given)."""
     for rule in RULES:
         why = rule.applies(queries, dictionary)
         reasons = [why] if why is not None else rule.backend.unsupported_reasons(queries, dictionary)
-        if reasons:
+        if not reasons:
+            yield rule.backend
+        elif refused is not None:
             refused[rule.backend.NAME] = reasons
-            continue
-        yield rule.backend
+
+
+def _none_can_run(refused: dict[str, list[str]]) -> BackendUnavailable:
     detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items())
-    raise BackendUnavailable(f"no backend can run this problem ({detail})")
+    return BackendUnavailable(f"no backend can run this problem ({detail})")
 
 
 def select_backend(name: BackendSpec, queries: torch.Tensor, dictionary: Dictionary) -> Backend:
     """The backend a request starts with: `name` itself (raising `BackendUnavailable` if it cannot run), or under
     `auto` the first capable backend of `RULES` (which may still refuse late; see `run`)."""
     check_backend_name(name)
-    if name == "auto":
-        return next(auto_candidates(queries, dictionary))
-    return resolve_named(name, queries, dictionary)
+    if name != "auto":
+        return resolve_named(name, queries, dictionary)
+    refused: dict[str, list[str]] = {}
+    backend = next(auto_candidates(queries, dictionary, refused), None)
+    if backend is None:
+        raise _none_can_run(refused)
+    return backend
 
 
 def run(
@@ -164,12 +172,14 @@ def run(
     if name != "auto":
         backend = resolve_named(name, queries, dictionary)
         return backend, backend.reduce(queries, dictionary, **kwargs)
-    for backend in auto_candidates(queries, dictionary):
+    refused: dict[str, list[str]] = {}
+    for backend in auto_candidates(queries, dictionary, refused):
         try:
             out = backend.reduce(queries, dictionary, **kwargs)
         except BackendUnavailable as refusal:
             log.debug("auto: %s refused late (%s)", backend.NAME, refusal)
+            refused[backend.NAME] = refusal.reasons or [str(refusal)]
             continue
         log.debug("auto backend: %s", backend.NAME)
         return backend, out
-    raise AssertionError("unreachable: the last rule (torch) runs every problem")
+    raise _none_can_run(refused)
