@@ -33,9 +33,9 @@ import pytest
 import torch
 
 from elsfast import Cpu, ScoreMachine, Shifts, datasets
-from elsfast.patches import group_sets
 from elsfast.reduce import PatchDictionary
 from elsfast.reduce.dedup_backend import distinct_table
+from elsfast.reduce.patches import group_sets
 
 pytestmark = pytest.mark.benchmark
 

@@ -38,9 +38,9 @@ from formulations import sdpa_denoise
 
 import elsfast
 from elsfast import ScoreMachine
-from elsfast.patches import extract_patches, group_sets
 from elsfast.reduce import BackendUnavailable, PatchDictionary
 from elsfast.reduce.partials import kernel_inputs
+from elsfast.reduce.patches import extract_patches, group_sets
 
 pytestmark = pytest.mark.benchmark
 

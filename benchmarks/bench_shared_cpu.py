@@ -6,7 +6,7 @@ zero padding: the `cpu` kernel) in a fresh process, quiet or beside two processe
 three wait policies of libgomp's idle threads:
 
 - `libgomp-default`: `ELSFAST_OMP_SPIN=default` (elsfast leaves libgomp alone: 300,000 spin rounds);
-- `elsfast-bounded`: nothing set (`import elsfast` sets `GOMP_SPINCOUNT=elsfast.threads.SPIN_COUNT`);
+- `elsfast-bounded`: nothing set (`import elsfast` sets `GOMP_SPINCOUNT=elsfast.common.threads.SPIN_COUNT`);
 - `passive`: `OMP_WAIT_POLICY=passive` (sleep at once).
 
 The JSON records each round's wall seconds and the child's user + system CPU seconds. Run with

@@ -55,7 +55,7 @@ def _exact_backend(train: torch.Tensor, P: int) -> str:
     """`ELSFAST_BENCH_EXACT_BACKEND`, or the exact backend `auto` picks for this problem."""
     if EXACT_BACKEND:
         return EXACT_BACKEND
-    positions = elsfast.patches.group_sets(32, 32, P, "zeros", "els")[0]
+    positions = elsfast.reduce.patches.group_sets(32, 32, P, "zeros", "els")[0]
     queries = torch.zeros(1, 1, P * P)
     return select_backend("auto", queries, PatchDictionary(train, P, "zeros", positions)).NAME
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from elsfast import ScoreMachine
-from elsfast.patches import extract_patches, group_sets
 from elsfast.reduce import PatchDictionary
+from elsfast.reduce.patches import extract_patches, group_sets
 
 QUERY_BLOCK = 256
 

@@ -3,17 +3,19 @@
 Importing elsfast imports nothing optional (no Triton, FAISS or compiled extension).
 """
 
-from .threads import bound_openmp_spin, kernel_threads, limit_threads, set_num_threads
+from .common.threads import bound_openmp_spin, kernel_threads, limit_threads, set_num_threads
 
-bound_openmp_spin()  # before torch loads libgomp: idle OpenMP threads spin briefly, then sleep (elsfast.threads)
+bound_openmp_spin()  # before torch loads libgomp: idle OpenMP threads spin briefly, then sleep (elsfast.common.threads)
 
-from . import creativity, datasets, schedules  # noqa: E402
+from . import datasets  # noqa: E402
+from .common import schedules  # noqa: E402
+from .common.provenance import Provenance  # noqa: E402
+from .common.scales import reference_scales  # noqa: E402
 from .machine import MACHINES, ScoreMachine  # noqa: E402
-from .provenance import Provenance  # noqa: E402
 from .reduce import Cpu, Dedup, Shifts, TopK, Triton, backend_names, cache_info, softmax_reduce  # noqa: E402
 from .reduce import clear_caches as _clear_reduction_caches  # noqa: E402
+from .research import creativity  # noqa: E402
 from .sampling import SampleTrace, ddim_sample, sample  # noqa: E402
-from .scales import reference_scales  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """`ScoreMachine`: the IS, ES, LS and ELS machines of Kamb & Ganguli (2025) as denoisers (SPEC sections 1-2).
 
-Every machine is one call of `elsfast.reduce.softmax_reduce` per group set (`elsfast.patches.group_sets`),
+Every machine is one call of `elsfast.reduce.softmax_reduce` per group set (`elsfast.reduce.patches.group_sets`),
 per class when class-conditional:
 
     IS   one group; keys and values are whole training images
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import check_device, check_pixel_range, integer_labels, parse_memory_budget
-from .patches import PADDINGS, extract_patches, group_sets
-from .provenance import Provenance
+from .common.checks import check_device, check_pixel_range, integer_labels, parse_memory_budget
+from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
 from .reduce.caches import content_hash
+from .reduce.patches import PADDINGS, extract_patches, group_sets
 from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ class ScoreMachine:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `config()` to `directory/elsfast_machine.json` (atomically) and return its path."""
-        from .imageio import atomic_write
+        from .common.imageio import atomic_write
 
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.config(), indent=2).encode()

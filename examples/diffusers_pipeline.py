@@ -16,7 +16,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DPMSolverMultistepScheduler
 
 import elsfast
-from elsfast.imageio import save_grid
+from elsfast.common.imageio import save_grid
 from elsfast.integrations.diffusers import ELSPipeline, ELSUNet, make_ddim_scheduler
 
 

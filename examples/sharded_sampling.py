@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import elsfast
 from elsfast import datasets
-from elsfast.imageio import save_grid
+from elsfast.common.imageio import save_grid
 
 
 def compare_sources(train: torch.Tensor, a, b, patch_size: int) -> tuple[int, int]:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import elsfast
-from elsfast import creativity
-from elsfast.checks import check_device, integer_labels, parse_memory_budget
 from elsfast.cli import main
+from elsfast.common.checks import check_device, integer_labels, parse_memory_budget
+from elsfast.common.imageio import load_samples
 from elsfast.datasets import load
-from elsfast.imageio import load_samples
+from elsfast.research import creativity
 
 
 def _machine(conditional: bool = False, **kw) -> elsfast.ScoreMachine:
@@ -103,7 +103,8 @@ def test_memory_budget_rejects_nonsense_naming_it(value, error):
 
 
 def test_cli_and_api_share_the_byte_parser(tmp_path, capsys):
-    from elsfast import checks, cli
+    from elsfast import cli
+    from elsfast.common import checks
 
     assert cli.parse_bytes is checks.parse_bytes
 

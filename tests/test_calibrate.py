@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 import elsfast
-from elsfast.calibrate import CalibrationResult, as_eps_fn, calibrate, seed_labels, seed_noise
 from elsfast.machine import ScoreMachine
+from elsfast.research.calibrate import CalibrationResult, as_eps_fn, calibrate, seed_labels, seed_noise
 
 STEPS = 10
 SIZES = (1, 3, 5)
@@ -68,7 +68,7 @@ def test_trajectory_is_the_networks_own(train):
     torch.testing.assert_close(seen[0], seed_noise([5, 7], (1, 8, 8)))
     want = elsfast.sample(m, 2, steps=4, patch_size=3, noise=seed_noise([5, 7], (1, 8, 8)), progress=False)
     x = seen[-1]
-    abar = elsfast.schedules.abar_cosine_legacy(1 / 4)
+    abar = elsfast.common.schedules.abar_cosine_legacy(1 / 4)
     # the network's trajectory is computed in float32 (the noise's dtype), the sampler's in float64
     torch.testing.assert_close(m.denoise(x, abar, 3).float(), want.float(), rtol=1e-5, atol=1e-5)
 
@@ -124,7 +124,7 @@ def test_scales_layout_json_and_plot(train, tmp_path):
     assert torch.equal(back.best, best) and back.scales == res.scales
     torch.testing.assert_close(back.cosine[:, 1:], res.cosine[:, 1:])
     # the list is a patch-size spec of the sampler as it is
-    size = elsfast.scales.resolve_patch_size(res.scales, 5)
+    size = elsfast.common.scales.resolve_patch_size(res.scales, 5)
     assert [size(i / 5, i) for i in range(1, 5)] == [3, 3, 5, 7]
     png = res.plot(tmp_path / "p.png")
     with Image.open(png) as im:
@@ -133,7 +133,7 @@ def test_scales_layout_json_and_plot(train, tmp_path):
 
 
 def test_module_network_is_wrapped_with_its_time(train):
-    models = pytest.importorskip("elsfast.models")
+    models = pytest.importorskip("elsfast.nets.models")
     assert hasattr(models, "eps_at")
     seen = []
 

@@ -16,10 +16,10 @@ from PIL import Image
 import elsfast
 import elsfast.sampling
 from elsfast.cli import main, parse_bytes
-from elsfast.fileio import MANIFEST_NAME
-from elsfast.imageio import load_samples
+from elsfast.common.fileio import MANIFEST_NAME
+from elsfast.common.imageio import load_samples
+from elsfast.common.scales import reference_scales
 from elsfast.reduce.registry import BackendUnavailable
-from elsfast.scales import reference_scales
 
 FAST = ["--limit", "100", "--n", "2", "--steps", "4", "--patch-size", "3", "--device", "cpu", "--quiet"]
 

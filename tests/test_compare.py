@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from elsfast.compare import compare, load_results
 from elsfast.machine import ScoreMachine
+from elsfast.research.compare import compare, load_results
 
 STEPS = 6
 
@@ -147,7 +147,7 @@ def test_conditional_labels_and_network_steps(train, tmp_path):
 
 
 def test_module_network_gets_a_weight_hash(train, tmp_path):
-    pytest.importorskip("elsfast.models")
+    pytest.importorskip("elsfast.nets.models")
     images, _ = train
 
     class StandIn(torch.nn.Module):

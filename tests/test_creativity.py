@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from elsfast import ScoreMachine, creativity
+from elsfast import ScoreMachine
+from elsfast.research import creativity
 
 
 def test_nearest_training_and_memorisation():

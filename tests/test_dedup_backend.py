@@ -18,9 +18,9 @@ from problems import fp32_tolerance, make_problem, reference, stable_seed
 import elsfast.reduce.dedup_backend as dedup_backend
 import elsfast.reduce.distinct as distinct
 from elsfast import Dedup, ScoreMachine
-from elsfast.patches import extract_patches, group_sets
 from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, policy, softmax_reduce
 from elsfast.reduce.dedup_backend import distinct_table
+from elsfast.reduce.patches import extract_patches, group_sets
 from elsfast.reduce.registry import backend_from_spec, backend_spec
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import elsfast
+from elsfast.common.schedules import abar_cosine, abar_cosine_legacy
 from elsfast.integrations.diffusers import (
     DIFFUSERS_UNAVAILABLE,
     TRAINING_SET_NAME,
@@ -24,7 +25,6 @@ from elsfast.integrations.diffusers import (
     ELSUNetOutput,
     ddim_scheduler_config,
 )
-from elsfast.schedules import abar_cosine, abar_cosine_legacy
 
 if not DIFFUSERS_UNAVAILABLE:
     import diffusers

@@ -11,7 +11,6 @@ from problems import make_problem
 
 import elsfast
 from elsfast import ScoreMachine
-from elsfast.patches import extract_patches, group_sets
 from elsfast.reduce import (
     PatchDictionary,
     TopK,
@@ -24,6 +23,7 @@ from elsfast.reduce import (
     softmax_reduce,
 )
 from elsfast.reduce.caches import MemoryCache, content_hash
+from elsfast.reduce.patches import extract_patches, group_sets
 from elsfast.reduce.registry import get_backend
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import elsfast
-from elsfast import estimate
-from elsfast.estimate import estimate_sample, evaluation_pairs
-from elsfast.scales import resolve_patch_size
+from elsfast.common.scales import resolve_patch_size
+from elsfast.sampling import estimate
+from elsfast.sampling.estimate import estimate_sample, evaluation_pairs
 
 
 @pytest.mark.parametrize(("machine", "padding"), [("is", "zeros"), ("es", "circular"), ("ls", "zeros"),

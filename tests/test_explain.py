@@ -1,4 +1,4 @@
-"""`elsfast.explain`: the per-sample figure (checked on hand-made provenance) and `explain()` end to end."""
+"""`elsfast.research.explain`: the per-sample figure (checked on hand-made provenance) and `explain()` end to end."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from elsfast import Provenance, ScoreMachine
-from elsfast.explain import PALETTE, explain, explain_figure, palette_colour, save_explain_figure
-from elsfast.fileio import MANIFEST_NAME
-from elsfast.imageio import to_uint8
+from elsfast.common.fileio import MANIFEST_NAME
+from elsfast.common.imageio import to_uint8
+from elsfast.research.explain import PALETTE, explain, explain_figure, palette_colour, save_explain_figure
 
 
 def _listing(directory) -> list[str]:

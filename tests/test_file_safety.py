@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import elsfast
-from elsfast.calibrate import CalibrationResult
 from elsfast.cli import main
-from elsfast.fileio import MANIFEST_NAME, atomic_write, describe_file, written_by_elsfast
-from elsfast.imageio import load_samples, save_grid, save_samples
+from elsfast.common.fileio import MANIFEST_NAME, atomic_write, describe_file, written_by_elsfast
+from elsfast.common.imageio import load_samples, save_grid, save_samples
+from elsfast.research.calibrate import CalibrationResult
 
 ROOT = Path(__file__).resolve().parents[1]
 FOREIGN = b"a user's own file, not elsfast's\n"
@@ -43,7 +43,7 @@ def _wait_for(condition, proc: subprocess.Popen, seconds: float = 60.0) -> None:
 WRITER = textwrap.dedent(
     """
     import sys, time
-    from elsfast.fileio import atomic_write
+    from elsfast.common.fileio import atomic_write
 
     def slow(f):
         f.write(b"new, first half;")
@@ -239,8 +239,8 @@ def test_describe_file_names_what_a_file_looks_like(tmp_path, network):
 
 @pytest.mark.parametrize("name", ["network.pt", "calibration.json", "reproduction.json", "report/summary.md"])
 def test_reproduce_refuses_a_foreign_file_at_each_stage_and_keeps_it(tmp_path, name):
-    from elsfast.reproduce import Preset, reproduce
-    from elsfast.train import TrainConfig
+    from elsfast.nets.train import TrainConfig
+    from elsfast.research.reproduce import Preset, reproduce
 
     tiny = Preset(
         train=TrainConfig(dataset="mnist-embedded", limit=16, channels=4, blocks=1, batch_size=8, max_steps=1),

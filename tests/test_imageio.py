@@ -1,4 +1,4 @@
-"""elsfast.imageio: uint8 conversion, grids, atomic PNG and sample files."""
+"""elsfast.common.imageio: uint8 conversion, grids, atomic PNG and sample files."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from elsfast import imageio
-from elsfast.fileio import MANIFEST_NAME
-from elsfast.imageio import load_samples, make_grid, save_grid, save_samples, to_uint8
+from elsfast.common import imageio
+from elsfast.common.fileio import MANIFEST_NAME
+from elsfast.common.imageio import load_samples, make_grid, save_grid, save_samples, to_uint8
 
 
 def _listing(directory) -> list[str]:
@@ -185,7 +185,7 @@ def test_atomic_write_cleans_up_on_interrupt(tmp_path):
 
 def test_grid_value_range_maps_lo_to_black_and_hi_to_white(tmp_path):
     """`value_range=(0, 1)` reads a diffusers pipeline's [0, 1] images as `(-1, 1)` reads elsfast's samples."""
-    from elsfast.imageio import make_grid, save_grid
+    from elsfast.common.imageio import make_grid, save_grid
 
     x = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0]).view(1, 1, 1, 5)
     np.testing.assert_array_equal(make_grid(x, padding=0), make_grid((x + 1) / 2, padding=0, value_range=(0, 1)))

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import elsfast
+from elsfast.common.schedules import abar_cosine_legacy
 from elsfast.integrations import OPTIONAL_LIBRARIES, optional_import
 from elsfast.integrations.k_diffusion import ELSDenoiser, get_sigmas_elsfast
-from elsfast.schedules import abar_cosine_legacy
 
 F64 = torch.float64
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from elsfast.metrics import cosine_similarity, pearson_r, r_squared
+from elsfast.research.metrics import cosine_similarity, pearson_r, r_squared
 
 
 def img(*values):

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from elsfast.models import (
+from elsfast.common.schedules import abar_cosine, abar_cosine_legacy, t_of_abar
+from elsfast.nets.models import (
     NetworkDenoiser,
     ResNet,
     UNet,
@@ -12,7 +13,6 @@ from elsfast.models import (
     model_config,
 )
 from elsfast.sampling import ddim_sample
-from elsfast.schedules import abar_cosine, abar_cosine_legacy, t_of_abar
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,5 @@
-"""The probability-flow ODE (`elsfast.ode`): schedule derivatives, score and velocity against analytic cases, and
+"""The probability-flow ODE (`elsfast.sampling.ode`): schedule derivatives, score and velocity against analytic
+cases, and
 Euler integration against the DDIM sampler."""
 
 import math
@@ -7,9 +8,8 @@ import pytest
 import torch
 
 import elsfast
-from elsfast import ode
-from elsfast.sampling import ddim_sample
-from elsfast.schedules import abar_cosine, abar_cosine_legacy, beta, t_of_abar
+from elsfast.common.schedules import abar_cosine, abar_cosine_legacy, beta, t_of_abar
+from elsfast.sampling import ddim_sample, ode
 
 F64 = torch.float64
 

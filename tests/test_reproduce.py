@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from elsfast.reproduce import PRESETS, Preset, reproduce
-from elsfast.train import TrainConfig
+from elsfast.nets.train import TrainConfig
+from elsfast.research.reproduce import PRESETS, Preset, reproduce
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_every_table1_row_is_a_preset_with_its_cost():
     """The ten CNN rows of the paper's Table 1 are presets with the paper's training, and their cost (network
     steps, evaluations, pairs) is counted before anything runs."""
     from elsfast import datasets
-    from elsfast.reproduce import TABLE1, preset_cost
+    from elsfast.research.reproduce import TABLE1, preset_cost
 
     assert len(TABLE1) == 10
     for dataset, arch, padding, conditional, machine, r in TABLE1:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import elsfast
-from elsfast.scales import reference_scales, resolve_patch_size
-from elsfast.schedules import abar_cosine, abar_cosine_legacy, get_schedule
+from elsfast.common.scales import reference_scales, resolve_patch_size
+from elsfast.common.schedules import abar_cosine, abar_cosine_legacy, get_schedule
 
 
 def test_schedules():

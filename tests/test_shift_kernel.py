@@ -14,8 +14,8 @@ import torch
 from problems import fp32_tolerance, make_problem, reference, stable_seed
 
 from elsfast import ScoreMachine, Shifts
-from elsfast.patches import extract_patches, group_sets
 from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, policy, softmax_reduce
+from elsfast.reduce.patches import extract_patches, group_sets
 from elsfast.reduce.policy import SHIFTS_MIN_PATCH_SIZE, select_backend
 from elsfast.reduce.registry import backend_from_spec, backend_spec
 from elsfast.reduce.shift_backend import group_rectangles, query_images

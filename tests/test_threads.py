@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import elsfast
-from elsfast import threads
 from elsfast.cli import main
+from elsfast.common import threads
 
 ROOT = Path(__file__).resolve().parents[1]
 

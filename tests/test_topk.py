@@ -57,14 +57,14 @@ def true_neglected(dg: PatchDictionary, q: torch.Tensor, ids: torch.Tensor, abar
 def test_bound_holds_against_brute_force(digits, padding, kind, storage, images):
     train = digits[:100] if images == "uint8" else digits[:100].float() / 127.5 - 1
     P = 3
-    group_set = elsfast.patches.group_sets(16, 16, P, padding, "els")
+    group_set = elsfast.reduce.patches.group_sets(16, 16, P, padding, "els")
     backend = TopK(k=16, tolerance=None, index=kind, storage=storage, nlist=32, nprobe=3, **SMALL)
     checked = 0
     for abar in (0.05, 0.5, 0.9, 0.999):
         x = noisy(digits[100:102], abar)
         for positions in group_set[:2]:  # the interior (or only) group and one border class
             dg = PatchDictionary(train, P, padding, positions[:1])
-            q = elsfast.patches.extract_patches(x, P, padding, positions[:1]).reshape(-1, P * P)
+            q = elsfast.reduce.patches.extract_patches(x, P, padding, positions[:1]).reshape(-1, P * P)
             gi = backend._group_index(dg, backend._key(dg), q, abar, 64 << 20)
             _, bound, ids = backend._search_block(gi, dg, q, abar, provenance=False)
             truth = true_neglected(dg, q, ids, abar)
@@ -77,10 +77,10 @@ def test_bound_is_tight_enough_to_be_useful(digits):
     """At low noise the exact top-k of a flat index certifies almost every query below 1e-4 (measured: 99% at
     abar = 0.999 with k = 128; 53% at abar = 0.99, where near-black background patches of MNIST are many and
     nearly equally likely, so that even the true neglected mass exceeds 1e-4 for 42% of the queries)."""
-    dg = PatchDictionary(digits[:100], 3, "zeros", elsfast.patches.group_sets(16, 16, 3, "zeros", "els")[0][:1])
+    dg = PatchDictionary(digits[:100], 3, "zeros", elsfast.reduce.patches.group_sets(16, 16, 3, "zeros", "els")[0][:1])
     backend = TopK(k=128, tolerance=None, index="flat", **SMALL)
     x = noisy(digits[100:102], 0.999)
-    q = elsfast.patches.extract_patches(x, 3, "zeros", dg.positions).reshape(-1, 9)
+    q = elsfast.reduce.patches.extract_patches(x, 3, "zeros", dg.positions).reshape(-1, 9)
     gi = backend._group_index(dg, backend._key(dg), q, 0.999, 64 << 20)
     assert gi.size < gi.total  # repeated keys (black background) are indexed once, with their count
     _, bound, _ = backend._search_block(gi, dg, q, 0.999, provenance=False)
@@ -243,9 +243,9 @@ def test_options_and_errors(digits, monkeypatch):
 def test_auto_never_runs_topk_which_runs_only_when_named(digits, monkeypatch):
     """Exact unless asked: `auto` runs an exact backend even on a dictionary top-k could certify, with faiss
     installed and a `topk` registered that would accept every group; named, top-k answers and says so."""
-    positions = elsfast.patches.group_sets(16, 16, 3, "zeros", "els")[0]
+    positions = elsfast.reduce.patches.group_sets(16, 16, 3, "zeros", "els")[0]
     dictionary = PatchDictionary(digits[:100], 3, "zeros", positions)
-    x = elsfast.patches.extract_patches(noisy(digits[100:102], 0.999).float(), 3, "zeros", positions)
+    x = elsfast.reduce.patches.extract_patches(noisy(digits[100:102], 0.999).float(), 3, "zeros", positions)
     x = x.reshape(1, -1, 9)
     eager = TopK(k=128, nlist=16, **{**SMALL, "min_entries": 1})
     monkeypatch.setitem(_REGISTRY, "topk", eager)

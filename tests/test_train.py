@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from elsfast.models import ResNet
-from elsfast.schedules import abar_cosine_legacy
-from elsfast.train import (
+from elsfast.common.schedules import abar_cosine_legacy
+from elsfast.nets.models import ResNet
+from elsfast.nets.train import (
     TrainConfig,
     abar_table,
     diffusion_loss,

@@ -86,11 +86,11 @@ from typing import Any
 
 import torch
 
-from ..imageio import atomic_write
+from ..common.imageio import atomic_write
+from ..common.scales import PatchSizeSpec
+from ..common.schedules import get_schedule
 from ..machine import ScoreMachine
-from ..ode import patch_size_at
-from ..scales import PatchSizeSpec
-from ..schedules import get_schedule
+from ..sampling.ode import patch_size_at
 from . import OPTIONAL_LIBRARIES, optional_import
 from ._machine_module import MachineModule
 

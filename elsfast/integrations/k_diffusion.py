@@ -37,10 +37,10 @@ import math
 
 import torch
 
+from ..common.scales import PatchSizeSpec
+from ..common.schedules import get_schedule, t_of_abar
 from ..machine import ScoreMachine
-from ..ode import patch_size_at
-from ..scales import PatchSizeSpec
-from ..schedules import get_schedule, t_of_abar
+from ..sampling.ode import patch_size_at
 from ._machine_module import MachineModule
 
 __all__ = ["ELSDenoiser", "get_sigmas_elsfast", "sigma_of_abar"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..threads import kernel_threads
+from ..common.threads import kernel_threads
 from .dictionary import Dictionary
 from .partials import (
     COMPILED_KERNEL_LIMITS,

@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from ..threads import kernel_threads
+from ..common.threads import kernel_threads
 from .caches import MemoryCache, content_hash
 from .cpu_backend import CPU_KERNEL_LIMITS, Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
 from .dictionary import Dictionary, PatchDictionary

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..patches import centre_pixels, extract_patches
-from ..pixels import to_float
+from ..common.pixels import to_float
+from .patches import centre_pixels, extract_patches
 
 __all__ = ["Dictionary", "ImageDictionary", "PatchDictionary"]
 
@@ -97,7 +97,7 @@ class Dictionary:
 class PatchDictionary(Dictionary):
     """LS/ELS: the P x P patches of every image at the positions of each group; the value is the centre pixel.
 
-    `positions` `(G, S)` flat pixel indices (see `elsfast.patches.group_sets`).
+    `positions` `(G, S)` flat pixel indices (see `elsfast.reduce.patches.group_sets`).
     """
 
     patch_size: int

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from ..threads import kernel_threads
+from ..common.threads import kernel_threads
 from .cpu_backend import CPU_KERNEL_LIMITS, MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
 from .dictionary import Dictionary, PatchDictionary
 from .partials import empty_partial_states, fold_partial_states, import_extension
@@ -30,7 +30,7 @@ __all__ = ["Shifts", "group_rectangles", "query_images"]
 
 def group_rectangles(dictionary: Dictionary) -> torch.Tensor | str:
     """`(G, 4)` int32 first row, rows, first column and columns of each group's positions when every group is a
-    rectangle of positions listed row by row (as `elsfast.patches.group_sets` makes them for ELS), else why not."""
+    rectangle of positions listed row by row (as `patches.group_sets` makes them for ELS), else why not."""
     if not isinstance(dictionary, PatchDictionary):
         return "not a patch dictionary"
     if dictionary.padding != "zeros":

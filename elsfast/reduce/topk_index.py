@@ -238,7 +238,7 @@ def build_group_index(
 def _save(path: Path, gi: GroupIndex, key: str) -> None:
     import faiss
 
-    from ..fileio import atomic_write
+    from ..common.fileio import atomic_write
 
     payload = {
         "format": INDEX_FORMAT,

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from . import datasets
+from .. import datasets
+from ..common.fileio import atomic_write, check_replaceable
+from ..machine import ScoreMachine
+from ..nets.train import TrainConfig, load_checkpoint, train
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
-from .fileio import atomic_write, check_replaceable
-from .machine import ScoreMachine
-from .train import TrainConfig, load_checkpoint, train
 
 __all__ = ["PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
 
@@ -125,8 +125,8 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
 def preset_cost(preset: Preset, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
     """What a preset costs on `images` `[N, C, H, W]`: network training steps, machine evaluations of the
     calibration and the comparison, and the query x dictionary pairs of one evaluation of one image for each
-    compared machine at the smallest and largest calibrated patch size (`elsfast.estimate.evaluation_pairs`)."""
-    from .estimate import evaluation_pairs
+    compared machine at the smallest and largest calibrated patch size (`estimate.evaluation_pairs`)."""
+    from ..sampling.estimate import evaluation_pairs
 
     config = preset.train
     per_epoch = math.ceil(len(images) / config.batch_size)
@@ -171,7 +171,7 @@ def reproduce(
     progress: bool = True,
 ) -> dict:
     """Run (or resume) a reproduction into `out_dir`: `network.pt`, `calibration.json`/`.png`, `report/`
-    (see `elsfast.compare`) and `reproduction.json` with the headline numbers. Returns that summary."""
+    (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")

@@ -10,7 +10,7 @@
 Every library error (ValueError, FileNotFoundError, BackendUnavailable) and every bad argument prints one
 line, `elsfast: error: <message>`, to stderr and exits with status 2. Ctrl-C exits with 130. Output files are
 written only once sampling has finished, atomically, and never over a file elsfast did not write (see
-`elsfast.fileio`).
+`elsfast.common.fileio`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checks import parse_bytes
-from .threads import limit_threads
+from ..common.checks import parse_bytes
+from ..common.threads import limit_threads
 
 __all__ = ["build_parser", "main", "parse_bytes"]
 
@@ -98,7 +98,7 @@ def _labels_arg(text: str) -> int | list[int] | str:
 
 
 def _scales_arg(text: str) -> str:
-    from .scales import reference_scales
+    from ..common.scales import reference_scales
 
     scales = reference_scales()
     if text not in scales:
@@ -132,8 +132,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: str | None = None) -> None:
     """--machine, --padding, --patch-size (and --scales when `scales`), --backend, --device, --memory-budget."""
-    from .machine import MACHINES
-    from .patches import PADDINGS
+    from ..machine import MACHINES
+    from ..reduce.patches import PADDINGS
 
     g = p.add_argument_group("machine")
     g.add_argument("--machine", default="els", choices=MACHINES, help="which machine (default: els)")
@@ -193,7 +193,7 @@ _LABELS_HELP = (
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, n_default: int) -> None:
     """--n, --steps, --schedule, --seed, --labels."""
-    from .schedules import SCHEDULES
+    from ..common.schedules import SCHEDULES
 
     g = p.add_argument_group("sampling")
     g.add_argument(
@@ -212,7 +212,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, n_default: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `elsfast` command (errors raise `CLIError`)."""
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(
         prog=PROG,
@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=_cmd_scales)
 
-    from .cli_research import add_research_commands
+    from .research import add_research_commands
 
     add_research_commands(commands)
     return parser
@@ -344,7 +344,7 @@ def _resolve_device(text: str):
     """--device: "auto" (CUDA where available, else the CPU) or a torch device that exists here."""
     import torch
 
-    from .checks import check_device
+    from ..common.checks import check_device
 
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,7 +356,7 @@ def _resolve_device(text: str):
 
 def _check_machine_args(args: argparse.Namespace) -> None:
     """Cheap checks of the machine group, before any data is loaded."""
-    from .reduce.registry import check_backend_name
+    from ..reduce.registry import check_backend_name
 
     if args.dictionary != "same" and args.machine != "els":
         raise CLIError(f"argument --dictionary: {args.dictionary} is an option of --machine els")
@@ -381,7 +381,7 @@ def _backend_arg(args: argparse.Namespace):
     """--backend NAME, or a configured top-k backend from --topk/--tolerance/--topk-index."""
     if args.backend != "topk":
         return args.backend
-    from .reduce import TopK
+    from ..reduce import TopK
 
     quiet = getattr(args, "quiet", False)
     options = {"k": args.topk, "tolerance": args.tolerance, "index": args.topk_index, "progress": not quiet}
@@ -395,7 +395,7 @@ def _check_labels_count(labels, n: int) -> None:
 
 def _check_sample_args(args: argparse.Namespace) -> None:
     """Cheap checks, before any data is loaded."""
-    from .imageio import SAMPLE_SUFFIXES
+    from ..common.imageio import SAMPLE_SUFFIXES
 
     _check_machine_args(args)
     if args.out is None and args.save is None:
@@ -416,7 +416,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     _check_outputs({"--out": args.out, "--save": args.save})
     resume = _resume_path(args)
     if resume is not None and Path(resume).exists():
-        from .fileio import describe_file, elsfast_format
+        from ..common.fileio import describe_file, elsfast_format
 
         if elsfast_format(resume) != "elsfast-sampling-state":
             raise CLIError(
@@ -428,7 +428,7 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 def _check_outputs(paths: dict[str, str | None]) -> None:
     """Refuse, before any work, output paths holding a file elsfast did not write (it would never replace it)."""
-    from .fileio import check_replaceable
+    from ..common.fileio import check_replaceable
 
     for flag, path in paths.items():
         if path is None:
@@ -472,7 +472,7 @@ def _sample_labels(spec, data, n: int):
 
 def _load_dataset(args: argparse.Namespace):
     """The training set named by the data group (--dataset, --data-root, --pad-to, --limit)."""
-    from . import datasets
+    from .. import datasets
 
     try:
         return datasets.load(args.dataset, "train", args.data_root, pad_to=args.pad_to, limit=args.limit)
@@ -482,8 +482,8 @@ def _load_dataset(args: argparse.Namespace):
 
 def _make_machine(args: argparse.Namespace, data, device):
     """The machine of the machine group over `data`."""
-    from .machine import ScoreMachine
-    from .reduce import DEFAULT_MEMORY_BUDGET
+    from ..machine import ScoreMachine
+    from ..reduce import DEFAULT_MEMORY_BUDGET
 
     return ScoreMachine(
         data.images,
@@ -527,8 +527,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .imageio import save_grid, save_samples
-    from .sampling import sample
+    from ..common.imageio import save_grid, save_samples
+    from ..sampling import sample
 
     started = time.perf_counter()
     data = _load_dataset(args)
@@ -595,7 +595,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         raise CLIError(f"argument --out-dir: {args.out_dir!r} exists and is not a directory")
     device = _resolve_device(args.device)
 
-    from . import explain
+    from ..research import explain
 
     started = time.perf_counter()
     data = _load_dataset(args)
@@ -630,8 +630,8 @@ def _read_samples(path: Path):
     """Samples `[n, C, H, W]` float in [-1, 1] from a file of `elsfast sample --save` (uint8 is converted)."""
     import torch
 
-    from .imageio import load_samples
-    from .pixels import to_float
+    from ..common.imageio import load_samples
+    from ..common.pixels import to_float
 
     try:
         samples = load_samples(path)
@@ -646,7 +646,7 @@ def _read_samples(path: Path):
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from .imageio import SAMPLE_SUFFIXES, atomic_write
+    from ..common.imageio import SAMPLE_SUFFIXES, atomic_write
 
     _check_machine_args(args)
     path = Path(args.samples)
@@ -663,7 +663,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
     import json
 
-    from .creativity import measure
+    from ..research.creativity import measure
 
     started = time.perf_counter()
     samples = _read_samples(path)
@@ -735,8 +735,8 @@ def _backend_table() -> list[tuple[str, dict[str, str]]]:
     """For every registered backend, per device tried, 'yes' or 'no (reasons)'."""
     import torch
 
-    from .reduce.dictionary import PatchDictionary
-    from .reduce.registry import backend_names, backend_reasons
+    from ..reduce.dictionary import PatchDictionary
+    from ..reduce.registry import backend_names, backend_reasons
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     table: dict[str, dict[str, str]] = {name: {} for name in backend_names()}
@@ -757,8 +757,8 @@ def _backend_table() -> list[tuple[str, dict[str, str]]]:
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import __version__, datasets
-    from .scales import reference_scales
+    from .. import __version__, datasets
+    from ..common.scales import reference_scales
 
     print(f"elsfast {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {_version_of('numpy')}")
@@ -771,7 +771,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("  cuda: no")
     mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     print(f"  mps: {'yes' if mps else 'no'}")
-    from .reduce.policy import RULES
+    from ..reduce.policy import RULES
 
     print("backends:")
     for name, per_device in _backend_table():
@@ -779,7 +779,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("auto (exact backends only; the first rule that applies and whose backend can run):")
     for k, rule in enumerate(RULES, 1):
         print(f"  {k}. {rule.backend.NAME}: {rule.taken_when} ({rule.evidence})")
-    from .integrations import integration_status
+    from ..integrations import integration_status
 
     print("integrations (optional libraries; one that is installed but fails to import counts as missing):")
     for name, state in integration_status().items():
@@ -801,7 +801,7 @@ def _version_of(module: str) -> str:
 
 
 def _cmd_scales(args: argparse.Namespace) -> int:
-    from .scales import reference_scales
+    from ..common.scales import reference_scales
 
     scales = reference_scales()
     width = max(map(len, scales))
@@ -822,7 +822,7 @@ def _fail(message: str, status: int = 2) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `elsfast` command line on `argv` (default: sys.argv[1:]); returns the exit status."""
-    from .reduce.registry import BackendUnavailable
+    from ..reduce.registry import BackendUnavailable
 
     try:
         try:

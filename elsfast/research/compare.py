@@ -7,8 +7,8 @@ its eps (`network_steps` steps, e.g. 150 as in the paper, default `steps`); ever
 with `steps` steps and the patch-size schedule `scales` (ignored by IS and ES). Each machine image is scored
 against the network image with
 
-- Pearson r (`elsfast.metrics.pearson_r`): what the paper calls "r^2"; the paper's numbers are medians of it;
-- R^2 (`elsfast.metrics.r_squared`), the coefficient of determination with the network image as the reference.
+- Pearson r (`elsfast.research.metrics.pearson_r`): what the paper calls "r^2"; the paper's numbers are medians of it;
+- R^2 (`elsfast.research.metrics.r_squared`), the coefficient of determination with the network image as the reference.
 
 Reported: per machine the median r and median R^2 over seeds, and for ELS and LS (and ES) the fraction of seeds
 on which their r beats IS's (a NaN r counts as a loss).
@@ -40,6 +40,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..common.fileio import atomic_write, check_replaceable
+from ..common.imageio import make_grid
+from ..common.scales import PatchSizeSpec, resolve_patch_size
+from ..common.schedules import get_schedule
+from ..machine import MACHINES, ScoreMachine
+from ..sampling import ddim_sample, sample
 from .calibrate import (
     _PALETTE,
     COLORS,
@@ -54,13 +60,7 @@ from .calibrate import (
     seed_labels,
     seed_noise,
 )
-from .fileio import atomic_write, check_replaceable
-from .imageio import make_grid
-from .machine import MACHINES, ScoreMachine
 from .metrics import pearson_r, r_squared
-from .sampling import ddim_sample, sample
-from .scales import PatchSizeSpec, resolve_patch_size
-from .schedules import get_schedule
 
 __all__ = ["compare", "load_results", "summarize"]
 
@@ -308,7 +308,7 @@ def compare(
 
     Args:
         eps_fn: the network, `eps_fn(x, abar, labels) -> eps`, or a `torch.nn.Module` `model(x, t, labels)`
-            (wrapped with `elsfast.models.eps_at` on `schedule`).
+            (wrapped with `elsfast.nets.models.eps_at` on `schedule`).
         train_images, train_labels: the machines' training set (`[N, C, H, W]` float in [-1, 1] or uint8;
             labels `[N]` for class-conditional runs).
         image_shape: (C, H, W); checked against the training images (default: theirs).

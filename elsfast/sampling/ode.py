@@ -23,7 +23,7 @@ counts grow.
 
 Patch sizes P(t) follow `patch_size_at`: an int, a callable of t, a list or the name of a published calibrated
 list (entry round(t * len) clipped to the list; a per-step list of length n is then entry i at t = i / n, as in
-`elsfast.scales.resolve_patch_size`).
+`elsfast.common.scales.resolve_patch_size`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .machine import ScoreMachine
-from .sampling import labels_per_sample
-from .scales import PatchSizeSpec, reference_scales
-from .schedules import beta, get_schedule
+from ..common.scales import PatchSizeSpec, reference_scales
+from ..common.schedules import beta, get_schedule
+from ..machine import ScoreMachine
+from . import labels_per_sample
 
 __all__ = ["euler_sample", "patch_size_at", "score", "velocity"]
 

@@ -13,7 +13,7 @@
         pixels `(source_y, source_x)` of its pixels) outlined in its palette colour and the rest washed out.
 
 `explain` samples with a machine, writes one such figure per sample and the creativity measures
-(`elsfast.creativity.measure`) as `measures.json`.
+(`elsfast.research.creativity.measure`) as `measures.json`.
 """
 
 from __future__ import annotations
@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from . import creativity, sampling
-from .fileio import atomic_write, check_replaceable
-from .imageio import to_uint8
-from .machine import ScoreMachine
-from .provenance import Provenance
-from .scales import PatchSizeSpec
+from .. import sampling
+from ..common.fileio import atomic_write, check_replaceable
+from ..common.imageio import to_uint8
+from ..common.provenance import Provenance
+from ..common.scales import PatchSizeSpec
+from ..machine import ScoreMachine
+from . import creativity
 
 __all__ = ["PALETTE", "default_scale", "explain", "explain_figure", "palette_colour", "save_explain_figure"]
 

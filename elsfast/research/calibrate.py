@@ -9,7 +9,7 @@ The calibrated P(t) is the median of the best P across seeds, step by step.
 The network enters as a plain callable `eps_fn(x, abar, labels) -> eps` (`x` `[B, C, H, W]`, `abar` a float,
 `labels` `[B]` int64 or None), so any model works, and so does an analytic machine posing as a network (which
 is how the tests check that calibration recovers a known P). A `torch.nn.Module` with the signature of
-`elsfast.models` (`model(x, t, labels) -> eps`) is wrapped with `elsfast.models.eps_at` automatically.
+`elsfast.nets.models` (`model(x, t, labels) -> eps`) is wrapped with `elsfast.nets.models.eps_at` automatically.
 
 Layout of the result: `CalibrationResult.scales` is a list of length `steps` whose entry i is the patch size at
 t = i / steps, exactly the layout of `elsfast.reference_scales()`, so `elsfast.sample(..., patch_size=result.scales)`
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .fileio import atomic_write, describe_file
-from .machine import ScoreMachine
+from ..common.fileio import atomic_write, describe_file
+from ..common.schedules import get_schedule
+from ..machine import ScoreMachine
+from ..sampling import ddim_sample
 from .metrics import cosine_similarity
-from .sampling import ddim_sample
-from .schedules import get_schedule
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -59,16 +59,16 @@ FORMAT = "elsfast-calibration/1"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# helpers shared with elsfast.compare
+# helpers shared with elsfast.research.compare
 # --------------------------------------------------------------------------------------------------------------
 
 
 def as_eps_fn(network, schedule: str | Callable[[float], float] = "cosine-legacy") -> EpsFn:
-    """`network` as an `eps_fn(x, abar, labels)`: a `torch.nn.Module` with the `elsfast.models` signature
-    `model(x, t, labels) -> eps` is wrapped with `elsfast.models.eps_at` (abar mapped back to the network's time
+    """`network` as an `eps_fn(x, abar, labels)`: a `torch.nn.Module` with the `elsfast.nets.models` signature
+    `model(x, t, labels) -> eps` is wrapped with `elsfast.nets.models.eps_at` (abar mapped back to the network's time
     on `schedule`); any other callable is taken to be an eps_fn already."""
     if isinstance(network, torch.nn.Module):
-        from .models import eps_at
+        from ..nets.models import eps_at
 
         def eps_fn(x: torch.Tensor, abar: float, labels: torch.Tensor | None) -> torch.Tensor:
             return eps_at(network, x, abar, labels, schedule=schedule)

@@ -1,7 +1,7 @@
 """What a sampling run will cost, told before it starts: pairs to score and a time from a short calibration.
 
 The work of a machine evaluation is its number of query x dictionary-entry pairs (`MachineStats.pairs`): per
-group set `(G, S)` of `elsfast.patches.group_sets`, G * (S * B) queries against S * N entries for B images and N
+group set `(G, S)` of `elsfast.reduce.patches.group_sets`, G * (S * B) queries against S * N entries for B images and N
 training images (per class when class-conditional); IS scores B * N pairs, ES B * N * H * W. `estimate_sample`
 adds them over the evaluations of a run and times one evaluation per distinct patch size on a slice of the
 training set, so its seconds are an estimate for this machine as loaded now (one query image, so batched runs
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .machine import ScoreMachine
-from .patches import group_sets
-from .schedules import get_schedule
+from ..common.schedules import get_schedule
+from ..machine import ScoreMachine
+from ..reduce.patches import group_sets
 
 __all__ = ["CALIBRATION_PAIRS", "LONG_RUN_PAIRS", "SampleEstimate", "estimate_sample", "evaluation_pairs"]
 

@@ -23,15 +23,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .checks import integer_labels
+from ..common.checks import integer_labels
+from ..common.fileio import atomic_write, describe_file, elsfast_format
+from ..common.provenance import Provenance
+from ..common.scales import PatchSizeSpec, resolve_patch_size
+from ..common.schedules import get_schedule
+from ..common.threads import check_threads, limit_threads
+from ..machine import ScoreMachine
+from ..reduce import DEFAULT_MEMORY_BUDGET
 from .estimate import LONG_RUN_PAIRS, estimate_sample
-from .fileio import atomic_write, describe_file, elsfast_format
-from .machine import ScoreMachine
-from .provenance import Provenance
-from .reduce import DEFAULT_MEMORY_BUDGET
-from .scales import PatchSizeSpec, resolve_patch_size
-from .schedules import get_schedule
-from .threads import check_threads, limit_threads
 
 __all__ = ["Denoiser", "SampleTrace", "ddim_sample", "labels_per_sample", "sample"]
 
@@ -212,14 +212,14 @@ def sample(
             training images `[N, C, H, W]` (with `train_labels` for conditional sampling), or a dataset name
             or path understood by `elsfast.datasets.load` (train split; its labels come along).
         patch_size: an odd int, a list with one size per step, a callable of t, or the name of a published
-            calibrated list (see `elsfast.scales.reference_scales()`).
+            calibrated list (see `elsfast.common.scales.reference_scales()`).
         labels: class label(s) for class-conditional sampling: one int or one per sample.
         seed: seeds the initial noise, drawn on the CPU so that a seed gives the same noise on every device.
         noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
         generator: a CPU `torch.Generator` to draw the initial noise from instead of `seed`.
-        progress: a progress bar; and for a run of more than `elsfast.estimate.LONG_RUN_PAIRS` query x dictionary
+        progress: a progress bar; and for a run of more than `estimate.LONG_RUN_PAIRS` query x dictionary
             pairs, one line on stderr before it starts with the pairs and the time estimated by a short
-            calibration (`elsfast.estimate.estimate_sample`).
+            calibration (`elsfast.sampling.estimate.estimate_sample`).
         callback: called after every step (see `ddim_sample`).
         return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
             evaluation (which produces the output) and the posterior entropy maps of every step.
@@ -231,7 +231,7 @@ def sample(
             removed when the run finishes. A trace (`return_provenance`) then covers the steps run since the
             resume.
         threads: CPU threads of the compiled kernels and of torch during the run (default: `ELSFAST_NUM_THREADS`,
-            else torch's count; never more than the CPUs this process may use; see `elsfast.threads`).
+            else torch's count; never more than the CPUs this process may use; see `elsfast.common.threads`).
         checkpoint: deprecated name of `resume_from` (DeprecationWarning; removed in the next release).
     """
     if checkpoint is not None:
@@ -249,7 +249,7 @@ def sample(
         m = source
     else:
         if isinstance(source, str | Path):
-            from . import datasets
+            from .. import datasets
 
             data = datasets.load(str(source), split="train", root=data_root)
             images, train_labels = data.images, data.labels

@@ -7,8 +7,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .cli import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
-from .fileio import check_replaceable
+from ..common.fileio import check_replaceable
+from . import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
 
 __all__ = ["add_research_commands"]
 
@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_research_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train`, `calibrate`, `compare` and `reproduce` to the `elsfast` sub-command parser."""
-    from .reproduce import PRESETS
+    from ..research.reproduce import PRESETS
 
     t = commands.add_parser(
         "train",
@@ -128,11 +128,11 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from . import datasets
-    from .train import TrainConfig, train
+    from .. import datasets
+    from ..nets.train import TrainConfig, train
 
     if not args.resume and not args.overwrite and Path(args.out).exists():
-        from .fileio import describe_file
+        from ..common.fileio import describe_file
 
         raise CLIError(
             f"argument --out: {args.out!r} already exists (it looks like {describe_file(args.out)}): add --resume "
@@ -182,8 +182,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _network_and_data(args: argparse.Namespace):
     """The checkpoint's network and the training set it was trained on (for the machines)."""
-    from . import datasets
-    from .train import load_checkpoint
+    from .. import datasets
+    from ..nets.train import load_checkpoint
 
     device = _resolve_device(args.device)
     model, config, _ = load_checkpoint(args.checkpoint, device=device)
@@ -194,8 +194,8 @@ def _network_and_data(args: argparse.Namespace):
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .machine import ScoreMachine
+    from ..machine import ScoreMachine
+    from ..research.calibrate import calibrate
 
     if not args.out.endswith(".json"):
         raise CLIError(f"--out must end in .json, got {args.out!r}")
@@ -226,10 +226,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .calibrate import CalibrationResult
-    from .compare import compare
-    from .machine import MACHINES
-    from .scales import reference_scales
+    from ..common.scales import reference_scales
+    from ..machine import MACHINES
+    from ..research.calibrate import CalibrationResult
+    from ..research.compare import compare
 
     machines = tuple(m.strip() for m in args.machines.split(",") if m.strip())
     unknown = [m for m in machines if m not in MACHINES]
@@ -271,7 +271,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from .reproduce import reproduce
+    from ..research.reproduce import reproduce
 
     device = _resolve_device(args.device)
     summary = reproduce(

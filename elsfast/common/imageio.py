@@ -1,7 +1,7 @@
 """Turning samples into pictures and files: uint8 conversion, image grids, atomic PNG / tensor writes.
 
 Samples are float tensors `[N, C, H, W]` in [-1, 1] (the units of `elsfast.sample`). Every writer here goes
-through `elsfast.fileio.atomic_write` (re-exported here): a temporary file renamed over the destination, so an
+through `elsfast.common.fileio.atomic_write` (re-exported here): a temporary file renamed over the destination, so an
 interrupted run never leaves a half-written file behind, and an existing file elsfast did not write is refused
 (`FileExistsError`), never replaced.
 """

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 
 import torch
 
-from .checks import check_pixel_range
-from .machine import ScoreMachine
-from .pixels import to_float
-from .provenance import Provenance
+from ..common.checks import check_pixel_range
+from ..common.pixels import to_float
+from ..common.provenance import Provenance
+from ..machine import ScoreMachine
 
 __all__ = [
     "MEMORISED_RMS",

@@ -1,7 +1,7 @@
 """Training the networks of the reproduction (SPEC section 3, paper App. C), resumable step for step.
 
 Objective: epsilon-MSE, E || eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) - eps ||^2 with
-t ~ U{0, ..., 999} / 1000 on the legacy cosine schedule (`elsfast.schedules.abar_cosine_legacy`) and
+t ~ U{0, ..., 999} / 1000 on the legacy cosine schedule (`elsfast.common.schedules.abar_cosine_legacy`) and
 eps ~ N(0, I). Adam, lr 1e-4, no weight decay, batch 128, learning rate times 0.999965 after every step,
 300 epochs, no EMA, no augmentation. The data is read once into memory as float in [-1, 1].
 
@@ -35,11 +35,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checks import check_pixel_range
-from .fileio import atomic_write, describe_file
+from ..common.checks import check_pixel_range
+from ..common.fileio import atomic_write, describe_file
+from ..common.pixels import to_float
+from ..common.schedules import get_schedule
 from .models import build_model, model_config
-from .pixels import to_float
-from .schedules import get_schedule
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -158,7 +158,7 @@ def _read_checkpoint(path: str | Path, device=None) -> dict:
     except Exception as err:  # truncated zip, random bytes, foreign pickles all land here
         raise _bad(path, f"the file is truncated, corrupted or not a torch checkpoint ({type(err).__name__})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise _bad(path, "it was not written by elsfast.train (no 'format': 'elsfast-checkpoint' entry)")
+        raise _bad(path, "it was not written by elsfast.nets.train (no 'format': 'elsfast-checkpoint' entry)")
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise _bad(path, f"format version {ckpt.get('version')!r} is not the supported {CHECKPOINT_VERSION}")
     missing = [k for k in ("config", "model", "step") if k not in ckpt]
@@ -200,7 +200,7 @@ def _save(path: str | Path, state: dict) -> None:
 def _load_data(config: TrainConfig, images, labels) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
     num_classes = None
     if images is None:
-        from . import datasets
+        from .. import datasets
 
         data = datasets.load(config.dataset, "train", config.root, pad_to=config.pad_to, limit=config.limit)
         images, labels, num_classes = data.images, data.labels, data.num_classes

@@ -52,8 +52,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from .fileio import atomic_write, open_npz
-from .pixels import to_float
+from ..common.fileio import atomic_write, open_npz
+from ..common.pixels import to_float
 
 __all__ = [
     "EMBEDDED_MNIST_PATH",
@@ -80,7 +80,7 @@ ENV_CACHE = "ELSFAST_CACHE"
 SPLITS = ("train", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 NAMED_DATASETS = ("mnist", "fashion-mnist", "cifar10", "faces", "mnist-embedded")
-EMBEDDED_MNIST_PATH = Path(__file__).resolve().parent / "assets" / "mnist_embedded.npz"
+EMBEDDED_MNIST_PATH = Path(__file__).resolve().parents[1] / "assets" / "mnist_embedded.npz"
 
 _ALIASES = {
     "fashionmnist": "fashion-mnist",
