@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import elsfast
+from elsfast.common.scales import patch_size_at
 from elsfast.common.schedules import abar_cosine, abar_cosine_legacy, beta, t_of_abar
 from elsfast.sampling import ddim_sample, ode
 
@@ -40,15 +41,15 @@ def test_beta_is_minus_dlog_abar_and_t_of_abar_inverts(name, fn):
 
 
 def test_patch_size_at():
-    assert ode.patch_size_at(5, 0.3) == 5
-    assert ode.patch_size_at(lambda t: 3 if t < 0.5 else 7, 0.7) == 7
+    assert patch_size_at(5, 0.3) == 5
+    assert patch_size_at(lambda t: 3 if t < 0.5 else 7, 0.7) == 7
     table = elsfast.reference_scales()["MNIST_UNet_zeros"]
     for i in range(20):
-        assert ode.patch_size_at("MNIST_UNet_zeros", i / 20) == table[i]
-    assert ode.patch_size_at("MNIST_UNet_zeros", 1.0) == table[-1]  # round(20) clipped to the last entry
-    assert ode.patch_size_at([3, 5, 7, 9], 0.5) == 7  # a per-step list of length n: entry i at t = i / n
+        assert patch_size_at("MNIST_UNet_zeros", i / 20) == table[i]
+    assert patch_size_at("MNIST_UNet_zeros", 1.0) == table[-1]  # round(20) clipped to the last entry
+    assert patch_size_at([3, 5, 7, 9], 0.5) == 7  # a per-step list of length n: entry i at t = i / n
     with pytest.raises(ValueError, match="unknown calibrated"):
-        ode.patch_size_at("nope", 0.5)
+        patch_size_at("nope", 0.5)
 
 
 def test_score_is_the_gradient_of_the_log_density_for_the_ideal_machine():

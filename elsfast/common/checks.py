@@ -1,7 +1,7 @@
 """Argument checks shared by the API and the command line, so both accept and refuse the same things.
 
 - `parse_memory_budget`: bytes as an int or a string with a binary suffix ("512M", "2G", "1.5GiB").
-- `integer_labels`: class labels that are integers (never truncated floats).
+- `integer_labels`: class labels that are integers (never truncated floats); `labels_per_sample`: one per sample.
 - `check_pixel_range`: float images in the [-1, 1] convention, with a warning for images that look like [0, 1].
 - `check_device`: a torch device that exists here.
 """
@@ -13,7 +13,14 @@ import warnings
 
 import torch
 
-__all__ = ["check_device", "check_pixel_range", "integer_labels", "parse_bytes", "parse_memory_budget"]
+__all__ = [
+    "check_device",
+    "check_pixel_range",
+    "integer_labels",
+    "labels_per_sample",
+    "parse_bytes",
+    "parse_memory_budget",
+]
 
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -71,6 +78,20 @@ def integer_labels(labels, name: str = "labels") -> torch.Tensor:
         if bad.numel():
             raise ValueError(f"{name} must be integers (class indices), got {bad.flatten()[0].item():.6g}")
     return tensor.to(torch.int64).cpu()
+
+
+def labels_per_sample(labels, n: int) -> torch.Tensor | None:
+    """`labels` (one class for every sample, or one per sample) as int64 `[n]`, or None. Non-integer labels
+    raise ValueError (1.7 is not class 1), a count other than 1 or `n` raises ValueError."""
+    if labels is None:
+        return None
+    labels = integer_labels(labels, "labels")
+    if labels.dim() == 0:
+        return labels.expand(n).clone()
+    labels = labels.flatten()
+    if labels.numel() != n:
+        raise ValueError(f"labels must be one int or {n} ints (one per sample), got {labels.numel()}")
+    return labels
 
 
 def check_pixel_range(images: torch.Tensor, name: str) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 
-__all__ = ["PatchSizeSpec", "reference_scales", "resolve_patch_size"]
+__all__ = ["PatchSizeSpec", "patch_size_at", "reference_scales", "resolve_patch_size"]
 
 PatchSizeSpec = int | Sequence[int] | Callable[[float], int] | str
 
@@ -25,32 +25,47 @@ def reference_scales() -> dict[str, list[int]]:
     return json.loads(text)["scales"]
 
 
-def resolve_patch_size(spec: PatchSizeSpec, steps: int) -> Callable[[float, int], int]:
-    """Turn a patch-size spec into `size(t, i)` for step i of `steps` (t = i / steps).
+def patch_size_at(spec: PatchSizeSpec, t: float) -> int:
+    """The patch size of `spec` at time t in [0, 1]: the one reading of a patch-size spec.
 
-    - int: the same size at every step;
-    - sequence of length `steps`: entry i at step i (t = i / steps), the layout of the published lists;
+    - int: that size at every t;
     - callable: `spec(t)`;
-    - str: a published list by name; with `steps` other than its length, entry round(t * len) is used.
+    - sequence, or the name of a published calibrated list (`reference_scales()`): entry round(t * len),
+      clipped to the list (a list of n entries used with n steps gives entry i at t = i / n).
     """
     if isinstance(spec, str):
         scales = reference_scales()
         if spec not in scales:
             raise ValueError(f"patch_size: unknown calibrated scales {spec!r}; known: {', '.join(sorted(scales))}")
-        table = scales[spec]
-        if len(table) == steps:
-            return lambda t, i: table[i]
-        return lambda t, i: table[min(len(table) - 1, round(t * len(table)))]
+        spec = scales[spec]
     if callable(spec):
-        return lambda t, i: spec(t)
-    if isinstance(spec, numbers.Real):
-        return lambda t, i: spec
+        return spec(t)
+    if isinstance(spec, numbers.Real) or (hasattr(spec, "dim") and spec.dim() == 0):
+        return spec
     try:
         table = list(spec)
     except TypeError:
         raise TypeError(
             f"patch_size must be an odd int, a list of them, a callable of t or a scales name, got {spec!r}"
         ) from None
-    if len(table) != steps:
-        raise ValueError(f"patch_size: a patch-size list needs one entry per step ({steps}), got {len(table)}")
-    return lambda t, i: table[i]
+    if not table:
+        raise ValueError("patch_size: a patch-size list must not be empty")
+    return table[min(len(table) - 1, max(0, round(t * len(table))))]
+
+
+def resolve_patch_size(spec: PatchSizeSpec, steps: int) -> Callable[[float, int], int]:
+    """`patch_size_at` for a sampler of `steps` steps, as `size(t, i)` for step i (t = i / steps).
+
+    A list given as a list must have one entry per step (entry i at step i, the layout of the published lists);
+    a published list named by its string is read at round(t * len) whatever `steps` is. The spec is checked here,
+    before any step runs.
+    """
+    if not isinstance(spec, str) and not callable(spec) and not isinstance(spec, numbers.Real):
+        try:
+            table = list(spec)
+        except TypeError:
+            table = None
+        if table is not None and len(table) != steps:
+            raise ValueError(f"patch_size: a patch-size list needs one entry per step ({steps}), got {len(table)}")
+    patch_size_at(spec, 1.0)  # an unknown name, an empty list or a wrong type fails here
+    return lambda t, i: patch_size_at(spec, t)

@@ -87,10 +87,9 @@ from typing import Any
 import torch
 
 from ..common.imageio import atomic_write
-from ..common.scales import PatchSizeSpec
+from ..common.scales import PatchSizeSpec, patch_size_at
 from ..common.schedules import get_schedule
 from ..machine import ScoreMachine
-from ..sampling.ode import patch_size_at
 from . import OPTIONAL_LIBRARIES, optional_import
 from ._machine_module import MachineModule
 

@@ -37,10 +37,9 @@ import math
 
 import torch
 
-from ..common.scales import PatchSizeSpec
+from ..common.scales import PatchSizeSpec, patch_size_at
 from ..common.schedules import get_schedule, t_of_abar
 from ..machine import ScoreMachine
-from ..sampling.ode import patch_size_at
 from ._machine_module import MachineModule
 
 __all__ = ["ELSDenoiser", "get_sigmas_elsfast", "sigma_of_abar"]

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.checks import labels_per_sample
 from ..common.schedules import t_of_abar
-from ..sampling import labels_per_sample
 
 __all__ = [
     "ARCHS",

@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .. import sampling
+from ..common.checks import labels_per_sample
 from ..common.fileio import atomic_write, check_replaceable
 from ..common.imageio import to_uint8
 from ..common.provenance import Provenance
@@ -455,7 +456,7 @@ def explain(
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
     for name in [*(f"sample_{k}.png" for k in range(n)), "measures.json"]:
         check_replaceable(out_dir / name)  # before sampling: a foreign file there would be refused at the end
-    sample_labels = sampling.labels_per_sample(labels, n)
+    sample_labels = labels_per_sample(labels, n)
     images, trace = sampling.sample(
         machine,
         n,

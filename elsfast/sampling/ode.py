@@ -21,44 +21,25 @@ first-order discretisation of the same ODE (it is exactly Euler's method in the 
 abar) / abar) and x / sqrt(abar)), so `euler_sample` and `elsfast.sample` converge to the same images as the step
 counts grow.
 
-Patch sizes P(t) follow `patch_size_at`: an int, a callable of t, a list or the name of a published calibrated
-list (entry round(t * len) clipped to the list; a per-step list of length n is then entry i at t = i / n, as in
-`elsfast.common.scales.resolve_patch_size`).
+Patch sizes P(t) are read by `elsfast.common.scales.patch_size_at`, as the DDIM sampler reads them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from ..common.scales import PatchSizeSpec, reference_scales
+from ..common.checks import labels_per_sample
+from ..common.scales import PatchSizeSpec, patch_size_at
 from ..common.schedules import beta, get_schedule
 from ..machine import ScoreMachine
-from . import labels_per_sample
 
-__all__ = ["euler_sample", "patch_size_at", "score", "velocity"]
+__all__ = ["euler_sample", "score", "velocity"]
 
 Schedule = str | Callable[[float], float]
-
-
-def patch_size_at(spec: PatchSizeSpec, t: float) -> int:
-    """The patch size of `spec` at time t in [0, 1]: an int; a callable `spec(t)`; a list, or the name of a
-    published calibrated list (`elsfast.reference_scales()`), indexed by round(t * len) clipped to the list."""
-    if isinstance(spec, str):
-        scales = reference_scales()
-        if spec not in scales:
-            raise ValueError(f"unknown calibrated scales {spec!r}; known: {', '.join(sorted(scales))}")
-        spec = scales[spec]
-    if callable(spec):
-        return spec(t)
-    if isinstance(spec, int | torch.Tensor) or not isinstance(spec, Sequence):
-        return spec
-    if len(spec) == 0:
-        raise ValueError("a patch-size list must not be empty")
-    return spec[min(len(spec) - 1, max(0, round(t * len(spec))))]
 
 
 def _abar(t: float, schedule: Schedule) -> float:
