@@ -164,3 +164,38 @@ def test_module_network_gets_a_weight_hash(train, tmp_path):
     assert compare(StandIn(0.5), images, out_dir=tmp_path, **kw)["computed"] == 0
     with pytest.raises(ValueError, match="network"):
         compare(StandIn(0.25), images, out_dir=tmp_path, **kw)
+
+
+def test_network_grid_starts_everyone_at_t_one(train, tmp_path):
+    """grid="network" (the authors' network sampler): the network and every machine make `steps` updates from the
+    same noise placed at t = 1; an ELS "network" still equals the ELS machine, and the report says which grid."""
+    images, _ = train
+    net = ElsNetwork(images)
+    kw = dict(scales=3, seeds=range(2), steps=STEPS, progress=False, network="els3", machines=("els", "is"))
+    report = compare(net, images, out_dir=tmp_path / "net", grid="network", **kw)
+    assert net.calls == 2 * STEPS  # one more evaluation per seed than the machine grid's STEPS - 1
+    for row in report["rows"]:
+        assert row["r"]["els"] == pytest.approx(1.0, abs=1e-4)
+    assert report["config"]["grid"] == "network"
+    assert "step grid `network` (noise placed at t = 1" in (tmp_path / "net" / "summary.md").read_text()
+    machine_grid = compare(ElsNetwork(images), images, out_dir=tmp_path / "machine", **kw)
+    assert "step grid `machine`" in (tmp_path / "machine" / "summary.md").read_text()
+    a = torch.load(tmp_path / "net" / "samples" / "seed_00000.pt", weights_only=True)["els"]
+    b = torch.load(tmp_path / "machine" / "samples" / "seed_00000.pt", weights_only=True)["els"]
+    assert not torch.equal(a, b)  # the grids differ: one more update from t = 1
+    assert machine_grid["config"]["grid"] == "machine"
+    with pytest.raises(ValueError, match="grid"):  # resuming with the other grid is another configuration
+        compare(ElsNetwork(images), images, out_dir=tmp_path / "machine", grid="network", **kw)
+    with pytest.raises(ValueError, match="unknown step grid"):
+        compare(ElsNetwork(images), images, out_dir=tmp_path / "x", grid="t1", **kw)
+
+
+def test_results_written_before_the_grid_option_resume(train, tmp_path):
+    images, _ = train
+    kw = dict(scales=3, seeds=range(1), steps=STEPS, progress=False, network="els3", machines=("els",))
+    compare(ElsNetwork(images), images, out_dir=tmp_path, **kw)
+    path = tmp_path / "results.json"
+    data = json.loads(path.read_text())
+    del data["config"]["grid"]
+    path.write_text(json.dumps(data))
+    assert compare(ElsNetwork(images), images, out_dir=tmp_path, **kw)["computed"] == 0

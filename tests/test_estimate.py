@@ -44,7 +44,7 @@ def test_only_long_runs_print_an_estimate(capsys, monkeypatch):
     elsfast.sample(train, n=1, steps=3, progress=True)
     assert "query x dictionary pairs" not in capsys.readouterr().err
     monkeypatch.setattr(estimate, "LONG_RUN_PAIRS", 10)
-    monkeypatch.setattr(elsfast.sampling, "LONG_RUN_PAIRS", 10)
+    monkeypatch.setattr(elsfast.sampling.sampler, "LONG_RUN_PAIRS", 10)
     elsfast.sample(train, n=1, steps=3, progress=True)
     err = capsys.readouterr().err
     assert "elsfast: sampling 2 evaluations of 1 image(s)" in err and "on this machine" in err

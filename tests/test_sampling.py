@@ -199,8 +199,47 @@ def test_checkpoint_is_the_deprecated_name_of_resume_from(tmp_path):
         elsfast.sample(train, n=1, steps=4, checkpoint="a", resume_from="b")
 
 
-def test_generator_replaces_seed():
+def test_seed_takes_a_generator_and_generator_is_deprecated():
     train = torch.rand(6, 1, 6, 6) * 2 - 1
-    a = elsfast.sample(train, n=2, steps=4, generator=torch.Generator().manual_seed(9), progress=False)
+    a = elsfast.sample(train, n=2, steps=4, seed=torch.Generator().manual_seed(9), progress=False)
     b = elsfast.sample(train, n=2, steps=4, seed=9, progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning, match="seed takes a torch.Generator"):
+        c = elsfast.sample(train, n=2, steps=4, generator=torch.Generator().manual_seed(9), progress=False)
+    torch.testing.assert_close(c, b, rtol=0, atol=0)
+
+
+def test_data_root_is_the_deprecated_name_of_root(tmp_path):
+    with pytest.warns(DeprecationWarning, match="use root="):
+        old = elsfast.sample("mnist-embedded", n=1, steps=3, limit=50, data_root=tmp_path, progress=False)
+    new = elsfast.sample("mnist-embedded", n=1, steps=3, limit=50, root=tmp_path, progress=False)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+
+
+def test_machine_options_belong_to_the_machine():
+    train = torch.rand(6, 1, 6, 6) * 2 - 1
+    m = elsfast.ScoreMachine(train, machine="ls")
+    with pytest.raises(TypeError, match="pass them to ScoreMachine"):
+        elsfast.sample(m, n=1, steps=3, padding="circular", progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword.*bogus"):
+        elsfast.sample(train, n=1, steps=3, bogus=1, progress=False)
+    with pytest.raises(TypeError, match=r"unexpected keyword.*limit"):
+        elsfast.sample(train, n=1, steps=3, limit=3, progress=False)  # a dataset option with a tensor source
+    # options given to sample build the same machine as ScoreMachine itself
+    a = elsfast.sample(train, n=2, steps=4, machine="ls", padding="circular", progress=False)
+    b = elsfast.sample(elsfast.ScoreMachine(train, machine="ls", padding="circular"), n=2, steps=4, progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ddim_start_at_t_one_is_the_network_grid():
+    from elsfast.sampling.ddim import grid_start
+
+    assert grid_start("machine", 20) == 19 and grid_start("network", 20) == 20
+    with pytest.raises(ValueError, match="abar = 0"):
+        grid_start("network", 20, "cosine")  # abar(1) of the improved cosine schedule is 0 to float precision
+    seen = []
+    x = torch.zeros(1, 1, 2, 2)
+    elsfast.ddim_sample(lambda x, abar, i: x, x, steps=5, start=5, progress=False, callback=lambda d: seen.append(d))
+    assert [d["i"] for d in seen] == [5, 4, 3, 2, 1] and seen[0]["t"] == 1.0
+    with pytest.raises(ValueError, match="start must lie in"):
+        elsfast.ddim_sample(lambda x, abar, i: x, x, steps=5, start=6, progress=False)

@@ -35,6 +35,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
+def _grid_arg(p: argparse.ArgumentParser) -> None:
+    from ..sampling.ddim import GRIDS
+
+    p.add_argument(
+        "--grid",
+        choices=tuple(GRIDS),
+        default="machine",
+        help="step grid of the network and the machines, the same for both: "
+        + "; ".join(f"{k}: {v}" for k, v in GRIDS.items())
+        + " (default: machine)",
+    )
+
+
 def add_research_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train`, `calibrate`, `compare` and `reproduce` to the `elsfast` sub-command parser."""
     from ..research.reproduce import PRESETS
@@ -106,6 +119,7 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     m.add_argument("--steps", type=_at_least(2), default=20, help="machine steps (default: 20)")
     m.add_argument("--network-steps", type=_at_least(2), help="network steps (default: --steps; the paper: 150)")
     m.add_argument("--machines", default="els,ls,is", help="comma list of machines (default: els,ls,is)")
+    _grid_arg(m)
     m.add_argument("--out-dir", required=True, metavar="DIR")
     m.add_argument("--data-root", metavar="DIR", help="data directory of the checkpoint's dataset ($ELSFAST_DATA)")
     _common(m)
@@ -123,6 +137,7 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     r.add_argument("--train-minutes", type=_positive_float, help="training time limit (preset's default otherwise)")
     r.add_argument("--seeds", type=_at_least(1), help="comparison seeds (preset's default otherwise)")
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
+    _grid_arg(r)
     _common(r)
     r.set_defaults(func=_cmd_reproduce)
 
@@ -256,6 +271,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         padding=config["model"]["padding"],
         network=str(Path(args.checkpoint).resolve()),
         progress=not args.quiet,
+        grid=args.grid,
     )
     _print_summary(report["summary"])
     print(f"{PROG}: report -> {report['files']['summary']}")
@@ -282,6 +298,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         train_minutes=args.train_minutes,
         comparison_seeds=args.seeds,
         progress=not args.quiet,
+        grid=args.grid,
     )
     _print_summary(summary["summary"])
     print(f"{PROG}: reproduction -> {Path(args.out_dir) / 'reproduction.json'}")

@@ -45,7 +45,8 @@ from ..common.imageio import make_grid
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.schedules import get_schedule
 from ..machine import MACHINES, ScoreMachine
-from ..sampling import ddim_sample, sample
+from ..sampling import ddim_sample
+from ..sampling.ddim import GRIDS, grid_start
 from .calibrate import (
     _PALETTE,
     COLORS,
@@ -114,6 +115,7 @@ def _normalise(obj):
 
 
 def _check_config(path: Path, saved: dict, config: dict) -> None:
+    saved = {"grid": "machine", **saved}  # results written before the grid was an option used elsfast's grid
     if saved == config:
         return
     keys = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
@@ -122,6 +124,16 @@ def _check_config(path: Path, saved: dict, config: dict) -> None:
         f"{path} holds a comparison with another configuration ({details}). Use another out_dir, or remove the "
         "file to start over."
     )
+
+
+def _machine_denoiser(m: ScoreMachine, sizes: list[int], steps: int, labels: torch.Tensor | None):
+    """The `denoiser(x, abar, i)` of `ddim_sample` for machine `m` with patch size `sizes[i]` at step i (the last
+    entry at t = 1, for the "network" grid), as `elsfast.sample` runs it."""
+
+    def denoiser(x: torch.Tensor, abar: float, i: int) -> torch.Tensor:
+        return m.denoise(x, abar, sizes[min(i, len(sizes) - 1)], labels)
+
+    return denoiser
 
 
 def _median(values: list[float]) -> float:
@@ -164,7 +176,9 @@ def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict
         "# Network vs analytic machines",
         "",
         f"{len(seeds)} seeds; network: `{config['network']}`; machines: {config['steps']} steps; network: "
-        f"{config['network_steps']} steps; schedule `{config['schedule']}`; padding `{config['padding']}`; "
+        f"{config['network_steps']} steps; step grid `{config.get('grid', 'machine')}` "
+        f"({GRIDS[config.get('grid', 'machine')]}, the same noise for all); "
+        f"schedule `{config['schedule']}`; padding `{config['padding']}`; "
         f"{'class-conditional' if config['conditional'] else 'unconditional'}; training set "
         f"{'x'.join(map(str, config['train_shape']))} (SHA-256 {config['train_sha256'][:12]}...).",
         f"Patch sizes P(t), entry i for t = i/{config['steps']}: {config['scales']}.",
@@ -303,6 +317,7 @@ def compare(
     machine_options: dict | None = None,
     grid_seeds: int = 8,
     progress: bool = True,
+    grid: str = "machine",
 ) -> dict:
     """Compare a network with the machines seed by seed (see the module docstring); resumable.
 
@@ -327,6 +342,10 @@ def compare(
             for a plain callable: None (not checked).
         machine_options: extra `ScoreMachine` arguments (`backend`, `device`, `dtype`, `memory_budget`).
         grid_seeds: how many seeds (the first ones) go into grid.png.
+        grid: the step grid of the network and of every machine, the same for all (`elsfast.sampling.ddim.GRIDS`):
+            "machine" (noise at t = (n-1)/n, elsfast's sampler and the authors' machine sampler) or "network"
+            (noise at t = 1, the authors' network sampler; the machines then also make n updates from t = 1).
+            The report states it.
 
     Returns the report: `config`, `seeds`, `rows` (in seed order), `summary` (see `summarize`), `computed` (seeds
     computed by this call) and `files` (paths written).
@@ -356,6 +375,7 @@ def compare(
     if steps < 2 or network_steps < 2:
         raise ValueError(f"steps and network_steps must be at least 2, got {steps} and {network_steps}")
     get_schedule(schedule)
+    start, network_start = grid_start(grid, steps, schedule), grid_start(grid, network_steps, schedule)
     size_list = _scale_list(scales, steps)
     options = dict(machine_options or {})
     config = _normalise(
@@ -368,6 +388,7 @@ def compare(
             "padding": padding,
             "steps": int(steps),
             "network_steps": network_steps,
+            "grid": grid,
             "schedule": _schedule_name(schedule),
             "scales": size_list,
             "noise": "torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed)), float32, CPU",
@@ -412,12 +433,22 @@ def compare(
         y = _label_tensor([seed_label[seed]])
         images = {
             "network": ddim_sample(
-                network_denoiser(eps_fn, y), noise, steps=network_steps, schedule=schedule, progress=False
+                network_denoiser(eps_fn, y),
+                noise,
+                steps=network_steps,
+                schedule=schedule,
+                progress=False,
+                start=network_start,
             )
         }
         for name, m in built.items():
-            images[name] = sample(
-                m, 1, steps=steps, patch_size=size_list, labels=y, noise=noise, schedule=schedule, progress=False
+            images[name] = ddim_sample(
+                _machine_denoiser(m, size_list, steps, y),
+                noise.to(m.device, m.dtype),
+                steps=steps,
+                schedule=schedule,
+                progress=False,
+                start=start,
             )
         images = {k: v.detach().float().cpu() for k, v in images.items()}
         row = {"seed": seed, "label": seed_label[seed], "r": {}, "r2": {}}

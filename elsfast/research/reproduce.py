@@ -169,9 +169,13 @@ def reproduce(
     train_minutes: float | None = None,
     comparison_seeds: int | None = None,
     progress: bool = True,
+    grid: str = "machine",
 ) -> dict:
     """Run (or resume) a reproduction into `out_dir`: `network.pt`, `calibration.json`/`.png`, `report/`
-    (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary."""
+    (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary.
+
+    `grid` is the comparison's step grid, the same for the network and the machines (`compare`'s `grid`:
+    "machine", noise at t = (n-1)/n, or "network", noise at t = 1 as in the authors' network sampler)."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -230,6 +234,7 @@ def reproduce(
         padding=padding,
         network=str(config.out),
         progress=progress,
+        grid=grid,
     )
     summary = {
         "preset": name,
@@ -239,6 +244,7 @@ def reproduce(
         "cost": cost,
         "training": {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished")},
         "scales": calibration.scales,
+        "grid": grid,
         "summary": report["summary"],
         "files": {"network": config.out, "calibration": str(calibration_path), **report["files"]},
         "torch": torch.__version__,

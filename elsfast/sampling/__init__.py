@@ -1,7 +1,7 @@
 """Sampling: turning noise into images with a denoiser (a machine or a network).
 
 - `ddim`: the one deterministic DDIM sampler (`ddim_sample`), for machines and networks alike;
-- `sample`: `sample()`, images from an analytic machine in one call, and its `SampleTrace`;
+- `sampler`: `sample()`, images from an analytic machine in one call, and its `SampleTrace`;
 - `checkpoint`: `SamplingCheckpoint`, the file a sampling run resumes from;
 - `estimate`: the pairs and time a run will take, printed before long runs;
 - `ode`: the probability-flow ODE of the same process (score, velocity, Euler).
@@ -12,7 +12,7 @@ May import `elsfast.common`, `elsfast.reduce` and `elsfast.machine`; never `nets
 from .checkpoint import SamplingCheckpoint
 from .ddim import Denoiser, StepCallback, ddim_sample
 from .estimate import estimate_sample
-from .sample import SampleTrace, sample
+from .sampler import SampleTrace, sample
 
 __all__ = [
     "Denoiser",

@@ -75,9 +75,7 @@ class SamplingCheckpoint:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged file of ours: report it, never delete it
-            raise ValueError(
-                f"resume_from: the sampling checkpoint {path} is damaged ({type(err).__name__})"
-            ) from None
+            raise ValueError(f"resume_from: the sampling checkpoint {path} is damaged ({type(err).__name__})") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             version = state.get("version") if isinstance(state, dict) else None
             raise ValueError(f"resume_from: {path} has sampling-checkpoint version {version!r}, not {STATE_VERSION}")

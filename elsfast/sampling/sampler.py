@@ -36,6 +36,7 @@ DATASET_OPTIONS = ("root", "pad_to", "limit", "conditional")
 
 _RENAMED = {"checkpoint": "resume_from", "data_root": "root", "generator": "seed"}
 """Old keywords of `sample` that still work for one release, with a DeprecationWarning: old -> new."""
+_HOW = {"checkpoint": "the same file", "data_root": "the same folder", "generator": "seed takes a torch.Generator"}
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,7 @@ def _renamed(options: dict[str, Any], resume_from, seed):
             continue
         value = options.pop(old)
         warnings.warn(
-            f"sample({old}=...) is deprecated: use {new}= ({'a torch.Generator is accepted as seed' if old == 'generator' else 'the same value'}); "
-            f"{old}= goes in the next release",
+            f"sample({old}=...) is deprecated: use {new}= ({_HOW[old]}); {old}= goes in the next release",
             DeprecationWarning,
             stacklevel=3,
         )
@@ -99,7 +99,9 @@ def _machine(source, options: dict[str, Any]) -> ScoreMachine:
     allowed = MACHINE_OPTIONS + (DATASET_OPTIONS if isinstance(source, str | Path) else ())
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise TypeError(f"sample() got unexpected keyword(s) {', '.join(unknown)}; machine options: {', '.join(allowed)}")
+        raise TypeError(
+            f"sample() got unexpected keyword(s) {', '.join(unknown)}; machine options: {', '.join(allowed)}"
+        )
     if isinstance(source, str | Path):
         options = dict(options)
         if options.pop("train_labels", None) is not None:
