@@ -11,7 +11,6 @@ per class when class-conditional:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .common.checks import check_device, check_pixel_range, integer_labels, parse_memory_budget
+from .common.fingerprint import training_set_sha256
 from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
 from .reduce.caches import content_hash
@@ -260,11 +260,7 @@ class ScoreMachine:
     def fingerprint(self) -> str:
         """SHA-256 of the training images and labels (computed once): identifies the training set."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(repr((tuple(self.images.shape), str(self.images.dtype))).encode())
-            digest.update(self.images.cpu().contiguous().numpy().tobytes())
-            if self.labels is not None:
-                digest.update(self.labels.numpy().tobytes())
-            self._fingerprint = digest.hexdigest()
+            self._fingerprint = training_set_sha256(self.images, self.labels)
         return self._fingerprint
 
     def config(self) -> dict:

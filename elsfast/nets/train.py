@@ -19,7 +19,7 @@ Checkpoint (a `torch.save` dict, readable with `torch.load(path, weights_only=Tr
     model (state_dict), optimizer, scheduler (state dicts), rng {"generator": uint8 tensor, "cuda": ... | None},
     step, total_steps, epoch, batch (index in the epoch), perm (the epoch's order, or None at a boundary),
     loss (mean of the last steps), seconds (training time summed over resumed runs),
-    data {"n", "shape", "sha256"} (fingerprint of the float training images, checked on resume).
+    data {"n", "shape", "sha256"} (`training_set_sha256` of the float training images and labels, checked on resume).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from ..common.checks import check_pixel_range
 from ..common.fileio import atomic_write, describe_file
+from ..common.fingerprint import training_set_sha256
 from ..common.pixels import to_float
 from ..common.schedules import get_schedule
 from .models import build_model, model_config
@@ -228,9 +229,18 @@ def _load_data(config: TrainConfig, images, labels) -> tuple[torch.Tensor, torch
     return images, labels, num_classes
 
 
-def _fingerprint(images: torch.Tensor) -> dict:
-    digest = hashlib.sha256(images.numpy().tobytes()).hexdigest()
+def _fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> dict:
+    digest = training_set_sha256(images, labels)
     return {"n": int(images.shape[0]), "shape": list(images.shape[1:]), "sha256": digest}
+
+
+def _same_data(saved: dict | None, info: dict, images: torch.Tensor) -> bool:
+    """Whether a checkpoint's `data` record names these training images. Checkpoints written before the one
+    training-set hash recorded the SHA-256 of the float images' bytes alone; they are still recognised."""
+    if saved == info:
+        return True
+    legacy = {**info, "sha256": hashlib.sha256(images.numpy().tobytes()).hexdigest()}
+    return saved == legacy
 
 
 def _resolve_device(device) -> torch.device:
@@ -278,7 +288,7 @@ def train(
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
     device = _resolve_device(config.device)
     x_all, y_all, num_classes = _load_data(config, images, labels)
-    data_info = _fingerprint(x_all)
+    data_info = _fingerprint(x_all, y_all)
     n = x_all.shape[0]
     per_epoch = math.ceil(n / config.batch_size)
     total = config.epochs * per_epoch
@@ -312,7 +322,7 @@ def train(
             raise ValueError(f"cannot resume from {out}: the config differs ({pairs})")
         if ckpt["config"]["model"] != mconf:
             raise ValueError(f"cannot resume from {out}: its model {ckpt['config']['model']} is not {mconf}")
-        if ckpt.get("data") != data_info:
+        if not _same_data(ckpt.get("data"), data_info, x_all):
             raise ValueError(f"cannot resume from {out}: it was trained on different images ({ckpt.get('data')})")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])

@@ -9,13 +9,14 @@ the content-hash memo holds weak references only.
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 import torch
+
+from ..common.fingerprint import training_set_sha256
 
 __all__ = ["MemoryCache", "cache_info", "clear_caches", "content_hash"]
 
@@ -99,12 +100,12 @@ def _forget(key: int) -> Callable[[weakref.ref], None]:
 
 
 def content_hash(images: torch.Tensor) -> str:
-    """SHA-256 of a tensor's shape, dtype and bytes, remembered while the tensor lives and is unchanged."""
+    """`elsfast.common.fingerprint.training_set_sha256` of `images`, remembered while the tensor lives and is
+    unchanged."""
     key = id(images)
     hit = _CONTENT.get(key)
     if hit is not None and hit[0]() is images and hit[1] == images._version:
         return hit[2]
-    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    _CONTENT[key] = (weakref.ref(images, _forget(key)), images._version, digest.hexdigest())
-    return digest.hexdigest()
+    digest = training_set_sha256(images)
+    _CONTENT[key] = (weakref.ref(images, _forget(key)), images._version, digest)
+    return digest

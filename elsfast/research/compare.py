@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.fileio import atomic_write, check_replaceable
+from ..common.fingerprint import training_set_sha256
 from ..common.imageio import make_grid
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.schedules import get_schedule
@@ -67,14 +68,6 @@ __all__ = ["compare", "load_results", "summarize"]
 
 FORMAT = "elsfast-compare/1"
 NAMES = {"els": "ELS", "ls": "LS", "is": "IS", "es": "ES"}
-
-
-def _train_sha256(images: torch.Tensor, labels: torch.Tensor | None) -> str:
-    digest = hashlib.sha256(repr((tuple(images.shape), str(images.dtype))).encode())
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    if labels is not None:
-        digest.update(torch.as_tensor(labels).to(torch.int64).cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _network_tag(network, tag: str | None) -> str | None:
@@ -381,7 +374,7 @@ def compare(
     config = _normalise(
         {
             "train_shape": list(train_images.shape),
-            "train_sha256": _train_sha256(train_images, train_labels_used),
+            "train_sha256": training_set_sha256(train_images, train_labels_used),
             "conditional": bool(conditional),
             "network": tag,
             "machines": machines,
