@@ -167,3 +167,22 @@ def test_an_existing_checkpoint_is_never_replaced_without_resume_or_overwrite(tm
     with pytest.raises(FileExistsError, match="unknown format"):
         train(dataclasses.replace(config, out=str(foreign)), images=images, progress=False)
     assert foreign.read_bytes() == b"my notes"
+
+
+def test_checkpoints_with_the_old_data_hash_still_resume(tmp_path):
+    """Before one training-set hash, a checkpoint recorded the SHA-256 of the float images' bytes alone."""
+    import hashlib
+
+    from elsfast.common.pixels import to_float
+
+    images, _ = _images(8)
+    config = _config(tmp_path, max_steps=1)
+    train(config, images=images, progress=False)
+    ckpt = torch.load(config.out, weights_only=True)
+    assert ckpt["data"]["sha256"] != hashlib.sha256(to_float(images).numpy().tobytes()).hexdigest()
+    ckpt["data"]["sha256"] = hashlib.sha256(to_float(images).numpy().tobytes()).hexdigest()
+    torch.save(ckpt, config.out)
+    resumed = train(dataclasses.replace(config, max_steps=2), images=images, resume=True, progress=False)
+    assert resumed["steps"] == 2 and resumed["seconds"] < resumed["total_seconds"]  # one step was saved
+    with pytest.raises(ValueError, match="different images"):
+        train(dataclasses.replace(config, max_steps=3), images=_images(8, seed=1)[0], resume=True, progress=False)
