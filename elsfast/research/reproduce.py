@@ -10,6 +10,8 @@ Presets:
   paper's 17x17 receptive field, a quarter of its width) with zero padding, trained for `train_minutes` (default
   20) on the 2,000 embedded MNIST digits (28x28) at learning rate 5e-4 (the paper's 1e-4 is for 300 epochs);
   ELS calibrated over P in 3..13 on 6 seeds; ELS, LS and IS compared with the network on 30 seeds, 20 steps.
+- `fashion-mnist-small`, `cifar10-small` (3 channels), `faces-small` (a small UNet and the LS machine, as the
+  paper's CelebA UNet row): the same reduced scale on the first 2,000 training images of the shared datasets.
 - `mnist-paper`: the paper's configuration for MNIST ResNet (zeros): full MNIST padded to 32x32, 256 channels,
   batch 128, lr 1e-4, 300 epochs, unconditional; P in 3..17 on 10 seeds; 100 seeds. Needs a GPU and the data.
 - one paper-scale preset for every CNN row of the paper's Table 1, named `DATASET-ARCH-PADDING`
@@ -74,6 +76,69 @@ PRESETS: dict[str, Preset] = {
         calibration_seeds=6,
         comparison_seeds=30,
         notes="reduced scale for a 2-core CPU: 64-channel conditional ResNet, 2,000 MNIST digits, time-limited",
+    ),
+    "fashion-mnist-small": Preset(
+        train=TrainConfig(
+            dataset="fashion-mnist",
+            limit=2000,
+            arch="resnet",
+            channels=64,
+            blocks=6,
+            padding="zeros",
+            conditional=True,
+            lr=5e-4,
+            max_steps=1200,
+            checkpoint_every=200,
+        ),
+        sizes=(3, 5, 7, 9, 11, 13),
+        calibration_seeds=6,
+        comparison_seeds=30,
+        paper_r=0.94,
+        notes="reduced scale for a 2-core CPU: 64-channel conditional ResNet, the first 2,000 Fashion-MNIST "
+        "training images (28x28), 1,200 training steps; needs the data",
+    ),
+    "cifar10-small": Preset(
+        train=TrainConfig(
+            dataset="cifar10",
+            limit=2000,
+            arch="resnet",
+            channels=64,
+            blocks=6,
+            padding="zeros",
+            conditional=True,
+            lr=5e-4,
+            max_steps=1200,
+            checkpoint_every=200,
+        ),
+        sizes=(3, 5, 7, 9, 11, 13),
+        calibration_seeds=6,
+        comparison_seeds=30,
+        paper_r=0.95,
+        notes="reduced scale for a 2-core CPU: 64-channel conditional ResNet, the first 2,000 CIFAR-10 training "
+        "images (32x32, 3 channels), 1,200 training steps; needs the data",
+    ),
+    "faces-small": Preset(
+        train=TrainConfig(
+            dataset="faces",
+            limit=2000,
+            arch="unet",
+            channels=[32, 64, 128],
+            blocks=1,
+            padding="zeros",
+            conditional=False,
+            lr=5e-4,
+            max_steps=1200,
+            checkpoint_every=200,
+        ),
+        sizes=(3, 5, 7, 9, 11, 13),
+        calibration_seeds=6,
+        comparison_seeds=30,
+        machines=("ls", "els", "is"),
+        calibrate_machine="ls",
+        paper_r=0.90,
+        notes="reduced scale for a 2-core CPU: a small unconditional UNet (widths 32, 64, 128), the first 2,000 "
+        "32x32 grey faces standing in for CelebA, LS calibrated as for the paper's CelebA UNet, 1,200 training steps; "
+        "needs the data",
     ),
     "mnist-paper": Preset(
         train=TrainConfig(dataset="mnist", pad_to=32, arch="resnet", padding="zeros", conditional=False),
