@@ -282,7 +282,7 @@ class ScoreMachine:
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `config()` to `directory/elsfast_machine.json` (atomically) and return its path."""
-        from .common.imageio import atomic_write
+        from .common.fileio import atomic_write
 
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.config(), indent=2).encode()

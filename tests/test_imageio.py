@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from elsfast.common import imageio
-from elsfast.common.fileio import MANIFEST_NAME
+from elsfast.common.fileio import MANIFEST_NAME, atomic_write
 from elsfast.common.imageio import load_samples, make_grid, save_grid, save_samples, to_uint8
 
 
@@ -124,7 +123,7 @@ def test_save_grid_writes_png_atomically(tmp_path, channels, mode):
 
 def test_save_grid_failure_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "grid.png"
-    imageio.atomic_write(path, lambda f: f.write(b"old"))  # elsfast's own earlier file: it may be replaced
+    atomic_write(path, lambda f: f.write(b"old"))  # elsfast's own earlier file: it may be replaced
 
     def broken_save(self, fp, *args, **kwargs):
         fp.write(b"half a png")
@@ -179,7 +178,7 @@ def test_atomic_write_cleans_up_on_interrupt(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        imageio.atomic_write(tmp_path / "x.npz", interrupted)
+        atomic_write(tmp_path / "x.npz", interrupted)
     assert _listing(tmp_path) == []
 
 

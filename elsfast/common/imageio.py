@@ -1,7 +1,7 @@
 """Turning samples into pictures and files: uint8 conversion, image grids, atomic PNG / tensor writes.
 
 Samples are float tensors `[N, C, H, W]` in [-1, 1] (the units of `elsfast.sample`). Every writer here goes
-through `elsfast.common.fileio.atomic_write` (re-exported here): a temporary file renamed over the destination, so an
+through `elsfast.common.fileio.atomic_write`: a temporary file renamed over the destination, so an
 interrupted run never leaves a half-written file behind, and an existing file elsfast did not write is refused
 (`FileExistsError`), never replaced.
 """
@@ -17,7 +17,7 @@ import torch
 
 from .fileio import atomic_write, describe_file, open_npz
 
-__all__ = ["SAMPLE_SUFFIXES", "atomic_write", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
+__all__ = ["SAMPLE_SUFFIXES", "load_samples", "make_grid", "save_grid", "save_samples", "to_uint8"]
 
 SAMPLE_SUFFIXES = (".pt", ".npz")
 """File suffixes `save_samples` understands: `.pt` (torch.save) and `.npz` (numpy, key `samples`)."""

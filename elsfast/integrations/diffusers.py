@@ -86,7 +86,7 @@ from typing import Any
 
 import torch
 
-from ..common.imageio import atomic_write
+from ..common.fileio import atomic_write
 from ..common.scales import PatchSizeSpec, patch_size_at
 from ..common.schedules import get_schedule
 from ..machine import ScoreMachine
