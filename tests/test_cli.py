@@ -290,7 +290,7 @@ def test_explain_writes_figures_and_measures(tmp_path, capsys):
     assert code == 0, err
     assert _listing(out) == ["measures.json", "sample_0.png", "sample_1.png"]
     with Image.open(out / "sample_0.png") as im:
-        assert im.mode == "RGB" and im.size[0] > 300 and im.size[1] > 300
+        assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 300
     measures = json.loads((out / "measures.json").read_text())
     assert [m["sample"] for m in measures] == [0, 1] and {m["seed"] for m in measures} == {5}
     assert measures[0]["patch_sizes"] == [3, 3, 3] and measures[0]["train_shape"] == [50, 1, 28, 28]

@@ -1,6 +1,9 @@
 """`elsfast train`, `calibrate`, `compare` and `reproduce` end to end on tiny problems."""
 
 import json
+import sys
+
+import pytest
 
 from elsfast.cli import main
 
@@ -19,6 +22,20 @@ def test_train_calibrate_compare(tmp_path, capsys):
     assert main(["calibrate", *args, "--sizes", "1", "3", "--seeds", "2", "--steps", "3", "--out", str(calib)]) == 0
     assert calib.exists() and calib.with_suffix(".png").exists()
     assert len(json.loads(calib.read_text())["scales"]) == 3
+    capsys.readouterr()
+
+    # without matplotlib the calibration is still computed and written; the plot is skipped, saying why
+    with pytest.MonkeyPatch.context() as mp:
+        for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")]:
+            mp.delitem(sys.modules, name)
+        mp.setitem(sys.modules, "matplotlib", None)
+        bare = tmp_path / "bare.json"
+        assert main(["calibrate", *args, "--sizes", "1", "3", "--seeds", "1", "--steps", "3", "--out", str(bare)]) == 0
+    out = capsys.readouterr().out
+    assert bare.exists() and not bare.with_suffix(".png").exists()
+    assert "skipped" in out and "pip install elsfast[plots]" in out
+    code = main(["calibrate", *args, "--seeds", "1", "--steps", "3", "--out", str(bare), "--plot", "p.jpg"])
+    assert code == 2 and ".svg" in capsys.readouterr().err
 
     report = tmp_path / "report"
     assert (

@@ -13,7 +13,10 @@ from PIL import Image
 from elsfast import Provenance, ScoreMachine
 from elsfast.common.fileio import MANIFEST_NAME
 from elsfast.common.imageio import to_uint8
+from elsfast.plots.provenance import provenance_panels
 from elsfast.research.explain import PALETTE, explain, explain_figure, palette_colour, save_explain_figure
+
+pytest.importorskip("matplotlib")
 
 
 def _listing(directory) -> list[str]:
@@ -35,50 +38,39 @@ def make_provenance(source_image, source_y=None, source_x=None, entropy=None) ->
     )
 
 
-def panel(figure: Image.Image, name: str) -> np.ndarray:
-    """The picture of one panel, uint8 `[h, w, 3]`."""
-    return np.asarray(figure.crop(figure.info["panels"][name]).convert("RGB"))
-
-
-def centres(picture: np.ndarray, scale: int) -> np.ndarray:
-    """One value per source pixel of a nearest-neighbour upscaled panel."""
-    return picture[scale // 2 :: scale, scale // 2 :: scale]
-
-
 @pytest.fixture
 def grey_train() -> torch.Tensor:
     return torch.linspace(-1, 1, 6).view(6, 1, 1, 1).expand(6, 1, 4, 4).contiguous()
 
 
-def test_figure_is_a_sensible_picture(grey_train):
+def test_figure_is_a_sensible_picture(grey_train, tmp_path):
     sample = torch.zeros(1, 4, 4)
     prov = make_provenance(torch.tensor([[5, 5, 5, 2]] * 4))
-    figure = explain_figure(sample, prov, grey_train, scale=4)
-    assert isinstance(figure, Image.Image) and figure.mode == "RGB"
-    width, height = figure.size
-    assert 150 < width < 1200 and 150 < height < 1200
-    boxes = figure.info["panels"]
-    for name in ("sample", "source", "offset", "entropy_0", "top_0", "top_1"):
-        x0, y0, x1, y1 = boxes[name]
-        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-    assert "top_2" not in boxes  # only two source images
-    assert boxes["sample"][2] - boxes["sample"][0] == 16  # 4 px upscaled x4
+    panels = provenance_panels(sample, prov, grey_train, scale=4)
+    assert [index for index, _, _ in panels.tops] == [5, 2]  # only two source images
+    assert panels.tops[0][2].shape == (16, 16, 3)  # 4 px upscaled x4
     # grey stays grey: the sample (0.0 -> 128) and a grey training image
-    assert (panel(figure, "sample") == 128).all()
-    top = panel(figure, "top_0")
+    assert (panels.sample == 128).all() and panels.sample.shape == (4, 4, 3)
+    top = panels.tops[0][2]
     assert (top[..., 0] == top[..., 1]).mean() > 0.5
+    figure = explain_figure(sample, prov, grey_train, scale=4)
+    titles = {ax.get_title() for ax in figure.get_axes()}
+    assert {"(a) sample", "(b) source image of each pixel", "#5: 75.0% (12 px)", "#2: 25.0% (4 px)"} <= titles
+    path = save_explain_figure(tmp_path / "f.png", sample, prov, grey_train, scale=4)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and 600 < im.width < 3000 and 400 < im.height < 2000
 
 
 def test_source_map_colours_follow_pixel_counts(grey_train):
     # image 5 provides 9 pixels, image 2 provides 5, image 0 provides 2
     grid = torch.tensor([[5, 5, 5, 2], [5, 5, 5, 2], [5, 5, 5, 2], [0, 0, 2, 2]])
-    figure = explain_figure(torch.zeros(1, 4, 4), make_provenance(grid), grey_train, scale=3, top=2)
-    assert figure.info["sources"] == [(5, 9), (2, 5), (0, 2)]
+    panels = provenance_panels(torch.zeros(1, 4, 4), make_provenance(grid), grey_train, scale=3, top=2)
+    assert panels.sources == [(5, 9), (2, 5), (0, 2)]
     rank = {5: 0, 2: 1, 0: 2}
     expected = np.array([[palette_colour(rank[v]) for v in row] for row in grid.tolist()], dtype=np.uint8)
-    assert np.array_equal(centres(panel(figure, "source"), 3), expected)
+    assert np.array_equal(panels.source, expected)
     assert palette_colour(0) == PALETTE[0] and palette_colour(25) not in PALETTE
-    assert set(figure.info["panels"]) >= {"top_0", "top_1"} and "top_2" not in figure.info["panels"]  # top=2
+    assert [index for index, _, _ in panels.tops] == [5, 2]  # top=2
 
 
 def test_outline_of_the_contributing_region():
@@ -88,8 +80,7 @@ def test_outline_of_the_contributing_region():
     xs = ys.T.clone()
     prov = make_provenance(torch.ones(6, 6, dtype=torch.int64), ys, xs)
     scale = 4
-    figure = explain_figure(torch.zeros(1, 6, 6), prov, train, scale=scale)
-    picture = panel(figure, "top_0")
+    picture = provenance_panels(torch.zeros(1, 6, 6), prov, train, scale=scale).tops[0][2]
     assert picture.shape == (6 * scale, 6 * scale, 3)
     drawn = (picture == np.array(PALETTE[0], dtype=np.uint8)).all(axis=2)
     expected = np.zeros((6 * scale, 6 * scale), dtype=bool)
@@ -103,17 +94,16 @@ def test_outline_of_the_contributing_region():
 
 
 def test_offset_map(grey_train):
-    zero = explain_figure(torch.zeros(1, 4, 4), make_provenance(torch.zeros(4, 4)), grey_train, scale=2)
-    assert (panel(zero, "offset") == 0).all()  # no offsets: black
+    zero = provenance_panels(torch.zeros(1, 4, 4), make_provenance(torch.zeros(4, 4)), grey_train)
+    assert (zero.offset == 0).all() and zero.largest_offset == 0  # no offsets: black
     # every pixel's source is one column to the right, circularly: the last column's source is 3 to the left
     ys, xs = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
     right = make_provenance(torch.zeros(4, 4), ys, (xs + 1) % 4)
-    figure = explain_figure(torch.zeros(1, 4, 4), right, grey_train, scale=2)
-    colours = centres(panel(figure, "offset"), 2)
+    colours = provenance_panels(torch.zeros(1, 4, 4), right, grey_train).offset
     assert (colours[:, 3] == [0, 255, 255]).all()  # direction pi: hue 1/2 (cyan); the largest: full brightness
     assert (colours[:, :3] == [128, 0, 0]).all()  # direction 0: hue 0 (red); a third of it: 0.25 + 0.75 / 3
-    wrapped = centres(panel(explain_figure(torch.zeros(1, 4, 4), right, grey_train, scale=2, wrap=True), "offset"), 2)
-    assert (wrapped == [255, 0, 0]).all()  # circular: every pixel moved one to the right
+    wrapped = provenance_panels(torch.zeros(1, 4, 4), right, grey_train, wrap=True)
+    assert (wrapped.offset == [255, 0, 0]).all() and wrapped.largest_offset == 1  # circular: one to the right
 
 
 def test_entropy_maps_over_time(grey_train):
@@ -122,32 +112,28 @@ def test_entropy_maps_over_time(grey_train):
     entropy[:, 0, 0] = torch.arange(K, 0, -1).float()  # the largest value (10) at the first step
     times = [(K - i) / (K + 1) for i in range(K)]
     prov = make_provenance(torch.zeros(4, 4))
-    figure = explain_figure(torch.zeros(1, 4, 4), prov, grey_train, entropy_over_time=entropy, times=times, scale=4)
-    maps = sorted(name for name in figure.info["panels"] if name.startswith("entropy_") and name[8:].isdigit())
-    assert maps == [f"entropy_{j}" for j in range(6)]  # up to 6 maps
-    first = centres(panel(figure, "entropy_0"), 2)  # entropy maps are drawn at half the scale
-    assert first.shape[:2] == (4, 4)
-    assert tuple(first[0, 0]) == (253, 231, 37)  # the maximum: top of the colour scale
-    assert tuple(first[1, 1]) == (68, 1, 84)  # 0: bottom of the colour scale
-    last = centres(panel(figure, "entropy_5"), 2)  # the final step, value 1 of 10
-    assert tuple(last[0, 0]) not in ((253, 231, 37), (68, 1, 84))
+    panels = provenance_panels(torch.zeros(1, 4, 4), prov, grey_train, entropy_over_time=entropy, times=times)
+    assert panels.entropy.shape == (6, 4, 4)  # up to 6 maps, the first and the final step among them
+    assert panels.entropy[0, 0, 0] == 10 and panels.entropy_max == 10 and panels.entropy[-1, 0, 0] == 1
+    assert panels.entropy_titles[0] == f"t = {times[0]:.2f}" and panels.entropy_titles[-1].endswith("(final)")
+    xs, mean, unit = panels.entropy_curve
+    assert unit == "t" and np.allclose(xs, times) and np.allclose(mean, np.arange(K, 0, -1) / 16)
     with pytest.raises(ValueError, match="times"):
-        explain_figure(torch.zeros(1, 4, 4), prov, grey_train, entropy_over_time=entropy, times=[0.5])
+        provenance_panels(torch.zeros(1, 4, 4), prov, grey_train, entropy_over_time=entropy, times=[0.5])
     # without a trace, the provenance's own entropy is the one map
-    alone = explain_figure(torch.zeros(1, 4, 4), prov, grey_train)
-    assert "entropy_0" in alone.info["panels"] and "entropy_1" not in alone.info["panels"]
+    alone = provenance_panels(torch.zeros(1, 4, 4), prov, grey_train)
+    assert alone.entropy.shape == (1, 4, 4) and alone.entropy_curve is None
 
 
 def test_rgb_sample_and_bad_inputs():
     train = torch.rand(2, 3, 5, 5) * 2 - 1
     sample = train[1]
     prov = make_provenance(torch.ones(5, 5, dtype=torch.int64))
-    figure = explain_figure(sample, prov, train, scale=1)
-    assert np.array_equal(panel(figure, "sample"), to_uint8(sample[None])[0])
+    assert np.array_equal(provenance_panels(sample, prov, train, scale=1).sample, to_uint8(sample[None])[0])
     batch = Provenance(*(getattr(prov, f)[None].expand(2, 5, 5) for f in prov.__dataclass_fields__))
     with pytest.raises(ValueError, match="one sample"):
         explain_figure(sample, batch, train)
-    explain_figure(sample, batch[:1], train)  # a batch of one is fine
+    provenance_panels(sample, batch[:1], train)  # a batch of one is fine
     with pytest.raises(ValueError, match="train_images"):
         explain_figure(sample, prov, train[:, :1])
     with pytest.raises(ValueError, match="training image 7"):
@@ -164,7 +150,7 @@ def test_explain_writes_figures_and_measures(tmp_path):
     assert _listing(out) == ["measures.json", "sample_0.png", "sample_1.png"]  # no temporary files
     for k in range(2):
         with Image.open(out / f"sample_{k}.png") as im:
-            assert im.format == "PNG" and im.mode == "RGB" and im.size[0] > 200
+            assert im.format == "PNG" and im.size[0] > 200
     saved = json.loads((out / "measures.json").read_text())
     assert saved == measures and len(saved) == 2
     for k, m in enumerate(saved):

@@ -617,7 +617,13 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         )
     seconds = time.perf_counter() - started
     for m in measures:
-        print(f"sample {m['sample']}: {_summary(m)} -> {out_dir / m['figure']}")
+        where = f"-> {out_dir / m['figure']}" if m["figure"] else "(figure skipped)"
+        print(f"sample {m['sample']}: {_summary(m)} {where}")
+    from ..plots import matplotlib_missing
+
+    skipped = matplotlib_missing()
+    if skipped:
+        print(f"elsfast: figures skipped: {skipped}")
     C, H, W = machine.image_shape
     print(
         f"elsfast: explained {args.n} samples [{C}, {H}, {W}] from {data.name} ({len(data)} images; {args.machine}, "

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..common.fileio import check_replaceable
+from ..plots.style import check_figure_path, matplotlib_missing
 from . import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
 
 __all__ = ["add_research_commands"]
@@ -99,7 +100,11 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     c.add_argument("--seeds", type=_at_least(1), default=10, metavar="N", help="seeds 0..N-1 (default: 10)")
     c.add_argument("--steps", type=_at_least(2), default=20)
     c.add_argument("--out", required=True, metavar="PATH.json")
-    c.add_argument("--plot", metavar="PATH.png", help="(default: the --out path with .png)")
+    c.add_argument(
+        "--plot",
+        metavar="PATH.png",
+        help="figure of P(t): .png, .svg or .pdf (default: the --out path with .png; needs elsfast[plots])",
+    )
     c.add_argument("--data-root", metavar="DIR", help="data directory of the checkpoint's dataset ($ELSFAST_DATA)")
     _common(c)
     c.set_defaults(func=_cmd_calibrate)
@@ -214,7 +219,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if not args.out.endswith(".json"):
         raise CLIError(f"--out must end in .json, got {args.out!r}")
-    for flag, path in (("--out", args.out), ("--plot", args.plot or str(Path(args.out).with_suffix(".png")))):
+    plot = args.plot or str(Path(args.out).with_suffix(".png"))
+    try:
+        check_figure_path(plot)
+    except ValueError as e:
+        raise CLIError(f"argument --plot: {e}") from None
+    for flag, path in (("--out", args.out), ("--plot", plot)):
         try:
             check_replaceable(path)  # before the trajectories: a file elsfast did not write there stays
         except OSError as e:
@@ -231,12 +241,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         conditional=labels is not None,
         progress=not args.quiet,
     )
-    plot = args.plot or str(Path(args.out).with_suffix(".png"))
-    result.plot(plot)
+    skipped = matplotlib_missing()
+    if skipped is None:
+        result.plot(plot)
     result.to_json(args.out)
     seconds = time.perf_counter() - started
     print(f"{PROG}: P(t) for t = 0..{args.steps - 1}/{args.steps}: {result.scales} in {seconds:.0f} s")
-    print(f"{PROG}: -> {args.out}, {plot}")
+    if skipped is None:
+        print(f"{PROG}: -> {args.out}, {plot}")
+    else:
+        print(f"{PROG}: -> {args.out}; plot {plot} skipped: {skipped}")
     return 0
 
 
@@ -274,6 +288,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         grid=args.grid,
     )
     _print_summary(report["summary"])
+    if report["figures_skipped"]:
+        print(f"{PROG}: hist.png and scatter.png skipped: {report['figures_skipped']}")
     print(f"{PROG}: report -> {report['files']['summary']}")
     return 0
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["SCHEDULES", "abar_cosine", "abar_cosine_legacy", "beta", "get_schedule", "t_of_abar"]
+__all__ = ["SCHEDULES", "abar_cosine", "abar_cosine_legacy", "beta", "get_schedule", "schedule_name", "t_of_abar"]
 
 _S = 0.008
 _C = math.pi / 2 / (1 + _S)  # abar(t) = cos^2(C t) (legacy) or cos^2(C (t + s)) / cos^2(C s) (cosine)
@@ -42,6 +42,11 @@ def get_schedule(schedule: str | Callable[[float], float]) -> Callable[[float], 
         return SCHEDULES[schedule]
     except KeyError:
         raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}") from None
+
+
+def schedule_name(schedule: str | Callable[[float], float]) -> str:
+    """How a schedule is recorded in result files: its name, or the `repr` of a callable."""
+    return schedule if isinstance(schedule, str) else repr(schedule)
 
 
 def t_of_abar(abar: float, schedule: str | Callable[[float], float] = "cosine-legacy") -> float:

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.fileio import atomic_write, describe_file
-from ..common.schedules import get_schedule
+from ..common.schedules import get_schedule, schedule_name
 from ..machine import ScoreMachine
 from ..sampling import ddim_sample
 from .metrics import cosine_similarity
@@ -44,6 +44,7 @@ __all__ = [
     "EpsFn",
     "as_eps_fn",
     "calibrate",
+    "label_tensor",
     "network_denoiser",
     "seed_labels",
     "seed_noise",
@@ -137,137 +138,9 @@ def seed_labels(seeds: Sequence[int], labels, classes: Sequence[int] | None) -> 
     return out
 
 
-def _label_tensor(labels: Sequence[int | None]) -> torch.Tensor | None:
+def label_tensor(labels: Sequence[int | None]) -> torch.Tensor | None:
+    """The labels of `seed_labels` as the `[B]` int64 tensor networks and machines take (None when unconditional)."""
     return None if labels[0] is None else torch.tensor(labels, dtype=torch.int64)
-
-
-def _schedule_name(schedule) -> str:
-    return schedule if isinstance(schedule, str) else repr(schedule)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# drawing with Pillow (no matplotlib)
-# --------------------------------------------------------------------------------------------------------------
-
-COLORS = {
-    "network": (60, 60, 60),
-    "els": (31, 119, 180),
-    "ls": (255, 127, 14),
-    "is": (44, 160, 44),
-    "es": (214, 39, 40),
-}
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def _font(size: int = 12):
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: a fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
-    span = hi - lo
-    if span <= 0:
-        return [lo]
-    raw = span / max(1, n)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step - 1e-9) * step
-    ticks, k = [], 0
-    while first + k * step <= hi + 1e-9 * step:
-        ticks.append(round(first + k * step, 10))
-        k += 1
-    return ticks
-
-
-class _Figure:
-    """A minimal x-y plot on a Pillow canvas: axes with ticks, lines, points, bars, a legend, atomic PNG output."""
-
-    def __init__(
-        self,
-        xlim: tuple[float, float],
-        ylim: tuple[float, float],
-        *,
-        size: tuple[int, int] = (720, 460),
-        title: str = "",
-        xlabel: str = "",
-        ylabel: str = "",
-    ):
-        from PIL import Image, ImageDraw
-
-        self.image = Image.new("RGB", size, "white")
-        self.draw = ImageDraw.Draw(self.image)
-        self.font, self.small = _font(13), _font(11)
-        self.left, self.right, self.top, self.bottom = 70, size[0] - 20, 40, size[1] - 55
-        self.xlim, self.ylim = (float(xlim[0]), float(xlim[1])), (float(ylim[0]), float(ylim[1]))
-        self.title, self.xlabel, self.ylabel = title, xlabel, ylabel
-
-    def px(self, x: float, y: float) -> tuple[float, float]:
-        (x0, x1), (y0, y1) = self.xlim, self.ylim
-        u = self.left + (x - x0) / (x1 - x0 or 1.0) * (self.right - self.left)
-        v = self.bottom - (y - y0) / (y1 - y0 or 1.0) * (self.bottom - self.top)
-        return u, v
-
-    def _text(self, xy, text: str, anchor: str, font=None, fill=(0, 0, 0)) -> None:
-        self.draw.text(xy, text, fill=fill, font=font or self.small, anchor=anchor)
-
-    def axes(self, xticks: Sequence[float], yticks: Sequence[float], xfmt: str = "{:g}", yfmt: str = "{:g}") -> None:
-        d = self.draw
-        for y in yticks:
-            u, v = self.px(self.xlim[0], y)
-            d.line([(self.left, v), (self.right, v)], fill=(232, 232, 232))
-            d.line([(self.left - 4, v), (self.left, v)], fill=(0, 0, 0))
-            self._text((self.left - 7, v), yfmt.format(y), "rm")
-        for x in xticks:
-            u, v = self.px(x, self.ylim[0])
-            d.line([(u, self.top), (u, self.bottom)], fill=(232, 232, 232))
-            d.line([(u, self.bottom), (u, self.bottom + 4)], fill=(0, 0, 0))
-            self._text((u, self.bottom + 7), xfmt.format(x), "mt")
-        d.rectangle([self.left, self.top, self.right, self.bottom], outline=(0, 0, 0))
-        if self.title:
-            self._text(((self.left + self.right) / 2, 12), self.title, "mt", self.font)
-        if self.xlabel:
-            self._text(((self.left + self.right) / 2, self.bottom + 26), self.xlabel, "mt", self.font)
-        if self.ylabel:
-            self._text((8, self.top - 22), self.ylabel, "lt", self.font)
-
-    def line(self, xs, ys, color, width: int = 2) -> None:
-        pts = [self.px(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
-        if len(pts) > 1:
-            self.draw.line(pts, fill=color, width=width, joint="curve")
-
-    def points(self, xs, ys, color, radius: float | Sequence[float] = 3.0, outline=None) -> None:
-        radii = radius if isinstance(radius, Sequence) else [radius] * len(xs)
-        for x, y, r in zip(xs, ys, radii, strict=True):
-            if math.isfinite(x) and math.isfinite(y):
-                u, v = self.px(x, y)
-                self.draw.ellipse([u - r, v - r, u + r, v + r], fill=color, outline=outline)
-
-    def bar(self, x0: float, x1: float, y: float, color) -> None:
-        (u0, v), (u1, v0) = self.px(x0, y), self.px(x1, self.ylim[0])
-        if v0 - v >= 0.5:
-            self.draw.rectangle([u0, v, max(u0, u1 - 1), v0], fill=color)
-
-    def legend(self, entries: Sequence[tuple[str, tuple[int, int, int]]], corner: str = "left") -> None:
-        if not entries:
-            return
-        width = max(self.draw.textlength(label, font=self.small) for label, _ in entries) + 34
-        x = self.left + 10 if corner == "left" else self.right - 10 - width
-        y = self.top + 8
-        self.draw.rectangle([x, y, x + width, y + 18 * len(entries) + 6], fill=(255, 255, 255), outline=(160,) * 3)
-        for k, (label, color) in enumerate(entries):
-            v = y + 12 + 18 * k
-            self.draw.rectangle([x + 8, v - 5, x + 20, v + 5], fill=color)
-            self._text((x + 26, v), label, "lm")
-
-    def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"plots are written as PNG: the path must end in .png, got {str(path)!r}")
-        return atomic_write(path, lambda f: self.image.save(f, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -367,28 +240,12 @@ class CalibrationResult:
         )
 
     def plot(self, path: str | Path) -> Path:
-        """A PNG of P(t): for every step a grey disc per chosen P (area proportional to the number of seeds that
-        chose it) and the median over seeds as a line. Written atomically."""
-        lo, hi = min(self.sizes), max(self.sizes)
-        fig = _Figure(
-            (0.0, 1.0),
-            (lo - 1, hi + 1),
-            title=f"calibrated patch size P(t): {len(self.seeds)} seeds, {self.steps} steps",
-            xlabel="t (noise level; the sampler runs from t = 1 down to 0)",
-            ylabel="P",
-        )
-        fig.axes(_nice_ticks(0.0, 1.0, 10), self.sizes)
-        n = len(self.seeds)
-        for i in range(1, self.steps):
-            values, counts = self.best[:, i].unique(return_counts=True)
-            xs = [i / self.steps] * len(values)
-            radii = [2.0 + 7.0 * math.sqrt(c / n) for c in counts.tolist()]
-            fig.points(xs, [float(v) for v in values.tolist()], (175, 175, 175), radii, outline=(120, 120, 120))
-        ts, med = self.times[1:], self.scales[1:]
-        fig.line(ts, med, COLORS["els"], width=3)
-        fig.points(ts, med, COLORS["els"], 3.5)
-        fig.legend([("median over seeds", COLORS["els"]), ("seeds choosing P (area ~ count)", (175, 175, 175))])
-        return fig.save(path)
+        """Draw the calibration (`elsfast.plots.calibration`: the cosine similarity of every candidate size over t
+        and the chosen P(t)) at `path`: PNG, SVG or PDF by the extension, written atomically (a file elsfast did not
+        write is refused). Needs matplotlib (`pip install elsfast[plots]`): ImportError otherwise."""
+        from ..plots.calibration import save_calibration_figure
+
+        return save_calibration_figure(path, self.sizes, self.cosine, self.best, self.scales)
 
 
 def _machines_by_size(machines, sizes: Sequence[int] | None) -> tuple[list[int], dict[int, ScoreMachine]]:
@@ -474,7 +331,7 @@ def calibrate(
     for lo in tqdm(range(0, S, batch), desc="calibrating", disable=not progress or batch >= S, leave=False):
         rows = slice(lo, min(S, lo + batch))
         x = seed_noise(seeds[rows], shape)
-        y = _label_tensor(labels[rows])
+        y = label_tensor(labels[rows])
 
         def denoiser(x_t: torch.Tensor, abar: float, i: int, rows=rows, y=y) -> torch.Tensor:
             eps = eps_fn(x_t, abar, y).to(x_t)
@@ -493,7 +350,7 @@ def calibrate(
         labels=labels,
         best=best,
         cosine=cosine,
-        schedule=_schedule_name(schedule),
+        schedule=schedule_name(schedule),
         machine={
             "machine": first.machine,
             "padding": first.padding,

@@ -24,7 +24,9 @@ Output directory (`out_dir`):
   the grid and kept for later analysis.
 - `summary.md`: the table (rows: machines; columns: median r, median R^2, fraction of seeds beating IS).
 - `grid.png`: one row per seed (the first `grid_seeds` seeds), columns network | machines in order.
-- `hist.png`: histogram of r per machine; `scatter.png`: ELS r (or the first non-IS machine) against IS r.
+- `hist.png`: histogram of r per machine; `scatter.png`: ELS r (or the first non-IS machine) against IS r
+  (`elsfast.plots.comparison`; they need matplotlib, `pip install elsfast[plots]`: without it they are skipped
+  with a warning and everything else is written; `plot_results` draws them again from `results.json`).
 """
 
 from __future__ import annotations
@@ -44,30 +46,17 @@ from ..common.fileio import atomic_write, check_replaceable
 from ..common.fingerprint import training_set_sha256
 from ..common.imageio import make_grid
 from ..common.scales import PatchSizeSpec, resolve_patch_size
-from ..common.schedules import get_schedule
+from ..common.schedules import get_schedule, schedule_name
 from ..machine import MACHINES, ScoreMachine
+from ..plots.style import machine_name, matplotlib_missing
 from ..sampling import ddim_sample
 from ..sampling.ddim import GRIDS, grid_start
-from .calibrate import (
-    _PALETTE,
-    COLORS,
-    CalibrationResult,
-    _Figure,
-    _font,
-    _label_tensor,
-    _nice_ticks,
-    _schedule_name,
-    as_eps_fn,
-    network_denoiser,
-    seed_labels,
-    seed_noise,
-)
+from .calibrate import CalibrationResult, as_eps_fn, label_tensor, network_denoiser, seed_labels, seed_noise
 from .metrics import pearson_r, r_squared
 
-__all__ = ["compare", "load_results", "summarize"]
+__all__ = ["compare", "load_results", "plot_results", "summarize"]
 
 FORMAT = "elsfast-compare/1"
-NAMES = {"els": "ELS", "ls": "LS", "is": "IS", "es": "ES"}
 
 
 def _network_tag(network, tag: str | None) -> str | None:
@@ -163,7 +152,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
-def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict) -> str:
+def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict, skipped: str | None) -> str:
     machines = config["machines"]
     lines = [
         "# Network vs analytic machines",
@@ -182,7 +171,7 @@ def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict
     for name in machines:
         s = summary[name]
         beats = "-" if "beats_is" not in s else f"{_fmt(s['beats_is'], 2)} ({s['beats_is_count']}/{s['n']})"
-        lines.append(f"| {NAMES.get(name, name)} | {_fmt(s['median_r'])} | {_fmt(s['median_r2'])} | {beats} |")
+        lines.append(f"| {machine_name(name)} | {_fmt(s['median_r'])} | {_fmt(s['median_r2'])} | {beats} |")
     lines += [
         "",
         "Pearson r is the correlation of the machine image with the network image over all pixels and channels "
@@ -191,12 +180,15 @@ def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict
         "",
     ]
     if files.get("grid"):
-        cols = " | ".join(["network", *(NAMES.get(m, m) for m in machines)])
+        cols = " | ".join(["network", *(machine_name(m) for m in machines)])
         lines.append(f"![samples]({Path(files['grid']).name}) (rows: seeds; columns: {cols})")
         lines.append("")
-    lines.append(f"![r per machine]({Path(files['hist']).name})")
+    if files.get("hist"):
+        lines.append(f"![r per machine]({Path(files['hist']).name})")
     if files.get("scatter"):
         lines.append(f"![per-seed r]({Path(files['scatter']).name})")
+    if skipped:
+        lines.append(f"(hist.png and scatter.png were not drawn: {skipped})")
     lines.append("")
     return "\n".join(lines)
 
@@ -223,71 +215,49 @@ def _save_grid(path: Path, images: list[dict], machines: Sequence[str]) -> Path 
     canvas = Image.new("RGB", (body.width, body.height + header), "white")
     canvas.paste(body, (0, header))
     draw = ImageDraw.Draw(canvas)
-    font = _font(12)
+    font = _grid_font(12)
     for k, name in enumerate(columns):
         centre = pad + k * (w * scale + pad) + w * scale / 2
-        draw.text((centre, header / 2 + 2), NAMES.get(name, name), fill=(0, 0, 0), font=font, anchor="mm")
+        draw.text((centre, header / 2 + 2), machine_name(name), fill=(0, 0, 0), font=font, anchor="mm")
     return atomic_write(path, lambda f: canvas.save(f, format="PNG"))
 
 
-def _color(name: str, k: int) -> tuple[int, int, int]:
-    return COLORS.get(name, _PALETTE[k % len(_PALETTE)])
+def _grid_font(size: int = 12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: a fixed bitmap font
+        return ImageFont.load_default()
 
 
-def _save_hist(path: Path, rows: list[dict], machines: Sequence[str]) -> Path:
-    values = {
-        m: [row["r"][m] for row in rows if row["r"][m] is not None and math.isfinite(row["r"][m])] for m in machines
-    }
-    everything = [v for vs in values.values() for v in vs]
-    lo = min(0.0, math.floor(min(everything) * 10) / 10) if everything else 0.0
-    lo = max(-1.0, lo)
-    bins = 20
-    edges = np.linspace(lo, 1.0, bins + 1)
-    counts = {m: np.histogram(np.clip(values[m], lo, 1.0), bins=edges)[0] for m in machines}
-    top = max([1, *(int(c.max()) for c in counts.values() if c.size)])
-    fig = _Figure(
-        (lo, 1.0),
-        (0, top * 1.15),
-        title=f"Pearson r of machine vs network image, {len(rows)} seeds",
-        xlabel="Pearson r (the paper's r^2)",
-        ylabel="seeds",
-    )
-    yticks = [t for t in _nice_ticks(0, top * 1.1, 6) if float(t).is_integer()] or [0, top]
-    fig.axes(_nice_ticks(lo, 1.0, 10), yticks)
-    width = (1.0 - lo) / bins
-    for k, m in enumerate(machines):
-        for b in range(bins):
-            x0 = edges[b] + width * k / len(machines)
-            fig.bar(x0, x0 + width / len(machines), float(counts[m][b]), _color(m, k))
-    fig.legend([(NAMES.get(m, m), _color(m, k)) for k, m in enumerate(machines)])
-    return fig.save(path)
+def _draw_figures(out_dir: Path, rows: Sequence[dict], machines: Sequence[str]) -> dict[str, str]:
+    """hist.png and scatter.png (the scatter when IS and another machine ran): their paths by name."""
+    from ..plots.comparison import save_r_histogram, save_r_scatter
+
+    files = {}
+    r = {m: [row["r"][m] for row in rows] for m in machines}
+    files["hist"] = str(save_r_histogram(out_dir / "hist.png", r))
+    versus = next((m for m in machines if m != "is"), None)
+    if versus is not None and "is" in machines:
+        files["scatter"] = str(save_r_scatter(out_dir / "scatter.png", r["is"], r[versus], versus))
+    return files
 
 
-def _save_scatter(path: Path, rows: list[dict], machine: str) -> Path:
-    xs = [row["r"]["is"] for row in rows]
-    ys = [row["r"][machine] for row in rows]
-    finite = [v for v in xs + ys if v is not None and math.isfinite(v)]
-    lo = max(-1.0, min(0.0, math.floor(min(finite) * 10) / 10)) if finite else 0.0
-    name = NAMES.get(machine, machine)
-    wins = sum(1 for x, y in zip(xs, ys, strict=True) if y > x)
-    fig = _Figure(
-        (lo, 1.0),
-        (lo, 1.0),
-        size=(560, 560),
-        title=f"per seed: {name} r vs IS r ({name} above the diagonal on {wins}/{len(rows)})",
-        xlabel="IS Pearson r",
-        ylabel=f"{name} Pearson r",
-    )
-    ticks = _nice_ticks(lo, 1.0, 8)
-    fig.axes(ticks, ticks)
-    fig.line([lo, 1.0], [lo, 1.0], (150, 150, 150), width=1)
-    fig.points(
-        [float("nan") if v is None else v for v in xs],
-        [float("nan") if v is None else v for v in ys],
-        _color(machine, 0),
-        3.5,
-    )
-    return fig.save(path)
+def plot_results(out_dir: str | Path, seeds: Iterable[int] | None = None) -> dict[str, str]:
+    """(Re)draw `hist.png` and `scatter.png` in `out_dir` from its `results.json` (every saved seed, or `seeds`),
+    without running anything; returns their paths by name. Needs matplotlib (`pip install elsfast[plots]`)."""
+    out_dir = Path(out_dir)
+    data = load_results(out_dir)
+    if data is None:
+        raise FileNotFoundError(f"{out_dir / 'results.json'} does not exist: nothing to draw")
+    by_seed = {int(row["seed"]): row for row in data["rows"]}
+    if seeds is not None:
+        missing = [s for s in seeds if int(s) not in by_seed]
+        if missing:
+            raise ValueError(f"{out_dir / 'results.json'} has no rows for seeds {missing[:10]}")
+    rows = [by_seed[int(s)] for s in (sorted(by_seed) if seeds is None else seeds)]
+    return _draw_figures(out_dir, rows, data["config"]["machines"])
 
 
 def compare(
@@ -341,7 +311,9 @@ def compare(
             The report states it.
 
     Returns the report: `config`, `seeds`, `rows` (in seed order), `summary` (see `summarize`), `computed` (seeds
-    computed by this call) and `files` (paths written).
+    computed by this call), `files` (paths written) and `figures_skipped`: None, or why hist.png and scatter.png
+    were not drawn (matplotlib missing: `pip install elsfast[plots]`; the numbers and grid.png are written all
+    the same, and a warning says so).
     """
     tag = _network_tag(eps_fn, network)
     eps_fn = as_eps_fn(eps_fn, schedule)
@@ -382,7 +354,7 @@ def compare(
             "steps": int(steps),
             "network_steps": network_steps,
             "grid": grid,
-            "schedule": _schedule_name(schedule),
+            "schedule": schedule_name(schedule),
             "scales": size_list,
             "noise": "torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed)), float32, CPU",
             "machine_options": {k: str(v) for k, v in sorted(options.items()) if k not in ("device", "memory_budget")},
@@ -423,7 +395,7 @@ def compare(
                 for m in machines
             }
         noise = seed_noise([seed], shape)
-        y = _label_tensor([seed_label[seed]])
+        y = label_tensor([seed_label[seed]])
         images = {
             "network": ddim_sample(
                 network_denoiser(eps_fn, y),
@@ -465,12 +437,13 @@ def compare(
         grid = _save_grid(out_dir / "grid.png", grid_images, machines)
         if grid is not None:
             files["grid"] = str(grid)
-    files["hist"] = str(_save_hist(out_dir / "hist.png", report_rows, machines))
-    versus = next((m for m in machines if m != "is"), None)
-    if versus is not None and "is" in machines:
-        files["scatter"] = str(_save_scatter(out_dir / "scatter.png", report_rows, versus))
+    missing = matplotlib_missing()
+    if missing is None:
+        files.update(_draw_figures(out_dir, report_rows, machines))
+    else:  # the numbers are all there: say what was not drawn instead of failing at the end of a long run
+        warnings.warn(f"hist.png and scatter.png skipped: {missing}", stacklevel=2)
     files["summary"] = str(out_dir / "summary.md")
-    _write_text(out_dir / "summary.md", _summary_markdown(config, summary, seeds, files))
+    _write_text(out_dir / "summary.md", _summary_markdown(config, summary, seeds, files, missing))
     return {
         "config": config,
         "seeds": seeds,
@@ -478,4 +451,5 @@ def compare(
         "summary": summary,
         "computed": len(todo),
         "files": files,
+        "figures_skipped": missing,
     }

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from .. import datasets
 from ..common.fileio import atomic_write, check_replaceable
 from ..machine import ScoreMachine
 from ..nets.train import TrainConfig, load_checkpoint, train
+from ..plots.style import matplotlib_missing
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
 
@@ -282,8 +284,15 @@ def reproduce(
             conditional=config.conditional,
             progress=progress,
         )
-        calibration.plot(out / "calibration.png")
         calibration.to_json(calibration_path)
+    if not (out / "calibration.png").exists():  # drawn now, or on a later run if matplotlib was missing then
+        skipped = matplotlib_missing()
+        if skipped is None:
+            calibration.plot(out / "calibration.png")
+        else:
+            warnings.warn(f"calibration.png skipped (calibration.json written): {skipped}", stacklevel=2)
+            if progress:
+                print(f"elsfast reproduce {name}: calibration.png skipped: {skipped}", file=sys.stderr)
 
     seeds = comparison_seeds if comparison_seeds is not None else preset.comparison_seeds
     report = compare(
