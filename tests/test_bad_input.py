@@ -155,6 +155,27 @@ def test_cuda_without_cuda_is_a_value_error():
         check_device("gpu7")
 
 
+def test_one_device_resolver_for_the_api_train_and_the_cli(tmp_path, capsys):
+    """check_device is the only resolver: "auto" is CUDA when available, else the CPU; train() and the command
+    line use it, so a bad device is refused with the same words before any data is read."""
+    from elsfast.nets.train import TrainConfig, train
+
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert check_device("auto") == check_device(" AUTO ") == auto
+    assert check_device(None) is None and check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^argument --device: not a torch device: 'gpu7'"):
+        check_device("gpu7", name="argument --device")
+    config = TrainConfig(dataset="mnist-embedded", out=str(tmp_path / "net.pt"), device="gpu7")
+    with pytest.raises(ValueError, match=r"^device: not a torch device: 'gpu7'"):
+        train(config, progress=False)
+    assert main(["train", "--out", str(tmp_path / "net.pt"), "--device", "gpu7"]) == 2
+    assert "elsfast: error: argument --device: not a torch device: 'gpu7'" in capsys.readouterr().err
+    assert not (tmp_path / "net.pt").exists()
+    if not torch.cuda.is_available():
+        assert main(["sample", "--n", "1", "--device", "cuda", "--out", str(tmp_path / "g.png")]) == 2
+        assert "argument --device: CUDA was asked for, but no CUDA device" in capsys.readouterr().err
+
+
 def test_corrupt_npz_and_foreign_pt_say_what_the_file_is(tmp_path, capsys):
     bad = tmp_path / "data.npz"
     bad.write_bytes(b"\x00garbage that is no zip")

@@ -562,6 +562,64 @@ def test_cifar_disk_cache_off(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("value", ["off", "OFF", "0", "none", "false", "no", "", "  Off "])
+def test_cache_dir_off_values(monkeypatch, value):
+    from elsfast.common.cache import cache_dir
+
+    monkeypatch.setenv("ELSFAST_CACHE", value)
+    assert cache_dir() is None and cache_dir("indexes") is None
+
+
+def test_cache_dir_locations(tmp_path, monkeypatch):
+    from elsfast.common.cache import cache_dir
+
+    monkeypatch.setenv("ELSFAST_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" and cache_dir("indexes") == tmp_path / "c" / "indexes"
+    assert datasets.cache_dir is cache_dir
+    monkeypatch.delenv("ELSFAST_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir("indexes") == tmp_path / "xdg" / "elsfast" / "indexes"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "elsfast"
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(ValueError, match="kind"):
+            cache_dir(bad)
+
+
+@pytest.mark.parametrize("setting", ["off", "folder"])
+def test_one_cache_policy_for_decoded_datasets_and_topk_indexes(tmp_path, monkeypatch, setting):
+    """ELSFAST_CACHE=off: neither the CIFAR-10 JPEG decode nor a top-k index writes anything (not even a relative
+    folder named 'off' in the working directory); ELSFAST_CACHE=DIR: both write under DIR, nowhere else."""
+    pytest.importorskip("faiss")
+    import elsfast
+    from elsfast.reduce import TopK
+
+    make_cifar_jpeg_npz(tmp_path / "data" / "cifar10" / "cifar10_test_jpeg.npz", n=3)
+    cwd, home, cache = tmp_path / "cwd", tmp_path / "home", tmp_path / "cache"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("ELSFAST_CACHE", "off" if setting == "off" else str(cache))
+
+    load("cifar10", "test", root=tmp_path / "data")
+    train = torch.randint(0, 256, (30, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    backend = TopK(k=4, index="flat", min_entries=1, min_pass_fraction=0.0, progress=False)
+    machine = elsfast.ScoreMachine(train, backend=backend)
+    machine.denoise(to_float(train[:2]), 0.9999, 3)
+    assert machine.last_stats.approximate_queries > 0  # an index was built (and saved, when there is a cache)
+
+    assert list(cwd.iterdir()) == [] and not home.exists()
+    if setting == "off":
+        assert not cache.exists()
+    else:
+        files = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+        assert [f for f in files if "/" not in f and f.endswith(".npy")], files  # the decoded CIFAR-10 copy
+        assert [f for f in files if f.startswith("indexes/") and f.endswith(".faissidx")], files
+        assert all(f.endswith(".npy") or f.startswith("indexes/") for f in files), files
+
+
 def test_cifar_pickle_preferred_over_jpeg(tmp_path):
     (train_x, _), _ = make_cifar_batches(tmp_path / "cifar10" / "cifar-10-batches-py", per_batch=2)
     make_cifar_jpeg_npz(tmp_path / "cifar10" / "cifar10_train_jpeg.npz", n=4)

@@ -1,5 +1,11 @@
-"""The reproduction commands of the `elsfast` command line: train, calibrate, compare, reproduce (SPEC
-section 3). `elsfast.cli.build_parser` adds them; they share its argument types and its one-line errors."""
+"""The reproduction commands of the `elsfast` command line: `train`, `calibrate`, `compare`, `reproduce` (SPEC
+section 3).
+
+`add_commands(subparsers)` adds the four sub-commands; `_cmd_train`, `_cmd_calibrate`, `_cmd_compare` and
+`_cmd_reproduce` run them, with the argument types only they use (positive floats, channel lists). This module
+may import `elsfast.cli.args` (the shared argument types, groups, checks and `CLIError`) and the library
+(`elsfast.nets`, `elsfast.research`, lazily inside the commands); no other cli module.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,11 @@ import argparse
 import time
 from pathlib import Path
 
-from ..common.fileio import check_replaceable
+from ..common.checks import check_device
 from ..plots.style import check_figure_path, matplotlib_missing
-from . import PROG, CLIError, _add_data_args, _at_least, _int, _odd_patch_size, _resolve_device
+from .args import PROG, CLIError, add_data_args, at_least, check_outputs, integer, odd_patch_size
 
-__all__ = ["add_research_commands"]
+__all__ = ["add_commands"]
 
 
 def _positive_float(text: str) -> float:
@@ -25,7 +31,7 @@ def _positive_float(text: str) -> float:
 
 
 def _channels(text: str) -> int | list[int]:
-    values = [_int(part) for part in text.split(",")]
+    values = [integer(part) for part in text.split(",")]
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
     return values[0] if len(values) == 1 else values
@@ -49,7 +55,7 @@ def _grid_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_research_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train`, `calibrate`, `compare` and `reproduce` to the `elsfast` sub-command parser."""
     from ..research.reproduce import PRESETS
 
@@ -60,25 +66,25 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
         "section 3; each overridable). Checkpoints are written atomically every --checkpoint-every steps; "
         "--resume continues a stopped run exactly.",
     )
-    _add_data_args(t)
+    add_data_args(t)
     g = t.add_argument_group("network")
     g.add_argument("--arch", default="resnet", choices=("resnet", "unet"), help="(default: resnet)")
     g.add_argument("--padding", default="zeros", choices=("zeros", "circular"), help="(default: zeros)")
     g.add_argument("--conditional", action="store_true", help="class-conditional on the dataset's labels")
     g.add_argument("--channels", type=_channels, help="ResNet width (256) or UNet widths, e.g. 64,128,256")
-    g.add_argument("--blocks", type=_at_least(1), help="ResNet residual layers (6) / UNet blocks per level (1)")
+    g.add_argument("--blocks", type=at_least(1), help="ResNet residual layers (6) / UNet blocks per level (1)")
     g = t.add_argument_group("optimisation (defaults: the paper's)")
-    g.add_argument("--batch-size", type=_at_least(1), default=128)
+    g.add_argument("--batch-size", type=at_least(1), default=128)
     g.add_argument("--lr", type=_positive_float, default=1e-4)
     g.add_argument("--lr-decay", type=_positive_float, default=0.999965, help="factor per step")
-    g.add_argument("--epochs", type=_at_least(1), default=300)
-    g.add_argument("--max-steps", type=_at_least(1), help="stop after this many steps in total")
+    g.add_argument("--epochs", type=at_least(1), default=300)
+    g.add_argument("--max-steps", type=at_least(1), help="stop after this many steps in total")
     g.add_argument("--max-minutes", type=_positive_float, help="stop this run after this many minutes")
-    g.add_argument("--seed", type=_int, default=0)
+    g.add_argument("--seed", type=integer, default=0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
-    g.add_argument("--checkpoint-every", type=_at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
+    g.add_argument("--checkpoint-every", type=at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     once.add_argument(
@@ -96,9 +102,9 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     )
     c.add_argument("--checkpoint", required=True, metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
     c.add_argument("--machine", default="els", choices=("els", "ls"), help="(default: els)")
-    c.add_argument("--sizes", type=_odd_patch_size, nargs="+", default=[3, 5, 7, 9, 11, 13, 15, 17], metavar="P")
-    c.add_argument("--seeds", type=_at_least(1), default=10, metavar="N", help="seeds 0..N-1 (default: 10)")
-    c.add_argument("--steps", type=_at_least(2), default=20)
+    c.add_argument("--sizes", type=odd_patch_size, nargs="+", default=[3, 5, 7, 9, 11, 13, 15, 17], metavar="P")
+    c.add_argument("--seeds", type=at_least(1), default=10, metavar="N", help="seeds 0..N-1 (default: 10)")
+    c.add_argument("--steps", type=at_least(2), default=20)
     c.add_argument("--out", required=True, metavar="PATH.json")
     c.add_argument(
         "--plot",
@@ -120,9 +126,9 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--scales", default="3", metavar="FILE|NAME|P", help="calibration JSON, published list name, or one odd P"
     )
-    m.add_argument("--seeds", type=_at_least(1), default=100, metavar="N", help="seeds 0..N-1 (default: 100)")
-    m.add_argument("--steps", type=_at_least(2), default=20, help="machine steps (default: 20)")
-    m.add_argument("--network-steps", type=_at_least(2), help="network steps (default: --steps; the paper: 150)")
+    m.add_argument("--seeds", type=at_least(1), default=100, metavar="N", help="seeds 0..N-1 (default: 100)")
+    m.add_argument("--steps", type=at_least(2), default=20, help="machine steps (default: 20)")
+    m.add_argument("--network-steps", type=at_least(2), help="network steps (default: --steps; the paper: 150)")
     m.add_argument("--machines", default="els,ls,is", help="comma list of machines (default: els,ls,is)")
     _grid_arg(m)
     m.add_argument("--out-dir", required=True, metavar="DIR")
@@ -140,7 +146,7 @@ def add_research_commands(commands: argparse._SubParsersAction) -> None:
     r.add_argument("preset", choices=tuple(PRESETS))
     r.add_argument("--out-dir", required=True, metavar="DIR")
     r.add_argument("--train-minutes", type=_positive_float, help="training time limit (preset's default otherwise)")
-    r.add_argument("--seeds", type=_at_least(1), help="comparison seeds (preset's default otherwise)")
+    r.add_argument("--seeds", type=at_least(1), help="comparison seeds (preset's default otherwise)")
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
     _grid_arg(r)
     _common(r)
@@ -178,7 +184,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         out=args.out,
-        device=str(_resolve_device(args.device)),
+        device=str(check_device(args.device, name="argument --device")),
         bf16=args.bf16,
     )
     data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)
@@ -205,7 +211,7 @@ def _network_and_data(args: argparse.Namespace):
     from .. import datasets
     from ..nets.train import load_checkpoint
 
-    device = _resolve_device(args.device)
+    device = check_device(args.device, name="argument --device")
     model, config, _ = load_checkpoint(args.checkpoint, device=device)
     root = args.data_root or config.get("root")
     data = datasets.load(config["dataset"], root=root, pad_to=config.get("pad_to"), limit=config.get("limit"))
@@ -224,11 +230,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         check_figure_path(plot)
     except ValueError as e:
         raise CLIError(f"argument --plot: {e}") from None
-    for flag, path in (("--out", args.out), ("--plot", plot)):
-        try:
-            check_replaceable(path)  # before the trajectories: a file elsfast did not write there stays
-        except OSError as e:
-            raise CLIError(f"argument {flag}: {e}") from None
+    # before the trajectories: a file elsfast did not write there stays
+    check_outputs({"--out": args.out, "--plot": plot})
     model, config, data, labels, device = _network_and_data(args)
     started = time.perf_counter()
     machine = ScoreMachine(data.images, labels, machine=args.machine, padding=config["model"]["padding"], device=device)
@@ -269,7 +272,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     elif args.scales in reference_scales():
         scales = args.scales
     else:
-        scales = _odd_patch_size(args.scales)
+        scales = odd_patch_size(args.scales)
     model, config, data, labels, _ = _network_and_data(args)
     report = compare(
         model,
@@ -305,7 +308,7 @@ def _print_summary(summary: dict) -> None:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from ..research.reproduce import reproduce
 
-    device = _resolve_device(args.device)
+    device = check_device(args.device, name="argument --device")
     summary = reproduce(
         args.preset,
         args.out_dir,

@@ -3,7 +3,7 @@
 - `parse_memory_budget`: bytes as an int or a string with a binary suffix ("512M", "2G", "1.5GiB").
 - `integer_labels`: class labels that are integers (never truncated floats); `labels_per_sample`: one per sample.
 - `check_pixel_range`: float images in the [-1, 1] convention, with a warning for images that look like [0, 1].
-- `check_device`: a torch device that exists here.
+- `check_device`: a torch device that exists here (`"auto"`: CUDA when available, else the CPU).
 """
 
 from __future__ import annotations
@@ -121,20 +121,30 @@ def check_pixel_range(images: torch.Tensor, name: str) -> None:
         )
 
 
-def check_device(device: torch.device | str | None) -> torch.device | None:
-    """`device` as a `torch.device` that exists here (None stays None). ValueError naming `device` for an
-    unknown device string, a CUDA device without CUDA, or an index beyond the device count."""
+def check_device(device: torch.device | str | None, *, name: str = "device") -> torch.device | None:
+    """`device` as a `torch.device` that exists here (None stays None; the caller's default applies).
+
+    `"auto"` (any case) means CUDA when it is available, else the CPU: the one place that choice is made, for the
+    API, the trainer and the command line. ValueError starting with `name` (the CLI passes `"argument --device"`)
+    for a string that is not a torch device, a CUDA device without CUDA, an index beyond the device count, or MPS
+    where it is not available.
+    """
     if device is None:
         return None
+    use = "device='cpu'" if name == "device" else f"{name.removeprefix('argument ')} cpu"
+    if isinstance(device, str):
+        device = device.strip()
+        if device.lower() == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device: not a torch device: {device!r} (try 'cpu' or 'cuda')") from None
+        raise ValueError(f"{name}: not a torch device: {device!r} (try 'cpu', 'cuda' or 'auto')") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("device: CUDA was asked for, but no CUDA device is available here (use device='cpu')")
+            raise ValueError(f"{name}: CUDA was asked for, but no CUDA device is available here (use {use})")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
+            raise ValueError(f"{name}: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise ValueError("device: MPS is not available here (use device='cpu')")
+        raise ValueError(f"{name}: MPS is not available here (use {use})")
     return device

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..common.checks import check_pixel_range
+from ..common.checks import check_device, check_pixel_range
 from ..common.fileio import atomic_write, describe_file
 from ..common.fingerprint import training_set_sha256
 from ..common.pixels import to_float
@@ -77,8 +77,8 @@ class TrainConfig:
       epochs * ceil(N / batch_size) steps, or earlier at max_steps (a total, counted from step 0) or after
       max_minutes of this call; it then writes the checkpoint and can be resumed.
     - seed: initial weights and every random draw. checkpoint_every (steps; 0 = only at the end), out: the
-      checkpoint file. device: None = CUDA if available, else CPU. bf16: bfloat16 autocast (CUDA only; ignored
-      on the CPU). compile: torch.compile the model (CUDA only).
+      checkpoint file. device: None (or "auto") = CUDA if available, else CPU. bf16: bfloat16 autocast (CUDA
+      only; ignored on the CPU). compile: torch.compile the model (CUDA only).
     - schedule: the noise schedule, "cosine-legacy" as in the paper. threads: torch intra-op CPU threads during
       the run (None = leave torch's setting; 1 avoids OpenMP spin contention on a busy machine for small models).
     """
@@ -243,12 +243,6 @@ def _same_data(saved: dict | None, info: dict, images: torch.Tensor) -> bool:
     return saved == legacy
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def train(
     config: TrainConfig,
     *,
@@ -286,7 +280,7 @@ def train(
         )
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
-    device = _resolve_device(config.device)
+    device = check_device("auto" if config.device is None else config.device)
     x_all, y_all, num_classes = _load_data(config, images, labels)
     data_info = _fingerprint(x_all, y_all)
     n = x_all.shape[0]

@@ -22,7 +22,8 @@ pilot until the noise variance has halved); groups of many images are screened o
 Queries whose bound exceeds the tolerance run exactly (on the backend `auto` picks), so every result is within
 tolerance of the exact machine; the report names, per group, what ran ("topk", the exact backend, or both).
 Built indexes are kept in a byte-bounded in-memory cache owned by the `TopK` object (`INDEX_CACHE_BYTES`; cleared
-by `elsfast.clear_caches()`), and on disk under `cache_dir`.
+by `elsfast.clear_caches()`), and on disk under `cache_dir` (default: `elsfast.common.cache`; none with
+`ELSFAST_CACHE=off`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import ClassVar
 
 import torch
 
+from ..common import cache as disk_cache
 from . import policy
 from .caches import MemoryCache, content_hash
 from .dictionary import Dictionary
@@ -46,7 +48,6 @@ from .topk_index import (
     GroupIndex,
     build_group_index,
     cache_key,
-    default_cache_dir,
     faiss_or_reason,
     load_cached,
     save_cached,
@@ -127,8 +128,9 @@ class TopK(Backend):
         min_entries: groups with fewer entries run exactly.
         min_pass_fraction: skip building an index when the pilot predicts fewer queries than this meet the
             tolerance.
-        cache_dir: where built indexes are kept (default `$ELSFAST_CACHE/indexes`, `~/.cache/elsfast/indexes`);
-            "" keeps them in memory only. Indexes are also kept in memory for the life of this object.
+        cache_dir: where built indexes are kept (default `elsfast.common.cache.cache_dir("indexes")`:
+            `$ELSFAST_CACHE/indexes`, else `~/.cache/elsfast/indexes`, and none with `ELSFAST_CACHE=off`); "" keeps
+            them in memory only. Indexes are also kept in memory for the life of this object.
         progress: progress bar and memory estimate while building.
     """
 
@@ -193,7 +195,7 @@ class TopK(Backend):
     def _cache_dir(self) -> Path | None:
         if self.cache_dir == "":
             return None
-        return Path(self.cache_dir) if self.cache_dir is not None else default_cache_dir()
+        return Path(self.cache_dir) if self.cache_dir is not None else disk_cache.cache_dir("indexes")
 
     def _key(self, dg: Dictionary) -> str:
         return cache_key(dg, self.index, resolve_storage(self.storage, self.index, dg.images), self.nlist)

@@ -19,7 +19,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from .distinct import DistinctEntries, describe, to_units
 __all__ = [
     "GroupIndex",
     "build_group_index",
-    "default_cache_dir",
     "faiss_or_reason",
     "load_cached",
     "save_cached",
@@ -72,11 +70,6 @@ def faiss_or_reason():
     except ImportError as err:
         return None, f"faiss is not installed ({err}); pip install 'elsfast[faiss]'"
     return faiss, None
-
-
-def default_cache_dir() -> Path:
-    """`$ELSFAST_CACHE/indexes`, default `~/.cache/elsfast/indexes`."""
-    return Path(os.environ.get("ELSFAST_CACHE", Path.home() / ".cache" / "elsfast")) / "indexes"
 
 
 @dataclass
