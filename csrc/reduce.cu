@@ -19,7 +19,7 @@ __host__ __device__ inline float pixel(const ReduceArgs& a, int64_t index) {
 // value_offsets[g, s, e], its local id n * S + s.
 
 // Entry j0 + jj as (position s, image n), from the tile's first entry (s0, n0) = (j0 / N, j0 % N): the kernel
-// divides once per tile instead of once per gathered feature (64-bit divisions were ~40 per tile, issue 20).
+// divides once per tile instead of once per gathered feature (the cost it saves: docs/performance.md).
 __host__ __device__ inline void tile_entry(const ReduceArgs& a, int64_t s0, int64_t n0, int jj, int64_t& s,
                                            int64_t& n) {
   s = s0;
@@ -32,7 +32,7 @@ __host__ __device__ inline void tile_entry(const ReduceArgs& a, int64_t s0, int6
 
 // The streaming log-sum-exp state of one query (elsfast/reduce/state.py), in bits. kE: value channels, a
 // template parameter so that the accumulators and every loop over them live in registers (a runtime E put acc[]
-// in local memory: ~1,100 local loads and stores per tile, issue 20).
+// in local memory; docs/performance.md, "The CUDA kernel").
 template <int kE>
 struct Online {
   float m = -INFINITY, l = 0.0f, u = 0.0f;

@@ -8,7 +8,7 @@ a streaming log-sum-exp state for BLOCK_M queries of one group:
     m    = max_j s_j,  l = sum_j 2^(s_j - m),  acc = sum_j 2^(s_j - m) v_j
     best = the entry of largest s_j (first on ties),  u = sum_j 2^(s_j - m) (s_j - m)   (provenance)
 
-Built like FlashAttention-2 (issue 20). Entries are walked in tiles of BLOCK_N images at one position s (entry
+Built like FlashAttention-2. Entries are walked in tiles of BLOCK_N images at one position s (entry
 j = s * N + n, the order of every backend), so a tile's offset row `key_offsets[g, s]` is loaded once and
 broadcast, its image rows are consecutive and the entry's image and position are scalars: no division in the
 loop. Keys are gathered from the images on the fly (the patch dictionary is never materialised); the last tile

@@ -153,7 +153,7 @@ def test_ties_go_to_the_lowest_entry_id_in_every_merge():
 
 @pytest.mark.slow
 def test_torchrun_example_matches_one_process(tmp_path):
-    """The README's sharded example, launched as a user would: `torchrun --standalone --nproc_per_node 2` (gloo on
+    """The sharded example (docs/guide.md), run as a user would: `torchrun --standalone --nproc_per_node 2` (gloo on
     CPU), class-conditional; rank 0 compares images, provenance and whole-dictionary stats with one process."""
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive"}

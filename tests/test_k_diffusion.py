@@ -110,7 +110,7 @@ def test_get_sigmas_elsfast_takes_the_machine_dtype():
 
 
 def test_sample_dpmpp_2m_on_a_karras_schedule():
-    """The README's recipe: Karras sigmas between the denoiser's sigma_min and sigma_max, DPM-Solver++(2M).
+    """The recipe of docs/guide.md: Karras sigmas between the denoiser's sigma_min and sigma_max, DPM-Solver++(2M).
     Run with k-diffusion's own functions when it imports, else with copies of their algorithms (Karras et al.
     2022 eq. 5, rho = 7; Lu et al. 2022 DPM-Solver++(2M)); the result is a denoised image: finite, within the
     training images' range, and the sampler's final x0 prediction."""

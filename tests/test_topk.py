@@ -163,7 +163,7 @@ def test_no_new_pilot_until_the_noise_has_halved(digits, monkeypatch):
 
 
 def test_provenance_matches_exact_where_certified(digits):
-    # float64: at this noise level float32 logits of magnitude ~1e4 bits round by ~5e-4 (README: tolerances)
+    # float64: at this noise level float32 logits of magnitude ~1e4 bits round by ~5e-4 (docs/testing.md: tolerances)
     exact = elsfast.ScoreMachine(digits[:100], backend="torch", dtype=torch.float64)
     backend = TopK(k=128, tolerance=1e-6, index="flat", **SMALL)
     approx = elsfast.ScoreMachine(digits[:100], backend=backend, dtype=torch.float64)

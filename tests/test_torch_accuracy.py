@@ -1,4 +1,4 @@
-"""Accuracy of the float32 torch path (issue 14, item 7) and the bound the README states for it.
+"""Accuracy of the float32 torch path (issue 14, item 7) and the bound docs/performance.md states for it.
 
 The torch backend computes each tile's logits in float32, folds them into a float64 running state and sums each
 tile's entries with torch sums (blockwise pairwise), so its error is that of the fp32 logits plus a few fp32
@@ -29,7 +29,7 @@ from elsfast.reduce.torch_backend import tile_state
 
 
 def torch_fp32_bound(x: torch.Tensor, train: torch.Tensor, abar: float, patch_size: int, machine: str) -> float:
-    """The README's bound for the float32 torch path: 4 eps32 L + 1e-6, L as in `problems.fp32_tolerance`."""
+    """The float32 torch path's bound (docs/performance.md): 4 eps32 L + 1e-6, L as in `problems.fp32_tolerance`."""
     a, T = math.sqrt(abar), 2 * (1 - abar)
     if machine in ("is", "es"):
         q, k = x.flatten(1).norm(dim=1).max().item(), train.flatten(1).norm(dim=1).max().item()

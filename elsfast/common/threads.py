@@ -12,7 +12,7 @@ never more than the CPUs this process may use (its CPU affinity and a cgroup CPU
 
 Waiting. An OpenMP worker that finishes its share of a parallel region spins before it sleeps; libgomp spins
 300,000 rounds by default (milliseconds), which on a CPU shared with other busy processes burns the cores that
-the busy work needs (issue 15: 40.8 s instead of 22.9 s with `OMP_WAIT_POLICY=passive`). libgomp reads its wait
+the busy work needs (measured in docs/performance.md, "a shared CPU"). libgomp reads its wait
 policy once, when it is loaded (at `import torch`), so `bound_openmp_spin()`, called by `import elsfast` before
 it imports torch, sets `GOMP_SPINCOUNT` to `SPIN_COUNT` (a bounded spin of a few microseconds, enough
 for back-to-back parallel regions on a quiet machine) unless `OMP_WAIT_POLICY` or `GOMP_SPINCOUNT` is already

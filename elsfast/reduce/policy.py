@@ -50,16 +50,17 @@ log = logging.getLogger("elsfast")
 
 # Deduplication pays where keys repeat: all 60,000 MNIST digits repeat a patch 6.9x / 3.6x / 2.5x / 1.9x at
 # P = 3 / 5 / 7 / 9, and dedup then runs at 5.1x / 3.0x / 2.0x the cpu kernel at P = 3 / 5 / 7 but at 0.75x the
-# shift kernel at P = 9 (10,000 digits, AMD EPYC 2 threads, benchmarks/bench_cpu.py::test_dedup_vs_exact_kernels,
-# benchmarks/results/cpu-dedup.json). Below 2^20 entries a group costs more to deduplicate than to reduce; groups
-# whose keys repeat less than 1.5x (natural RGB images: CIFAR-10 1.004x at P = 3) run on the cpu kernel.
+# shift kernel at P = 9 (10,000 digits, benchmarks/bench_cpu.py::test_dedup_vs_exact_kernels,
+# benchmarks/results/cpu-dedup.json; machine and date in docs/performance.md). Below 2^20 entries a group costs
+# more to deduplicate than to reduce; groups whose keys repeat less than 1.5x (natural RGB images: CIFAR-10 1.004x
+# at P = 3) run on the cpu kernel.
 DEDUP_MAX_PATCH_SIZE = 7
 DEDUP_MIN_ENTRIES = 1 << 20
 DEDUP_MIN_DUPLICATION = 1.5
 
 # The shift kernel's box sums cost 2P operations a pair instead of P^2: 0.82x the cpu kernel at P = 5, 1.24x at
-# P = 7, 2.1x at P = 11, 3.1x at P = 15 (1,000 MNIST digits, Intel Xeon AVX-512 2 threads,
-# benchmarks/bench_cpu.py::test_shift_kernel_vs_cpu_kernel, benchmarks/results/cpu-kernel.json).
+# P = 7, 2.1x at P = 11, 3.1x at P = 15 (1,000 MNIST digits, AVX-512,
+# benchmarks/bench_cpu.py::test_shift_kernel_vs_cpu_kernel, benchmarks/results/cpu-kernel.json; docs/performance.md).
 SHIFTS_MIN_PATCH_SIZE = 7
 
 

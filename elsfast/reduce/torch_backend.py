@@ -7,13 +7,13 @@ Per dictionary chunk (built from `images_per_chunk` training images), per query 
 
 The tiles are computed in the query dtype; in float32 the running state is float64 and each tile's sums are
 torch sums (blockwise pairwise), not matrix-vector products, so the result's error is that of the fp32 logits
-plus a few fp32 roundings, whatever the memory budget (README "Accuracy of the torch path";
+plus a few fp32 roundings, whatever the memory budget (docs/performance.md, "accuracy of the torch path";
 tests/test_torch_accuracy.py).
 
 The -|q|^2/T term of -||q - a k||^2 / T is constant per query and cancels in the softmax (SPEC section 5).
 The logit tile is a `baddbmm` that adds the key-norm bias in the same call, exp2 is ~3x cheaper than exp on a
 CPU, and the tile stays small (`TILE_BYTES`) so it lives in cache between the GEMM, the exp and the value sum.
-Measured on the 2-core CPU machine this reaches ~1.4e9 query-key pairs/s at D = 25 (see benchmarks/).
+Its throughput is measured in docs/performance.md (benchmarks/bench_machines.py, bench_cpu.py).
 """
 
 from __future__ import annotations
