@@ -14,11 +14,14 @@ broadcast, its image rows are consecutive and the entry's image and position are
 loop. Keys are gathered from the images on the fly (the patch dictionary is never materialised); the last tile
 of a row s is the only one with entries past N, and it is masked through its keys' norms (|k|^2 = +inf gives a
 logit of -inf), not per element. Queries are loaded once per program, outside the entry loop, when the key
-dimension fits one chunk (D <= 128); longer keys walk 64-feature chunks in a runtime loop (so that the chunks
-share their shared-memory buffers) and reload the query chunk, zero-padded on the host so that the loads are
-aligned and unmasked. p.v runs as E FMAs per pair (patch values, E <= 4) instead of a GEMM padded to 16; whole-image
-values (IS/ES, E > 4) keep `tl.dot` over BLOCK_E-channel blocks. Tiles, warps and stages per (D, E) come from
-`launch_config`, which also refuses tiles over the shared-memory budget (`SHARED_MEMORY_LIMIT`).
+dimension fits one chunk (D <= 128). Longer keys walk 64-feature chunks: the queries of as many leading chunks as
+shared memory holds (RESIDENT_CHUNKS; all of them up to P = 11 on CIFAR-10) are loaded once per program too and
+stay in shared memory, their chunks unrolled in the entry loop (FlashAttention-3's resident Q tile); the rest run
+in a runtime loop (so that they share their shared-memory buffers) and reload their query chunk every tile. The
+query halves are zero-padded on the host so that their loads are aligned and unmasked. p.v runs as E FMAs per
+pair (patch values, E <= 4) instead of a GEMM padded to 16; whole-image values (IS/ES, E > 4) keep `tl.dot` over
+BLOCK_E-channel blocks. Tiles, warps, stages and resident chunks per (D, E) come from `launch_config`, which also
+re-plans tiles over the device's shared-memory budget (`SHARED_MEMORY_LIMIT` on sm_90).
 
 Precision (DOT_PRECISION):
 - "fp16x2" (uint8 images): keys are the exact integers k = 2u - 255 (k / 255 is the pixel in [-1, 1]; 0 for
@@ -62,7 +65,9 @@ __all__ = [
     "split_queries",
 ]
 
-SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_80 .. sm_90 (CUDA guide, CC 8.0+)
+# bytes of shared memory one block may use on sm_90 (CUDA guide, CC 9.0; 163 KB on sm_80, 99 KB on sm_86/89: the
+# launcher passes its device's own limit to `launch_config`)
+SHARED_MEMORY_LIMIT = 227 * 1024
 
 # The runtime arguments of `softmax_reduce_kernel` and their Triton types (uint8 images: img_ptr "*u8"), for ahead-of-
 # time compiles (benchmarks/static_cost.py, tests) that must match what the launcher passes.
@@ -101,6 +106,22 @@ def _key_chunk(img_tile, rows, koff_row, c0, D: tl.constexpr, BLOCK_D: tl.conste
     else:
         k = pix * tl.where(valid, 1.0, 0.0)[None, :]
     return k
+
+
+@triton.jit
+def _query_chunk(
+    q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, c0, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT16: tl.constexpr
+):
+    """Queries of one key chunk, features [c0, c0 + BLOCK_D): the fp16 halves (zero-padded on the host: unmasked
+    loads) with fp16x2, else the fp32 queries twice (masked)."""
+    if SPLIT16:
+        q_hi = tl.load(qhi_ptr + q16 + c0)
+        q_lo = tl.load(qlo_ptr + q16 + c0)
+    else:
+        d = c0 + tl.arange(0, BLOCK_D)
+        q_hi = tl.load(q_ptr + q_row[:, None] + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        q_lo = q_hi
+    return q_hi, q_lo
 
 
 @triton.jit
@@ -159,6 +180,7 @@ def softmax_reduce_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     FAST_EXP2: tl.constexpr,
+    RESIDENT_CHUNKS: tl.constexpr,  # leading key chunks whose queries are loaded once per program (<= CHUNKS)
 ):
     CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     VALUE_FMA: tl.constexpr = E <= 4
@@ -179,20 +201,17 @@ def softmax_reduce_kernel(
     e_range = e0 + tl.arange(0, BLOCK_E)
     e_ok = e_range < E
 
-    # queries once per program when the key dimension is one chunk (FlashAttention-2's Q tile)
+    # queries of the first RESIDENT_CHUNKS key chunks once per program, outside the entry loop (FlashAttention-3's
+    # resident Q tile: the compiler keeps them in shared memory, where the tensor cores read them every tile)
     d_range = tl.arange(0, BLOCK_D)
-    q_mask = row_ok[:, None] & (d_range < D)[None, :]
     # the halves are zero-padded to whole tiles: aligned, unmasked, vectorised loads
     q16 = (g.to(tl.int64) * M_PAD + rows.to(tl.int64))[:, None] * D_PAD + d_range[None, :]
-    if CHUNKS == 1:
-        if SPLIT16:
-            q_hi = tl.load(qhi_ptr + q16)
-            q_lo = tl.load(qlo_ptr + q16)
-            q_f32 = q_hi
-        else:
-            q_f32 = tl.load(q_ptr + q_row[:, None] + d_range[None, :], mask=q_mask, other=0.0)
-            q_hi = q_f32
-            q_lo = q_f32
+    q_his = ()
+    q_los = ()
+    for rc in tl.static_range(RESIDENT_CHUNKS):
+        q_hi, q_lo = _query_chunk(q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, rc * BLOCK_D, D, BLOCK_D, SPLIT16)
+        q_his = q_his + (q_hi,)  # noqa: RUF005 (the Triton frontend has no starred tuples)
+        q_los = q_los + (q_lo,)  # noqa: RUF005
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -218,25 +237,19 @@ def softmax_reduce_kernel(
         tile_rows = tl.where(n_ok, image_rows, (N - 1 - n0) * pixels_per_image)
 
         qk = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if CHUNKS == 1:
-            k = _key_chunk(img_tile, tile_rows, koff_row, 0, D, BLOCK_D, IS_UINT8)
-            kk = tl.sum(k * k, axis=1)  # exact for integer keys: every partial sum is an integer < 2^24
-            qk = _distance_dot(q_hi, q_lo, q_f32, k, qk, SPLIT16, DOT_PRECISION)
-        else:
-            # a runtime loop (not unrolled), so that the chunks share their shared-memory buffers
-            kk = tl.zeros((BLOCK_N,), tl.float32)
-            for c in range(CHUNKS):
+        kk = tl.zeros((BLOCK_N,), tl.float32)
+        for rc in tl.static_range(RESIDENT_CHUNKS):  # unrolled: the queries stay where they were loaded
+            k = _key_chunk(img_tile, tile_rows, koff_row, rc * BLOCK_D, D, BLOCK_D, IS_UINT8)
+            kk += tl.sum(k * k, axis=1)  # exact for integer keys: every partial sum is an integer < 2^24
+            qk = _distance_dot(q_his[rc], q_los[rc], q_his[rc], k, qk, SPLIT16, DOT_PRECISION)
+        if RESIDENT_CHUNKS < CHUNKS:
+            # the other chunks in a runtime loop (not unrolled), so that they share their shared-memory buffers,
+            # reloading their queries every tile
+            for c in range(RESIDENT_CHUNKS, CHUNKS):
                 k = _key_chunk(img_tile, tile_rows, koff_row, c * BLOCK_D, D, BLOCK_D, IS_UINT8)
                 kk += tl.sum(k * k, axis=1)
-                if SPLIT16:
-                    q_hi = tl.load(qhi_ptr + q16 + c * BLOCK_D)
-                    q_lo = tl.load(qlo_ptr + q16 + c * BLOCK_D)
-                    qk = _distance_dot(q_hi, q_lo, q_hi, k, qk, SPLIT16, DOT_PRECISION)
-                else:
-                    d = c * BLOCK_D + d_range
-                    mask = row_ok[:, None] & (d < D)[None, :]
-                    q_f32 = tl.load(q_ptr + q_row[:, None] + d[None, :], mask=mask, other=0.0)
-                    qk = _distance_dot(q_f32, q_f32, q_f32, k, qk, SPLIT16, DOT_PRECISION)
+                q_hi, q_lo = _query_chunk(q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, c * BLOCK_D, D, BLOCK_D, SPLIT16)
+                qk = _distance_dot(q_hi, q_lo, q_hi, k, qk, SPLIT16, DOT_PRECISION)
         ckk = tl.where(n_ok, key_scale * kk, float("inf"))
         logits = qk * dot_scale - ckk[None, :]
 
@@ -314,14 +327,24 @@ def split_queries(q: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tenso
 
 def shared_memory_estimate(config: dict) -> int:
     """An upper bound on the shared memory (bytes) `softmax_reduce_kernel` compiles to for these compile-time
-    arguments: the dot operands of a tile (queries and keys, fp16 halves or fp32 and their tf32 splits) times the
-    pipeline stages, plus the layout conversions of the reductions. Checked against the compiled kernels in
-    tests/test_gpu_kernels_static.py."""
+    arguments: the resident query chunks (loaded once per program and kept in shared memory for the tensor cores),
+    the operands of a streamed chunk (keys, and queries of the chunks that are reloaded every tile; fp16 halves, or
+    fp32 and their tf32 splits) times the pipeline stages, plus the scratch of the layout conversions and
+    reductions (a (BLOCK_M, BLOCK_N) tile when p feeds a GEMM, E > 4; else per-warp partials of a row vector).
+    Checked against the compiled kernels in tests/test_gpu_kernels_static.py."""
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
     itemsize = 2 if config["DOT_PRECISION"] == "fp16x2" else 4
-    operands = (bm + bn) * bd * itemsize * (2 if config["DOT_PRECISION"] in ("fp16x2", "tf32x3") else 1)
-    values = 0 if config["E"] <= 4 else (bm * bn + bn * config["BLOCK_E"]) * 4 * 2
-    return operands * max(1, config["num_stages"]) + bm * bn * 4 + values
+    halves = 2 if config["DOT_PRECISION"] in ("fp16x2", "tf32x3") else 1  # queries: fp16 or tf32 hi and lo
+    key_halves = 2 if config["DOT_PRECISION"] == "tf32x3" else 1  # integer keys are one exact fp16 operand
+    chunks = -(-config["D"] // bd)
+    resident = config.get("RESIDENT_CHUNKS", 0)
+    query_chunk = bm * bd * itemsize * halves
+    streamed = bn * bd * itemsize * key_halves + (query_chunk if resident < chunks else 0)
+    if config["E"] <= 4:
+        scratch = max(bm, bn) * 4 * config.get("num_warps", 8)
+    else:
+        scratch = bm * bn * 4 + (bm * bn + bn * config["BLOCK_E"]) * 4 * 2
+    return resident * query_chunk + streamed * max(1, config["num_stages"]) + scratch
 
 
 def launch_config(
@@ -336,6 +359,8 @@ def launch_config(
     block_e: int = 16,
     fast_exp2: bool = True,
     stages: int | None = None,
+    resident_chunks: int | None = None,
+    shared_memory_limit: int = SHARED_MEMORY_LIMIT,
 ) -> dict:
     """The compile-time arguments `launch_softmax_reduce` passes for keys of D features and values of E channels:
     constexprs, num_warps and num_stages, in one place for the launcher and the static cost tool
@@ -346,16 +371,24 @@ def launch_config(
     tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands). ieee's FMA dot still
     spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
     the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
-    per-element bounds logic: 2x the instructions at P = 11). A config whose shared memory estimate exceeds
-    `SHARED_MEMORY_LIMIT` is re-planned (fewer stages, then a smaller BLOCK_N, then BLOCK_M) before launch, never
-    handed to the GPU."""
+    per-element bounds logic: 2x the instructions at P = 11).
+
+    Resident queries (RESIDENT_CHUNKS): the queries of that many leading key chunks are loaded once per program,
+    before the entry loop, and stay in shared memory (the compiler hoists their copy there), their chunks unrolled
+    in the loop; the other chunks run in a runtime loop that reloads their queries every tile. One chunk: 1. Longer
+    keys with fp16x2: as many as `shared_memory_limit` allows beside a key chunk (all 6 at P = 11, 208 KB on
+    sm_90; 5 of 8 to 14 at P = 13 to 17); fp32 operands: 0. `resident_chunks` overrides.
+
+    A config whose shared memory estimate exceeds `shared_memory_limit` (the launcher passes its device's,
+    `SHARED_MEMORY_LIMIT` is sm_90's) is re-planned (fewer resident chunks, fewer stages, then a smaller BLOCK_N,
+    then BLOCK_M) before launch, never handed to the GPU."""
     chunk = {"fp16x2": 128, "tf32": 128, "tf32x3": 64, "ieee": 32}[dot_precision]
     block_d = min(chunk, max(16, triton.next_power_of_2(D)))
     one_chunk = block_d >= D
     if not one_chunk:
         block_d = min(block_d, 64)  # longer keys loop over chunks; 128 fp32 features spilled (tf32, P = 11)
-    # One chunk: queries stay in registers and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer
-    # keys reload a query chunk per key chunk: 128 x 128 tiles halve that reload per pair.
+    # One chunk: queries stay resident and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer keys:
+    # 128 x 128 tiles, so that 128 queries' chunks fit shared memory and the reloaded ones cost half per pair.
     # fp32 operands (tf32, tf32x3, ieee) of long keys need twice the registers: 128 x 64 (128 x 128 spilled).
     bm = block_m or (256 if one_chunk else 128)
     bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" else 64)
@@ -374,8 +407,23 @@ def launch_config(
         num_stages=stages if stages is not None else 1,
     )
     config["D_PAD"] = triton.cdiv(D, block_d) * block_d
-    while shared_memory_estimate(config) > SHARED_MEMORY_LIMIT:
-        if config["num_stages"] > 1:
+    chunks = config["D_PAD"] // block_d
+    # Keys of one chunk keep their queries resident (as before). With fp16x2, longer keys keep as many leading
+    # chunks' queries resident as shared memory allows (FlashAttention-3's Q tile) and reload the rest every tile.
+    if resident_chunks is not None:
+        config["RESIDENT_CHUNKS"] = max(0, min(resident_chunks, chunks))
+    elif one_chunk:
+        config["RESIDENT_CHUNKS"] = 1
+    elif dot_precision == "fp16x2":
+        config["RESIDENT_CHUNKS"] = chunks
+        while config["RESIDENT_CHUNKS"] > 0 and shared_memory_estimate(config) > shared_memory_limit:
+            config["RESIDENT_CHUNKS"] -= 1
+    else:
+        config["RESIDENT_CHUNKS"] = 0
+    while shared_memory_estimate(config) > shared_memory_limit:
+        if config["RESIDENT_CHUNKS"] > (1 if one_chunk else 0):
+            config["RESIDENT_CHUNKS"] -= 1
+        elif config["num_stages"] > 1:
             config["num_stages"] -= 1
         elif config["BLOCK_N"] > 16:
             config["BLOCK_N"] //= 2
@@ -383,7 +431,7 @@ def launch_config(
             config["BLOCK_M"] //= 2
             config["num_warps"] = 8 if config["BLOCK_M"] >= 128 else 4
         else:
-            raise ValueError(f"no tile of D = {D}, E = {E} fits {SHARED_MEMORY_LIMIT} bytes of shared memory")
+            raise ValueError(f"no tile of D = {D}, E = {E} fits {shared_memory_limit} bytes of shared memory")
     return config
 
 
