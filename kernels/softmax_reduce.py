@@ -93,19 +93,39 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _key_chunk(img_tile, rows, koff_row, c0, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_UINT8: tl.constexpr):
-    """Keys of one tile, features [c0, c0 + BLOCK_D): (BLOCK_N, BLOCK_D) fp32 (exact integers 2u - 255 for uint8
-    images, 0 for zero padding and for features past D)."""
+def _key_chunk(
+    img_tile,
+    rows,
+    koff_row,
+    c0,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_UINT8: tl.constexpr,
+    FEATURE_MAJOR: tl.constexpr,
+):
+    """Keys of one tile, features [c0, c0 + BLOCK_D), transposed: (BLOCK_D, BLOCK_N) fp32 (exact integers 2u - 255
+    for uint8 images, 0 for zero padding and for features past D).
+
+    FEATURE_MAJOR gathers them as a (BLOCK_D, BLOCK_N) tensor, whose layout puts a warp's lanes on consecutive
+    features of one image: each lane loads a different offset (one load per lane and chunk, not one per key) and
+    a warp's pixels lie in a few runs of one image row. Otherwise as (BLOCK_N, BLOCK_D), lanes on images: the
+    offsets are loaded per key (the same address across a warp), but a key's features are in one thread, so that
+    |k|^2 sums without shuffles (cheaper when the tile has one chunk)."""
     d = c0 + tl.arange(0, BLOCK_D)
     off = tl.load(koff_row + d, mask=d < D, other=-1)  # one offset row per tile, broadcast over its entries
     valid = off >= 0
+    two = tl.where(valid, 2.0, 0.0)
+    shift = tl.where(valid, -255.0, 0.0)
+    scale = tl.where(valid, 1.0, 0.0)
     # unmasked loads: padded features read pixel 0 of the row and are zeroed by the (per-feature) scale below
-    pix = tl.load(img_tile + rows[:, None] + tl.maximum(off, 0)[None, :])
-    if IS_UINT8:
-        k = pix.to(tl.float32) * tl.where(valid, 2.0, 0.0)[None, :] + tl.where(valid, -255.0, 0.0)[None, :]
+    if FEATURE_MAJOR:
+        pix = tl.load(img_tile + tl.maximum(off, 0)[:, None] + rows[None, :])
+        kt = pix.to(tl.float32) * two[:, None] + shift[:, None] if IS_UINT8 else pix * scale[:, None]
     else:
-        k = pix * tl.where(valid, 1.0, 0.0)[None, :]
-    return k
+        pix = tl.load(img_tile + rows[:, None] + tl.maximum(off, 0)[None, :])
+        k = pix.to(tl.float32) * two[None, :] + shift[None, :] if IS_UINT8 else pix * scale[None, :]
+        kt = tl.trans(k)
+    return kt
 
 
 @triton.jit
@@ -135,14 +155,14 @@ def _value(ptrs, IS_UINT8: tl.constexpr):
 
 @triton.jit
 def _distance_dot(q_hi, q_lo, q_f32, k, qk, SPLIT16: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """qk + q.k^T for one key chunk k (BLOCK_N, BLOCK_D) fp32: two fp16 passes over the queries' halves (integer
-    keys are exact in fp16), or one tl.dot at DOT_PRECISION over the fp32 queries."""
+    """qk + q.k for one transposed key chunk k (BLOCK_D, BLOCK_N) fp32: two fp16 passes over the queries' halves
+    (integer keys are exact in fp16), or one tl.dot at DOT_PRECISION over the fp32 queries."""
     if SPLIT16:
-        kt = tl.trans(k.to(tl.float16))
+        kt = k.to(tl.float16)
         qk = tl.dot(q_hi, kt, qk)
         qk = tl.dot(q_lo, kt, qk)
     else:
-        qk = tl.dot(q_f32, tl.trans(k), qk, input_precision=DOT_PRECISION)
+        qk = tl.dot(q_f32, k, qk, input_precision=DOT_PRECISION)
     return qk
 
 
@@ -181,6 +201,7 @@ def softmax_reduce_kernel(
     BLOCK_E: tl.constexpr,
     FAST_EXP2: tl.constexpr,
     RESIDENT_CHUNKS: tl.constexpr,  # leading key chunks whose queries are loaded once per program (<= CHUNKS)
+    FEATURE_MAJOR: tl.constexpr,  # key gathers with a warp's lanes on features (see _key_chunk)
 ):
     CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     VALUE_FMA: tl.constexpr = E <= 4
@@ -238,18 +259,28 @@ def softmax_reduce_kernel(
 
         qk = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         kk = tl.zeros((BLOCK_N,), tl.float32)
+        kk2 = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # FEATURE_MAJOR: |k|^2 summed across lanes once per tile
         for rc in tl.static_range(RESIDENT_CHUNKS):  # unrolled: the queries stay where they were loaded
-            k = _key_chunk(img_tile, tile_rows, koff_row, rc * BLOCK_D, D, BLOCK_D, IS_UINT8)
-            kk += tl.sum(k * k, axis=1)  # exact for integer keys: every partial sum is an integer < 2^24
+            k = _key_chunk(img_tile, tile_rows, koff_row, rc * BLOCK_D, D, BLOCK_D, IS_UINT8, FEATURE_MAJOR)
+            # exact for integer keys: every partial sum is an integer < 2^24
+            if FEATURE_MAJOR:
+                kk2 += k * k
+            else:
+                kk += tl.sum(k * k, axis=0)
             qk = _distance_dot(q_his[rc], q_los[rc], q_his[rc], k, qk, SPLIT16, DOT_PRECISION)
         if RESIDENT_CHUNKS < CHUNKS:
             # the other chunks in a runtime loop (not unrolled), so that they share their shared-memory buffers,
             # reloading their queries every tile
             for c in range(RESIDENT_CHUNKS, CHUNKS):
-                k = _key_chunk(img_tile, tile_rows, koff_row, c * BLOCK_D, D, BLOCK_D, IS_UINT8)
-                kk += tl.sum(k * k, axis=1)
+                k = _key_chunk(img_tile, tile_rows, koff_row, c * BLOCK_D, D, BLOCK_D, IS_UINT8, FEATURE_MAJOR)
+                if FEATURE_MAJOR:
+                    kk2 += k * k
+                else:
+                    kk += tl.sum(k * k, axis=0)
                 q_hi, q_lo = _query_chunk(q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, c * BLOCK_D, D, BLOCK_D, SPLIT16)
                 qk = _distance_dot(q_hi, q_lo, q_hi, k, qk, SPLIT16, DOT_PRECISION)
+        if FEATURE_MAJOR:
+            kk = tl.sum(kk2, axis=0)
         ckk = tl.where(n_ok, key_scale * kk, float("inf"))
         logits = qk * dot_scale - ckk[None, :]
 
@@ -360,6 +391,7 @@ def launch_config(
     fast_exp2: bool = True,
     stages: int | None = None,
     resident_chunks: int | None = None,
+    feature_major: bool | None = None,
     shared_memory_limit: int = SHARED_MEMORY_LIMIT,
 ) -> dict:
     """The compile-time arguments `launch_softmax_reduce` passes for keys of D features and values of E channels:
@@ -387,11 +419,16 @@ def launch_config(
     one_chunk = block_d >= D
     if not one_chunk:
         block_d = min(block_d, 64)  # longer keys loop over chunks; 128 fp32 features spilled (tf32, P = 11)
+    chunks = triton.cdiv(D, block_d)
+    # Feature-major key gathers (see _key_chunk) for fp16x2 keys of 4 chunks or more: one offset load per lane and
+    # chunk instead of one per key; their |k|^2 partials (BLOCK_D x BLOCK_N fp32) need 64-entry tiles, as 128
+    # spilled. At 3 chunks (P = 7) the entry-major gathers and 128-entry tiles issue fewer instructions per pair.
+    feature_major = dot_precision == "fp16x2" and chunks >= 4 if feature_major is None else feature_major
     # One chunk: queries stay resident and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer keys:
-    # 128 x 128 tiles, so that 128 queries' chunks fit shared memory and the reloaded ones cost half per pair.
+    # 128 queries, so that their chunks fit shared memory, and 128 entries (64 feature-major) per tile.
     # fp32 operands (tf32, tf32x3, ieee) of long keys need twice the registers: 128 x 64 (128 x 128 spilled).
     bm = block_m or (256 if one_chunk else 128)
-    bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" else 64)
+    bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" and not feature_major else 64)
     config = dict(
         D=D,
         E=E,
@@ -405,9 +442,9 @@ def launch_config(
         FAST_EXP2=fast_exp2,
         num_warps=8 if bm >= 128 else 4,
         num_stages=stages if stages is not None else 1,
+        FEATURE_MAJOR=feature_major,
     )
-    config["D_PAD"] = triton.cdiv(D, block_d) * block_d
-    chunks = config["D_PAD"] // block_d
+    config["D_PAD"] = chunks * block_d
     # Keys of one chunk keep their queries resident (as before). With fp16x2, longer keys keep as many leading
     # chunks' queries resident as shared memory allows (FlashAttention-3's Q tile) and reload the rest every tile.
     if resident_chunks is not None:
