@@ -400,15 +400,16 @@ def launch_config(
 
     Defaults per key dimension (chosen with the static tool, docs/performance.md), 8 warps and one stage: keys
     of one chunk (up to 128 features; 64 for tf32x3, 32 for ieee, which spilled 9.8 KB at 128) run 256 x 64
-    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands). ieee's FMA dot still
-    spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
+    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands, and for fp16x2 keys
+    of 4 chunks or more, which gather feature-major: `feature_major` overrides, see `_key_chunk`). ieee's FMA dot
+    still spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
     the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
     per-element bounds logic: 2x the instructions at P = 11).
 
     Resident queries (RESIDENT_CHUNKS): the queries of that many leading key chunks are loaded once per program,
     before the entry loop, and stay in shared memory (the compiler hoists their copy there), their chunks unrolled
     in the loop; the other chunks run in a runtime loop that reloads their queries every tile. One chunk: 1. Longer
-    keys with fp16x2: as many as `shared_memory_limit` allows beside a key chunk (all 6 at P = 11, 208 KB on
+    keys with fp16x2: as many as `shared_memory_limit` allows beside a key chunk (all 6 at P = 11, 200 KB on
     sm_90; 5 of 8 to 14 at P = 13 to 17); fp32 operands: 0. `resident_chunks` overrides.
 
     A config whose shared memory estimate exceeds `shared_memory_limit` (the launcher passes its device's,
