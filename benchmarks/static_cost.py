@@ -338,8 +338,9 @@ def compile_triton(config: Config, workdir: Path) -> dict:
         "shared_bytes": compiled.metadata.shared,
         "threads": threads,
         "pairs_per_iteration": block["BLOCK_M"] * block["BLOCK_N"],
-        # the kernel's inner loops (runtime key-feature chunks, if any) run ceil(D / BLOCK_D) times
-        "trips": [math.ceil(config.D / block["BLOCK_D"])] if "BLOCK_D" in block else [],
+        # the kernel's inner loop (runtime key-feature chunks, if any) runs over the chunks whose queries are not
+        # resident: ceil(D / BLOCK_D) - RESIDENT_CHUNKS times (the resident ones are unrolled in the main loop)
+        "trips": [math.ceil(config.D / block["BLOCK_D"]) - block.get("RESIDENT_CHUNKS", 0)],
         "launch": {**launch, **options},
         "compiler": f"triton {triton.__version__}",
     }

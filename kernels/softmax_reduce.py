@@ -14,11 +14,14 @@ broadcast, its image rows are consecutive and the entry's image and position are
 loop. Keys are gathered from the images on the fly (the patch dictionary is never materialised); the last tile
 of a row s is the only one with entries past N, and it is masked through its keys' norms (|k|^2 = +inf gives a
 logit of -inf), not per element. Queries are loaded once per program, outside the entry loop, when the key
-dimension fits one chunk (D <= 128); longer keys walk 64-feature chunks in a runtime loop (so that the chunks
-share their shared-memory buffers) and reload the query chunk, zero-padded on the host so that the loads are
-aligned and unmasked. p.v runs as E FMAs per pair (patch values, E <= 4) instead of a GEMM padded to 16; whole-image
-values (IS/ES, E > 4) keep `tl.dot` over BLOCK_E-channel blocks. Tiles, warps and stages per (D, E) come from
-`launch_config`, which also refuses tiles over the shared-memory budget (`SHARED_MEMORY_LIMIT`).
+dimension fits one chunk (D <= 128). Longer keys walk 64-feature chunks: the queries of as many leading chunks as
+shared memory holds (RESIDENT_CHUNKS; all of them up to P = 11 on CIFAR-10) are loaded once per program too and
+stay in shared memory, their chunks unrolled in the entry loop (FlashAttention-3's resident Q tile); the rest run
+in a runtime loop (so that they share their shared-memory buffers) and reload their query chunk every tile. The
+query halves are zero-padded on the host so that their loads are aligned and unmasked. p.v runs as E FMAs per
+pair (patch values, E <= 4) instead of a GEMM padded to 16; whole-image values (IS/ES, E > 4) keep `tl.dot` over
+BLOCK_E-channel blocks. Tiles, warps, stages and resident chunks per (D, E) come from `launch_config`, which also
+re-plans tiles over the device's shared-memory budget (`SHARED_MEMORY_LIMIT` on sm_90).
 
 Precision (DOT_PRECISION):
 - "fp16x2" (uint8 images): keys are the exact integers k = 2u - 255 (k / 255 is the pixel in [-1, 1]; 0 for
@@ -62,7 +65,9 @@ __all__ = [
     "split_queries",
 ]
 
-SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_80 .. sm_90 (CUDA guide, CC 8.0+)
+# bytes of shared memory one block may use on sm_90 (CUDA guide, CC 9.0; 163 KB on sm_80, 99 KB on sm_86/89: the
+# launcher passes its device's own limit to `launch_config`)
+SHARED_MEMORY_LIMIT = 227 * 1024
 
 # The runtime arguments of `softmax_reduce_kernel` and their Triton types (uint8 images: img_ptr "*u8"), for ahead-of-
 # time compiles (benchmarks/static_cost.py, tests) that must match what the launcher passes.
@@ -88,19 +93,55 @@ def _exp2(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _key_chunk(img_tile, rows, koff_row, c0, D: tl.constexpr, BLOCK_D: tl.constexpr, IS_UINT8: tl.constexpr):
-    """Keys of one tile, features [c0, c0 + BLOCK_D): (BLOCK_N, BLOCK_D) fp32 (exact integers 2u - 255 for uint8
-    images, 0 for zero padding and for features past D)."""
+def _key_chunk(
+    img_tile,
+    rows,
+    koff_row,
+    c0,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_UINT8: tl.constexpr,
+    FEATURE_MAJOR: tl.constexpr,
+):
+    """Keys of one tile, features [c0, c0 + BLOCK_D), transposed: (BLOCK_D, BLOCK_N) fp32 (exact integers 2u - 255
+    for uint8 images, 0 for zero padding and for features past D).
+
+    FEATURE_MAJOR gathers them as a (BLOCK_D, BLOCK_N) tensor, whose layout puts a warp's lanes on consecutive
+    features of one image: each lane loads a different offset (one load per lane and chunk, not one per key) and
+    a warp's pixels lie in a few runs of one image row. Otherwise as (BLOCK_N, BLOCK_D), lanes on images: the
+    offsets are loaded per key (the same address across a warp), but a key's features are in one thread, so that
+    |k|^2 sums without shuffles (cheaper when the tile has one chunk)."""
     d = c0 + tl.arange(0, BLOCK_D)
     off = tl.load(koff_row + d, mask=d < D, other=-1)  # one offset row per tile, broadcast over its entries
     valid = off >= 0
+    two = tl.where(valid, 2.0, 0.0)
+    shift = tl.where(valid, -255.0, 0.0)
+    scale = tl.where(valid, 1.0, 0.0)
     # unmasked loads: padded features read pixel 0 of the row and are zeroed by the (per-feature) scale below
-    pix = tl.load(img_tile + rows[:, None] + tl.maximum(off, 0)[None, :])
-    if IS_UINT8:
-        k = pix.to(tl.float32) * tl.where(valid, 2.0, 0.0)[None, :] + tl.where(valid, -255.0, 0.0)[None, :]
+    if FEATURE_MAJOR:
+        pix = tl.load(img_tile + tl.maximum(off, 0)[:, None] + rows[None, :])
+        kt = pix.to(tl.float32) * two[:, None] + shift[:, None] if IS_UINT8 else pix * scale[:, None]
     else:
-        k = pix * tl.where(valid, 1.0, 0.0)[None, :]
-    return k
+        pix = tl.load(img_tile + rows[:, None] + tl.maximum(off, 0)[None, :])
+        k = pix.to(tl.float32) * two[None, :] + shift[None, :] if IS_UINT8 else pix * scale[None, :]
+        kt = tl.trans(k)
+    return kt
+
+
+@triton.jit
+def _query_chunk(
+    q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, c0, D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT16: tl.constexpr
+):
+    """Queries of one key chunk, features [c0, c0 + BLOCK_D): the fp16 halves (zero-padded on the host: unmasked
+    loads) with fp16x2, else the fp32 queries twice (masked)."""
+    if SPLIT16:
+        q_hi = tl.load(qhi_ptr + q16 + c0)
+        q_lo = tl.load(qlo_ptr + q16 + c0)
+    else:
+        d = c0 + tl.arange(0, BLOCK_D)
+        q_hi = tl.load(q_ptr + q_row[:, None] + d[None, :], mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
+        q_lo = q_hi
+    return q_hi, q_lo
 
 
 @triton.jit
@@ -114,14 +155,14 @@ def _value(ptrs, IS_UINT8: tl.constexpr):
 
 @triton.jit
 def _distance_dot(q_hi, q_lo, q_f32, k, qk, SPLIT16: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """qk + q.k^T for one key chunk k (BLOCK_N, BLOCK_D) fp32: two fp16 passes over the queries' halves (integer
-    keys are exact in fp16), or one tl.dot at DOT_PRECISION over the fp32 queries."""
+    """qk + q.k for one transposed key chunk k (BLOCK_D, BLOCK_N) fp32: two fp16 passes over the queries' halves
+    (integer keys are exact in fp16), or one tl.dot at DOT_PRECISION over the fp32 queries."""
     if SPLIT16:
-        kt = tl.trans(k.to(tl.float16))
+        kt = k.to(tl.float16)
         qk = tl.dot(q_hi, kt, qk)
         qk = tl.dot(q_lo, kt, qk)
     else:
-        qk = tl.dot(q_f32, tl.trans(k), qk, input_precision=DOT_PRECISION)
+        qk = tl.dot(q_f32, k, qk, input_precision=DOT_PRECISION)
     return qk
 
 
@@ -159,6 +200,8 @@ def softmax_reduce_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     FAST_EXP2: tl.constexpr,
+    RESIDENT_CHUNKS: tl.constexpr,  # leading key chunks whose queries are loaded once per program (<= CHUNKS)
+    FEATURE_MAJOR: tl.constexpr,  # key gathers with a warp's lanes on features (see _key_chunk)
 ):
     CHUNKS: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
     VALUE_FMA: tl.constexpr = E <= 4
@@ -179,20 +222,17 @@ def softmax_reduce_kernel(
     e_range = e0 + tl.arange(0, BLOCK_E)
     e_ok = e_range < E
 
-    # queries once per program when the key dimension is one chunk (FlashAttention-2's Q tile)
+    # queries of the first RESIDENT_CHUNKS key chunks once per program, outside the entry loop (FlashAttention-3's
+    # resident Q tile: the compiler keeps them in shared memory, where the tensor cores read them every tile)
     d_range = tl.arange(0, BLOCK_D)
-    q_mask = row_ok[:, None] & (d_range < D)[None, :]
     # the halves are zero-padded to whole tiles: aligned, unmasked, vectorised loads
     q16 = (g.to(tl.int64) * M_PAD + rows.to(tl.int64))[:, None] * D_PAD + d_range[None, :]
-    if CHUNKS == 1:
-        if SPLIT16:
-            q_hi = tl.load(qhi_ptr + q16)
-            q_lo = tl.load(qlo_ptr + q16)
-            q_f32 = q_hi
-        else:
-            q_f32 = tl.load(q_ptr + q_row[:, None] + d_range[None, :], mask=q_mask, other=0.0)
-            q_hi = q_f32
-            q_lo = q_f32
+    q_his = ()
+    q_los = ()
+    for rc in tl.static_range(RESIDENT_CHUNKS):
+        q_hi, q_lo = _query_chunk(q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, rc * BLOCK_D, D, BLOCK_D, SPLIT16)
+        q_his = q_his + (q_hi,)  # noqa: RUF005 (the Triton frontend has no starred tuples)
+        q_los = q_los + (q_lo,)  # noqa: RUF005
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -218,25 +258,29 @@ def softmax_reduce_kernel(
         tile_rows = tl.where(n_ok, image_rows, (N - 1 - n0) * pixels_per_image)
 
         qk = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        if CHUNKS == 1:
-            k = _key_chunk(img_tile, tile_rows, koff_row, 0, D, BLOCK_D, IS_UINT8)
-            kk = tl.sum(k * k, axis=1)  # exact for integer keys: every partial sum is an integer < 2^24
-            qk = _distance_dot(q_hi, q_lo, q_f32, k, qk, SPLIT16, DOT_PRECISION)
-        else:
-            # a runtime loop (not unrolled), so that the chunks share their shared-memory buffers
-            kk = tl.zeros((BLOCK_N,), tl.float32)
-            for c in range(CHUNKS):
-                k = _key_chunk(img_tile, tile_rows, koff_row, c * BLOCK_D, D, BLOCK_D, IS_UINT8)
-                kk += tl.sum(k * k, axis=1)
-                if SPLIT16:
-                    q_hi = tl.load(qhi_ptr + q16 + c * BLOCK_D)
-                    q_lo = tl.load(qlo_ptr + q16 + c * BLOCK_D)
-                    qk = _distance_dot(q_hi, q_lo, q_hi, k, qk, SPLIT16, DOT_PRECISION)
+        kk = tl.zeros((BLOCK_N,), tl.float32)
+        kk2 = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)  # FEATURE_MAJOR: |k|^2 summed across lanes once per tile
+        for rc in tl.static_range(RESIDENT_CHUNKS):  # unrolled: the queries stay where they were loaded
+            k = _key_chunk(img_tile, tile_rows, koff_row, rc * BLOCK_D, D, BLOCK_D, IS_UINT8, FEATURE_MAJOR)
+            # exact for integer keys: every partial sum is an integer < 2^24
+            if FEATURE_MAJOR:
+                kk2 += k * k
+            else:
+                kk += tl.sum(k * k, axis=0)
+            qk = _distance_dot(q_his[rc], q_los[rc], q_his[rc], k, qk, SPLIT16, DOT_PRECISION)
+        if RESIDENT_CHUNKS < CHUNKS:
+            # the other chunks in a runtime loop (not unrolled), so that they share their shared-memory buffers,
+            # reloading their queries every tile
+            for c in range(RESIDENT_CHUNKS, CHUNKS):
+                k = _key_chunk(img_tile, tile_rows, koff_row, c * BLOCK_D, D, BLOCK_D, IS_UINT8, FEATURE_MAJOR)
+                if FEATURE_MAJOR:
+                    kk2 += k * k
                 else:
-                    d = c * BLOCK_D + d_range
-                    mask = row_ok[:, None] & (d < D)[None, :]
-                    q_f32 = tl.load(q_ptr + q_row[:, None] + d[None, :], mask=mask, other=0.0)
-                    qk = _distance_dot(q_f32, q_f32, q_f32, k, qk, SPLIT16, DOT_PRECISION)
+                    kk += tl.sum(k * k, axis=0)
+                q_hi, q_lo = _query_chunk(q_ptr, qhi_ptr, qlo_ptr, q_row, q16, row_ok, c * BLOCK_D, D, BLOCK_D, SPLIT16)
+                qk = _distance_dot(q_hi, q_lo, q_hi, k, qk, SPLIT16, DOT_PRECISION)
+        if FEATURE_MAJOR:
+            kk = tl.sum(kk2, axis=0)
         ckk = tl.where(n_ok, key_scale * kk, float("inf"))
         logits = qk * dot_scale - ckk[None, :]
 
@@ -314,14 +358,24 @@ def split_queries(q: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tenso
 
 def shared_memory_estimate(config: dict) -> int:
     """An upper bound on the shared memory (bytes) `softmax_reduce_kernel` compiles to for these compile-time
-    arguments: the dot operands of a tile (queries and keys, fp16 halves or fp32 and their tf32 splits) times the
-    pipeline stages, plus the layout conversions of the reductions. Checked against the compiled kernels in
-    tests/test_gpu_kernels_static.py."""
+    arguments: the resident query chunks (loaded once per program and kept in shared memory for the tensor cores),
+    the operands of a streamed chunk (keys, and queries of the chunks that are reloaded every tile; fp16 halves, or
+    fp32 and their tf32 splits) times the pipeline stages, plus the scratch of the layout conversions and
+    reductions (a (BLOCK_M, BLOCK_N) tile when p feeds a GEMM, E > 4; else per-warp partials of a row vector).
+    Checked against the compiled kernels in tests/test_gpu_kernels_static.py."""
     bm, bn, bd = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_D"]
     itemsize = 2 if config["DOT_PRECISION"] == "fp16x2" else 4
-    operands = (bm + bn) * bd * itemsize * (2 if config["DOT_PRECISION"] in ("fp16x2", "tf32x3") else 1)
-    values = 0 if config["E"] <= 4 else (bm * bn + bn * config["BLOCK_E"]) * 4 * 2
-    return operands * max(1, config["num_stages"]) + bm * bn * 4 + values
+    halves = 2 if config["DOT_PRECISION"] in ("fp16x2", "tf32x3") else 1  # queries: fp16 or tf32 hi and lo
+    key_halves = 2 if config["DOT_PRECISION"] == "tf32x3" else 1  # integer keys are one exact fp16 operand
+    chunks = -(-config["D"] // bd)
+    resident = config.get("RESIDENT_CHUNKS", 0)
+    query_chunk = bm * bd * itemsize * halves
+    streamed = bn * bd * itemsize * key_halves + (query_chunk if resident < chunks else 0)
+    if config["E"] <= 4:
+        scratch = max(bm, bn) * 4 * config.get("num_warps", 8)
+    else:
+        scratch = bm * bn * 4 + (bm * bn + bn * config["BLOCK_E"]) * 4 * 2
+    return resident * query_chunk + streamed * max(1, config["num_stages"]) + scratch
 
 
 def launch_config(
@@ -336,6 +390,9 @@ def launch_config(
     block_e: int = 16,
     fast_exp2: bool = True,
     stages: int | None = None,
+    resident_chunks: int | None = None,
+    feature_major: bool | None = None,
+    shared_memory_limit: int = SHARED_MEMORY_LIMIT,
 ) -> dict:
     """The compile-time arguments `launch_softmax_reduce` passes for keys of D features and values of E channels:
     constexprs, num_warps and num_stages, in one place for the launcher and the static cost tool
@@ -343,22 +400,36 @@ def launch_config(
 
     Defaults per key dimension (chosen with the static tool, docs/performance.md), 8 warps and one stage: keys
     of one chunk (up to 128 features; 64 for tf32x3, 32 for ieee, which spilled 9.8 KB at 128) run 256 x 64
-    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands). ieee's FMA dot still
-    spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
+    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands, and for fp16x2 keys
+    of 4 chunks or more, which gather feature-major: `feature_major` overrides, see `_key_chunk`). ieee's FMA dot
+    still spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
     the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
-    per-element bounds logic: 2x the instructions at P = 11). A config whose shared memory estimate exceeds
-    `SHARED_MEMORY_LIMIT` is re-planned (fewer stages, then a smaller BLOCK_N, then BLOCK_M) before launch, never
-    handed to the GPU."""
+    per-element bounds logic: 2x the instructions at P = 11).
+
+    Resident queries (RESIDENT_CHUNKS): the queries of that many leading key chunks are loaded once per program,
+    before the entry loop, and stay in shared memory (the compiler hoists their copy there), their chunks unrolled
+    in the loop; the other chunks run in a runtime loop that reloads their queries every tile. One chunk: 1. Longer
+    keys with fp16x2: as many as `shared_memory_limit` allows beside a key chunk (all 6 at P = 11, 200 KB on
+    sm_90; 5 of 8 to 14 at P = 13 to 17); fp32 operands: 0. `resident_chunks` overrides.
+
+    A config whose shared memory estimate exceeds `shared_memory_limit` (the launcher passes its device's,
+    `SHARED_MEMORY_LIMIT` is sm_90's) is re-planned (fewer resident chunks, fewer stages, then a smaller BLOCK_N,
+    then BLOCK_M) before launch, never handed to the GPU."""
     chunk = {"fp16x2": 128, "tf32": 128, "tf32x3": 64, "ieee": 32}[dot_precision]
     block_d = min(chunk, max(16, triton.next_power_of_2(D)))
     one_chunk = block_d >= D
     if not one_chunk:
         block_d = min(block_d, 64)  # longer keys loop over chunks; 128 fp32 features spilled (tf32, P = 11)
-    # One chunk: queries stay in registers and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer
-    # keys reload a query chunk per key chunk: 128 x 128 tiles halve that reload per pair.
+    chunks = triton.cdiv(D, block_d)
+    # Feature-major key gathers (see _key_chunk) for fp16x2 keys of 4 chunks or more: one offset load per lane and
+    # chunk instead of one per key; their |k|^2 partials (BLOCK_D x BLOCK_N fp32) need 64-entry tiles, as 128
+    # spilled. At 3 chunks (P = 7) the entry-major gathers and 128-entry tiles issue fewer instructions per pair.
+    feature_major = dot_precision == "fp16x2" and chunks >= 4 if feature_major is None else feature_major
+    # One chunk: queries stay resident and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer keys:
+    # 128 queries, so that their chunks fit shared memory, and 128 entries (64 feature-major) per tile.
     # fp32 operands (tf32, tf32x3, ieee) of long keys need twice the registers: 128 x 64 (128 x 128 spilled).
     bm = block_m or (256 if one_chunk else 128)
-    bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" else 64)
+    bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" and not feature_major else 64)
     config = dict(
         D=D,
         E=E,
@@ -372,10 +443,25 @@ def launch_config(
         FAST_EXP2=fast_exp2,
         num_warps=8 if bm >= 128 else 4,
         num_stages=stages if stages is not None else 1,
+        FEATURE_MAJOR=feature_major,
     )
-    config["D_PAD"] = triton.cdiv(D, block_d) * block_d
-    while shared_memory_estimate(config) > SHARED_MEMORY_LIMIT:
-        if config["num_stages"] > 1:
+    config["D_PAD"] = chunks * block_d
+    # Keys of one chunk keep their queries resident (as before). With fp16x2, longer keys keep as many leading
+    # chunks' queries resident as shared memory allows (FlashAttention-3's Q tile) and reload the rest every tile.
+    if resident_chunks is not None:
+        config["RESIDENT_CHUNKS"] = max(0, min(resident_chunks, chunks))
+    elif one_chunk:
+        config["RESIDENT_CHUNKS"] = 1
+    elif dot_precision == "fp16x2":
+        config["RESIDENT_CHUNKS"] = chunks
+        while config["RESIDENT_CHUNKS"] > 0 and shared_memory_estimate(config) > shared_memory_limit:
+            config["RESIDENT_CHUNKS"] -= 1
+    else:
+        config["RESIDENT_CHUNKS"] = 0
+    while shared_memory_estimate(config) > shared_memory_limit:
+        if config["RESIDENT_CHUNKS"] > (1 if one_chunk else 0):
+            config["RESIDENT_CHUNKS"] -= 1
+        elif config["num_stages"] > 1:
             config["num_stages"] -= 1
         elif config["BLOCK_N"] > 16:
             config["BLOCK_N"] //= 2
@@ -383,7 +469,7 @@ def launch_config(
             config["BLOCK_M"] //= 2
             config["num_warps"] = 8 if config["BLOCK_M"] >= 128 else 4
         else:
-            raise ValueError(f"no tile of D = {D}, E = {E} fits {SHARED_MEMORY_LIMIT} bytes of shared memory")
+            raise ValueError(f"no tile of D = {D}, E = {E} fits {shared_memory_limit} bytes of shared memory")
     return config
 
 

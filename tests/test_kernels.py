@@ -102,6 +102,52 @@ def test_triton_splits_and_tiles_do_not_change_the_result():
 
 
 @needs_interpreter
+def test_triton_resident_query_chunks_do_not_change_the_result():
+    """Keys of several chunks (P = 7, 3 channels: D = 147, three 64-feature chunks): the queries of the leading
+    chunks resident (loaded once per program), the rest reloaded every tile, or any mix, fold the chunks in the
+    same order, and entry- or feature-major key gathers sum the same integers (|k|^2 < 2^24, exact in any order),
+    so every variant gives the same partial states and the same provenance."""
+    from elsfast.kernels.softmax_reduce import launch_config, launch_softmax_reduce
+    from elsfast.reduce.partials import kernel_inputs
+
+    g = torch.Generator().manual_seed(5)
+    train = torch.randint(0, 256, (5, 3, 7, 6), generator=g, dtype=torch.uint8)
+    d = PatchDictionary(train, patch_size=7, padding="zeros", positions=torch.arange(42).view(1, 42))
+    q = torch.randn(1, 20, 147, generator=g)
+    inputs = kernel_inputs(q, d, 0.9)
+    tiles = d.entries_per_image * math.ceil(d.num_images / 16)
+    outs = []
+    for resident, feature_major in [(0, False), (1, False), (3, False), (0, True), (2, True), (3, True)]:
+        config = launch_config(
+            147, 3, is_uint8=True, provenance=True, dot_precision="fp16x2", block_m=16, block_n=16,
+            fast_exp2=False, resident_chunks=resident, feature_major=feature_major,
+        )  # fmt: skip
+        assert config["RESIDENT_CHUNKS"] == resident and config["D_PAD"] == 3 * config["BLOCK_D"]
+        outs.append(launch_softmax_reduce(*inputs, splits=2, tiles_per_split=math.ceil(tiles / 2), config=config))
+    for out in outs[1:]:
+        for a, b in zip(out, outs[0], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert launch_config(147, 3, is_uint8=True, provenance=False, dot_precision="fp16x2")["RESIDENT_CHUNKS"] == 3
+
+
+@needs_interpreter
+def test_triton_feature_major_keys_match_torch():
+    """Keys of 4 chunks or more (P = 9, 3 channels: D = 243) run feature-major gathers with partially or wholly
+    resident queries by default; they agree with the torch backend (values, provenance)."""
+    from elsfast.kernels.softmax_reduce import launch_config
+
+    assert launch_config(243, 3, is_uint8=True, provenance=False, dot_precision="fp16x2")["FEATURE_MAJOR"]
+    g = torch.Generator().manual_seed(9)
+    train = torch.randint(0, 256, (6, 3, 9, 8), generator=g, dtype=torch.uint8)
+    d = PatchDictionary(train, patch_size=9, padding="zeros", positions=torch.arange(72).view(1, 72))
+    q = torch.randn(1, 20, 243, generator=g) * 3
+    want = softmax_reduce(q, d, abar=0.9, backend="torch", provenance=True)
+    got = softmax_reduce(q, d, abar=0.9, backend=Triton(block_m=16, block_n=16, splits=3), provenance=True)
+    torch.testing.assert_close(got.values, want.values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(got.best, want.best)
+
+
+@needs_interpreter
 def test_triton_empty_problem():
     d = ImageDictionary(torch.rand(3, 1, 4, 4))
     r = softmax_reduce(torch.zeros(1, 0, 16), d, abar=0.5, backend=SMALL)

@@ -65,6 +65,17 @@ def key_norm_bound(dictionary: Dictionary) -> float:
     return math.sqrt(dictionary.key_dim) * largest
 
 
+def shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one block may use on `device` (227 KB on sm_90, 163 KB on sm_80, 99 KB on sm_86/89), for
+    `launch_config`'s re-planning; the sm_90 figure off CUDA (the interpreter)."""
+    from elsfast.kernels.softmax_reduce import SHARED_MEMORY_LIMIT
+
+    if device.type != "cuda":
+        return SHARED_MEMORY_LIMIT
+    properties = torch.cuda.get_device_properties(device)
+    return int(getattr(properties, "shared_memory_per_block_optin", SHARED_MEMORY_LIMIT))
+
+
 @register_backend
 @dataclass(frozen=True)
 class Triton(Backend):
@@ -164,6 +175,7 @@ class Triton(Backend):
             block_n=self.block_n,
             block_e=value_block(E),
             fast_exp2=queries.device.type == "cuda",
+            shared_memory_limit=shared_memory_limit(queries.device),
         )
         programs = math.ceil(M / config["BLOCK_M"]) * G * math.ceil(E / config["BLOCK_E"])
         # a tile is BLOCK_N images at one position: S rows of ceil(N / BLOCK_N) tiles
