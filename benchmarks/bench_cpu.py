@@ -12,6 +12,10 @@
   more digits, the more patches repeat); this sets `dedup_backend.AUTO_MAX_PATCH_SIZE`. The tables are built
   before the timing; their build time and the entries per distinct key are recorded.
 
+- `test_provenance_cost`: `denoise(..., return_provenance=True)` against `denoise` on the same machine, for the
+  torch path (float64, float32) and the CPU kernel, at P = 3, 5, 11, 15 (the torch path's provenance reduces each
+  chunk over its distinct patches and recomputes each tile's dominant logit in a fixed order: issue 17, part 4).
+
 Reports pairs/s, the ratios, and the largest deviation of each from a float64 evaluation.
 
 Uses real MNIST (`../shared/data` or `$ELSFAST_DATA`) when present, else 1,000 random images (recorded in the
@@ -157,3 +161,32 @@ def test_dedup_vs_exact_kernels(benchmark, problem10k, P, baseline):
     _build_tables(benchmark, problem10k[0], P)
     m = ScoreMachine(problem10k[0], backend="dedup")
     _measure(benchmark, problem10k, P, m, _isas()[-1], f"{baseline}_kernel", baseline)
+
+
+@pytest.mark.parametrize("P", [3, 5, 11, 15])
+@pytest.mark.parametrize("backend", ["torch-float64", "torch-float32", "cpu-float32"])
+def test_provenance_cost(benchmark, problem, P, backend):
+    name, dtype = backend.split("-")
+    if name == "cpu" and not _isas():
+        pytest.skip("the CPU kernels are not compiled or this CPU lacks AVX2 + FMA")
+    benchmark.group = f"mnist{N}-els-p{P}-provenance"
+    train, x, data = problem
+    dtype = getattr(torch, dtype)
+    m = ScoreMachine(train, backend=name, dtype=dtype)
+    x = x.to(dtype)
+    m.denoise(x, ABAR, P, return_provenance=True)  # warm-up
+    plain_s = _median_seconds(m, x, P)
+    pairs = m.last_stats.exact_pairs
+    benchmark.pedantic(m.denoise, args=(x, ABAR, P), kwargs={"return_provenance": True}, rounds=ROUNDS, iterations=1)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        {
+            "data": data,
+            "patch_size": P,
+            "threads": torch.get_num_threads(),
+            "pairs": pairs,
+            "pairs_per_s": pairs / seconds,
+            "without_provenance_seconds": plain_s,
+            "provenance_over_plain": seconds / plain_s,
+        }
+    )

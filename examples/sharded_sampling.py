@@ -12,10 +12,9 @@ else is divided: each rank holds the batch being sampled and computes every quer
 backend is gloo on CPUs and NCCL on GPUs (one GPU per rank: cuda:LOCAL_RANK).
 
 With `--check`, rank 0 also runs one process over the whole training set and compares: the images agree to
-rounding (the merge adds the same terms in another order) and the provenance names the same training images
-(the dominant entry is the lowest global entry id among equal maxima, on one rank or several; where identical
-patches have logits that differ in the last bit, because a shard's matrix products have other shapes, another
-copy of the same patch may be named, which the check reports apart).
+rounding (the merge adds the same terms in another order) and the provenance names the same training image and
+pixel everywhere (the dominant entry is the lowest global entry id among equal maxima, on one rank or several, and
+identical patches have equal logits wherever the shards put them).
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ from elsfast.common.imageio import save_grid
 
 
 def compare_sources(train: torch.Tensor, a, b, patch_size: int) -> tuple[int, int]:
-    """How many pixels two `Provenance`s attribute to another training image, and how many of those to another
-    patch (zero padding): identical patches have equal logits up to rounding, and the logits of one entry computed
-    in matrix products of other shapes may differ in the last bit, so either copy may be the dominant one."""
+    """How many pixels two `Provenance`s attribute to another source (training image or pixel), and how many of
+    those to another patch (zero padding), as opposed to an identical copy of the same patch."""
     other = (a.source_image.cpu() != b.source_image) | (a.source_y.cpu() != b.source_y)
     other |= a.source_x.cpu() != b.source_x
     r = patch_size // 2
@@ -107,13 +105,13 @@ def main() -> int:
             other, different = compare_sources(data.images, provenance, expected_provenance, probe[2])
             pixels = expected_provenance.source_image.numel()
             print(
-                f"check against one process: images max |difference| {gap:.1e}; provenance names another image at "
-                f"{other} of {pixels} pixels, another patch at {different}; whole-dictionary pairs "
+                f"check against one process: images max |difference| {gap:.1e}; provenance names another source at "
+                f"{other} of {pixels} pixels (another patch at {different}); whole-dictionary pairs "
                 f"{'equal' if same_stats else 'DIFFERENT'}"
             )
             # the sampler amplifies the rounding of the merge (another order of the same sums) over its steps
             tolerance = 1e-3 if dtype == torch.float32 else 1e-9
-            status = 0 if gap <= tolerance and different == 0 and same_stats else 1
+            status = 0 if gap <= tolerance and other == 0 and same_stats else 1
             print("same as one process" if status == 0 else "DIFFERENT from one process")
     dist.barrier()  # every rank done before gloo is torn down
     dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Sharded dictionaries: two CPU processes (gloo) give the single-process answer (issue #6, part 4), with the
-stats of the whole dictionary and the same provenance on ties (issue #17, part 4); the README's torchrun example."""
+stats of the whole dictionary and the same provenance on ties (issue #17, part 4): identical patches tie exactly
+wherever the shards, chunks and tiles put them, and the lowest global id wins; the README's torchrun example."""
 
 import os
 import subprocess
@@ -51,7 +52,36 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing")
+def run_two_ranks(tmp_path, worker: str, data: dict) -> list[dict]:
+    """Run `worker` (the source of a script: rank, world size, init method, data path, output path) as two gloo
+    ranks over `data`; returns each rank's saved results."""
+    torch.save(data, tmp_path / "d.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on two cores: one thread each
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", init, str(tmp_path / "d.pt"), str(tmp_path / f"out{r}.pt")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+
+
+needs_gloo = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo missing"
+)
+
+
+@needs_gloo
 def test_two_gloo_ranks_match_one_process(tmp_path):
     g = torch.Generator().manual_seed(0)
     train = torch.rand(11, 1, 6, 5, generator=g, dtype=torch.float64) * 2 - 1
@@ -60,25 +90,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     x = torch.randn(4, 1, 6, 5, generator=g, dtype=torch.float64)
     labels = torch.tensor([2, 0, 1, 2])
     bounds = [0, 6, 11]  # unequal shards
-    torch.save(
-        {"train": train, "train_labels": train_labels, "x": x, "labels": labels, "bounds": bounds}, tmp_path / "d.pt"
-    )
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), "2", init, str(tmp_path / "d.pt"), str(tmp_path / f"out{r}.pt")],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        output, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, output
-    shards = [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
+    data = {"train": train, "train_labels": train_labels, "x": x, "labels": labels, "bounds": bounds}
+    shards = run_two_ranks(tmp_path, WORKER, data)
     for rank in range(2):
         assert shards[rank].pop("ties").tolist() == [[2, 5, 8, 3]]
     for key, got in shards[0].items():
@@ -104,6 +117,102 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
             where = (a - c).abs() > 1e-12
             detail = f"{a[where].tolist()[:8]} instead of {c[where].tolist()[:8]}"
             assert not where.any(), f"{machine} {padding} {conditional} {name}: {int(where.sum())} differ, {detail}"
+
+
+TIES_WORKER = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from elsfast import ScoreMachine
+    rank, world, init, data, dest = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    d = torch.load(data)
+    lo, hi = d["bounds"][rank], d["bounds"][rank + 1]
+    results = {}
+    for key in d["configs"]:
+        machine, padding, dtype, backend, budget, conditional = key
+        dtype = getattr(torch, dtype)
+        m = ScoreMachine(d["train"][lo:hi], d["train_labels"][lo:hi], machine=machine, padding=padding, dtype=dtype,
+                         backend=backend, memory_budget=budget, process_group=dist.group.WORLD)
+        labels = d["labels"] if conditional else None
+        out, prov = m.denoise(d["x"].to(dtype), d["abar"], d["P"], labels, return_provenance=True)
+        s = m.last_stats
+        results[key] = (out, prov.source_image, prov.source_y, prov.source_x,
+                        (s.ranks, s.exact_pairs, s.queries, s.chunks, sorted(s.backends)))
+    torch.save(results, dest)
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+def _cpu_kernel_runs() -> bool:
+    try:
+        import elsfast._cpu as ext
+    except ImportError:
+        return False
+    return bool(ext.isas())
+
+
+@needs_gloo
+def test_sharded_provenance_names_the_same_sources_on_exact_ties(tmp_path):
+    """Issue #17, part 4: MNIST digits (uint8, so identical patches abound: the background, and two digits copied
+    onto rank 1) on two unequal shards name the same source image and pixel as one process at every pixel, in
+    float64 and float32, on the torch path and the CPU kernel, at any budget; the later copies (ids 40, 41) are
+    never named, since the originals (ids 3, 30) hold the same patches at lower ids. Before, identical patches got
+    logits an ulp apart from matrix products of other shapes, and the torch path and the CPU kernel took a tile's
+    first maximum rather than its lowest id: 7 (ELS), 3 (circular) and 126 (LS) of the 1,568 pixels named another
+    source in float64 on the torch path, 5 in float32, 2 and 1 on the CPU kernel."""
+    from elsfast import datasets
+
+    mnist = datasets.load("mnist-embedded", limit=40)
+    copies = [3, 30]  # image 3 lives on rank 0, image 30 on rank 1; both copies on rank 1
+    train = torch.cat([mnist.images, mnist.images[copies]])
+    train_labels = torch.cat([mnist.labels, mnist.labels[copies]])
+    abar = 0.9
+    g = torch.Generator().manual_seed(17)
+    clean = train[copies].double() / 127.5 - 1
+    x = abar**0.5 * clean + (1 - abar) ** 0.5 * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    configs = [
+        ("els", "zeros", "float64", "torch", 512 << 20, False),
+        ("els", "zeros", "float64", "torch", 1 << 16, True),  # a few images a chunk, conditional
+        ("els", "circular", "float64", "torch", 512 << 20, False),
+        ("ls", "zeros", "float64", "torch", 512 << 20, False),
+        ("els", "zeros", "float32", "torch", 1 << 20, False),
+    ]
+    if _cpu_kernel_runs():
+        configs += [("els", "zeros", "float32", "cpu", 512 << 20, False), ("els", "zeros", "float32", "cpu", 1, True)]
+    data = {"train": train, "train_labels": train_labels, "x": x, "labels": train_labels[copies], "abar": abar}
+    data.update(P=5, bounds=[0, 19, 42], configs=configs)
+    shards = run_two_ranks(tmp_path, TIES_WORKER, data)
+    for key in configs:
+        machine, padding, dtype, backend, budget, conditional = key
+        dtype = getattr(torch, dtype)
+        m = ScoreMachine(
+            train, train_labels, machine=machine, padding=padding, dtype=dtype, backend=backend, memory_budget=budget
+        )
+        labels = data["labels"] if conditional else None
+        out, prov = m.denoise(x.to(dtype), abar, 5, labels, return_provenance=True)
+        expected = (prov.source_image, prov.source_y, prov.source_x)
+        for rank, shard in enumerate(shards):
+            got_out, *got, stats = shard[key]
+            for name, a, b in zip(("image", "y", "x"), got, expected, strict=True):
+                differ = a != b
+                assert not differ.any(), f"{key} rank {rank}: {name} differs at {int(differ.sum())} of {a.numel()}"
+            torch.testing.assert_close(got_out, out, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+            # the whole dictionary's stats on every rank
+            assert stats[:3] == (2, m.last_stats.exact_pairs, m.last_stats.queries), (key, stats)
+            assert stats[3] >= 2 and stats[4] == sorted(m.last_stats.backends), (key, stats)
+        # the ties were there to be broken: many pixels come from the originals of the copies (most others from the
+        # background, which image 0 holds at the lowest ids), none from a copy
+        assert (prov.source_image.flatten(1) == torch.tensor(copies).unsqueeze(1)).float().mean() > 0.1, key
+        assert not (prov.source_image >= 40).any(), key
+    # and one process names the same sources whatever its budget (how the dictionary is cut into chunks)
+    ref = ScoreMachine(train, dtype=torch.float64, backend="torch").denoise(x, abar, 5, return_provenance=True)[1]
+    cut = ScoreMachine(train, dtype=torch.float64, backend="torch", memory_budget=1).denoise(
+        x, abar, 5, return_provenance=True
+    )[1]
+    for name in ("source_image", "source_y", "source_x"):
+        assert torch.equal(getattr(cut, name), getattr(ref, name)), name
 
 
 def test_ties_go_to_the_lowest_entry_id_in_every_merge():

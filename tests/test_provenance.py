@@ -81,3 +81,104 @@ def test_ideal_score_machine_has_one_source_per_sample():
         # the sample is a copy of its source image
         torch.testing.assert_close(out[k], train[prov.source_image[k, 0, 0]], atol=1e-4, rtol=0)
     assert (prov.weight > 0.999).all()
+
+
+# Ties between identical patches (issue #17, part 4): exact, and won by the lowest id, however the dictionary is cut.
+
+
+def test_fixed_order_dot_is_a_function_of_each_pair():
+    """Unlike a matrix product, whose rounding depends on its shape, `fixed_order_dot` gives a row the same bits
+    wherever it sits and however many rows come with it (one block or several), within its error bound."""
+    from elsfast.reduce.peaks import BLOCK_ELEMENTS, fixed_order_dot
+
+    g = torch.Generator().manual_seed(17)
+    for D in (1, 2, 25, 121):
+        q = torch.randn(D, generator=g, dtype=torch.float64)
+        row = torch.randn(D, generator=g, dtype=torch.float64)
+        dots = []
+        for n, at in [(1, 0), (7, 3), (3 * BLOCK_ELEMENTS // D + 5, BLOCK_ELEMENTS // D + 1)]:
+            keys = torch.randn(1, n, D, generator=g, dtype=torch.float64)
+            keys[0, at] = row
+            dots.append(fixed_order_dot(keys, q)[0, at])
+            dots.append(fixed_order_dot(q.expand(1, n, D), keys)[0, at])
+        assert all(torch.equal(d, dots[0]) for d in dots), (D, dots)
+        exact = (q * row).sum().item()
+        assert abs(dots[0].item() - exact) <= 8 * D * 2**-53 * (q * row).abs().sum().item()
+
+
+def test_key_classes_are_exact_even_when_projections_collide(monkeypatch):
+    from elsfast.reduce import peaks
+
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randint(0, 3, (2, 40, 4), generator=g).double()  # many repeats
+    values = keys[..., :1].clone()
+    values[0, 7] = 5.0  # an entry whose value, not key, differs from its twins
+    expected = [torch.unique(torch.cat([keys[i], values[i]], -1), dim=0, return_inverse=True)[1] for i in range(2)]
+    for collide in (False, True):
+        if collide:  # every projection equal: the classes must come from the keys themselves
+            monkeypatch.setattr(peaks, "fixed_order_dot", lambda a, b: torch.zeros(a.shape[:-1], dtype=b.dtype))
+        classes = peaks.key_classes(keys, values)
+        for i in range(2):  # the same partition (class numbers may differ)
+            pairs = torch.stack([classes[i], expected[i]], 1).unique(dim=0)
+            assert len(pairs) == len(classes[i].unique()) == len(expected[i].unique()), (collide, i)
+
+
+def test_exact_peak_looks_past_the_rounding_of_the_matrix_product():
+    """Where the GEMM ranks two different patches within its rounding of each other, the fixed-order logits decide;
+    where two entries have equal fixed-order logits, the lower id wins."""
+    from elsfast.reduce.peaks import exact_peak, fixed_order_dot
+
+    q = torch.tensor([[[0.5, -1.0, 2.0]]], dtype=torch.float64)
+    keys = torch.tensor([[[1.0, 0.0, 1.0], [0.0, 1.0, 0.25], [1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    bias = -fixed_order_dot(keys, keys) / 4
+    exact = fixed_order_dot(q, keys) + bias  # entries 0 and 2 equal and largest, entry 3 next
+    lowest = torch.tensor([[9, 4, 6, 1]])
+    window = torch.tensor([[1e-9]], dtype=torch.float64)
+    for nudge in ([0.0, 0.0, 0.0, 0.0], [-1e-12, 0.0, 3e-12, 0.0], [1e-12, 0.0, -1e-12, 0.0]):
+        logits = exact.unsqueeze(1) + torch.tensor(nudge, dtype=torch.float64)  # the GEMM's rounding
+        m, best = exact_peak(logits.clone(), q, keys, bias, lowest, window, floor=-1e300)
+        assert m.item() == exact[0, 0].item() and best.item() == 6, nudge
+    # a nearer rival: entry 3 made as large as entries 0 and 2 up to the GEMM's rounding
+    bias[0, 3] += exact[0, 0] - exact[0, 3]
+    exact = fixed_order_dot(q, keys) + bias
+    logits = exact.unsqueeze(1).clone()
+    logits[0, 0, 3] -= 1e-12
+    m, best = exact_peak(logits, q, keys, bias, lowest, window, floor=-1e300)
+    expected = 1 if exact[0, 3] == exact[0, 0] else (6 if exact[0, 0] > exact[0, 3] else 1)
+    assert best.item() == expected and m.item() == exact[0].max().item()
+
+
+@pytest.mark.parametrize(("backend", "dtype"), [("torch", torch.float64), ("torch", torch.float32), ("cpu", None)])
+@pytest.mark.parametrize("budget", [1, 512 << 20])
+def test_identical_patches_name_the_lowest_id_whatever_the_order_of_image_ids(backend, dtype, budget, request):
+    """Binary images (patches repeat within and across images, three images are copies of each other) with image
+    ids in no particular order: every query names, among the entries whose patch equals its dominant one, the one
+    with the lowest global id, on the torch path and the CPU kernel, in one chunk or many. (Before issue #17,
+    part 4, a tile named its first maximum: 4 of these 6 cases failed.)"""
+    from elsfast.patches import extract_patches, group_sets
+    from elsfast.reduce import PatchDictionary, softmax_reduce
+
+    backends = [backend]
+    if backend == "cpu":
+        from elsfast.reduce import Cpu
+
+        # skips where the CPU kernel does not run; else every instruction set this CPU runs it with
+        backends = [Cpu(isa=isa) for isa in request.getfixturevalue("cpu_ext").isas()]
+        dtype = torch.float32
+    g = torch.Generator().manual_seed(11)
+    train = (torch.rand(7, 1, 6, 5, generator=g) > 0.6).to(torch.uint8) * 255
+    train[3] = train[5] = train[0]
+    ids = torch.tensor([7, 2, 9, 0, 5, 1, 3])  # image 3 (id 0) is the copy of image 0 with the lowest id
+    x = (0.9**0.5 * (train[[0, 2]].to(dtype) / 127.5 - 1) + 0.1**0.5 * torch.randn(2, 1, 6, 5, generator=g)).to(dtype)
+    for positions in group_sets(6, 5, 3, "zeros", "els"):
+        dictionary = PatchDictionary(train, 3, "zeros", positions, image_ids=ids)
+        queries = extract_patches(x, 3, "zeros", positions).reshape(positions.shape[0], -1, 9)
+        keys, _ = dictionary.entries(0, len(train), torch.float64)
+        entry_ids = dictionary.entry_ids(0, len(train))
+        for name in backends:
+            r = softmax_reduce(queries, dictionary, abar=0.9, backend=name, memory_budget=budget, provenance=True)
+            for group in range(positions.shape[0]):
+                for best in r.best[group].tolist():
+                    named = keys[group, (entry_ids == best).nonzero().item()]
+                    same = (keys[group] == named).all(-1)
+                    assert entry_ids[same].min().item() == best, (name, group, best, entry_ids[same].tolist())

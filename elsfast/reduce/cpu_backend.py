@@ -26,6 +26,7 @@ from .partials import (
     fold_partial_states,
     import_extension,
     kernel_inputs,
+    with_increasing_ids,
 )
 from .registry import Backend, BackendOutput, register_backend
 
@@ -137,6 +138,8 @@ class Cpu(Backend):
         ext = import_extension("elsfast._cpu")
         G, M, _ = queries.shape
         threads = kernel_threads()
+        if provenance:
+            dictionary = with_increasing_ids(dictionary)
         splits, per_chunk = plan(
             ext, dictionary.size, dictionary.key_dim, dictionary.value_dim, M, threads, memory_budget
         )

@@ -4,8 +4,8 @@ Each rank reduces its own shard of the dictionary to a `ReduceState` over the sa
 every rank's state into the state of the whole dictionary: an all-reduce MAX of the running maxima, a rescale
 of each rank's sums to the common maximum, and an all-reduce SUM. The dominant entry is the one of the rank
 holding the global maximum; where several ranks hold it (equal logits, e.g. repeated patches) the lowest global
-id wins (an all-reduce MIN), the rule `ReduceState.merge_` applies to chunks and kernel splits, so a sharded run
-names the same sources as one process.
+id wins (an all-reduce MIN), the rule `ReduceState.merge_` applies to chunks and kernel splits; identical patches
+have equal logits on every rank (`elsfast.reduce.peaks`), so a sharded run names the same sources as one process.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from dataclasses import replace
 from types import ModuleType
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "import_extension",
     "kernel_inputs",
     "plan_splits",
+    "with_increasing_ids",
 ]
 
 MAX_VALUE_CHANNELS = 4  # the compiled kernels (CPU, CUDA) hold a query's values in registers
@@ -134,3 +136,14 @@ def fold_partial_states(
         local = best.clamp(min=0)
         best = torch.where(best >= 0, image_ids[local // S] * S + local % S, -1)
     return ReduceState(m, l, acc, best, u).fold_()
+
+
+def with_increasing_ids(dictionary: Dictionary) -> Dictionary:
+    """`dictionary`, or the same dictionary with its images in increasing order of `image_ids` where they are not:
+    a kernel breaks ties between equal logits by the lowest local id `n * S + s` (n the row in the images), which
+    is the lowest global id `image_ids[n] * S + s` exactly when the ids increase with n (as machines build them)."""
+    ids = dictionary.image_ids
+    if ids is None or ids.numel() < 2 or bool((ids[1:] > ids[:-1]).all()):
+        return dictionary
+    order = torch.argsort(ids)
+    return replace(dictionary, images=dictionary.images[order.to(dictionary.images.device)], image_ids=ids[order])

@@ -11,7 +11,9 @@ and, when provenance is tracked,
 
     best = the id of the entry with the largest logit (the dominant dictionary entry)   (G, M) int64
            (among equal largest logits the lowest id, so that provenance does not depend on how the dictionary
-           is split into chunks, kernel splits or the shards of ranks)
+           is split into chunks, kernel splits or the shards of ranks; the backends give identical patches equal
+           logits wherever they are, the torch path through `elsfast.reduce.peaks`, whose m is then the dominant
+           entry's logit computed in a fixed order, within rounding of the tile's largest)
     u    = sum_j 2^(s_j - m) (s_j - m)                                                   (G, M)
 
 so that the dominant entry's weight is 1 / l and the posterior's entropy is ln l - ln 2 * u / l nats.

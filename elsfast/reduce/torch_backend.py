@@ -10,6 +10,10 @@ torch sums (blockwise pairwise), not matrix-vector products, so the result's err
 plus a few fp32 roundings, whatever the memory budget (docs/performance.md, "accuracy of the torch path";
 tests/test_torch_accuracy.py).
 
+With provenance, each chunk is reduced over its distinct keys, and each tile's dominant logit is recomputed in an
+order fixed by D alone (`elsfast.reduce.peaks`), so that identical patches tie exactly wherever the chunks, tiles
+and shards put them, and the lowest id wins.
+
 The -|q|^2/T term of -||q - a k||^2 / T is constant per query and cancels in the softmax (SPEC section 5).
 The logit tile is a `baddbmm` that adds the key-norm bias in the same call, exp2 is ~3x cheaper than exp on a
 CPU, and the tile stays small (`TILE_BYTES`) so it lives in cache between the GEMM, the exp and the value sum.
@@ -21,8 +25,9 @@ from __future__ import annotations
 import torch
 
 from .dictionary import Dictionary
+from .peaks import distinct_entries, exact_peak, fixed_order_dot, peak_window
 from .registry import Backend, BackendOutput, Tolerance, register_backend
-from .state import ReduceState, logit_scales
+from .state import ReduceState, logit_scales, lowest_id_of_max
 
 __all__ = ["TorchBackend"]
 
@@ -63,11 +68,15 @@ def tile_state(
     values: torch.Tensor,
     scratch: torch.Tensor | None,
     ids: torch.Tensor | None = None,
+    peak: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counts: torch.Tensor | None = None,
 ) -> ReduceState:
     """State of one tile, like `ReduceState.from_logits`, with every sum over the tile's entries a torch sum
     (blockwise and pairwise, error ~ eps log n): `logits` `(G, q, n)` in bits (overwritten), `values_t`
     `(G, E, n)` and `values` `(G, n, E)` the same values, `scratch` a spare buffer of the tile's size for
-    1 < E <= `SUM_CHANNELS` without `ids`.
+    1 < E <= `SUM_CHANNELS` without provenance. Provenance: `peak` = `(m, best)` (`peaks.exact_peak`), or `ids`
+    `(n,)` the entries' ids (then m is the tile's maximum and best the lowest id that reaches it). `counts`
+    `(G, n)`: how many entries each one stands for (`peaks.distinct_entries`), None for one each.
 
     A matrix product of the weights with E <= 4 value columns (`mv`/`bmm`) accumulates the tile's entries one
     after another in fp32: a query with one dominant entry (weight 1) then loses every weight below half an ulp
@@ -75,14 +84,21 @@ def tile_state(
     cost no more than the `mv` and lose ~1e-7. More channels (IS/ES: whole images) keep the `bmm`.
     """
     best = u = None
-    if ids is None:
+    if ids is None and peak is None:
         m = logits.amax(dim=-1)
         weights = torch.exp2(logits.sub_(m.unsqueeze(-1)), out=logits)
+        if counts is not None:
+            weights.mul_(counts.unsqueeze(1))
     else:
-        m, arg = logits.max(dim=-1)
-        best = ids[arg]
+        if peak is None:
+            m = logits.amax(dim=-1)
+            best = lowest_id_of_max(logits, m, ids)
+        else:
+            m, best = peak
         shifted = logits.sub_(m.unsqueeze(-1))
         weights = torch.exp2(shifted)
+        if counts is not None:
+            weights.mul_(counts.unsqueeze(1))
         u = torch.mul(weights, shifted, out=shifted).sum(dim=-1)
         scratch = shifted  # free again
     l = weights.sum(dim=-1)
@@ -92,7 +108,7 @@ def tile_state(
     sums = []
     for e in range(E):
         # the last channel may overwrite the weights; the others go through the scratch tile
-        out = weights if e == E - 1 and ids is None else scratch[: weights.numel()].view_as(weights)
+        out = weights if e == E - 1 and best is None else scratch[: weights.numel()].view_as(weights)
         sums.append(torch.mul(weights, values_t[:, e : e + 1], out=out).sum(dim=-1))
     acc = sums[0].unsqueeze(-1) if E == 1 else torch.stack(sums, dim=-1)
     return ReduceState(m, l, acc, best, u)
@@ -147,21 +163,33 @@ class TorchBackend(Backend):
         for start in range(0, dictionary.num_images, images_per_chunk):
             keys, values = dictionary.entries(start, start + images_per_chunk, dtype)
             keys, values = keys.to(device), values.to(device)
+            bias = fixed_order_dot(keys, keys).mul_(-key_scale)  # (G, n): a function of each key alone
+            counts = None
+            if provenance:
+                key_bound = max(keys.amax().item(), -keys.amin().item())
+                bias_bound = max(bias.amax().item(), -bias.amin().item())
+                ids = dictionary.entry_ids(start, start + images_per_chunk)
+                keys, values, bias, counts, lowest, floor = distinct_entries(keys, values, bias, ids)
             # (G, E, n): one row per channel for the per-channel sums (`tile_state`)
             values_t = values.transpose(1, 2).contiguous() if E <= SUM_CHANNELS else values.transpose(1, 2)
-            ids = dictionary.entry_ids(start, start + images_per_chunk).to(device) if provenance else None
-            bias = (keys * keys).sum(dim=-1).mul_(-key_scale).unsqueeze(1)  # (G, 1, n)
             keys_t = keys.transpose(1, 2)  # (G, D, n)
             n = keys.shape[1]
             for q0 in range(0, M, query_tile):
                 rows = state.rows(q0, q0 + query_tile)
+                q_tile = q[:, q0 : q0 + query_tile]
+                if provenance:
+                    window = peak_window(q_tile, key_bound, bias_bound)
                 for k0 in range(0, n, key_tile):
                     k1 = k0 + key_tile
-                    q_tile, k_tile = q[:, q0 : q0 + query_tile], keys_t[:, :, k0:k1]
+                    k_tile = keys_t[:, :, k0:k1]
                     logits = buffer[: G * q_tile.shape[1] * k_tile.shape[2]].view(G, q_tile.shape[1], -1)
-                    torch.baddbmm(bias[:, :, k0:k1], q_tile, k_tile, out=logits)
-                    tile_ids = None if ids is None else ids[k0:k1]
-                    tile = tile_state(logits, values_t[:, :, k0:k1], values[:, k0:k1], scratch, tile_ids)
+                    torch.baddbmm(bias[:, None, k0:k1], q_tile, k_tile, out=logits)
+                    peak = None
+                    if provenance:
+                        tile_keys, tile_bias, tile_lowest = keys[:, k0:k1], bias[:, k0:k1], lowest[:, k0:k1]
+                        peak = exact_peak(logits, q_tile, tile_keys, tile_bias, tile_lowest, window, floor)
+                    tile_counts = None if counts is None else counts[:, k0:k1]
+                    tile = tile_state(logits, values_t[:, :, k0:k1], values[:, k0:k1], scratch, None, peak, tile_counts)
                     if provenance:
                         rows.merge_(tile)
                     else:
