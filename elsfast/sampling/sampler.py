@@ -141,7 +141,7 @@ def sample(
         seed: an int, or a CPU `torch.Generator`, to draw the initial noise from (on the CPU, so that a seed gives
             the same noise on every device).
         noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
-        schedule: the noise schedule abar(t): a name of `elsfast.schedules.SCHEDULES` or a callable.
+        schedule: the noise schedule abar(t): a name of `elsfast.common.schedules.SCHEDULES` or a callable.
         progress: a progress bar; and for a run of more than `LONG_RUN_PAIRS` query x dictionary pairs, one line on
             stderr before it starts with the pairs and the time estimated by a short calibration
             (`elsfast.sampling.estimate_sample`).
