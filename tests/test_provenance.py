@@ -155,8 +155,8 @@ def test_identical_patches_name_the_lowest_id_whatever_the_order_of_image_ids(ba
     ids in no particular order: every query names, among the entries whose patch equals its dominant one, the one
     with the lowest global id, on the torch path and the CPU kernel, in one chunk or many. (Before issue #17,
     part 4, a tile named its first maximum: 4 of these 6 cases failed.)"""
-    from elsfast.reduce.patches import extract_patches, group_sets
     from elsfast.reduce import PatchDictionary, softmax_reduce
+    from elsfast.reduce.patches import extract_patches, group_sets
 
     backends = [backend]
     if backend == "cpu":
