@@ -60,7 +60,18 @@ struct Online {
     const float alpha = exp2f(m - m_new);  // 0 while no entry has been seen (m = -inf)
     if (provenance) {
       u = alpha * (u + (l > 0.0f ? (m - m_new) * l : 0.0f));
-      if (tile_max > m) best = ids[arg];
+      // on equal maxima the lowest id, in the tile and against the running maximum (ReduceState.merge_): entries
+      // are entry-major (j = s N + n, id n S + s), so the tile's first maximum need not have its lowest id; a
+      // logit depends on its query and key alone (the features are summed in one fixed order for every entry), so
+      // identical patches tie exactly wherever the split or the shard puts them
+      if (tile_max >= m && tile_max > -INFINITY) {
+        int64_t lowest = ids[arg];
+#pragma unroll
+        for (int j = 0; j < kTileN; ++j) {
+          if (s[j] == tile_max && ids[j] < lowest) lowest = ids[j];
+        }
+        if (tile_max > m || lowest < best) best = lowest;
+      }
     }
     l *= alpha;
 #pragma unroll

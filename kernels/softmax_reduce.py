@@ -6,7 +6,7 @@ a streaming log-sum-exp state for BLOCK_M queries of one group:
 
     s_j  = q'.k_j - c |k_j|^2                 (bits; c = a^2/T log2 e; the |q|^2 term cancels in the softmax)
     m    = max_j s_j,  l = sum_j 2^(s_j - m),  acc = sum_j 2^(s_j - m) v_j
-    best = the entry of largest s_j (first on ties),  u = sum_j 2^(s_j - m) (s_j - m)   (provenance)
+    best = the entry of largest s_j (lowest id on ties),  u = sum_j 2^(s_j - m) (s_j - m)   (provenance)
 
 Built like FlashAttention-2. Entries are walked in tiles of BLOCK_N images at one position s (entry
 j = s * N + n, the order of every backend), so a tile's offset row `key_offsets[g, s]` is loaded once and
@@ -290,9 +290,12 @@ def softmax_reduce_kernel(
         shifted = logits - m_new[:, None]
         p = _exp2(shifted, FAST_EXP2)
         if PROVENANCE:
-            tile_arg = tl.argmax(logits, axis=1)  # the first of equal logits: entry order
+            # on equal maxima the lowest local id n * S + s (ReduceState.merge_): in a tile (one position s,
+            # images n0 ...) the first of equal logits; against the running maximum, the lower of the two ids
+            tile_arg = tl.argmax(logits, axis=1)
             local = (n0 + tile_arg).to(tl.int64) * S + s
-            best_i = tl.where(tile_max > m_i, local, best_i)
+            tied = (tile_max == m_i) & (tile_max > float("-inf"))
+            best_i = tl.where(tile_max > m_i, local, tl.where(tied, tl.minimum(best_i, local), best_i))
             shift = tl.where(l_i > 0, m_i - m_new, 0.0)
             # dropped entries have p = 0 and shifted = -inf: clamp so that 0 * shifted is 0, not nan
             u_i = alpha * (u_i + shift * l_i) + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=1)

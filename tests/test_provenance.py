@@ -148,13 +148,29 @@ def test_exact_peak_looks_past_the_rounding_of_the_matrix_product():
     assert best.item() == expected and m.item() == exact[0].max().item()
 
 
-@pytest.mark.parametrize(("backend", "dtype"), [("torch", torch.float64), ("torch", torch.float32), ("cpu", None)])
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        ("torch", torch.float64),
+        ("torch", torch.float32),
+        ("cpu", torch.float32),
+        ("cuda-host", torch.float32),
+        pytest.param("triton", torch.float32, marks=pytest.mark.interpreter),
+        pytest.param("cuda", torch.float32, marks=ON_GPU),
+        pytest.param("triton-on-gpu", torch.float32, marks=ON_GPU),
+    ],
+)
 @pytest.mark.parametrize("budget", [1, 512 << 20])
 def test_identical_patches_name_the_lowest_id_whatever_the_order_of_image_ids(backend, dtype, budget, request):
     """Binary images (patches repeat within and across images, three images are copies of each other) with image
     ids in no particular order: every query names, among the entries whose patch equals its dominant one, the one
-    with the lowest global id, on the torch path and the CPU kernel, in one chunk or many. (Before issue #17,
-    part 4, a tile named its first maximum: 4 of these 6 cases failed.)"""
+    with the lowest global id, on the torch path, the CPU kernel, the CUDA kernel's source run on the host and the
+    Triton kernel (interpreter), in one chunk or many, with the dictionary split across programs. (Before issue
+    #17, part 4, a tile named its first maximum: 4 of the 6 torch and CPU cases failed, and the CUDA and Triton
+    kernels, which kept the earlier of equal maxima across tiles, failed all theirs.)"""
     from elsfast.reduce import PatchDictionary, softmax_reduce
     from elsfast.reduce.patches import extract_patches, group_sets
 
@@ -164,16 +180,34 @@ def test_identical_patches_name_the_lowest_id_whatever_the_order_of_image_ids(ba
 
         # skips where the CPU kernel does not run; else every instruction set this CPU runs it with
         backends = [Cpu(isa=isa) for isa in request.getfixturevalue("cpu_ext").isas()]
-        dtype = torch.float32
+    elif backend == "cuda-host":
+        from problems import CudaOnHost
+
+        pytest.importorskip("elsfast._cuda", reason="the CUDA extension is not compiled (no nvcc at install)")
+        backends = [CudaOnHost()]  # three dictionary splits, 32-entry tiles that span several positions
+    elif backend == "triton":
+        from elsfast.reduce import Triton
+
+        pytest.importorskip("triton", reason="triton is not installed")
+        backends = [Triton(block_m=16, block_n=16, splits=3)]  # one position a tile, three splits
+    elif backend == "cuda":
+        from elsfast.reduce import Cuda
+
+        backends = [Cuda()]  # as many dictionary splits as fill the GPU
+    elif backend == "triton-on-gpu":
+        from elsfast.reduce import Triton
+
+        backends = [Triton(block_m=16, block_n=16, splits=3)]
+    device = "cuda" if backend in ("cuda", "triton-on-gpu") else "cpu"
     g = torch.Generator().manual_seed(11)
     train = (torch.rand(7, 1, 6, 5, generator=g) > 0.6).to(torch.uint8) * 255
     train[3] = train[5] = train[0]
     ids = torch.tensor([7, 2, 9, 0, 5, 1, 3])  # image 3 (id 0) is the copy of image 0 with the lowest id
     x = (0.9**0.5 * (train[[0, 2]].to(dtype) / 127.5 - 1) + 0.1**0.5 * torch.randn(2, 1, 6, 5, generator=g)).to(dtype)
     for positions in group_sets(6, 5, 3, "zeros", "els"):
-        dictionary = PatchDictionary(train, 3, "zeros", positions, image_ids=ids)
-        queries = extract_patches(x, 3, "zeros", positions).reshape(positions.shape[0], -1, 9)
-        keys, _ = dictionary.entries(0, len(train), torch.float64)
+        dictionary = PatchDictionary(train.to(device), 3, "zeros", positions, image_ids=ids)
+        queries = extract_patches(x, 3, "zeros", positions).reshape(positions.shape[0], -1, 9).to(device)
+        keys, _ = PatchDictionary(train, 3, "zeros", positions, image_ids=ids).entries(0, len(train), torch.float64)
         entry_ids = dictionary.entry_ids(0, len(train))
         for name in backends:
             r = softmax_reduce(queries, dictionary, abar=0.9, backend=name, memory_budget=budget, provenance=True)

@@ -25,6 +25,7 @@ from .partials import (
     import_extension,
     kernel_inputs,
     plan_splits,
+    with_increasing_ids,
 )
 from .registry import Backend, BackendOutput, register_backend
 from .state import ReduceState
@@ -38,6 +39,8 @@ def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance:
         raise ext
     G, M, _ = queries.shape
     device = queries.device
+    if provenance:  # ties go to the lowest local id: make it the lowest global id
+        dictionary = with_increasing_ids(dictionary)
     inputs = kernel_inputs(queries, dictionary, abar)
     programs = math.ceil(M / ext.BLOCK_Q) * G
     splits, per_split = plan_splits(dictionary.size, ext.TILE_N, programs, device, splits)

@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from .dictionary import Dictionary
-from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits
+from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits, with_increasing_ids
 from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import logit_scales
 
@@ -160,6 +160,8 @@ class Triton(Backend):
         from elsfast.kernels.softmax_reduce import launch_config, launch_softmax_reduce
 
         G, M, _ = queries.shape
+        if provenance:  # ties go to the lowest local id: make it the lowest global id
+            dictionary = with_increasing_ids(dictionary)
         inputs = kernel_inputs(queries, dictionary, abar)
         uint8 = dictionary.images.dtype == torch.uint8
         query_norm = float(queries.norm(dim=-1).max()) if queries.numel() else 0.0
