@@ -45,6 +45,42 @@ def test_reproduce_runs_all_stages_and_resumes(tiny, tmp_path):
     assert again["summary"]["els"]["n"] == 3
 
 
+def test_train_steps_trains_on_and_never_reuses_a_stale_calibration(tiny, tmp_path):
+    """`train_steps` replaces the preset's step count; a network.pt copied from a shorter run of the same preset
+    trains on from it; a calibration (and comparison) made for the network at an earlier step is refused with a
+    message naming what to remove, and after removing it the run completes for the new network."""
+    import shutil
+
+    from elsfast.nets.train import load_checkpoint
+
+    short = tmp_path / "short"
+    first = reproduce(tiny, short, progress=False, train_steps=2)
+    assert first["training"]["steps"] == 2 and first["cost"]["network_steps"] == 2
+    assert json.loads((short / "calibration.json").read_text())["network"].endswith("at step 2")
+
+    longer = tmp_path / "longer"
+    longer.mkdir()
+    shutil.copy(short / "network.pt", longer / "network.pt")
+    second = reproduce(tiny, longer, progress=False, train_steps=4, comparison_seeds=1)
+    assert second["training"]["steps"] == 4 and second["summary"]["els"]["n"] == 1
+    assert load_checkpoint(longer / "network.pt")[2]["step"] == 4
+
+    # the short run's directory, trained on: its calibration names step 2, so it is refused, not reused
+    with pytest.raises(ValueError, match=r"calibrated against .*at step 2.*remove"):
+        reproduce(tiny, short, progress=False, train_steps=4)
+    for stale in ("calibration.json", "calibration.png"):
+        (short / stale).unlink()
+    with pytest.raises(ValueError, match="another configuration"):  # report/ still holds the step-2 comparison
+        reproduce(tiny, short, progress=False, train_steps=4)
+    shutil.rmtree(short / "report")
+    again = reproduce(tiny, short, progress=False, train_steps=4)
+    assert again["training"]["steps"] == 4
+    # the same network, trained the same way in one go or in two stages
+    assert again["scales"] == second["scales"]
+    with pytest.raises(ValueError, match="train_steps"):
+        reproduce(tiny, tmp_path / "none", progress=False, train_steps=0)
+
+
 def test_unknown_preset(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         reproduce("cifar-huge", tmp_path)

@@ -146,6 +146,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     r.add_argument("preset", choices=tuple(PRESETS))
     r.add_argument("--out-dir", required=True, metavar="DIR")
     r.add_argument("--train-minutes", type=_positive_float, help="training time limit (preset's default otherwise)")
+    r.add_argument(
+        "--train-steps",
+        type=at_least(1),
+        help="training steps in all, from step 0 (preset's default otherwise); a network.pt copied from another run "
+        "of the preset trains on to it",
+    )
     r.add_argument("--seeds", type=at_least(1), help="comparison seeds (preset's default otherwise)")
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
     _grid_arg(r)
@@ -315,6 +321,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         root=args.data_root,
         device=str(device),
         train_minutes=args.train_minutes,
+        train_steps=args.train_steps,
         comparison_seeds=args.seeds,
         progress=not args.quiet,
         grid=args.grid,

@@ -158,7 +158,9 @@ class CalibrationResult:
       (NaN at i = 0);
     - `scales` (property): the calibrated P(t), a list of length `steps` in the layout of
       `elsfast.reference_scales()`: entry i is the median over seeds of `best[:, i]` (the lower median, so it is
-      always one of the candidates), entry 0 a copy of entry 1.
+      always one of the candidates), entry 0 a copy of entry 1;
+    - `network`: a tag naming the network it was calibrated against (e.g. its checkpoint and training step), or
+      None; `reproduce` sets it so that a calibration is never reused for a network that has trained on.
     """
 
     steps: int
@@ -169,6 +171,7 @@ class CalibrationResult:
     cosine: torch.Tensor
     schedule: str = "cosine-legacy"
     machine: dict = field(default_factory=dict)
+    network: str | None = None
 
     @property
     def times(self) -> list[float]:
@@ -199,6 +202,7 @@ class CalibrationResult:
             "schedule": self.schedule,
             "sizes": list(self.sizes),
             "machine": self.machine,
+            "network": self.network,
             "t": self.times,
             "scales": self.scales,
             "seeds": list(self.seeds),
@@ -237,6 +241,7 @@ class CalibrationResult:
             cosine=cosine.reshape(len(keys), steps, k),
             schedule=data["schedule"],
             machine=data.get("machine") or {},
+            network=data.get("network"),
         )
 
     def plot(self, path: str | Path) -> Path:

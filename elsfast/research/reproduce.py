@@ -203,12 +203,18 @@ def reproduce(
     root: str | Path | None = None,
     device: str | None = None,
     train_minutes: float | None = None,
+    train_steps: int | None = None,
     comparison_seeds: int | None = None,
     progress: bool = True,
     grid: str = "machine",
 ) -> dict:
     """Run (or resume) a reproduction into `out_dir`: `network.pt`, `calibration.json`/`.png`, `report/`
     (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary.
+
+    `train_minutes` and `train_steps` replace the preset's training time limit and step count (a total from step
+    0; a run that stopped earlier, or a `network.pt` copied from another run of the same preset, trains on to it).
+    The calibration and the comparison name the network's training step: after the network has trained on, the
+    old `calibration.json` and `report/` are refused (ValueError saying what to remove), never mixed with it.
 
     `grid` is the comparison's step grid, the same for the network and the machines (`compare`'s `grid`:
     "machine", noise at t = (n-1)/n, or "network", noise at t = 1 as in the authors' network sampler)."""
@@ -218,6 +224,8 @@ def reproduce(
         name, preset = preset, PRESETS[preset]
     else:
         name = "custom"
+    if train_steps is not None and train_steps < 1:
+        raise ValueError(f"train_steps must be >= 1, got {train_steps}")
     out = Path(out_dir)
     for file in ("calibration.png", "reproduction.json"):  # refused now rather than after hours of work
         check_replaceable(out / file)
@@ -228,7 +236,10 @@ def reproduce(
         root=None if root is None else str(root),
         device=device,
         max_minutes=train_minutes if train_minutes is not None else preset.train.max_minutes,
+        max_steps=train_steps if train_steps is not None else preset.train.max_steps,
     )
+    seeds = comparison_seeds if comparison_seeds is not None else preset.comparison_seeds
+    preset = replace(preset, train=config, comparison_seeds=seeds)  # what this run does, for its cost
     data = datasets.load(config.dataset, root=config.root, pad_to=config.pad_to, limit=config.limit)
     cost = preset_cost(preset, data.images, data.labels)
     log.info("elsfast reproduce %s: %s", name, describe_cost(cost))
@@ -239,9 +250,16 @@ def reproduce(
     labels = data.labels if config.conditional else None
     padding = model_config["model"]["padding"]
 
+    network_tag = f"{config.out} at step {trained['steps']}"
     calibration_path = out / "calibration.json"
     if calibration_path.exists():
         calibration = CalibrationResult.from_json(calibration_path)
+        if calibration.network not in (None, network_tag):
+            raise ValueError(
+                f"{calibration_path} was calibrated against {calibration.network}, and the network is now "
+                f"{network_tag}: remove {calibration_path}, calibration.png and report/ to calibrate and compare "
+                "it again, or use another out_dir"
+            )
     else:
         machine = ScoreMachine(data.images, labels, machine=preset.calibrate_machine, padding=padding, device=device)
         calibration = calibrate(
@@ -253,6 +271,7 @@ def reproduce(
             conditional=config.conditional,
             progress=progress,
         )
+        calibration.network = network_tag
         calibration.to_json(calibration_path)
     if not (out / "calibration.png").exists():  # drawn now, or on a later run if matplotlib was missing then
         skipped = matplotlib_missing()
@@ -263,7 +282,6 @@ def reproduce(
             if progress:
                 print(f"elsfast reproduce {name}: calibration.png skipped: {skipped}", file=sys.stderr)
 
-    seeds = comparison_seeds if comparison_seeds is not None else preset.comparison_seeds
     report = compare(
         model,
         data.images,
@@ -275,7 +293,7 @@ def reproduce(
         conditional=config.conditional,
         machines=preset.machines,
         padding=padding,
-        network=str(config.out),
+        network=network_tag,
         progress=progress,
         grid=grid,
     )
