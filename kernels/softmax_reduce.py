@@ -58,11 +58,14 @@ import triton.language as tl
 __all__ = [
     "KERNEL_SIGNATURE",
     "SHARED_MEMORY_LIMIT",
+    "TUNING_TILES",
+    "TUNING_WARPS",
     "launch_config",
     "launch_softmax_reduce",
     "shared_memory_estimate",
     "softmax_reduce_kernel",
     "split_queries",
+    "tuning_space",
 ]
 
 # bytes of shared memory one block may use on sm_90 (CUDA guide, CC 9.0; 163 KB on sm_80, 99 KB on sm_86/89: the
@@ -395,6 +398,7 @@ def launch_config(
     stages: int | None = None,
     resident_chunks: int | None = None,
     feature_major: bool | None = None,
+    num_warps: int | None = None,
     shared_memory_limit: int = SHARED_MEMORY_LIMIT,
 ) -> dict:
     """The compile-time arguments `launch_softmax_reduce` passes for keys of D features and values of E channels:
@@ -407,7 +411,8 @@ def launch_config(
     of 4 chunks or more, which gather feature-major: `feature_major` overrides, see `_key_chunk`). ieee's FMA dot
     still spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
     the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
-    per-element bounds logic: 2x the instructions at P = 11).
+    per-element bounds logic: 2x the instructions at P = 11). `num_warps` overrides the warps per program (8 from
+    128 queries a tile, else 4).
 
     Resident queries (RESIDENT_CHUNKS): the queries of that many leading key chunks are loaded once per program,
     before the entry loop, and stay in shared memory (the compiler hoists their copy there), their chunks unrolled
@@ -444,7 +449,7 @@ def launch_config(
         BLOCK_D=block_d,
         BLOCK_E=block_e,
         FAST_EXP2=fast_exp2,
-        num_warps=8 if bm >= 128 else 4,
+        num_warps=num_warps or (8 if bm >= 128 else 4),
         num_stages=stages if stages is not None else 1,
         FEATURE_MAJOR=feature_major,
     )
@@ -470,10 +475,31 @@ def launch_config(
             config["BLOCK_N"] //= 2
         elif config["BLOCK_M"] > 16:
             config["BLOCK_M"] //= 2
-            config["num_warps"] = 8 if config["BLOCK_M"] >= 128 else 4
+            config["num_warps"] = num_warps or (8 if config["BLOCK_M"] >= 128 else 4)
         else:
             raise ValueError(f"no tile of D = {D}, E = {E} fits {shared_memory_limit} bytes of shared memory")
     return config
+
+
+# The space `Triton(tune=True)` times (elsfast/reduce/tuning.py), around the defaults the static cost tool chose:
+# the one-chunk default 256 x 64, the long-key defaults 128 x 128 and 128 x 64, and a small tile for few queries,
+# each with 8 and 4 warps.
+TUNING_TILES = ((256, 64), (128, 128), (128, 64), (64, 64))
+TUNING_WARPS = (8, 4)
+
+
+def tuning_space(D: int, E: int, **options) -> list[dict]:
+    """The launch configs `Triton(tune=True)` times for keys of D features and E value channels: `launch_config`'s
+    default first, then each (BLOCK_M, BLOCK_N) of `TUNING_TILES` with each num_warps of `TUNING_WARPS`, every one
+    re-planned to fit `options["shared_memory_limit"]`, without duplicates. `options`: `launch_config`'s other
+    keywords (precision, provenance, value block, ...)."""
+    configs = [launch_config(D, E, **options)]
+    for block_m, block_n in TUNING_TILES:
+        for warps in TUNING_WARPS:
+            config = launch_config(D, E, block_m=block_m, block_n=block_n, num_warps=warps, **options)
+            if config not in configs:
+                configs.append(config)
+    return configs
 
 
 def launch_softmax_reduce(

@@ -28,6 +28,7 @@ from .dictionary import Dictionary
 from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits, with_increasing_ids
 from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import logit_scales
+from .tuning import choose_config, time_call, tuning_key
 
 __all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound", "value_block"]
 
@@ -88,12 +89,17 @@ class Triton(Backend):
             the key dimension (`elsfast.kernels.softmax_reduce.launch_config`). Tiles over the shared-memory
             limit are re-planned before launch.
         splits: dictionary splits per (query block, group); None: enough programs to fill the GPU (one on a CPU).
+        tune: time every configuration of `elsfast.kernels.softmax_reduce.tuning_space` (tiles and warps) the
+            first time a kind of problem comes, and keep the fastest (`elsfast.reduce.tuning`: kept per device,
+            key shape, precision and size class, in memory and in the disk cache). Excludes block_m and block_n.
+            The first call of each kind then costs a compile and three timed runs per candidate.
     """
 
     precision: str = "auto"
     block_m: int | None = None
     block_n: int | None = None
     splits: int | None = None
+    tune: bool = False
 
     NAME = "triton"
     LIMITS: ClassVar[dict[str, str]] = {
@@ -112,9 +118,17 @@ class Triton(Backend):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
         if self.splits is not None and self.splits < 1:
             raise ValueError(f"splits must be >= 1 or None, got {self.splits}")
+        if self.tune and (self.block_m is not None or self.block_n is not None):
+            raise ValueError("tune=True chooses block_m and block_n by timing: give either tune or the tiles")
 
     def options(self) -> dict:
-        return {"precision": self.precision, "block_m": self.block_m, "block_n": self.block_n, "splits": self.splits}
+        return {
+            "precision": self.precision,
+            "block_m": self.block_m,
+            "block_n": self.block_n,
+            "splits": self.splits,
+            "tune": self.tune,
+        }
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         reasons = []
@@ -157,7 +171,7 @@ class Triton(Backend):
         memory_budget: int,
         provenance: bool = False,
     ) -> BackendOutput:
-        from elsfast.kernels.softmax_reduce import launch_config, launch_softmax_reduce
+        from elsfast.kernels.softmax_reduce import launch_config, launch_softmax_reduce, tuning_space
 
         G, M, _ = queries.shape
         if provenance:  # ties go to the lowest local id: make it the lowest global id
@@ -167,21 +181,27 @@ class Triton(Backend):
         query_norm = float(queries.norm(dim=-1).max()) if queries.numel() else 0.0
         precision = dot_precision(abar, query_norm, key_norm_bound(dictionary), self.precision, uint8)
         E = dictionary.value_dim
-        config = launch_config(
-            dictionary.key_dim,
-            E,
+        device = queries.device
+        options = dict(
             is_uint8=uint8,
             provenance=provenance,
             dot_precision=precision,
-            block_m=self.block_m,
-            block_n=self.block_n,
             block_e=value_block(E),
-            fast_exp2=queries.device.type == "cuda",
-            shared_memory_limit=shared_memory_limit(queries.device),
+            fast_exp2=device.type == "cuda",
+            shared_memory_limit=shared_memory_limit(device),
         )
-        programs = math.ceil(M / config["BLOCK_M"]) * G * math.ceil(E / config["BLOCK_E"])
-        # a tile is BLOCK_N images at one position: S rows of ceil(N / BLOCK_N) tiles
-        tiles = dictionary.entries_per_image * math.ceil(dictionary.num_images / config["BLOCK_N"])
-        splits, per_split = plan_splits(tiles, 1, programs, queries.device, self.splits)
-        partial = launch_softmax_reduce(*inputs, splits=splits, tiles_per_split=per_split, config=config)
-        return BackendOutput(fold_partial_states(dictionary, *partial), 1)
+
+        def run(config: dict) -> tuple[torch.Tensor | None, ...]:
+            programs = math.ceil(M / config["BLOCK_M"]) * G * math.ceil(E / config["BLOCK_E"])
+            # a tile is BLOCK_N images at one position: S rows of ceil(N / BLOCK_N) tiles
+            tiles = dictionary.entries_per_image * math.ceil(dictionary.num_images / config["BLOCK_N"])
+            splits, per_split = plan_splits(tiles, 1, programs, device, self.splits)
+            return launch_softmax_reduce(*inputs, splits=splits, tiles_per_split=per_split, config=config)
+
+        if self.tune:
+            candidates = tuning_space(dictionary.key_dim, E, **options)
+            key = tuning_key(device, candidates[0], G * M, dictionary.size)
+            config = choose_config(key, candidates, run, timer=lambda call: time_call(call, device))
+        else:
+            config = launch_config(dictionary.key_dim, E, block_m=self.block_m, block_n=self.block_n, **options)
+        return BackendOutput(fold_partial_states(dictionary, *run(config)), 1)
