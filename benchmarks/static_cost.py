@@ -393,9 +393,10 @@ def cuda_kernel_info(config: Config, workdir: Path) -> dict:
     constant = lambda name: int(re.search(rf"constexpr int {name} = (\d+);", header).group(1))  # noqa: E731
     block_q, tile_n, chunk_d = constant("kBlockQ"), constant("kTileN"), constant("kChunkD")
     functions = parse_sass(sass)
-    # one instance per value channel count (template parameter kE): reduce_kernel<E>, mangled ...ILi<E>E...
+    # one instance per value channel count and provenance (template parameters kE, kProvenance):
+    # reduce_kernel<E, provenance>, mangled ...ILi<E>ELb<0|1>E...
     instances = [f for f in functions if "reduce_kernel" in f]
-    name = next((f for f in instances if f"ILi{config.E}E" in f), instances[0])
+    name = next(f for f in instances if f"ILi{config.E}ELb{int(config.provenance)}E" in f)
     sections = re.split(r"ptxas info\s+: Compiling entry function", ptxas)
     section = next(s for s in sections if name in s)
     return {

@@ -109,7 +109,9 @@ __host__ __device__ inline int64_t split_stop(const ReduceArgs& a, int64_t split
 // D <= kChunkD; each entry's chunk is read from shared memory as a broadcast, 4 features a load.
 // At least 3 blocks per SM: ptxas's own choice for E = 1 was 128 registers and a 24-byte spill; with the bound it
 // takes 148-160 registers and spills nothing (benchmarks/static_cost.py).
-template <int kE>
+// kProvenance: whether the dominant entry and the entropy moment are tracked, a template parameter so that the
+// kernel without provenance carries none of its instructions (the static cost tool counts the main loop's).
+template <int kE, bool kProvenance>
 __global__ void __launch_bounds__(kBlockQ, 3) reduce_kernel(const ReduceArgs a) {
   __shared__ __align__(16) float keys[kTileN][kChunkD];
   __shared__ float queries[kChunkD][kBlockQ];
@@ -186,7 +188,7 @@ __global__ void __launch_bounds__(kBlockQ, 3) reduce_kernel(const ReduceArgs a) 
     float s[kTileN];
 #pragma unroll
     for (int j = 0; j < kTileN; ++j) s[j] = j < n ? dots[j] - a.key_scale * norms[j] : -INFINITY;
-    state.fold(s, values, ids, a.provenance);
+    state.fold(s, values, ids, kProvenance);
   }
   if (row < a.M) state.store(a, (split * a.G + g) * a.M + row);
 }
@@ -232,6 +234,15 @@ void reduce_host_impl(const ReduceArgs& a) {
   }
 }
 
+template <int kE>
+void launch_instance(const ReduceArgs& a, dim3 grid, cudaStream_t s) {
+  if (a.provenance) {
+    reduce_kernel<kE, true><<<grid, kBlockQ, 0, s>>>(a);
+  } else {
+    reduce_kernel<kE, false><<<grid, kBlockQ, 0, s>>>(a);
+  }
+}
+
 }  // namespace
 
 const char* launch_reduce(const ReduceArgs& args, std::uintptr_t stream, int device) {
@@ -245,11 +256,11 @@ const char* launch_reduce(const ReduceArgs& args, std::uintptr_t stream, int dev
   const dim3 grid(static_cast<unsigned>((args.M + kBlockQ - 1) / kBlockQ), static_cast<unsigned>(args.G),
                   static_cast<unsigned>(args.splits));
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  switch (args.E) {  // one instance per value channel count: E = C of the patch dictionaries
-    case 1: reduce_kernel<1><<<grid, kBlockQ, 0, s>>>(args); break;
-    case 2: reduce_kernel<2><<<grid, kBlockQ, 0, s>>>(args); break;
-    case 3: reduce_kernel<3><<<grid, kBlockQ, 0, s>>>(args); break;
-    default: reduce_kernel<4><<<grid, kBlockQ, 0, s>>>(args); break;
+  switch (args.E) {  // one instance per value channel count (E = C of the patch dictionaries) and provenance
+    case 1: launch_instance<1>(args, grid, s); break;
+    case 2: launch_instance<2>(args, grid, s); break;
+    case 3: launch_instance<3>(args, grid, s); break;
+    default: launch_instance<4>(args, grid, s); break;
   }
   error = cudaGetLastError();
   if (previous != device) cudaSetDevice(previous);
