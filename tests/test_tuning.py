@@ -120,6 +120,25 @@ def test_a_choice_is_timed_once_and_kept_in_memory_and_on_disk(cache, monkeypatc
     assert len(json.loads((cache / tuning.TUNING_FILE).read_text())) == 2
 
 
+def test_candidates_are_timed_on_the_leading_images(cache, monkeypatch):
+    """Each candidate is timed on all the queries against the leading training images (about TUNING_PAIRS
+    pairs), the chosen one then runs on the whole dictionary."""
+    queries, dictionary, _ = _problem(True)
+    G, M, _ = queries.shape
+    monkeypatch.setattr("elsfast.reduce.triton_backend.TUNING_PAIRS", 2 * G * M * dictionary.entries_per_image)
+    rows = []
+    launch = kernels.launch_softmax_reduce
+
+    def spy(q, images, *args, **kwargs):
+        rows.append(images.shape[0])
+        return launch(q, images, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "launch_softmax_reduce", spy)
+    monkeypatch.setattr("elsfast.reduce.triton_backend.time_call", lambda call, device: (call(), 1.0)[1])
+    softmax_reduce(queries, dictionary, abar=ABAR, backend=Triton(tune=True))
+    assert len(rows) > 2 and rows[:-1] == [2] * (len(rows) - 1) and rows[-1] == dictionary.num_images == 9
+
+
 def test_no_disk_cache_when_it_is_off(tmp_path, monkeypatch):
     monkeypatch.setenv("ELSFAST_CACHE", "off")
     monkeypatch.chdir(tmp_path)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -28,7 +28,7 @@ from .dictionary import Dictionary
 from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits, with_increasing_ids
 from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import logit_scales
-from .tuning import choose_config, time_call, tuning_key
+from .tuning import TUNING_PAIRS, choose_config, time_call, tuning_key
 
 __all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound", "value_block"]
 
@@ -191,7 +191,7 @@ class Triton(Backend):
             shared_memory_limit=shared_memory_limit(device),
         )
 
-        def run(config: dict) -> tuple[torch.Tensor | None, ...]:
+        def run(config: dict, dictionary: Dictionary = dictionary, inputs=inputs) -> tuple[torch.Tensor | None, ...]:
             programs = math.ceil(M / config["BLOCK_M"]) * G * math.ceil(E / config["BLOCK_E"])
             # a tile is BLOCK_N images at one position: S rows of ceil(N / BLOCK_N) tiles
             tiles = dictionary.entries_per_image * math.ceil(dictionary.num_images / config["BLOCK_N"])
@@ -201,7 +201,21 @@ class Triton(Backend):
         if self.tune:
             candidates = tuning_space(dictionary.key_dim, E, **options)
             key = tuning_key(device, candidates[0], G * M, dictionary.size)
-            config = choose_config(key, candidates, run, timer=lambda call: time_call(call, device))
+            # timed on the leading images only, about TUNING_PAIRS pairs: the per-tile work is the full problem's
+            per_image = max(1, G * M * dictionary.entries_per_image)  # the pairs one training image adds
+            images = min(dictionary.num_images, max(1, math.ceil(TUNING_PAIRS / per_image)))
+            sample = replace(
+                dictionary,
+                images=dictionary.images[:images],
+                image_ids=None if dictionary.image_ids is None else dictionary.image_ids[:images],
+            )
+            sample_inputs = kernel_inputs(queries, sample, abar)
+            config = choose_config(
+                key,
+                candidates,
+                lambda config: run(config, sample, sample_inputs),
+                timer=lambda call: time_call(call, device),
+            )
         else:
             config = launch_config(dictionary.key_dim, E, block_m=self.block_m, block_n=self.block_n, **options)
         return BackendOutput(fold_partial_states(dictionary, *run(config)), 1)

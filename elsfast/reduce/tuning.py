@@ -2,7 +2,8 @@
 
 The default configuration of each key dimension was chosen from the compiled code (benchmarks/static_cost.py);
 with `tune=True` the backend instead times every configuration of `elsfast.kernels.softmax_reduce.tuning_space` on
-the problem it is given, the first time it meets a problem of its kind, and keeps the fastest. Every candidate
+the problem it is given (its queries against the leading training images: `TUNING_PAIRS`), the first time it
+meets a problem of its kind, and keeps the fastest. Every candidate
 computes the same reduction (the conformance suite runs each one against the float64 reference), so tuning moves
 only rounding: the choice, not the answer, depends on the timings.
 
@@ -27,13 +28,18 @@ import torch
 from ..common.cache import cache_dir
 from ..common.fileio import atomic_write
 
-__all__ = ["TUNED_KEYS", "TUNING_FILE", "choose_config", "clear_tuning", "time_call", "tuning_key"]
+__all__ = ["TUNED_KEYS", "TUNING_FILE", "TUNING_PAIRS", "choose_config", "clear_tuning", "time_call", "tuning_key"]
 
 log = logging.getLogger(__name__)
 
 TUNING_FILE = "triton-tuning.json"
 TUNED_KEYS = ("D", "E", "IS_UINT8", "PROVENANCE", "DOT_PRECISION", "BLOCK_E", "FAST_EXP2")
 """The compile-time arguments that are part of a problem's kind (the rest is what tuning chooses)."""
+
+TUNING_PAIRS = 1 << 34
+"""About how many query-entry pairs one timed run has: the candidates are timed on all the queries against the
+leading training images only (some 10 ms at P = 3 to 150 ms at P = 17 on an H100-class GPU, as predicted by
+benchmarks/static_cost.py), so tuning a full CIFAR-10 problem takes seconds, not the minutes of timing it whole."""
 
 _CHOICES: dict[str, dict] = {}
 _LOADED = False
