@@ -16,6 +16,7 @@ tensor cores). `precision="ieee"` forces plain fp32 FMAs.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -25,7 +26,14 @@ from typing import ClassVar
 import torch
 
 from .dictionary import Dictionary
-from .partials import MAX_GRID_AXIS, fold_partial_states, kernel_inputs, plan_splits, with_increasing_ids
+from .partials import (
+    MAX_GRID_AXIS,
+    KernelInputs,
+    fold_partial_states,
+    kernel_inputs,
+    plan_splits,
+    with_increasing_ids,
+)
 from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import logit_scales
 from .tuning import TUNING_PAIRS, choose_config, time_call, tuning_key
@@ -191,7 +199,7 @@ class Triton(Backend):
             shared_memory_limit=shared_memory_limit(device),
         )
 
-        def run(config: dict, dictionary: Dictionary = dictionary, inputs=inputs) -> tuple[torch.Tensor | None, ...]:
+        def run(config: dict, dictionary: Dictionary, inputs) -> tuple[torch.Tensor | None, ...]:
             programs = math.ceil(M / config["BLOCK_M"]) * G * math.ceil(E / config["BLOCK_E"])
             # a tile is BLOCK_N images at one position: S rows of ceil(N / BLOCK_N) tiles
             tiles = dictionary.entries_per_image * math.ceil(dictionary.num_images / config["BLOCK_N"])
@@ -201,21 +209,20 @@ class Triton(Backend):
         if self.tune:
             candidates = tuning_space(dictionary.key_dim, E, **options)
             key = tuning_key(device, candidates[0], G * M, dictionary.size)
-            # timed on the leading images only, about TUNING_PAIRS pairs: the per-tile work is the full problem's
-            per_image = max(1, G * M * dictionary.entries_per_image)  # the pairs one training image adds
-            images = min(dictionary.num_images, max(1, math.ceil(TUNING_PAIRS / per_image)))
-            sample = replace(
-                dictionary,
-                images=dictionary.images[:images],
-                image_ids=None if dictionary.image_ids is None else dictionary.image_ids[:images],
-            )
-            sample_inputs = kernel_inputs(queries, sample, abar)
+
+            @functools.cache
+            def sample() -> tuple[Dictionary, KernelInputs]:
+                """The queries against the leading images only, about TUNING_PAIRS pairs, for timing: the work per
+                tile is the full problem's."""
+                per_image = max(1, G * M * dictionary.entries_per_image)  # the pairs one training image adds
+                n = min(dictionary.num_images, max(1, math.ceil(TUNING_PAIRS / per_image)))
+                ids = dictionary.image_ids
+                leading = replace(dictionary, images=dictionary.images[:n], image_ids=None if ids is None else ids[:n])
+                return leading, kernel_inputs(queries, leading, abar)
+
             config = choose_config(
-                key,
-                candidates,
-                lambda config: run(config, sample, sample_inputs),
-                timer=lambda call: time_call(call, device),
+                key, candidates, lambda config: run(config, *sample()), timer=lambda call: time_call(call, device)
             )
         else:
             config = launch_config(dictionary.key_dim, E, block_m=self.block_m, block_n=self.block_n, **options)
-        return BackendOutput(fold_partial_states(dictionary, *run(config)), 1)
+        return BackendOutput(fold_partial_states(dictionary, *run(config, dictionary, inputs)), 1)
