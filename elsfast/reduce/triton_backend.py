@@ -216,6 +216,8 @@ class Triton(Backend):
                 tile is the full problem's."""
                 per_image = max(1, G * M * dictionary.entries_per_image)  # the pairs one training image adds
                 n = min(dictionary.num_images, max(1, math.ceil(TUNING_PAIRS / per_image)))
+                if n == dictionary.num_images:  # a small problem is timed whole, on the inputs already built
+                    return dictionary, inputs
                 ids = dictionary.image_ids
                 leading = replace(dictionary, images=dictionary.images[:n], image_ids=None if ids is None else ids[:n])
                 return leading, kernel_inputs(queries, leading, abar)
