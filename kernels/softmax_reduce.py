@@ -433,6 +433,10 @@ def launch_config(
     # chunk instead of one per key; their |k|^2 partials (BLOCK_D x BLOCK_N fp32) need 64-entry tiles, as 128
     # spilled. At 3 chunks (P = 7) the entry-major gathers and 128-entry tiles issue fewer instructions per pair.
     feature_major = dot_precision == "fp16x2" and chunks >= 4 if feature_major is None else feature_major
+
+    def warps(block_m: int) -> int:  # the warps of a program: `num_warps`, else 8 from 128 queries a tile, else 4
+        return num_warps or (8 if block_m >= 128 else 4)
+
     # One chunk: queries stay resident and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer keys:
     # 128 queries, so that their chunks fit shared memory, and 128 entries (64 feature-major) per tile.
     # fp32 operands (tf32, tf32x3, ieee) of long keys need twice the registers: 128 x 64 (128 x 128 spilled).
@@ -449,7 +453,7 @@ def launch_config(
         BLOCK_D=block_d,
         BLOCK_E=block_e,
         FAST_EXP2=fast_exp2,
-        num_warps=num_warps or (8 if bm >= 128 else 4),
+        num_warps=warps(bm),
         num_stages=stages if stages is not None else 1,
         FEATURE_MAJOR=feature_major,
     )
@@ -475,7 +479,7 @@ def launch_config(
             config["BLOCK_N"] //= 2
         elif config["BLOCK_M"] > 16:
             config["BLOCK_M"] //= 2
-            config["num_warps"] = num_warps or (8 if config["BLOCK_M"] >= 128 else 4)
+            config["num_warps"] = warps(config["BLOCK_M"])
         else:
             raise ValueError(f"no tile of D = {D}, E = {E} fits {shared_memory_limit} bytes of shared memory")
     return config
