@@ -256,14 +256,14 @@ class Config:
 
 def problem_sizes(quick: bool) -> list[tuple[int, int, bool, bool, str]]:
     """`(P, C, uint8, provenance, precision)` of the configs to measure, at the distance precision `auto` picks
-    (`elsfast.reduce.triton_backend.dot_precision`: "fp16x2" for uint8 images; "tf32x3" for float32 images, "tf32"
-    at very high noise). Full: CIFAR-10 (C = 3) at every odd P up to 11 and MNIST (C = 1) at P = 3 and 11, uint8
+    (`elsfast.reduce.triton_backend.dot_precision`: "fp16x2" for uint8 images; "tf32x3" for float32 images; "tf32"
+    only when asked for). Full: CIFAR-10 (C = 3) at every odd P up to 11 and MNIST (C = 1) at P = 3 and 11, uint8
     images, with and without provenance, and P = 13, 15, 17 (the rest of CIFAR-10's published P(t)) without; at
     P = 3 and 11 also float32 images and the forced "ieee". Quick (CI):
     P = 3 and 11, C = 3, uint8, with and without provenance."""
     from elsfast.reduce.triton_backend import dot_precision
 
-    u8 = dot_precision(0.5, 1.0, 1.0, "auto", uint8=True)
+    u8 = dot_precision("auto", uint8=True)
     if quick:
         return [(P, 3, True, prov, u8) for P in (3, 11) for prov in (False, True)]
     sizes = ((3, (3, 5, 7, 9, 11)), (1, (3, 11)))

@@ -25,10 +25,10 @@ elsfast::ReduceArgs make_args(std::uintptr_t q, std::uintptr_t images, std::uint
           reinterpret_cast<const int32_t*>(key_offsets),
           reinterpret_cast<const int32_t*>(value_offsets),
           reinterpret_cast<float*>(m),
-          reinterpret_cast<float*>(l),
-          reinterpret_cast<float*>(acc),
+          reinterpret_cast<double*>(l),
+          reinterpret_cast<double*>(acc),
           reinterpret_cast<int64_t*>(best),
-          reinterpret_cast<float*>(u),
+          reinterpret_cast<double*>(u),
           G, M, N, S, D, E, pixels_per_image, entries_per_split, splits, key_scale, uint8, provenance};
 }
 

@@ -30,18 +30,28 @@ __host__ __device__ inline void tile_entry(const ReduceArgs& a, int64_t s0, int6
   }
 }
 
+// 2^k exactly, for integral k <= 0 (0 below 2^-1074 and for k = -inf): rescaling the fp64 sums by it is exact.
+__host__ __device__ inline double pow2(float k) { return k < -1100.0f ? 0.0 : ldexp(1.0, static_cast<int>(k)); }
+
 // The streaming log-sum-exp state of one query (elsfast/reduce/state.py), in bits. kE: value channels, a
 // template parameter so that the accumulators and every loop over them live in registers (a runtime E put acc[]
 // in local memory; docs/performance.md, "The CUDA kernel").
+//
+// A thread folds up to ~10^7 entries (all 60,000 MNIST digits at P = 3 in one split): fp32 running sums lost 10%
+// of the normaliser there. So each tile's kTileN terms are summed in fp32 and folded into fp64 sums, taken against
+// an integral reference r >= every logit seen (the largest ceil of a tile's maximum): the weights 2^(s - r) are at
+// most 1, and the fp64 sums are rescaled only when r grows, by an exact power of two (`pow2`). The true maximum x
+// is kept beside r, and `store` moves the sums to it (times 2^(r - x) in [1, 2), in fp64). Bound: docs/design.md.
 template <int kE>
 struct Online {
-  float m = -INFINITY, l = 0.0f, u = 0.0f;
-  float acc[kE];
+  float x = -INFINITY, r = -INFINITY;
+  double l = 0.0, u = 0.0;
+  double acc[kE];
   int64_t best = -1;
 
   __host__ __device__ Online() {
 #pragma unroll
-    for (int e = 0; e < kE; ++e) acc[e] = 0.0f;
+    for (int e = 0; e < kE; ++e) acc[e] = 0.0;
   }
 
   // Fold one tile: logits s[j] (-inf for the tile's unused slots), values v[j][e], local ids ids[j].
@@ -56,45 +66,58 @@ struct Online {
         arg = j;
       }
     }
-    const float m_new = fmaxf(m, tile_max);
-    const float alpha = exp2f(m - m_new);  // 0 while no entry has been seen (m = -inf)
+    const float r_new = fmaxf(r, ceilf(tile_max));
+    if (r_new > r) {  // rarely after the first tiles: a divergent branch, not a cost per tile
+      const double alpha = pow2(r - r_new);  // 0 while no entry has been seen (r = -inf)
+      if (provenance) u = alpha * (u + (l > 0.0 ? (static_cast<double>(r) - r_new) * l : 0.0));
+      l *= alpha;
+#pragma unroll
+      for (int e = 0; e < kE; ++e) acc[e] *= alpha;
+    }
     if (provenance) {
-      u = alpha * (u + (l > 0.0f ? (m - m_new) * l : 0.0f));
       // on equal maxima the lowest id, in the tile and against the running maximum (ReduceState.merge_): entries
       // are entry-major (j = s N + n, id n S + s), so the tile's first maximum need not have its lowest id; a
       // logit depends on its query and key alone (the features are summed in one fixed order for every entry), so
       // identical patches tie exactly wherever the split or the shard puts them
-      if (tile_max >= m && tile_max > -INFINITY) {
+      if (tile_max >= x && tile_max > -INFINITY) {
         int64_t lowest = ids[arg];
 #pragma unroll
         for (int j = 0; j < kTileN; ++j) {
           if (s[j] == tile_max && ids[j] < lowest) lowest = ids[j];
         }
-        if (tile_max > m || lowest < best) best = lowest;
+        if (tile_max > x || lowest < best) best = lowest;
       }
     }
-    l *= alpha;
+    float tile_l = 0.0f, tile_u = 0.0f, tile_acc[kE];
 #pragma unroll
-    for (int e = 0; e < kE; ++e) acc[e] *= alpha;
+    for (int e = 0; e < kE; ++e) tile_acc[e] = 0.0f;
 #pragma unroll
     for (int j = 0; j < kTileN; ++j) {
-      const float p = exp2f(s[j] - m_new);
-      l += p;
+      const float p = exp2f(s[j] - r_new);
+      tile_l += p;
 #pragma unroll
-      for (int e = 0; e < kE; ++e) acc[e] += p * v[j][e];
-      if (provenance && p > 0.0f) u += p * (s[j] - m_new);
+      for (int e = 0; e < kE; ++e) tile_acc[e] += p * v[j][e];
+      if (provenance && p > 0.0f) tile_u += p * (s[j] - r_new);
     }
-    m = m_new;
+    l += tile_l;
+#pragma unroll
+    for (int e = 0; e < kE; ++e) acc[e] += tile_acc[e];
+    if (provenance) u += tile_u;
+    x = fmaxf(x, tile_max);
+    r = r_new;
   }
 
+  // The sums relative to the true maximum x, as ReduceState keeps them.
   __host__ __device__ void store(const ReduceArgs& a, int64_t out) const {
-    a.m[out] = m;
-    a.l[out] = l;
+    const double gap = x > -INFINITY ? static_cast<double>(r) - x : 0.0;
+    const double c = exp2(gap);
+    a.m[out] = x;
+    a.l[out] = l * c;
 #pragma unroll
-    for (int e = 0; e < kE; ++e) a.acc[out * kE + e] = acc[e];
+    for (int e = 0; e < kE; ++e) a.acc[out * kE + e] = acc[e] * c;
     if (a.provenance) {
       a.best[out] = best;
-      a.u[out] = u;
+      a.u[out] = c * (u + gap * l);
     }
   }
 };

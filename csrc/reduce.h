@@ -17,11 +17,11 @@ struct ReduceArgs {
   const void* images;            // (N, pixels_per_image) uint8 (mapped to [-1, 1]) or float32
   const int32_t* key_offsets;    // (G, S, D) pixel offsets into an image, -1 = zero padding
   const int32_t* value_offsets;  // (G, S, E)
-  float* m;                      // (splits, G, M) out: running max, bits
-  float* l;                      // (splits, G, M) out: sum of 2^(s - m)
-  float* acc;                    // (splits, G, M, E) out: sum of 2^(s - m) v
+  float* m;                      // (splits, G, M) out: the largest logit, bits
+  double* l;                     // (splits, G, M) out: sum of 2^(s - m)
+  double* acc;                   // (splits, G, M, E) out: sum of 2^(s - m) v
   int64_t* best;                 // (splits, G, M) out: local id n * S + s of the largest logit (provenance)
-  float* u;                      // (splits, G, M) out: sum of 2^(s - m) (s - m) (provenance)
+  double* u;                     // (splits, G, M) out: sum of 2^(s - m) (s - m) (provenance)
   int64_t G, M, N, S, D, E, pixels_per_image, entries_per_split, splits;
   float key_scale;  // a^2/T log2(e): logit s = q.k - key_scale |k|^2
   bool uint8;

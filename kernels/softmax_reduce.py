@@ -39,8 +39,18 @@ Precision (DOT_PRECISION):
 - "tf32" (fp32 images, only at very high noise): operands truncated to tf32, |ds| <= 2^-9 sum_f |q'_f k_f|
   (see `elsfast.reduce.triton_backend.dot_precision`); "tf32x3" (fp32 images): three tf32 products,
   fp32-grade; "ieee": plain fp32 FMAs (BLOCK_D <= 32 so that it does not spill).
-The weighted value sums are fp32 FMAs (uint8 values as exact integers 2u - 255, scaled by 1/255 at the store).
-The interpreter (TRITON_INTERPRET=1) computes every dot in fp32 whatever the setting.
+The weighted value sums of a tile are fp32 FMAs (uint8 values as exact integers 2u - 255, scaled by 1/255 at the
+store). The interpreter (TRITON_INTERPRET=1) computes every dot in fp32 whatever the setting.
+
+Running state. A program folds up to ~10^5 tiles (all 60,000 MNIST digits at P = 3 in two splits): fp32 running
+sums would lose 1e-3 relative there. So each tile's sums l, acc, u are taken in fp32 (a tree sum over at most
+BLOCK_N entries) and folded into fp64 running sums. The weights are taken against an integral reference
+r >= every logit seen (r = the largest ceil(tile max)), so that the rescale 2^(r_old - r_new) is an exact power of
+two (`_pow2`, no exponential) and the fp64 sums stay exact under it; the true maximum x is kept beside r, and the
+sums are moved to it once, at the store (times 2^(r - x) in [1, 2), in fp64). A weight is still one fp32 ex2
+(relative error ~2^-22, like a logit error of 3e-7 bits) and a tile's sum carries log2(BLOCK_N) + BLOCK_N / 32
+fp32 roundings at most; the bound declared for the backend is derived in docs/design.md ("Error bounds of the
+GPU kernels").
 
 Differences from the torch backend: the same state and the same entry order within a split, one pass instead of
 chunks and tiles of a memory budget; fp32 only (float64 queries run on torch).
@@ -76,7 +86,7 @@ SHARED_MEMORY_LIMIT = 227 * 1024
 # time compiles (benchmarks/static_cost.py, tests) that must match what the launcher passes.
 KERNEL_SIGNATURE = dict(
     q_ptr="*fp32", qhi_ptr="*fp16", qlo_ptr="*fp16", img_ptr="*fp32", koff_ptr="*i32", voff_ptr="*i32",
-    m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", best_ptr="*i64", u_ptr="*fp32", G="i32", M="i32", N="i32",
+    m_ptr="*fp32", l_ptr="*fp64", acc_ptr="*fp64", best_ptr="*i64", u_ptr="*fp64", G="i32", M="i32", N="i32",
     S="i32", pixels_per_image="i32", tiles_per_split="i32", key_scale="fp32", dot_scale="fp32", value_scale="fp32",
     M_PAD="i32",
 )  # fmt: skip
@@ -93,6 +103,14 @@ def _exp2(x, FAST: tl.constexpr):
         )
     else:
         return tl.exp2(x)
+
+
+@triton.jit
+def _pow2(k):
+    """2^k exactly in fp64 for integral fp32 k <= 0 (0 below 2^-1022 and for k = -inf): the exponent field built from
+    k, so that rescaling the fp64 running sums by it is exact."""
+    biased = tl.maximum(k, -1023.0).to(tl.int64) + 1023
+    return (biased << 52).to(tl.float64, bitcast=True)
 
 
 @triton.jit
@@ -177,11 +195,11 @@ def softmax_reduce_kernel(
     img_ptr,  # (N, C*H*W) uint8 or fp32
     koff_ptr,  # (G, S, D) int32 pixel offsets, -1 = zero padding
     voff_ptr,  # (G, S, E) int32
-    m_ptr,  # (SPLITS, G, M) fp32 out
-    l_ptr,  # (SPLITS, G, M) fp32 out
-    acc_ptr,  # (SPLITS, G, M, E) fp32 out
+    m_ptr,  # (SPLITS, G, M) fp32 out: the largest logit (bits)
+    l_ptr,  # (SPLITS, G, M) fp64 out
+    acc_ptr,  # (SPLITS, G, M, E) fp64 out
     best_ptr,  # (SPLITS, G, M) int64 out: local id n * S + s
-    u_ptr,  # (SPLITS, G, M) fp32 out
+    u_ptr,  # (SPLITS, G, M) fp64 out
     G,
     M,
     N,
@@ -237,15 +255,18 @@ def softmax_reduce_kernel(
         q_his = q_his + (q_hi,)  # noqa: RUF005 (the Triton frontend has no starred tuples)
         q_los = q_los + (q_lo,)  # noqa: RUF005
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    u_i = tl.zeros((BLOCK_M,), tl.float32)
+    # The running state (see "Running state" in the module docstring): the true maximum x_i, an integral reference
+    # r_i >= x_i the weights are taken against, and fp64 sums relative to r_i, each tile's fp32 sums folded in.
+    x_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    r_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float64)
+    u_i = tl.zeros((BLOCK_M,), tl.float64)
     best_i = tl.full((BLOCK_M,), -1, tl.int64)
-    acc0 = tl.zeros((BLOCK_M,), tl.float32)
-    acc1 = tl.zeros((BLOCK_M,), tl.float32)
-    acc2 = tl.zeros((BLOCK_M,), tl.float32)
-    acc3 = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
+    acc0 = tl.zeros((BLOCK_M,), tl.float64)
+    acc1 = tl.zeros((BLOCK_M,), tl.float64)
+    acc2 = tl.zeros((BLOCK_M,), tl.float64)
+    acc3 = tl.zeros((BLOCK_M,), tl.float64)
+    acc = tl.zeros((BLOCK_M, BLOCK_E), tl.float64)
 
     tiles_per_row = tl.cdiv(N, BLOCK_N)
     first = split * tiles_per_split
@@ -288,63 +309,69 @@ def softmax_reduce_kernel(
         logits = qk * dot_scale - ckk[None, :]
 
         tile_max = tl.max(logits, axis=1)
-        m_new = tl.maximum(m_i, tile_max)
-        alpha = _exp2(m_i - m_new, FAST_EXP2)  # 0 on the first tile (m_i = -inf)
-        shifted = logits - m_new[:, None]
-        p = _exp2(shifted, FAST_EXP2)
+        r_new = tl.maximum(r_i, tl.ceil(tile_max))
+        alpha = _pow2(r_i - r_new)  # exact; 0 on the first tile (r_i = -inf)
+        shifted = logits - r_new[:, None]
+        p = _exp2(shifted, FAST_EXP2)  # <= 1
         if PROVENANCE:
             # on equal maxima the lowest local id n * S + s (ReduceState.merge_): in a tile (one position s,
             # images n0 ...) the first of equal logits; against the running maximum, the lower of the two ids
             tile_arg = tl.argmax(logits, axis=1)
             local = (n0 + tile_arg).to(tl.int64) * S + s
-            tied = (tile_max == m_i) & (tile_max > float("-inf"))
-            best_i = tl.where(tile_max > m_i, local, tl.where(tied, tl.minimum(best_i, local), best_i))
-            shift = tl.where(l_i > 0, m_i - m_new, 0.0)
+            tied = (tile_max == x_i) & (tile_max > float("-inf"))
+            best_i = tl.where(tile_max > x_i, local, tl.where(tied, tl.minimum(best_i, local), best_i))
+            shift = tl.where(l_i > 0, r_i - r_new, 0.0).to(tl.float64)
             # dropped entries have p = 0 and shifted = -inf: clamp so that 0 * shifted is 0, not nan
-            u_i = alpha * (u_i + shift * l_i) + tl.sum(p * tl.maximum(shifted, -3.0e38), axis=1)
-        l_i = alpha * l_i + tl.sum(p, axis=1)
+            u_tile = tl.sum(p * tl.maximum(shifted, -3.0e38), axis=1)
+            u_i = alpha * (u_i + shift * l_i) + u_tile.to(tl.float64)
+        l_i = alpha * l_i + tl.sum(p, axis=1).to(tl.float64)
+        x_i = tl.maximum(x_i, tile_max)
 
         voff_row = voff_base + s.to(tl.int64) * E
         if VALUE_FMA:
             # E FMAs per pair; a value is one pixel of the tile's image rows, its offset one scalar per tile
             v0 = _value(img_tile + tile_rows + tl.load(voff_row), IS_UINT8)
-            acc0 = acc0 * alpha + tl.sum(p * v0[None, :], axis=1)
+            acc0 = acc0 * alpha + tl.sum(p * v0[None, :], axis=1).to(tl.float64)
             if E > 1:
                 v1 = _value(img_tile + tile_rows + tl.load(voff_row + 1), IS_UINT8)
-                acc1 = acc1 * alpha + tl.sum(p * v1[None, :], axis=1)
+                acc1 = acc1 * alpha + tl.sum(p * v1[None, :], axis=1).to(tl.float64)
             if E > 2:
                 v2 = _value(img_tile + tile_rows + tl.load(voff_row + 2), IS_UINT8)
-                acc2 = acc2 * alpha + tl.sum(p * v2[None, :], axis=1)
+                acc2 = acc2 * alpha + tl.sum(p * v2[None, :], axis=1).to(tl.float64)
             if E > 3:
                 v3 = _value(img_tile + tile_rows + tl.load(voff_row + 3), IS_UINT8)
-                acc3 = acc3 * alpha + tl.sum(p * v3[None, :], axis=1)
+                acc3 = acc3 * alpha + tl.sum(p * v3[None, :], axis=1).to(tl.float64)
         else:
             voff = tl.load(voff_row + e_range, mask=e_ok, other=0)
             v = tl.load(img_tile + tile_rows[:, None] + voff[None, :], mask=e_ok[None, :], other=0).to(tl.float32)
             if IS_UINT8:
                 v = tl.where(e_ok[None, :], v * 2.0 - 255.0, 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee" if DOT_PRECISION == "ieee" else "tf32x3")
-        m_i = m_new
+            pv = tl.dot(p, v, input_precision="ieee" if DOT_PRECISION == "ieee" else "tf32x3")
+            acc = acc * alpha[:, None] + pv.to(tl.float64)
+        r_i = r_new
 
+    # Sums relative to the true maximum x_i (as ReduceState keeps them): times c = 2^(r_i - x_i), in [1, 2).
+    gap = tl.where(x_i > float("-inf"), r_i - x_i, 0.0).to(tl.float64)
+    c = tl.exp2(gap) * value_scale  # uint8 values were the integers 2u - 255: 1/255 maps them to [-1, 1]
     out = (split.to(tl.int64) * G + g) * M + rows
     if VALUE_FMA:
-        # uint8 values were the integers 2u - 255: value_scale = 1/255 maps them to [-1, 1]
-        tl.store(acc_ptr + out * E, acc0 * value_scale, mask=row_ok)
+        tl.store(acc_ptr + out * E, acc0 * c, mask=row_ok)
         if E > 1:
-            tl.store(acc_ptr + out * E + 1, acc1 * value_scale, mask=row_ok)
+            tl.store(acc_ptr + out * E + 1, acc1 * c, mask=row_ok)
         if E > 2:
-            tl.store(acc_ptr + out * E + 2, acc2 * value_scale, mask=row_ok)
+            tl.store(acc_ptr + out * E + 2, acc2 * c, mask=row_ok)
         if E > 3:
-            tl.store(acc_ptr + out * E + 3, acc3 * value_scale, mask=row_ok)
+            tl.store(acc_ptr + out * E + 3, acc3 * c, mask=row_ok)
     else:
         acc_ptrs = acc_ptr + out[:, None] * E + e_range[None, :]
-        tl.store(acc_ptrs, acc * value_scale, mask=row_ok[:, None] & e_ok[None, :])
+        tl.store(acc_ptrs, acc * c[:, None], mask=row_ok[:, None] & e_ok[None, :])
     if e0 == 0:
-        tl.store(m_ptr + out, m_i, mask=row_ok)
-        tl.store(l_ptr + out, l_i, mask=row_ok)
+        c = tl.exp2(gap)
+        tl.store(m_ptr + out, x_i, mask=row_ok)
+        tl.store(l_ptr + out, l_i * c, mask=row_ok)
         if PROVENANCE:
             tl.store(best_ptr + out, best_i, mask=row_ok)
-            tl.store(u_ptr + out, u_i, mask=row_ok)
+            tl.store(u_ptr + out, c * (u_i + gap * l_i), mask=row_ok)
 
 
 def split_queries(q: torch.Tensor, rows: int, columns: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -518,15 +545,16 @@ def launch_softmax_reduce(
     config: dict,
 ) -> tuple[torch.Tensor, ...]:
     """Run `softmax_reduce_kernel` with `config` (`launch_config`); returns the partial states `(m, l, acc, best,
-    u)`, each with a leading `(splits,)` axis: m, l, u `(splits, G, M)` fp32, acc `(splits, G, M, E)` fp32, best
-    `(splits, G, M)` int64 local ids `n * S + s` (-1 for an empty split); best and u are None without provenance.
+    u)`, each with a leading `(splits,)` axis: m `(splits, G, M)` fp32, l, u `(splits, G, M)` and acc `(splits, G,
+    M, E)` fp64 (relative to m, each split's exact largest logit), best `(splits, G, M)` int64 local ids
+    `n * S + s` (-1 for an empty split); best and u are None without provenance.
 
     `splits` programs per (query block, group, value block) fold `tiles_per_split` consecutive tiles each (a tile:
-    `config["BLOCK_N"]` images at one position; `elsfast.reduce.partials.plan_splits`).
+        `config["BLOCK_N"]` images at one position; `elsfast.reduce.partials.plan_splits`).
 
-    q `(G, M, D)` fp32 contiguous in bits; images `(N, C*H*W)` uint8 or fp32; key_offsets `(G, S, D)` and
-    value_offsets `(G, S, E)` int32, all on one device; key_scale c of the logit q.k - c |k|^2
-    (`elsfast.reduce.partials.KernelInputs`). Launches on q's device."""
+        q `(G, M, D)` fp32 contiguous in bits; images `(N, C*H*W)` uint8 or fp32; key_offsets `(G, S, D)` and
+        value_offsets `(G, S, E)` int32, all on one device; key_scale c of the logit q.k - c |k|^2
+        (`elsfast.reduce.partials.KernelInputs`). Launches on q's device."""
     G, M, _ = q.shape
     N = images.shape[0]
     S, E = key_offsets.shape[1], value_offsets.shape[2]
@@ -544,10 +572,10 @@ def launch_softmax_reduce(
         dot_scale = 1.0
     device = q.device
     m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
-    l = torch.empty_like(m)
-    acc = torch.empty(splits, G, M, E, dtype=torch.float32, device=device)
+    l = torch.empty(splits, G, M, dtype=torch.float64, device=device)
+    acc = torch.empty(splits, G, M, E, dtype=torch.float64, device=device)
     best = torch.empty(splits, G, M, dtype=torch.int64, device=device) if config["PROVENANCE"] else m
-    u = torch.empty_like(m) if config["PROVENANCE"] else m
+    u = torch.empty_like(l) if config["PROVENANCE"] else l
     grid = (triton.cdiv(M, config["BLOCK_M"]), G * triton.cdiv(E, config["BLOCK_E"]), splits)
     # on the tensors' device, not the current one (a launch on another device would read foreign pointers)
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():

@@ -7,7 +7,6 @@ Compiles run in a subprocess without TRITON_INTERPRET (conftest.py sets it for t
 
 import importlib.util
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import torch
 
 from elsfast.reduce import PatchDictionary, softmax_reduce
 from elsfast.reduce.partials import plan_splits
-from elsfast.reduce.triton_backend import TF32_MAX_LOGIT_ERROR, Triton, dot_precision
+from elsfast.reduce.triton_backend import Triton, dot_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -117,14 +116,9 @@ def test_ieee_uses_chunks_that_do_not_spill():
     assert launch_config(363, 3, is_uint8=True, provenance=False, dot_precision="ieee")["BLOCK_D"] == 32
 
 
-def test_tf32_bound_uses_truncation():
-    norm = math.sqrt(27)
-    for abar in (1e-6, 1e-5, 1e-4, 1e-3):
-        bound = 2.0**-9 * 2 * math.sqrt(abar) / (2 * (1 - abar)) / math.log(2) * norm * norm
-        assert (dot_precision(abar, norm, norm) == "tf32") == (bound <= TF32_MAX_LOGIT_ERROR)
-    assert dot_precision(0.5, norm, norm, uint8=True) == "fp16x2"  # integer keys: two exact fp16 passes
+def test_fp16x2_needs_integer_keys():
     with pytest.raises(ValueError, match="uint8"):
-        dot_precision(0.5, norm, norm, "fp16x2", uint8=False)
+        dot_precision("fp16x2", uint8=False)
 
 
 def test_plan_splits_without_queries():

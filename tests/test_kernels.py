@@ -26,12 +26,19 @@ import sys
 import numpy as np
 import pytest
 import torch
-from problems import COMBOS, CudaOnHost, fp32_tolerance, make_problem, reference, stable_seed
+from problems import COMBOS, CudaOnHost, fp32_tolerance, logit_range, make_problem, reference, stable_seed
 
 from elsfast import Cpu, ScoreMachine, Shifts
 from elsfast.reduce import Backend, BackendUnavailable, ImageDictionary, PatchDictionary, TopK, softmax_reduce
+from elsfast.reduce.cuda_backend import Cuda
 from elsfast.reduce.registry import backend_from_spec, backend_spec
-from elsfast.reduce.triton_backend import TF32_MAX_LOGIT_ERROR, Triton, dot_precision
+from elsfast.reduce.triton_backend import (
+    AUTO_BOUND_RATIO,
+    Triton,
+    bound_ratio,
+    dot_precision,
+    precision_tolerance,
+)
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="the Triton kernels need triton (pip install elsfast[triton])"
@@ -215,18 +222,21 @@ def test_triton_kernel_compiles_for_gpus():
     assert done.stdout.count("compiled") == 5
 
 
-def test_precision_policy_uses_tf32_only_where_the_logit_error_bound_allows():
-    # P = 3, C = 3: keys of norm <= sqrt(27), noisy queries of norm about that
-    norm = math.sqrt(27)
-    for abar in (0.5, 0.9, 0.999):
-        assert dot_precision(abar, norm, norm) == "tf32x3"
-    assert dot_precision(1e-4, norm, norm) == "tf32"
-    # the switch sits where the bound crosses TF32_MAX_LOGIT_ERROR
-    for abar in np.geomspace(1e-6, 0.5, 40):
-        # tf32 operands are truncated: relative error below 2^-10 each, 2^-9 for a product
-        bound = 2.0**-9 * 2 * math.sqrt(abar) / (2 * (1 - abar)) / math.log(2) * norm * norm
-        assert (dot_precision(abar, norm, norm) == "tf32") == (bound <= TF32_MAX_LOGIT_ERROR)
-    assert dot_precision(1e-4, norm, norm, "ieee") == "ieee"
+def test_precision_policy_never_takes_a_bound_10x_looser_than_the_cpu_kernel():
+    assert dot_precision(uint8=True) == "fp16x2"  # integer keys: two exact fp16 passes
+    assert dot_precision(uint8=False) == "tf32x3"  # tf32 only when asked for
+    assert dot_precision("ieee", uint8=False) == "ieee"
+    assert dot_precision("tf32") == "tf32"
+    cpu = Cpu().accuracy(torch.float32)
+    # every key dimension of P = 1 .. 17 with 1 or 3 channels, and whole images (IS/ES)
+    for D in [C * P * P for C in (1, 3) for P in range(1, 18, 2)] + [784, 3072]:
+        for uint8 in (True, False):
+            auto = Triton().accuracy(torch.float32)
+            assert bound_ratio(precision_tolerance(dot_precision(uint8=uint8)), cpu, D) <= AUTO_BOUND_RATIO
+            assert bound_ratio(auto, cpu, D) <= AUTO_BOUND_RATIO
+        assert bound_ratio(Cuda().accuracy(torch.float32), cpu, D) <= AUTO_BOUND_RATIO
+    # the precisions auto does not take are looser than that
+    assert bound_ratio(precision_tolerance("tf32"), cpu, 27) > AUTO_BOUND_RATIO
 
 
 def test_pixel_offsets_rebuild_every_dictionary():
@@ -420,8 +430,8 @@ def test_triton_gpu_matches_float64(machine, padding, abar, precision):
     m = ScoreMachine(train, machine=machine, padding=padding, backend=Triton(precision=precision)).to("cuda")
     out = m.denoise(x.cuda(), abar, 5).cpu()
     err = (out.double() - want).abs().max().item()
-    # auto may use tf32 where the logit error is at most TF32_MAX_LOGIT_ERROR bits: weights move by 2 ln2 that
-    assert err <= fp32_tolerance(x, train, abar, 5, machine) + 4 * math.log(2) * TF32_MAX_LOGIT_ERROR
+    L = logit_range(x, train, abar, 5, machine)
+    assert err <= m.backend.accuracy(torch.float32).bound(torch.float32, L, train.shape[1] * 25)
 
 
 @gpu

@@ -65,7 +65,7 @@ def test_every_candidate_agrees_with_the_float64_reduction(uint8, cache, monkeyp
     queries, dictionary, L = _problem(uint8)
     exact = softmax_reduce(queries.double(), dictionary, abar=ABAR, backend="torch", provenance=True)
     backend = Triton(tune=True)
-    bound = backend.accuracy(torch.float32).bound(torch.float32, L)
+    bound = backend.accuracy(torch.float32).bound(torch.float32, L, dictionary.key_dim)
     options = dict(
         is_uint8=uint8,
         provenance=True,
@@ -181,5 +181,5 @@ def test_tuning_on_a_gpu_times_every_candidate_and_keeps_a_correct_one(cache):
     backend = Triton(tune=True)
     r = softmax_reduce(queries.cuda(), dictionary, abar=ABAR, backend=backend)
     deviation = (r.values.double().cpu() - exact.values).abs().max().item()
-    assert deviation <= backend.accuracy(torch.float32).bound(torch.float32, L)
+    assert deviation <= backend.accuracy(torch.float32).bound(torch.float32, L, dictionary.key_dim)
     assert len(json.loads((cache / tuning.TUNING_FILE).read_text())) == 1

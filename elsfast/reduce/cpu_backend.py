@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..common.threads import kernel_threads
+from .bounds import fma_logit_error, kernel_tolerance
 from .dictionary import Dictionary
 from .partials import (
     COMPILED_KERNEL_LIMITS,
@@ -28,7 +29,7 @@ from .partials import (
     kernel_inputs,
     with_increasing_ids,
 )
-from .registry import Backend, BackendOutput, register_backend
+from .registry import Backend, BackendOutput, Tolerance, register_backend
 
 __all__ = ["CPU_KERNEL_LIMITS", "Cpu", "check_options", "choose_isa", "cpu_kernel_reasons"]
 
@@ -122,6 +123,14 @@ class Cpu(Backend):
 
     def options(self) -> dict:
         return {"splits": self.splits, "tiles_per_chunk": self.tiles_per_chunk, "isa": self.isa}
+
+    def accuracy(self, dtype: torch.dtype) -> Tolerance:
+        """float32: the bound of `elsfast.reduce.bounds` for fp32 FMA logits, a tile's sums of at most 20 terms per
+        path (256 entries over 16 AVX2 lanes, then the lanes' tree; 13 with AVX-512) and the Cephes exp2 (2^-21
+        relative): (D/2 + 3) eps32 L + 3.0e-6 (docs/design.md). The yardstick `auto` holds the GPU kernels to."""
+        if dtype == torch.float32:
+            return kernel_tolerance(fma_logit_error(), tile_terms=20, exp2_relative=2.0**-21)
+        return super().accuracy(dtype)
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         return cpu_kernel_reasons(self, queries, dictionary)

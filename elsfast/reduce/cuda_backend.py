@@ -1,6 +1,6 @@
 """CUDA backend: the compiled extension `elsfast._cuda` (csrc/): keys gathered from the training images on the
-fly, fp32 distances and exp2 online softmax, one query per thread, dictionary split across blocks and merged
-exactly with `ReduceState.fold_`.
+fly, fp32 distances and exp2 online softmax (fp32 tile sums folded into fp64 running sums), one query per
+thread, dictionary split across blocks and merged exactly with `ReduceState.fold_`.
 
 Patch dictionaries (LS, ELS; values of at most 4 channels) on CUDA tensors, fp32. The extension is built by
 setup.py when nvcc is present; `reduce_on_host` runs the kernel's algorithm from the same source serially on the
@@ -10,10 +10,12 @@ CPU, which is how the tests check the CUDA source without a GPU.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
+from .bounds import U32, fma_logit_error, kernel_tolerance
 from .dictionary import Dictionary
 from .partials import (
     COMPILED_KERNEL_LIMITS,
@@ -27,7 +29,7 @@ from .partials import (
     plan_splits,
     with_increasing_ids,
 )
-from .registry import Backend, BackendOutput, register_backend
+from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import ReduceState
 
 __all__ = ["Cuda", "reduce_on_host"]
@@ -45,7 +47,7 @@ def _run(queries: torch.Tensor, dictionary: Dictionary, abar: float, provenance:
     programs = math.ceil(M / ext.BLOCK_Q) * G
     splits, per_split = plan_splits(dictionary.size, ext.TILE_N, programs, device, splits)
     E = dictionary.value_dim
-    m, l, acc, best, u = empty_partial_states(splits, G, M, E, device)
+    m, l, acc, best, u = empty_partial_states(splits, G, M, E, device, sums=torch.float64)
     stream = 0 if host else torch.cuda.current_stream(device).cuda_stream
     # the extension launches on the tensors' device, whatever the current device is
     index = -1 if host else (device.index if device.index is not None else torch.cuda.current_device())
@@ -72,8 +74,15 @@ def reduce_on_host(
 
 
 @register_backend
+@dataclass(frozen=True)
 class Cuda(Backend):
-    """The compiled CUDA extension (csrc/), for patch dictionaries on CUDA tensors."""
+    """The compiled CUDA extension (csrc/), for patch dictionaries on CUDA tensors.
+
+    Args:
+        splits: dictionary splits per (query block, group); None: enough blocks to fill the GPU.
+    """
+
+    splits: int | None = None
 
     NAME = "cuda"
     LIMITS: ClassVar[dict[str, str]] = {
@@ -82,6 +91,21 @@ class Cuda(Backend):
         "device": "needs CUDA tensors",
         "grid": f"needs at most {MAX_GRID_AXIS} groups (the CUDA grid limit)",
     }
+
+    def __post_init__(self) -> None:
+        if self.splits is not None and (isinstance(self.splits, bool) or not isinstance(self.splits, int)
+                                        or self.splits < 1):  # fmt: skip
+            raise ValueError(f"splits must be a positive integer or None, got {self.splits!r}")
+
+    def options(self) -> dict:
+        return {"splits": self.splits}
+
+    def accuracy(self, dtype: torch.dtype) -> Tolerance:
+        """float32: the bound of `elsfast.reduce.bounds` for fp32 FMA logits, tiles of `TILE_N` = 32 terms summed in
+        sequence and `exp2f` (2 ulp): (D/2 + 3) eps32 L + 2.3e-6 (docs/design.md)."""
+        if dtype == torch.float32:
+            return kernel_tolerance(fma_logit_error(), tile_terms=32, exp2_relative=4 * U32)
+        return super().accuracy(dtype)
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         reasons = []
@@ -105,4 +129,4 @@ class Cuda(Backend):
         memory_budget: int,
         provenance: bool = False,
     ) -> BackendOutput:
-        return BackendOutput(_run(queries, dictionary, abar, provenance, None, host=False), 1)
+        return BackendOutput(_run(queries, dictionary, abar, provenance, self.splits, host=False), 1)

@@ -35,7 +35,7 @@ from .cpu_backend import CPU_KERNEL_LIMITS, Cpu, check_options, choose_isa, cpu_
 from .dictionary import Dictionary, PatchDictionary
 from .distinct import describe, distinct_entries
 from .partials import empty_partial_states, fold_partial_states, import_extension
-from .registry import Backend, BackendOutput, register_backend
+from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import ReduceState, logit_scales
 
 __all__ = ["CACHE_BYTES", "COUNTS", "TABLES", "Dedup", "DistinctTable", "distinct_table"]
@@ -146,6 +146,10 @@ class Dedup(Backend):
         if not isinstance(dictionary, PatchDictionary):
             reasons.append(self.refuse("patches", type(dictionary).__name__))
         return reasons
+
+    def accuracy(self, dtype: torch.dtype) -> Tolerance:
+        """The cpu kernel's: a count's log2 bias adds one fp32 rounding of a few bits to a logit, within its bound."""
+        return self._cpu().accuracy(dtype)
 
     def _cpu(self) -> Cpu:
         return Cpu(splits=self.splits, tiles_per_chunk=self.tiles_per_chunk, isa=self.isa)

@@ -109,14 +109,16 @@ def extension_arguments(inputs: KernelInputs, partials: tuple[torch.Tensor, ...]
 
 
 def empty_partial_states(
-    splits: int, G: int, M: int, E: int, device: torch.device
+    splits: int, G: int, M: int, E: int, device: torch.device, sums: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Uninitialised outputs of a compiled kernel, `(m, l, acc, best, u)`: fp32 `(splits, G, M)` (acc `(splits,
-    G, M, E)`), best int64; the kernel writes every element (best and u only with provenance)."""
+    """Uninitialised outputs of a compiled kernel, `(m, l, acc, best, u)`: m fp32 `(splits, G, M)`, l and u
+    `(splits, G, M)` and acc `(splits, G, M, E)` in `sums` (the CUDA kernel's are float64), best int64; the kernel
+    writes every element (best and u only with provenance)."""
     m = torch.empty(splits, G, M, dtype=torch.float32, device=device)
-    acc = torch.empty(splits, G, M, E, dtype=torch.float32, device=device)
+    l = torch.empty(splits, G, M, dtype=sums, device=device)
+    acc = torch.empty(splits, G, M, E, dtype=sums, device=device)
     best = torch.empty(splits, G, M, dtype=torch.int64, device=device)
-    return m, torch.empty_like(m), acc, best, torch.empty_like(m)
+    return m, l, acc, best, torch.empty_like(l)
 
 
 def fold_partial_states(
@@ -129,13 +131,16 @@ def fold_partial_states(
 ) -> ReduceState:
     """Merge a kernel's per-split partial states (leading axis: splits; m, l, u `(K, G, M)`, acc `(K, G, M, E)`)
     after turning the local ids of `best` (`n * S + s`, n the row in `dictionary.images`) into the dictionary's ids
-    (`image_ids[n] * S + s`), so that the merge's tie rule (the lowest id among equal maxima) compares global ids."""
+    (`image_ids[n] * S + s`), so that the merge's tie rule (the lowest id among equal maxima) compares global ids.
+
+    The merge runs in float64 (the splits can be hundreds: fp32 merges would add a rounding per level); the state
+    it returns is in m's dtype (the queries' float32), rounded once."""
     if best is not None and dictionary.image_ids is not None:
         S = dictionary.entries_per_image
         image_ids = dictionary.image_ids.to(best.device)
         local = best.clamp(min=0)
         best = torch.where(best >= 0, image_ids[local // S] * S + local % S, -1)
-    return ReduceState(m, l, acc, best, u).fold_()
+    return ReduceState(m, l, acc, best, u).astype(torch.float64).fold_().astype(m.dtype)
 
 
 def with_increasing_ids(dictionary: Dictionary) -> Dictionary:

@@ -16,6 +16,7 @@ and never falls back silently.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -66,17 +67,24 @@ class BackendUnavailable(RuntimeError):
 
 
 class Tolerance(NamedTuple):
-    """A backend's declared agreement with the float64 reference for queries of one dtype: every output value is
-    within `per_logit * eps(dtype) * L + absolute` of it, where L is the largest logit magnitude the problem
-    allows, `max |2a q.k - a^2 |k|^2| / T` (nats; SPEC section 5). Approximate backends add twice the neglected
-    posterior mass they certify (values lie in [-1, 1])."""
+    """A backend's declared agreement with the float64 reference for queries of one dtype. A logit is off by at most
+    `Delta = (per_logit + per_feature * D) * eps(dtype) * L` nats, where D is the key dimension and L the largest
+    logit magnitude the problem allows, `max (2a |q.k| + a^2 |k|^2) / T` (nats; SPEC section 5); values in [-1, 1]
+    then move by at most `(e^(2 Delta) - 1) / 2` (~ Delta; docs/design.md, "Error bounds of the fused kernels"), and
+    every output value is within that plus `absolute` (the rounding of the sums) of the reference. Approximate
+    backends add twice the neglected posterior mass they certify."""
 
     per_logit: float
     absolute: float
+    per_feature: float = 0.0
 
-    def bound(self, dtype: torch.dtype, logit_range: float) -> float:
-        """The largest allowed deviation for queries of `dtype` on a problem whose logits span `logit_range`."""
-        return self.per_logit * torch.finfo(dtype).eps * logit_range + self.absolute
+    def bound(self, dtype: torch.dtype, logit_range: float, key_dim: int | None = None) -> float:
+        """The largest allowed deviation for queries of `dtype` on a problem of key dimension `key_dim` whose logits
+        span `logit_range` nats; `key_dim` is needed when the tolerance grows with it (`per_feature`)."""
+        if self.per_feature and key_dim is None:
+            raise ValueError("this tolerance grows with the key dimension: pass key_dim")
+        delta = (self.per_logit + self.per_feature * (key_dim or 0)) * torch.finfo(dtype).eps * logit_range
+        return min(2.0, math.expm1(2.0 * delta) / 2.0) + self.absolute
 
 
 # A logit is a dot product of D terms in the queries' dtype; its rounding error is a few eps * L, a weight moves by

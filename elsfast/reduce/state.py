@@ -171,6 +171,11 @@ class ReduceState:
             K -= half
         return lead(0)
 
+    def astype(self, dtype: torch.dtype) -> ReduceState:
+        """This state with m, l, acc and u in `dtype` (best stays int64; tensors already in `dtype` are shared)."""
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return ReduceState(cast(self.m), cast(self.l), cast(self.acc), self.best, cast(self.u))
+
     def _fields(self) -> tuple[torch.Tensor | None, ...]:
         return self.m, self.l, self.acc, self.best, self.u
 

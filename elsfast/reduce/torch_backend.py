@@ -195,7 +195,4 @@ class TorchBackend(Backend):
                     else:
                         merge_tile_(rows, tile)
             chunks += 1
-        if state.m.dtype != dtype:
-            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-            state = ReduceState(cast(state.m), cast(state.l), cast(state.acc), state.best, cast(state.u))
-        return BackendOutput(state, chunks)
+        return BackendOutput(state.astype(dtype), chunks)

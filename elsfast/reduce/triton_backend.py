@@ -5,13 +5,11 @@ Runs on CUDA tensors, and on CPU tensors only under Triton's interpreter (TRITON
 imported), which is for testing: `auto` never picks it on a CPU. fp32 only.
 
 Precision policy (SPEC section 5). uint8 images: "fp16x2", the exact integer keys 2u - 255 against the queries'
-two fp16 halves (fp32-grade; bound in the kernel's module docstring). float32 images: the distance dot q'.k may
-run on tf32 tensor cores only where the resulting logit error is negligible. tf32 operands given as raw fp32 are
-truncated, not rounded (relative error below 2^-10 each), so |error| <= 2^-9 sum_f |q'_f k_f| <= 2^-9 |q'| |k|
-bits, with |q'| = 2a/T log2(e) |q| the largest scaled query norm and |k| <= sqrt(D) max|pixel| the largest key
-norm. tf32 is used when that bound is at most `TF32_MAX_LOGIT_ERROR` bits (a weight then moves by at most
-0.07%), which happens only at very high noise; otherwise "tf32x3" (three tf32 products, fp32-accurate, still on
-tensor cores). `precision="ieee"` forces plain fp32 FMAs.
+two fp16 halves; float32 images: "tf32x3" (three tf32 products on tensor cores). Each has a worst-case bound
+(`elsfast.reduce.bounds`, derived in docs/design.md) within `AUTO_BOUND_RATIO` (10x) of the float32 cpu kernel's
+on every problem; "auto" never takes one that is not. "tf32" (operands truncated to 10 mantissa bits: a logit off
+by up to 2^-9 sum_f |q'_f k_f|) and "ieee" (plain fp32 FMAs, 4-5x tighter than fp16x2, no tensor cores) run only
+when asked for.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import ClassVar
 
 import torch
 
+from .bounds import TRITON_LOGIT_ERROR, kernel_tolerance
 from .dictionary import Dictionary
 from .partials import (
     MAX_GRID_AXIS,
@@ -35,43 +34,49 @@ from .partials import (
     with_increasing_ids,
 )
 from .registry import Backend, BackendOutput, Tolerance, register_backend
-from .state import logit_scales
 from .tuning import TUNING_PAIRS, choose_config, time_call, tuning_key
 
-__all__ = ["TF32_MAX_LOGIT_ERROR", "Triton", "dot_precision", "key_norm_bound", "value_block"]
+__all__ = ["AUTO_BOUND_RATIO", "Triton", "bound_ratio", "dot_precision", "precision_tolerance", "value_block"]
 
-TF32_MAX_LOGIT_ERROR = 1e-3  # bits
 PRECISIONS = ("auto", "fp16x2", "tf32", "tf32x3", "ieee")
+AUTO_BOUND_RATIO = 10.0  # "auto" never takes a precision whose bound is looser than the cpu kernel's by more
+# the longest run of fp32 additions in a tile's sums: BLOCK_N terms (default and tuned tiles have at most 128)
+DEFAULT_TILE_TERMS = 128
+EX2_RELATIVE = 2.0**-22  # ex2.approx.ftz.f32 (PTX ISA: relative error below 2^-22 on [-126, 0])
 
 
-def dot_precision(abar: float, query_norm: float, key_norm: float, precision: str = "auto", uint8: bool = False) -> str:
+def precision_tolerance(precision: str, block_n: int | None = None) -> Tolerance:
+    """The float32 `Tolerance` of the kernel with distance dot `precision` (not "auto") and tiles of `block_n`
+    entries (None: the default and tuned tiles, at most 128)."""
+    terms = max(DEFAULT_TILE_TERMS, block_n or 0)
+    return kernel_tolerance(TRITON_LOGIT_ERROR[precision], tile_terms=terms, exp2_relative=EX2_RELATIVE)
+
+
+def bound_ratio(tolerance: Tolerance, reference: Tolerance, key_dim: int) -> float:
+    """The largest ratio of `tolerance`'s bound to `reference`'s over every logit range, for keys of `key_dim`
+    features: max of the ratios of their logit terms and of their absolute terms (both bounds are increasing in
+    the logit error, so the ratio of the sums is at most the larger ratio of the parts)."""
+    logit = tolerance.per_logit + tolerance.per_feature * key_dim
+    reference_logit = reference.per_logit + reference.per_feature * key_dim
+    return max(logit / reference_logit, tolerance.absolute / reference.absolute)
+
+
+def dot_precision(precision: str = "auto", uint8: bool = False) -> str:
     """The distance dot's precision: `precision` itself unless "auto", then "fp16x2" for uint8 images (`uint8`),
-    else "tf32" where the tf32 logit error bound `2^-9 (2a/T) log2(e) query_norm key_norm` (bits) is at most
-    `TF32_MAX_LOGIT_ERROR`, "tf32x3" otherwise. `query_norm`, `key_norm`: the largest query and key norms (pixel
-    units). "fp16x2" needs integer keys, i.e. uint8 images."""
+    else "tf32x3". "fp16x2" needs integer keys, i.e. uint8 images."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp16x2" and not uint8:
         raise ValueError('precision "fp16x2" needs uint8 images (exact integer keys)')
     if precision != "auto":
         return precision
-    if uint8:
-        return "fp16x2"
-    bound = 2.0**-9 * logit_scales(abar)[0] * query_norm * key_norm
-    return "tf32" if bound <= TF32_MAX_LOGIT_ERROR else "tf32x3"
+    return "fp16x2" if uint8 else "tf32x3"
 
 
 def value_block(E: int) -> int:
     """Value channels one program accumulates (`BLOCK_E`): E rounded up to a power of two, at least 16 (a GPU
     `tl.dot` dimension), at most 64 (whole-image dictionaries run in several value blocks)."""
     return min(64, max(16, 1 << (E - 1).bit_length()))
-
-
-def key_norm_bound(dictionary: Dictionary) -> float:
-    """An upper bound on the norm of every key: sqrt(D) times the largest pixel magnitude (1 for uint8)."""
-    images = dictionary.images
-    largest = 1.0 if images.dtype == torch.uint8 else float(images.abs().max()) if images.numel() else 0.0
-    return math.sqrt(dictionary.key_dim) * largest
 
 
 def shared_memory_limit(device: torch.device) -> int:
@@ -119,7 +124,7 @@ class Triton(Backend):
     }
 
     def __post_init__(self) -> None:
-        dot_precision(0.5, 0.0, 0.0, self.precision, uint8=True)
+        dot_precision(self.precision, uint8=True)
         for name in ("block_m", "block_n"):
             size = getattr(self, name)
             if size is not None and (size < 16 or size & (size - 1)):
@@ -160,15 +165,15 @@ class Triton(Backend):
         return reasons
 
     def accuracy(self, dtype: torch.dtype) -> Tolerance:
-        """fp32 dots as the other kernels; "auto" may use tf32 where its logit error is at most
-        `TF32_MAX_LOGIT_ERROR` bits (a weight then moves by at most 2 ln 2 times that, twice over for the normaliser);
-        forced "tf32" truncates both operands to 10 mantissa bits: a logit is off by up to 2^-9 L."""
-        base = super().accuracy(dtype)
-        if self.precision == "tf32":
-            return Tolerance(base.per_logit + 2.0**14, base.absolute)
-        if self.precision == "auto":
-            return Tolerance(base.per_logit, base.absolute + 4 * math.log(2) * TF32_MAX_LOGIT_ERROR)
-        return base
+        """float32: the bound of `elsfast.reduce.bounds` for the distance dot's precision and the tiles' sums (at
+        most `block_n`, else 128 terms) with ex2.approx; under "auto" the looser of "fp16x2" (uint8 images) and
+        "tf32x3" (float32 images). fp16x2: (2.5 D + 4) eps32 L + 7.9e-6 (docs/design.md)."""
+        if dtype != torch.float32:
+            return super().accuracy(dtype)
+        if self.precision != "auto":
+            return precision_tolerance(self.precision, self.block_n)
+        a, b = (precision_tolerance(p, self.block_n) for p in ("fp16x2", "tf32x3"))
+        return Tolerance(*(max(x, y) for x, y in zip(a, b, strict=True)))
 
     def reduce(
         self,
@@ -186,8 +191,7 @@ class Triton(Backend):
             dictionary = with_increasing_ids(dictionary)
         inputs = kernel_inputs(queries, dictionary, abar)
         uint8 = dictionary.images.dtype == torch.uint8
-        query_norm = float(queries.norm(dim=-1).max()) if queries.numel() else 0.0
-        precision = dot_precision(abar, query_norm, key_norm_bound(dictionary), self.precision, uint8)
+        precision = dot_precision(self.precision, uint8)
         E = dictionary.value_dim
         device = queries.device
         options = dict(
