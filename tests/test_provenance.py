@@ -34,6 +34,25 @@ def test_provenance_matches_reference(machine, padding, abar, conditional):
     np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_valid_dictionary_provenance_matches_reference(padding):
+    """ELS with the valid dictionary: every pixel against the patches inside the images, so an entry's id counts
+    the dictionary's positions (not the query positions); the source image was decoded with the wrong count."""
+    g = torch.Generator().manual_seed(stable_seed("valid provenance", padding))
+    N, B, H, W = 5, 2, 6, 7
+    train = torch.rand(N, 1, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(B, 1, H, W, generator=g, dtype=torch.float64)
+    m = ScoreMachine(train, padding=padding, dictionary="valid", dtype=torch.float64)
+    _, prov = m.denoise(x, 0.9, 3, return_provenance=True)
+    ref = reference(x, train, 0.9, "els", padding, 3, provenance=True, dictionary="valid")
+    assert len(np.unique(ref[0])) > 2  # several source images, so a wrong decoding shows
+    got = [prov.source_image, prov.source_y, prov.source_x]
+    for name, a, b in zip(("image", "y", "x"), got, ref[:3], strict=True):
+        np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
+    np.testing.assert_allclose(prov.weight.numpy(), ref[3], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=1e-9)
+
+
 def test_entropy_and_weight_merge_across_chunks():
     # one softmax split into unequal tiles, merged in two different orders
     g = torch.Generator().manual_seed(3)

@@ -130,11 +130,8 @@ def fold_partial_states(
     """Merge a kernel's per-split partial states (leading axis: splits; m, l, u `(K, G, M)`, acc `(K, G, M, E)`)
     after turning the local ids of `best` (`n * S + s`, n the row in `dictionary.images`) into the dictionary's ids
     (`image_ids[n] * S + s`), so that the merge's tie rule (the lowest id among equal maxima) compares global ids."""
-    if best is not None and dictionary.image_ids is not None:
-        S = dictionary.entries_per_image
-        image_ids = dictionary.image_ids.to(best.device)
-        local = best.clamp(min=0)
-        best = torch.where(best >= 0, image_ids[local // S] * S + local % S, -1)
+    if best is not None:
+        best = dictionary.global_ids(best)
     return ReduceState(m, l, acc, best, u).fold_()
 
 
