@@ -48,10 +48,11 @@ from ..common.imageio import make_grid
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.schedules import get_schedule, schedule_name
 from ..machine import MACHINES, ScoreMachine
+from ..nets.models import NetworkDenoiser
 from ..plots.style import machine_name, matplotlib_missing
 from ..sampling import ddim_sample
 from ..sampling.ddim import GRIDS, grid_start
-from .calibrate import CalibrationResult, as_eps_fn, label_tensor, network_denoiser, seed_labels, seed_noise
+from .calibrate import CalibrationResult, as_eps_fn, label_tensor, seed_labels, seed_noise
 from .metrics import pearson_r, r_squared
 
 __all__ = ["compare", "load_results", "plot_results", "summarize"]
@@ -398,7 +399,7 @@ def compare(
         y = label_tensor([seed_label[seed]])
         images = {
             "network": ddim_sample(
-                network_denoiser(eps_fn, y),
+                NetworkDenoiser(eps_fn, labels=y),
                 noise,
                 steps=network_steps,
                 schedule=schedule,
