@@ -7,6 +7,8 @@ per class when class-conditional:
     ES   IS over every circular translate of every training image (circular padding only)
     LS   one group per pixel; keys are the P x P patches at that pixel, values their centre pixels
     ELS  patches at every position (circular) or every position of the same border class (zero padding)
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.datasets`.
 """
 
 from __future__ import annotations
