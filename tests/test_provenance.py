@@ -10,7 +10,7 @@ from problems import COMBOS, reference, stable_seed
 
 import elsfast
 from elsfast import ScoreMachine
-from elsfast.reduce import ReduceState
+from elsfast.reduce import PatchDictionary, ReduceState
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -235,3 +235,20 @@ def test_identical_patches_name_the_lowest_id_whatever_the_order_of_image_ids(ba
                     named = keys[group, (entry_ids == best).nonzero().item()]
                     same = (keys[group] == named).all(-1)
                     assert entry_ids[same].min().item() == best, (name, group, best, entry_ids[same].tolist())
+
+
+def test_dictionary_ids_round_trip():
+    """`entry_ids_of` and `decode_ids` are inverses; `global_ids` names rows by their image ids and keeps -1;
+    `entry_ids` lists the ids of `entries` in its order; `sources` gives the pixel a patch is centred on."""
+    images = torch.zeros(3, 1, 4, 5)
+    positions = torch.tensor([[0, 7, 19], [3, 4, 12]])
+    d = PatchDictionary(images, 3, "zeros", positions, image_ids=torch.tensor([8, 2, 5]))
+    image, position = torch.tensor([0, 2, 1]), torch.tensor([2, 0, 1])
+    ids = d.entry_ids_of(image, position)
+    assert ids.tolist() == [2, 6, 4]
+    assert [t.tolist() for t in d.decode_ids(ids)] == [image.tolist(), position.tolist()]
+    assert d.global_ids(torch.tensor([2, 6, 4, -1])).tolist() == [8 * 3 + 2, 5 * 3 + 0, 2 * 3 + 1, -1]
+    assert d.entry_ids(0, 3).tolist() == [24, 6, 15, 25, 7, 16, 26, 8, 17]  # entry-major: s * n + i
+    source_image, y, x = d.sources(torch.tensor([[2, 6], [4, 0]]))
+    assert source_image.tolist() == [[0, 2], [1, 0]]
+    assert y.tolist() == [[19 // 5, 0], [4 // 5, 3 // 5]] and x.tolist() == [[19 % 5, 0], [4 % 5, 3 % 5]]
