@@ -7,6 +7,8 @@ per class when class-conditional:
     ES   IS over every circular translate of every training image (circular padding only)
     LS   one group per pixel; keys are the P x P patches at that pixel, values their centre pixels
     ELS  patches at every position (circular) or every position of the same border class (zero padding)
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.datasets`.
 """
 
 from __future__ import annotations
@@ -526,9 +528,8 @@ class ScoreMachine:
             out = r.values.reshape(B, C, H, W)
             if not provenance:
                 return out, None
-            # one softmax per sample: entry id = image * S + s, s = the translate (u, v) for ES (S = H*W)
-            S = dictionary.entries_per_image
-            image, shift = (r.best[0] // S).view(B, 1, 1), (r.best[0] % S).view(B, 1, 1)
+            # one softmax per sample: entry position s = the translate (u, v) for ES (S = H*W)
+            image, shift = (t.view(B, 1, 1) for t in dictionary.decode_ids(r.best[0]))
             ys = torch.arange(H, device=x.device).view(1, H, 1)
             xs = torch.arange(W, device=x.device).view(1, 1, W)
             per_pixel = lambda t: t.view(B, 1, 1).expand(B, H, W)  # noqa: E731
@@ -549,9 +550,7 @@ class ScoreMachine:
             pixels = positions.flatten().to(x.device)
             out[:, :, pixels] = r.values.reshape(G * S, B, C).permute(1, 2, 0)
             if provenance:
-                # entry id = image * S' + s: the patch centred at pixel entries[g, s] of that image
-                source = entries.to(x.device).gather(1, r.best % entries.shape[1])  # (G, S * B) flat source pixel
-                per_query = torch.stack([r.best // S, source // W, source % W, r.weight, r.entropy])
+                per_query = torch.stack([*dictionary.sources(r.best), r.weight, r.entropy])  # each (G, S * B)
                 fields[:, :, pixels] = per_query.reshape(5, G * S, B).transpose(1, 2).double()
         out = out.reshape(B, C, H, W)
         if not provenance:

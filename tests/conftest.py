@@ -1,5 +1,6 @@
 import os
 import random
+import sys
 import zlib
 from pathlib import Path
 
@@ -72,3 +73,20 @@ def pytest_runtest_makereport(item, call):
     seed = getattr(item, "rng_seed", None)
     if report.failed and seed is not None:
         report.sections.append(("seed", f"global generators seeded with {seed} (CRC-32 of {item.nodeid!r})"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """After the conformance suite: how many cases each backend variant computed and refused, per device."""
+    suite = sys.modules.get("test_backends")
+    if suite is None or not (suite.OUTCOMES or suite.COMPUTED):
+        return
+    terminalreporter.write_sep("-", "conformance cases computed / refused per backend")
+    for name, device in sorted(set(suite.OUTCOMES) | set(suite.COMPUTED)):
+        outcome = suite.OUTCOMES.get((name, device), {})
+        line = f"{name:>12} on {device}: conformance {outcome.get('computed', 0)} computed"
+        line += f", {outcome.get('refused', 0)} refused"
+        if (name, device) in suite.COMPUTED:
+            line += (
+                f"; computed {suite.COMPUTED[name, device]} of {len(suite.ALL_CASES)} (at least {suite.MIN_COMPUTED})"
+            )
+        terminalreporter.write_line(line)

@@ -11,7 +11,7 @@ import torch
 from reference import reference_denoise, reference_provenance
 
 from elsfast.reduce import Backend
-from elsfast.reduce.cuda_backend import reduce_on_host
+from elsfast.reduce.cuda_backend import Cuda, reduce_on_host
 from elsfast.reduce.partials import COMPILED_KERNEL_LIMITS, compiled_kernel_reasons
 from elsfast.reduce.registry import BackendOutput
 
@@ -99,6 +99,9 @@ class CudaOnHost(Backend):
     def unsupported_reasons(self, queries, dictionary):
         reasons = compiled_kernel_reasons(self, queries, dictionary)
         return reasons + ([] if queries.device.type == "cpu" else [self.refuse("host", str(queries.device))])
+
+    def accuracy(self, dtype):
+        return Cuda().accuracy(dtype)  # the same source
 
     def reduce(self, queries, dictionary, *, abar, memory_budget, provenance=False):
         state = reduce_on_host(queries, dictionary, abar=abar, provenance=provenance, splits=3)

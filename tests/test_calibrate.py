@@ -135,8 +135,6 @@ def test_scales_layout_json_and_plot(train, tmp_path):
 
 
 def test_module_network_is_wrapped_with_its_time(train):
-    models = pytest.importorskip("elsfast.nets.models")
-    assert hasattr(models, "eps_at")
     seen = []
 
     class StandIn(torch.nn.Module):

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import elsfast
+import elsfast.machine
 import elsfast.sampling
 from elsfast.cli import main, parse_bytes
 from elsfast.common.fileio import MANIFEST_NAME
@@ -248,9 +249,19 @@ def test_parse_bytes_rejects(text):
         parse_bytes(text)
 
 
-def test_memory_budget_is_used(tmp_path, capsys):
+def test_memory_budget_is_used(tmp_path, capsys, monkeypatch):
+    """--memory-budget 1M reaches every reduction the sampler runs (1 MiB, not the 512 MiB default)."""
+    budgets = []
+    reduce = elsfast.machine.softmax_reduce
+
+    def spy(*args, **kwargs):
+        budgets.append(kwargs["memory_budget"])
+        return reduce(*args, **kwargs)
+
+    monkeypatch.setattr(elsfast.machine, "softmax_reduce", spy)
     code, _, err = run(capsys, "sample", *FAST, "--memory-budget", "1M", "--save", str(tmp_path / "s.pt"))
     assert code == 0, err
+    assert budgets and set(budgets) == {1 << 20}, sorted(set(budgets))
 
 
 # ---------------------------------------------------------------------------------------------- info, scales

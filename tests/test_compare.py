@@ -147,7 +147,6 @@ def test_conditional_labels_and_network_steps(train, tmp_path):
 
 
 def test_module_network_gets_a_weight_hash(train, tmp_path):
-    pytest.importorskip("elsfast.nets.models")
     images, _ = train
 
     class StandIn(torch.nn.Module):

@@ -182,7 +182,7 @@ def test_auto_deduplicates_only_where_entries_repeat(cpu_ext, monkeypatch):
         queries = extract_patches(x, P, "zeros", positions).reshape(positions.shape[0], -1, P * P)
         return queries, PatchDictionary(train, P, "zeros", positions)
 
-    assert policy.select_backend("auto", *problem(repeating, 3)).NAME == "dedup"
+    assert next(policy.auto_candidates(*problem(repeating, 3))).NAME == "dedup"
     assert not dedup_backend.TABLES, "choosing built a table"
     r = softmax_reduce(*problem(repeating, 3), abar=0.5)
     assert r.group_backends == ("dedup",) and r.pairs < r.exact_pairs
@@ -196,9 +196,10 @@ def test_auto_deduplicates_only_where_entries_repeat(cpu_ext, monkeypatch):
     monkeypatch.undo()
     # beyond DEDUP_MAX_PATCH_SIZE, and below DEDUP_MIN_ENTRIES, auto does not take dedup
     monkeypatch.setattr(policy, "DEDUP_MIN_ENTRIES", 100)
-    assert policy.select_backend("auto", *problem(repeating, policy.DEDUP_MAX_PATCH_SIZE + 2)).NAME != "dedup"
+    big_patches = softmax_reduce(*problem(repeating, policy.DEDUP_MAX_PATCH_SIZE + 2), abar=0.5)
+    assert "dedup" not in big_patches.group_backends
     monkeypatch.setattr(policy, "DEDUP_MIN_ENTRIES", 10**9)
-    assert policy.select_backend("auto", *problem(repeating, 3)).NAME != "dedup"
+    assert "dedup" not in softmax_reduce(*problem(repeating, 3), abar=0.5).group_backends
 
 
 def test_dedup_refuses_what_it_cannot_run(cpu_ext):

@@ -251,11 +251,10 @@ def test_ties_go_to_the_lowest_entry_id_in_every_merge():
     assert stacked.fold_().best.item() == 2
     # a kernel's splits hold local ids (row n of the dictionary's images, n * S + s); the tie is decided on the
     # global ids image_ids[n] * S + s: here rows 0 and 1 are training images 9 and 4, S = 2
-    from types import SimpleNamespace
-
+    from elsfast.reduce import ImageDictionary
     from elsfast.reduce.partials import fold_partial_states
 
-    dictionary = SimpleNamespace(entries_per_image=2, image_ids=torch.tensor([9, 4]))
+    dictionary = ImageDictionary(torch.zeros(2, 1, 1, 2), shifts=True, image_ids=torch.tensor([9, 4]))
     fields = [torch.stack([getattr(single(3.0, local), f) for local in (1, 3)]) for f in ("m", "l", "acc", "best", "u")]
     assert fold_partial_states(dictionary, *fields).best.item() == 4 * 2 + 1  # local 3 = row 1, s = 1
 

@@ -1,6 +1,6 @@
-"""The package's layout holds: every module imports alone (no import cycle held together by import order), the
-dependency direction is one way (cli -> research/integrations -> sampling/nets -> machine -> reduce/datasets/plots
--> common), no private name crosses a module boundary, and one training-set hash serves everyone."""
+"""The package's layout holds: every module imports alone (no import cycle held together by import order), each
+package imports only the packages of its row of `IMPORTS` (the table its docstring quotes), no private name crosses
+a module boundary, and one training-set hash serves everyone."""
 
 import ast
 import json
@@ -15,21 +15,24 @@ from elsfast.common.fingerprint import training_set_sha256
 
 PACKAGE = Path(elsfast.__file__).resolve().parent
 
-# A module may import only from its own package and from packages of a lower layer.
-LAYERS = {
-    "common": 0,
-    "kernels": 0,  # the Triton kernels import nothing of elsfast
-    "reduce": 1,
-    "datasets": 1,
-    "plots": 1,
-    "machine": 2,
-    "sampling": 3,
-    "nets": 3,
-    "research": 4,
-    "integrations": 4,
-    "cli": 5,
-    "": 6,  # elsfast/__init__.py and __main__.py: the user API
+# The elsfast packages each package may import (besides itself): the rule each package's docstring quotes as
+# `quoted_rule(package)`. The dependency direction is one way: cli -> research/integrations -> sampling/nets ->
+# machine -> reduce/datasets/plots -> common, and not every lower package (nets never the reduction, sampling never
+# the datasets).
+IMPORTS: dict[str, tuple[str, ...]] = {
+    "common": (),
+    "kernels": (),  # the Triton kernels import nothing of elsfast
+    "reduce": ("common", "kernels"),
+    "datasets": ("common",),
+    "plots": ("common",),
+    "machine": ("common", "reduce", "datasets"),
+    "sampling": ("common", "reduce", "machine"),
+    "nets": ("common", "datasets"),
+    "research": ("common", "reduce", "datasets", "plots", "machine", "sampling", "nets"),
+    "integrations": ("common", "reduce", "machine", "sampling"),
+    "cli": ("common", "reduce", "datasets", "plots", "machine", "sampling", "nets", "research", "integrations"),
 }
+IMPORTS[""] = (*IMPORTS["cli"], "cli")  # elsfast/__init__.py and __main__.py: the user API
 COMPILED = {"_cpu", "_cuda"}  # the compiled extensions: imported by the backends that wrap them
 
 
@@ -68,7 +71,7 @@ def _imports(module: str, path: Path):
 
 def test_dependencies_point_one_way_and_no_private_name_crosses_a_module():
     modules = _modules()
-    assert len(modules) > 40 and set(map(_package, modules)) <= set(LAYERS)
+    assert len(modules) > 40 and set(map(_package, modules)) <= set(IMPORTS)
     problems = []
     for module, path in modules.items():
         src = _package(module)
@@ -81,8 +84,8 @@ def test_dependencies_point_one_way_and_no_private_name_crosses_a_module():
                 dst = _package(full)
                 if full.split(".")[-1] in COMPILED or dst == src:
                     pass
-                elif LAYERS[dst] >= LAYERS[src]:
-                    problems.append(f"{where}: {module} ({src}) imports {full} ({dst}), not a lower layer")
+                elif dst not in IMPORTS[src]:
+                    problems.append(f"{where}: {module} ({src}) imports {full} ({dst}), not in its row of IMPORTS")
                 if (
                     name
                     and name.startswith("_")
@@ -92,6 +95,25 @@ def test_dependencies_point_one_way_and_no_private_name_crosses_a_module():
                 ):
                     problems.append(f"{where}: {module} imports the private name {name} from {target}")
     assert not problems, "\n".join(problems)
+
+
+def quoted_rule(package: str) -> str:
+    """The sentence of `package`'s docstring that quotes its row of `IMPORTS`."""
+    allowed = ", ".join(f"`elsfast.{name}`" for name in IMPORTS[package]) or "nothing"
+    return f"Imports of other elsfast packages (tests/test_layout.py): {allowed}."
+
+
+def test_each_package_docstring_quotes_its_import_rule():
+    """The rule a maintainer reads in a package's docstring is the rule this file holds."""
+    missing = []
+    for package in IMPORTS:
+        if package in ("", "kernels"):  # the user API may import anything; kernels/ is outside the package
+            continue
+        path = PACKAGE / f"{package}.py" if (PACKAGE / f"{package}.py").exists() else PACKAGE / package / "__init__.py"
+        docstring = " ".join((ast.get_docstring(ast.parse(path.read_text())) or "").split())
+        if quoted_rule(package) not in docstring:
+            missing.append(f"{path.relative_to(PACKAGE.parent)}: {quoted_rule(package)}")
+    assert not missing, "docstrings that do not quote their rule:\n" + "\n".join(missing)
 
 
 def test_every_module_imports_alone():

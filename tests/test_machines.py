@@ -228,15 +228,21 @@ def test_bad_construction():
         ScoreMachine(bad)
 
 
-def test_eps_and_score_conversions(small):
-    m, _ = small
-    x = torch.randn(2, 1, 5, 5)
-    abar = 0.3
-    d = m.denoise(x, abar)
-    torch.testing.assert_close(m.eps(x, abar), (x - math.sqrt(abar) * d) / math.sqrt(1 - abar))
-    torch.testing.assert_close(m.score(x, abar), (math.sqrt(abar) * d - x) / (1 - abar))
-    # score = -eps / sqrt(1 - abar)
-    torch.testing.assert_close(m.score(x, abar), -m.eps(x, abar) / math.sqrt(1 - abar))
+@pytest.mark.parametrize("abar", [0.05, 0.3, 0.9])
+def test_eps_and_score_are_the_gradient_of_the_log_density(abar):
+    """The IS machine's noisy density is a Gaussian mixture, p(x) = mean_n N(x; sqrt(abar) t_n, (1 - abar) I): its
+    `score` must be the gradient of log p (by autograd, independent of the machine's formulas) and its `eps` the
+    noise that score implies, -sqrt(1 - abar) grad log p."""
+    g = torch.Generator().manual_seed(17)
+    train = torch.rand(5, 1, 4, 5, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(3, 1, 4, 5, generator=g, dtype=torch.float64)
+    m = ScoreMachine(train, machine="is", dtype=torch.float64)
+    x_grad = x.clone().requires_grad_(True)
+    distance2 = (x_grad.flatten(1)[:, None] - math.sqrt(abar) * train.flatten(1)[None]).square().sum(-1)
+    torch.logsumexp(-distance2 / (2 * (1 - abar)), dim=1).sum().backward()
+    grad_log_p = x_grad.grad
+    torch.testing.assert_close(m.score(x, abar), grad_log_p, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(m.eps(x, abar), -math.sqrt(1 - abar) * grad_log_p, rtol=1e-9, atol=1e-9)
 
 
 def test_valid_dictionary_options_and_round_trip(tmp_path):

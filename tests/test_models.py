@@ -156,3 +156,33 @@ def test_denoiser_is_the_x0_of_eps_at():
     x0 = NetworkDenoiser(model)(x, abar, 1)
     torch.testing.assert_close(x0, (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar))
     torch.testing.assert_close(eps_at(model, x, abar, batch_size=2), eps, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("abar", [1e-3, 0.3, 0.97])
+def test_denoiser_of_an_eps_fn_inverts_the_forward_process(abar):
+    """An eps_fn that returns the noise actually added: the denoiser gives back the clean image (x = sqrt(abar) x0
+    + sqrt(1 - abar) eps), and it passes the labels it was given."""
+    g = torch.Generator().manual_seed(23)
+    x0 = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x = math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
+    labels = torch.tensor([2, 0, 1])
+    seen = []
+
+    def eps_fn(x_t, a, y):
+        seen.append((a, y))
+        return noise.float()  # returned in another dtype: the denoiser works in x's
+
+    out = NetworkDenoiser(eps_fn, labels=labels)(x, abar, 0)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-6 / math.sqrt(abar))
+    assert seen == [(abar, labels)]
+
+
+def test_network_denoiser_of_calibrate_is_deprecated():
+    from elsfast.research.calibrate import network_denoiser
+
+    with pytest.warns(DeprecationWarning, match="NetworkDenoiser"):
+        denoiser = network_denoiser(lambda x, abar, labels: torch.zeros_like(x))
+    assert isinstance(denoiser, NetworkDenoiser)
+    torch.testing.assert_close(denoiser(torch.ones(1, 1, 2, 2), 0.25, 0), torch.full((1, 1, 2, 2), 2.0))

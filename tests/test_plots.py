@@ -92,11 +92,17 @@ def test_calibration_plot_from_saved_json(tmp_path):
     assert back.plot(tmp_path / "c.png").read_bytes() == res.plot(tmp_path / "d.png").read_bytes()
 
 
-def test_figures_are_not_left_in_pyplot():
+@pytest.mark.parametrize("figure", sorted(FIGURES))
+def test_figures_are_not_left_in_pyplot(figure, tmp_path):
+    """Each figure is a `Figure` of its own, never one of pyplot's: with pyplot imported, drawing leaves no figure
+    open there (a loop over many figures would keep them all) and switches no backend."""
     import matplotlib
+    import matplotlib.pyplot as plt
 
-    assert "matplotlib.pyplot" not in sys.modules or not __import__("matplotlib.pyplot").pyplot.get_fignums()
-    assert matplotlib.get_backend()  # untouched: no global backend switch is needed
+    before, backend = plt.get_fignums(), matplotlib.get_backend()
+    FIGURES[figure](tmp_path / "f.png")
+    assert plt.get_fignums() == before
+    assert matplotlib.get_backend() == backend
 
 
 def test_import_elsfast_does_not_import_matplotlib():

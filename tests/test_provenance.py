@@ -10,7 +10,7 @@ from problems import COMBOS, reference, stable_seed
 
 import elsfast
 from elsfast import ScoreMachine
-from elsfast.reduce import ReduceState
+from elsfast.reduce import PatchDictionary, ReduceState
 
 
 @pytest.mark.parametrize("conditional", [False, True])
@@ -27,6 +27,25 @@ def test_provenance_matches_reference(machine, padding, abar, conditional):
     out, prov = m.denoise(x, abar, 3, labels, return_provenance=True)
     torch.testing.assert_close(out, m.denoise(x, abar, 3, labels))  # tracking does not change the output
     ref = reference(x, train, abar, machine, padding, 3, labels, train_labels, provenance=True)
+    got = [prov.source_image, prov.source_y, prov.source_x]
+    for name, a, b in zip(("image", "y", "x"), got, ref[:3], strict=True):
+        np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
+    np.testing.assert_allclose(prov.weight.numpy(), ref[3], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(prov.entropy.numpy(), ref[4], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("padding", ["zeros", "circular"])
+def test_valid_dictionary_provenance_matches_reference(padding):
+    """ELS with the valid dictionary: every pixel against the patches inside the images, so an entry's id counts
+    the dictionary's positions (not the query positions); the source image was decoded with the wrong count."""
+    g = torch.Generator().manual_seed(stable_seed("valid provenance", padding))
+    N, B, H, W = 5, 2, 6, 7
+    train = torch.rand(N, 1, H, W, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(B, 1, H, W, generator=g, dtype=torch.float64)
+    m = ScoreMachine(train, padding=padding, dictionary="valid", dtype=torch.float64)
+    _, prov = m.denoise(x, 0.9, 3, return_provenance=True)
+    ref = reference(x, train, 0.9, "els", padding, 3, provenance=True, dictionary="valid")
+    assert len(np.unique(ref[0])) > 2  # several source images, so a wrong decoding shows
     got = [prov.source_image, prov.source_y, prov.source_x]
     for name, a, b in zip(("image", "y", "x"), got, ref[:3], strict=True):
         np.testing.assert_array_equal(a.numpy(), b, err_msg=name)
@@ -216,3 +235,20 @@ def test_identical_patches_name_the_lowest_id_whatever_the_order_of_image_ids(ba
                     named = keys[group, (entry_ids == best).nonzero().item()]
                     same = (keys[group] == named).all(-1)
                     assert entry_ids[same].min().item() == best, (name, group, best, entry_ids[same].tolist())
+
+
+def test_dictionary_ids_round_trip():
+    """`entry_ids_of` and `decode_ids` are inverses; `global_ids` names rows by their image ids and keeps -1;
+    `entry_ids` lists the ids of `entries` in its order; `sources` gives the pixel a patch is centred on."""
+    images = torch.zeros(3, 1, 4, 5)
+    positions = torch.tensor([[0, 7, 19], [3, 4, 12]])
+    d = PatchDictionary(images, 3, "zeros", positions, image_ids=torch.tensor([8, 2, 5]))
+    image, position = torch.tensor([0, 2, 1]), torch.tensor([2, 0, 1])
+    ids = d.entry_ids_of(image, position)
+    assert ids.tolist() == [2, 6, 4]
+    assert [t.tolist() for t in d.decode_ids(ids)] == [image.tolist(), position.tolist()]
+    assert d.global_ids(torch.tensor([2, 6, 4, -1])).tolist() == [8 * 3 + 2, 5 * 3 + 0, 2 * 3 + 1, -1]
+    assert d.entry_ids(0, 3).tolist() == [24, 6, 15, 25, 7, 16, 26, 8, 17]  # entry-major: s * n + i
+    source_image, y, x = d.sources(torch.tensor([[2, 6], [4, 0]]))
+    assert source_image.tolist() == [[0, 2], [1, 0]]
+    assert y.tolist() == [[19 // 5, 0], [4 // 5, 3 // 5]] and x.tolist() == [[19 % 5, 0], [4 % 5, 3 % 5]]

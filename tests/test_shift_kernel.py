@@ -16,7 +16,7 @@ from problems import fp32_tolerance, make_problem, reference, stable_seed
 from elsfast import ScoreMachine, Shifts
 from elsfast.reduce import BackendUnavailable, ImageDictionary, PatchDictionary, policy, softmax_reduce
 from elsfast.reduce.patches import extract_patches, group_sets
-from elsfast.reduce.policy import SHIFTS_MIN_PATCH_SIZE, select_backend
+from elsfast.reduce.policy import SHIFTS_MIN_PATCH_SIZE
 from elsfast.reduce.registry import backend_from_spec, backend_spec
 from elsfast.reduce.shift_backend import group_rectangles, query_images
 
@@ -91,7 +91,9 @@ def test_shift_kernel_says_why_it_cannot_run(cpu_ext, monkeypatch):
     positions = group_sets(6, 6, 3, "zeros", "els")[0]  # the four edge groups of 4 positions
     d = PatchDictionary(images, 3, "zeros", positions)
     queries = extract_patches(x, 3, "zeros", positions).reshape(positions.shape[0], -1, 9)
-    assert select_backend("shifts", queries, d).NAME == "shifts"
+    named = softmax_reduce(queries, d, abar=0.5, backend="shifts")
+    assert named.backend == "shifts"
+    torch.testing.assert_close(named.values, softmax_reduce(queries, d, abar=0.5, backend="torch").values)
     with pytest.raises(BackendUnavailable, match="whole images"):
         softmax_reduce(queries[:, :5], d, abar=0.5, backend="shifts")
     # the same number of queries, not the patches of whole images: found only while reducing (a late refusal),
@@ -102,7 +104,7 @@ def test_shift_kernel_says_why_it_cannot_run(cpu_ext, monkeypatch):
         softmax_reduce(shuffled, d, abar=0.5, backend="shifts")
     assert late.value.reasons and late.value.reasons[0].startswith(Shifts.LIMITS["whole_images"])
     monkeypatch.setattr(policy, "SHIFTS_MIN_PATCH_SIZE", 3)
-    assert select_backend("auto", shuffled, d).NAME == "shifts"
+    assert next(policy.auto_candidates(shuffled, d)).NAME == "shifts"  # tried first, refuses late
     r = softmax_reduce(shuffled, d, abar=0.5)
     assert r.backend == "cpu"
     torch.testing.assert_close(r.values, softmax_reduce(shuffled, d, abar=0.5, backend="torch").values)

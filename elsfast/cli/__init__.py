@@ -19,6 +19,9 @@ and `python -m elsfast`). The commands live in one module per family, each with 
 (train, calibrate, compare, reproduce); `elsfast.cli.args` holds what they share (argument types and groups,
 `CLIError`, `PROG`). The import direction is one way: this module -> the families -> `args` -> the library;
 no family imports another family or this module.
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.datasets`,
+`elsfast.plots`, `elsfast.machine`, `elsfast.sampling`, `elsfast.nets`, `elsfast.research`, `elsfast.integrations`.
 """
 
 from __future__ import annotations

@@ -6,4 +6,6 @@
 counts), `schedules` (noise schedules abar(t)), `scales` (patch-size specifications P(t) and the calibrated lists
 of the paper), `provenance` (the record of which training patch explains a pixel). Nothing here imports another
 elsfast package.
+
+Imports of other elsfast packages (tests/test_layout.py): nothing.
 """

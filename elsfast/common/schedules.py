@@ -11,7 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["SCHEDULES", "abar_cosine", "abar_cosine_legacy", "beta", "get_schedule", "schedule_name", "t_of_abar"]
+__all__ = [
+    "SCHEDULES",
+    "abar_cosine",
+    "abar_cosine_legacy",
+    "beta",
+    "get_schedule",
+    "schedule_name",
+    "t_of_abar",
+    "x0_from_eps",
+]
 
 _S = 0.008
 _C = math.pi / 2 / (1 + _S)  # abar(t) = cos^2(C t) (legacy) or cos^2(C (t + s)) / cos^2(C s) (cosine)
@@ -77,3 +86,9 @@ def beta(t: float, schedule: str | Callable[[float], float] = "cosine-legacy") -
     h = 1e-6
     lo, hi = max(0.0, t - h), min(1.0, t + h)
     return -(math.log(abar_of(hi)) - math.log(abar_of(lo))) / (hi - lo)
+
+
+def x0_from_eps(x, eps, abar: float):
+    """The clean image a noise prediction implies: x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), for x = sqrt(abar)
+    x0 + sqrt(1 - abar) eps (tensors of one shape, or numbers; abar in (0, 1])."""
+    return (x - math.sqrt(max(0.0, 1.0 - abar)) * eps) / math.sqrt(abar)

@@ -38,6 +38,8 @@ batches, the JPEG npz and its decoded cache), ``faces`` (LFW 32x32), ``embedded`
 ``files`` (npz files and image folders), ``cache`` (the disk cache of decoded arrays) and ``loader`` (``load``,
 ``available``, the names). The format modules import ``base``/``cache`` and ``elsfast.common`` only; ``loader``
 imports them all; no module here imports an elsfast package other than ``elsfast.common``.
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`.
 """
 
 from __future__ import annotations

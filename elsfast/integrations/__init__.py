@@ -11,6 +11,9 @@ is a diffusers model); k-diffusion is never imported. An optional library that i
 (e.g. diffusers beside a torchvision built for another torch raises `RuntimeError: operator torchvision::nms does
 not exist`) is treated like a missing one: `optional_import` records the reason, `elsfast info` prints it and the
 tests skip with it.
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.machine`,
+`elsfast.sampling`.
 """
 
 from __future__ import annotations

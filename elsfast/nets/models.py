@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.checks import labels_per_sample
-from ..common.schedules import t_of_abar
+from ..common.schedules import t_of_abar, x0_from_eps
 
 __all__ = [
     "ARCHS",
@@ -332,9 +332,11 @@ def eps_at(
 class NetworkDenoiser:
     """A network as the `denoiser(x, abar, step) -> x0` of `elsfast.ddim_sample`.
 
-    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar), with eps = `eps_at(model, x, abar, labels)`; `schedule` is the
-    schedule the network was trained on (used only to turn abar back into the network's time input), so the
-    sampler may run on any grid. `labels`: one int or one per sample, for class-conditional networks.
+    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) (`elsfast.common.schedules.x0_from_eps`). `model` is a network
+    (`nn.Module`, eps = `eps_at(model, x, abar, labels)`; `schedule` is the schedule it was trained on, used only
+    to turn abar back into its time input, so the sampler may run on any grid) or any callable
+    `eps_fn(x, abar, labels) -> eps` (then `schedule` and `batch_size` are not used). `labels`: one int or one per
+    sample for class-conditional networks (passed to an eps_fn as given).
 
         x0 = ddim_sample(NetworkDenoiser(model, labels=y), torch.randn(16, 1, 32, 32), steps=20)
     """
@@ -347,14 +349,16 @@ class NetworkDenoiser:
         *,
         batch_size: int | None = None,
     ):
-        self.model = model.eval()
+        self.model = model.eval() if isinstance(model, nn.Module) else model
         self.schedule = schedule
         self.labels = labels
         self.batch_size = batch_size
 
     def eps(self, x: torch.Tensor, abar: float) -> torch.Tensor:
+        """The predicted noise `[B, C, H, W]` at noise level abar, in x's dtype and on its device."""
+        if not isinstance(self.model, nn.Module):
+            return self.model(x, abar, self.labels).to(x)
         return eps_at(self.model, x, abar, self.labels, schedule=self.schedule, batch_size=self.batch_size)
 
     def __call__(self, x: torch.Tensor, abar: float, step: int | None = None) -> torch.Tensor:
-        eps = self.eps(x, abar)
-        return (x - math.sqrt(max(0.0, 1.0 - abar)) * eps) / math.sqrt(abar)
+        return x0_from_eps(x, self.eps(x, abar), abar)

@@ -6,6 +6,8 @@ PNG by default, SVG or PDF by the path's extension). matplotlib is the optional 
 imported only when a figure is drawn (never by `import elsfast`), and a figure function called without it raises
 ImportError naming `pip install elsfast[plots]`. May import only `elsfast.common`, numpy, torch and matplotlib,
 never the machine, sampling or research layers: research imports plots, not the other way round.
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`.
 """
 
 from .style import FIGURE_FORMATS, matplotlib_missing, require_matplotlib

@@ -1,7 +1,10 @@
 """The softmax-over-dictionary core: one function (`softmax_reduce`), many backends.
 
 `registry` says what each backend can run and how accurately, `policy` which one `auto` runs (exact backends
-only), `caches` owns the in-memory caches derived from training sets."""
+only), `caches` owns the in-memory caches derived from training sets.
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.kernels`.
+"""
 
 from .api import DEFAULT_MEMORY_BUDGET, Reduction, softmax_reduce
 from .caches import cache_info, clear_caches

@@ -65,16 +65,36 @@ class Dictionary:
         s]]`. The fused kernels build the dictionary from these tables and the images, on the fly."""
         raise NotImplementedError
 
+    def entry_ids_of(self, image: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The id of entry `position` (s, `0 <= s < S`) of image `image`: `image * S + s` (element-wise, any
+        broadcastable shapes). With `image` a row of `images` the id is local, with an image id (`image_ids`) it is
+        the dictionary's id. The only place that encodes an id; `decode_ids` is its inverse."""
+        return image * self.entries_per_image + position
+
+    def decode_ids(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(image, position)` of the entry ids `ids` (`entry_ids_of`'s inverse), each of `ids`' shape; the id -1
+        (no entry) decodes to image -1 and position S - 1."""
+        S = self.entries_per_image
+        return ids // S, ids % S
+
+    def global_ids(self, local: torch.Tensor) -> torch.Tensor:
+        """The dictionary's ids (image = `image_ids[n]`) of the local ids `local` (image = the row n of `images`,
+        as the kernels number entries), of `local`'s shape and device; -1 (no entry) stays -1."""
+        if self.image_ids is None:
+            return local
+        rows, position = self.decode_ids(local.clamp(min=0))
+        ids = self.entry_ids_of(self.image_ids.to(local.device)[rows], position)
+        return torch.where(local >= 0, ids, -1)
+
     def gather(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys `(*ids.shape, D)` and values `(*ids.shape, E)` of the entries with local ids `ids` (int64,
         `image * S + s` with `image` the row in `images`) of a one-group dictionary, in `dtype`."""
         if self.num_groups != 1:
             raise ValueError("gather needs a one-group dictionary: use group(g)")
         key_offsets, value_offsets = (t[0].to(self.images.device) for t in self.pixel_offsets())
-        ids = ids.to(self.images.device)
-        S = self.entries_per_image
+        image, s = self.decode_ids(ids.to(self.images.device))
+        image = image.unsqueeze(-1)
         pixels = self.images.reshape(self.num_images, -1)
-        image, s = (ids // S).unsqueeze(-1), ids % S
         key_offsets = key_offsets[s]
         keys = to_float(pixels[image, key_offsets.clamp(min=0)], dtype) * (key_offsets >= 0)
         return keys, to_float(pixels[image, value_offsets[s]], dtype)
@@ -89,8 +109,7 @@ class Dictionary:
         images = torch.arange(start, min(stop, self.num_images))
         if self.image_ids is not None:
             images = self.image_ids.cpu()[images]
-        S = self.entries_per_image
-        return (torch.arange(S).unsqueeze(1) + images.unsqueeze(0) * S).flatten()
+        return self.entry_ids_of(images.unsqueeze(0), torch.arange(self.entries_per_image).unsqueeze(1)).flatten()
 
 
 @dataclass(frozen=True)
@@ -126,6 +145,14 @@ class PatchDictionary(Dictionary):
         keys = extract_patches(chunk, self.patch_size, self.padding, self.positions).reshape(G, -1, self.key_dim)
         values = centre_pixels(chunk, self.positions).reshape(G, -1, self.value_dim)
         return keys, values
+
+    def sources(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where the entries `ids` `(G, M)` (group g's ids in row g) come from: `(image, y, x)`, each `(G, M)` on
+        `ids`' device, the image of the id (`decode_ids`) and the pixel its patch is centred on."""
+        image, position = self.decode_ids(ids)
+        centre = self.positions.to(ids.device).gather(1, position)
+        W = self.images.shape[3]
+        return image, centre // W, centre % W
 
     def select_groups(self, groups: list[int]) -> PatchDictionary:
         return replace(self, positions=self.positions[groups])

@@ -135,11 +135,8 @@ def fold_partial_states(
 
     The merge runs in float64 (the splits can be hundreds: fp32 merges would add a rounding per level); the state
     it returns is in m's dtype (the queries' float32), rounded once."""
-    if best is not None and dictionary.image_ids is not None:
-        S = dictionary.entries_per_image
-        image_ids = dictionary.image_ids.to(best.device)
-        local = best.clamp(min=0)
-        best = torch.where(best >= 0, image_ids[local // S] * S + local % S, -1)
+    if best is not None:
+        best = dictionary.global_ids(best)
     return ReduceState(m, l, acc, best, u).astype(torch.float64).fold_().astype(m.dtype)
 
 

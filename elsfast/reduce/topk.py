@@ -279,13 +279,7 @@ class TopK(Backend):
         # exact logits in bits, as the exact path computes them (up to its rounding)
         logits = -((q.unsqueeze(1) - a * keys).square().sum(-1)) * (LOG2E / T)
         logits = torch.where(found.to(q.device), logits, -torch.inf)
-        S = dg.entries_per_image
-        global_ids = None
-        if provenance:
-            image = ids // S
-            if dg.image_ids is not None:
-                image = dg.image_ids.cpu()[image]
-            global_ids = (image * S + ids % S).to(q.device).unsqueeze(0)
+        global_ids = dg.global_ids(ids).to(q.device).unsqueeze(0) if provenance else None
         state = ReduceState.from_query_logits(
             logits.unsqueeze(0), values.unsqueeze(0), global_ids, counts.to(q.device, q.dtype).unsqueeze(0)
         )

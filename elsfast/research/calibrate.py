@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +34,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.fileio import atomic_write, describe_file
-from ..common.schedules import get_schedule, schedule_name
+from ..common.schedules import get_schedule, schedule_name, x0_from_eps
 from ..machine import ScoreMachine
+from ..nets.models import NetworkDenoiser, eps_at
 from ..sampling import ddim_sample
 from .metrics import cosine_similarity
 
@@ -69,7 +71,6 @@ def as_eps_fn(network, schedule: str | Callable[[float], float] = "cosine-legacy
     `model(x, t, labels) -> eps` is wrapped with `elsfast.nets.models.eps_at` (abar mapped back to the network's time
     on `schedule`); any other callable is taken to be an eps_fn already."""
     if isinstance(network, torch.nn.Module):
-        from ..nets.models import eps_at
 
         def eps_fn(x: torch.Tensor, abar: float, labels: torch.Tensor | None) -> torch.Tensor:
             return eps_at(network, x, abar, labels, schedule=schedule)
@@ -83,14 +84,13 @@ def as_eps_fn(network, schedule: str | Callable[[float], float] = "cosine-legacy
 def network_denoiser(
     eps_fn: EpsFn, labels: torch.Tensor | None = None
 ) -> Callable[[torch.Tensor, float, int], torch.Tensor]:
-    """The `denoiser(x, abar, step) -> x0` of `ddim_sample` for a network given as an eps_fn:
-    x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)."""
-
-    def denoiser(x: torch.Tensor, abar: float, step: int) -> torch.Tensor:
-        eps = eps_fn(x, abar, labels).to(x)
-        return (x - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
-
-    return denoiser
+    """Deprecated: use `elsfast.nets.models.NetworkDenoiser(eps_fn, labels=labels)`, the one network denoiser."""
+    warnings.warn(
+        "network_denoiser is deprecated; use elsfast.nets.models.NetworkDenoiser(eps_fn, labels=labels)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return NetworkDenoiser(eps_fn, labels=labels)
 
 
 def seed_noise(seeds: Iterable[int], image_shape: Sequence[int]) -> torch.Tensor:
@@ -342,7 +342,7 @@ def calibrate(
             eps = eps_fn(x_t, abar, y).to(x_t)
             for k, p in enumerate(sizes):
                 cosine[rows, i, k] = cosine_similarity(by_size[p].eps(x_t, abar, p, y), eps).cpu()
-            return (x_t - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+            return x0_from_eps(x_t, eps, abar)
 
         ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress)
     # argmax takes the first maximum: ties go to the smallest P; a NaN cosine never wins

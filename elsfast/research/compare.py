@@ -36,6 +36,7 @@ import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,11 @@ from ..common.imageio import make_grid
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.schedules import get_schedule, schedule_name
 from ..machine import MACHINES, ScoreMachine
+from ..nets.models import NetworkDenoiser
 from ..plots.style import machine_name, matplotlib_missing
 from ..sampling import ddim_sample
 from ..sampling.ddim import GRIDS, grid_start
-from .calibrate import CalibrationResult, as_eps_fn, label_tensor, network_denoiser, seed_labels, seed_noise
+from .calibrate import CalibrationResult, as_eps_fn, label_tensor, seed_labels, seed_noise
 from .metrics import pearson_r, r_squared
 
 __all__ = ["compare", "load_results", "plot_results", "summarize"]
@@ -205,7 +207,7 @@ def _save_grid(path: Path, images: list[dict], machines: Sequence[str]) -> Path 
     stack = torch.stack([img[c] for img in images for c in columns])
     c, h, w = stack.shape[1:]
     if c not in (1, 3):
-        warnings.warn(f"no grid.png: images with {c} channels cannot be drawn", stacklevel=3)
+        warnings.warn(f"no grid.png: images with {c} channels cannot be drawn", stacklevel=4)
         return None
     scale = max(1, round(64 / max(h, w)))
     pad = 4
@@ -316,7 +318,45 @@ def compare(
     the same, and a warning says so).
     """
     tag = _network_tag(eps_fn, network)
-    eps_fn = as_eps_fn(eps_fn, schedule)
+    run = _validate(
+        as_eps_fn(eps_fn, schedule), train_images, train_labels, image_shape, machines, seeds, labels,
+        conditional, steps, network_steps, schedule, grid, padding, machine_options,
+    )  # fmt: skip
+    config = _configure(run, tag, scales)
+    out_dir = Path(out_dir)
+    rows = _resume(out_dir, run, config)
+    todo = [s for s in run.seeds if s not in rows]
+    _run_seeds(out_dir, run, config, rows, todo, progress)
+    return _report(out_dir, run, config, rows, grid_seeds, computed=len(todo))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What `compare` validated: the network as an eps_fn, the training set as the machines get it, the seeds
+    with their labels, the step counts and the machines with their options."""
+
+    eps_fn: Callable
+    train_images: torch.Tensor
+    train_labels: torch.Tensor | None
+    shape: tuple[int, ...]
+    machines: list[str]
+    seeds: list[int]
+    seed_label: dict[int, int | None]
+    steps: int
+    network_steps: int
+    schedule: str | Callable[[float], float]
+    grid: str
+    start: int  # the machines' first step on the grid (`ddim_sample`'s start)
+    network_start: int  # the network's
+    padding: str
+    options: dict
+
+
+def _validate(
+    eps_fn, train_images, train_labels, image_shape, machines, seeds, labels, conditional, steps, network_steps,
+    schedule, grid, padding, machine_options,
+) -> _Run:  # fmt: skip
+    """`compare`'s arguments checked (ValueError naming the argument) and normalised."""
     if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
         raise ValueError(f"train_images must be a tensor [N, C, H, W], got {getattr(train_images, 'shape', None)}")
     shape = tuple(int(s) for s in train_images.shape[1:])
@@ -341,115 +381,134 @@ def compare(
         raise ValueError(f"steps and network_steps must be at least 2, got {steps} and {network_steps}")
     get_schedule(schedule)
     start, network_start = grid_start(grid, steps, schedule), grid_start(grid, network_steps, schedule)
-    size_list = _scale_list(scales, steps)
     options = dict(machine_options or {})
-    config = _normalise(
+    return _Run(
+        eps_fn, train_images, train_labels_used, shape, machines, seeds, seed_label, int(steps), network_steps,
+        schedule, grid, start, network_start, padding, options,
+    )  # fmt: skip
+
+
+def _configure(run: _Run, tag: str | None, scales) -> dict:
+    """The run's configuration as results.json records it (a resumed run must match it): training set, network
+    tag, machines, steps, step grid, schedule, per-step patch sizes, noise and machine options."""
+    return _normalise(
         {
-            "train_shape": list(train_images.shape),
-            "train_sha256": training_set_sha256(train_images, train_labels_used),
-            "conditional": bool(conditional),
+            "train_shape": list(run.train_images.shape),
+            "train_sha256": training_set_sha256(run.train_images, run.train_labels),
+            "conditional": run.train_labels is not None,
             "network": tag,
-            "machines": machines,
-            "padding": padding,
-            "steps": int(steps),
-            "network_steps": network_steps,
-            "grid": grid,
-            "schedule": schedule_name(schedule),
-            "scales": size_list,
+            "machines": run.machines,
+            "padding": run.padding,
+            "steps": run.steps,
+            "network_steps": run.network_steps,
+            "grid": run.grid,
+            "schedule": schedule_name(run.schedule),
+            "scales": _scale_list(scales, run.steps),
             "noise": "torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed)), float32, CPU",
-            "machine_options": {k: str(v) for k, v in sorted(options.items()) if k not in ("device", "memory_budget")},
+            "machine_options": {
+                k: str(v) for k, v in sorted(run.options.items()) if k not in ("device", "memory_budget")
+            },
         }
     )
 
-    out_dir = Path(out_dir)
-    results_path = out_dir / "results.json"
-    # before any seed runs: a file elsfast did not write at one of the report's paths would be refused at the end
+
+def _resume(out_dir: Path, run: _Run, config: dict) -> dict[int, dict]:
+    """The rows already in `out_dir/results.json` (by seed), after checking, before any seed runs, that every file
+    the run will write is elsfast's to replace and that the saved run has this configuration and these labels."""
     for name in ("results.json", "grid.png", "hist.png", "scatter.png", "summary.md"):
         check_replaceable(out_dir / name)
-    for seed in seeds:
-        check_replaceable(out_dir / "samples" / f"seed_{seed:05d}.pt")
+    for seed in run.seeds:
+        check_replaceable(_sample_path(out_dir, seed))
     saved = load_results(out_dir)
     rows: dict[int, dict] = {}
-    if saved is not None:
-        _check_config(results_path, saved["config"], config)
-        for row in saved["rows"]:
-            rows[int(row["seed"])] = row
-        for s in seeds:
-            if s in rows and rows[s]["label"] != seed_label[s]:
-                raise ValueError(
-                    f"{results_path} has seed {s} with label {rows[s]['label']}, but label {seed_label[s]} was "
-                    "requested now; use another out_dir or the same labels"
-                )
+    if saved is None:
+        return rows
+    results_path = out_dir / "results.json"
+    _check_config(results_path, saved["config"], config)
+    for row in saved["rows"]:
+        rows[int(row["seed"])] = row
+    for s in run.seeds:
+        if s in rows and rows[s]["label"] != run.seed_label[s]:
+            raise ValueError(
+                f"{results_path} has seed {s} with label {rows[s]['label']}, but label {run.seed_label[s]} was "
+                "requested now; use another out_dir or the same labels"
+            )
+    return rows
 
-    def write_results() -> None:
-        data = {"format": FORMAT, "config": config, "rows": [rows[s] for s in sorted(rows)]}
-        text = json.dumps(data, indent=1).encode()
-        atomic_write(results_path, lambda f: f.write(text))
 
-    todo = [s for s in seeds if s not in rows]
+def _sample_path(out_dir: Path, seed: int) -> Path:
+    return out_dir / "samples" / f"seed_{seed:05d}.pt"
+
+
+def _run_seeds(out_dir: Path, run: _Run, config: dict, rows: dict[int, dict], todo: list[int], progress: bool) -> None:
+    """Sample and score the seeds `todo`, one after another; after each, its images go to samples/ and its row
+    into `rows` and results.json (atomically), so an interrupted run resumes after the last finished seed."""
     built: dict[str, ScoreMachine] = {}
     for seed in tqdm(todo, desc="comparing", disable=not progress, leave=False):
         if not built:
             built = {
-                m: ScoreMachine(train_images, train_labels_used, machine=m, padding=padding, **options)
-                for m in machines
+                m: ScoreMachine(run.train_images, run.train_labels, machine=m, padding=run.padding, **run.options)
+                for m in run.machines
             }
-        noise = seed_noise([seed], shape)
-        y = label_tensor([seed_label[seed]])
+        noise = seed_noise([seed], run.shape)
+        y = label_tensor([run.seed_label[seed]])
+        network = NetworkDenoiser(run.eps_fn, labels=y)
         images = {
             "network": ddim_sample(
-                network_denoiser(eps_fn, y),
-                noise,
-                steps=network_steps,
-                schedule=schedule,
-                progress=False,
-                start=network_start,
+                network, noise, steps=run.network_steps, schedule=run.schedule, progress=False, start=run.network_start
             )
         }
         for name, m in built.items():
             images[name] = ddim_sample(
-                _machine_denoiser(m, size_list, steps, y),
+                _machine_denoiser(m, config["scales"], run.steps, y),
                 noise.to(m.device, m.dtype),
-                steps=steps,
-                schedule=schedule,
+                steps=run.steps,
+                schedule=run.schedule,
                 progress=False,
-                start=start,
+                start=run.start,
             )
         images = {k: v.detach().float().cpu() for k, v in images.items()}
-        row = {"seed": seed, "label": seed_label[seed], "r": {}, "r2": {}}
-        for name in machines:
+        row = {"seed": seed, "label": run.seed_label[seed], "r": {}, "r2": {}}
+        for name in run.machines:
             row["r"][name] = float(pearson_r(images[name], images["network"])[0])
             row["r2"][name] = float(r_squared(images[name], images["network"])[0])
         stored = {k: v[0].clone() for k, v in images.items()}
-        atomic_write(out_dir / "samples" / f"seed_{seed:05d}.pt", lambda f, stored=stored: torch.save(stored, f))
+        atomic_write(_sample_path(out_dir, seed), lambda f, stored=stored: torch.save(stored, f))
         rows[seed] = _normalise(row)
-        write_results()
+        data = {"format": FORMAT, "config": config, "rows": [rows[s] for s in sorted(rows)]}
+        text = json.dumps(data, indent=1).encode()
+        atomic_write(out_dir / "results.json", lambda f, text=text: f.write(text))
 
-    report_rows = [rows[s] for s in seeds]
-    summary = summarize(report_rows, machines)
-    files = {"results": str(results_path)}
+
+def _report(out_dir: Path, run: _Run, config: dict, rows: dict[int, dict], grid_seeds: int, computed: int) -> dict:
+    """The report of the requested seeds (`computed` of them by this call): summary, grid.png of the first
+    `grid_seeds`, the figures (skipped with a warning without matplotlib) and summary.md; see `compare`'s return
+    value."""
+    report_rows = [rows[s] for s in run.seeds]
+    summary = summarize(report_rows, run.machines)
+    files = {"results": str(out_dir / "results.json")}
     grid_images = []
-    for s in seeds[: max(0, int(grid_seeds))]:
-        path = out_dir / "samples" / f"seed_{s:05d}.pt"
+    for s in run.seeds[: max(0, int(grid_seeds))]:
+        path = _sample_path(out_dir, s)
         if path.exists():
             grid_images.append(torch.load(path, map_location="cpu", weights_only=True))
     if grid_images:
-        grid = _save_grid(out_dir / "grid.png", grid_images, machines)
-        if grid is not None:
-            files["grid"] = str(grid)
+        grid_png = _save_grid(out_dir / "grid.png", grid_images, run.machines)
+        if grid_png is not None:
+            files["grid"] = str(grid_png)
     missing = matplotlib_missing()
     if missing is None:
-        files.update(_draw_figures(out_dir, report_rows, machines))
+        files.update(_draw_figures(out_dir, report_rows, run.machines))
     else:  # the numbers are all there: say what was not drawn instead of failing at the end of a long run
-        warnings.warn(f"hist.png and scatter.png skipped: {missing}", stacklevel=2)
+        warnings.warn(f"hist.png and scatter.png skipped: {missing}", stacklevel=3)
     files["summary"] = str(out_dir / "summary.md")
-    _write_text(out_dir / "summary.md", _summary_markdown(config, summary, seeds, files, missing))
+    _write_text(out_dir / "summary.md", _summary_markdown(config, summary, run.seeds, files, missing))
     return {
         "config": config,
-        "seeds": seeds,
+        "seeds": run.seeds,
         "rows": report_rows,
         "summary": summary,
-        "computed": len(todo),
+        "computed": computed,
         "files": files,
         "figures_skipped": missing,
     }

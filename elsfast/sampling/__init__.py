@@ -7,6 +7,8 @@
 - `ode`: the probability-flow ODE of the same process (score, velocity, Euler).
 
 May import `elsfast.common`, `elsfast.reduce` and `elsfast.machine`; never `nets`, `research`, `cli`.
+
+Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.machine`.
 """
 
 from .checkpoint import SamplingCheckpoint
