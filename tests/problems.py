@@ -52,6 +52,12 @@ def logit_range(x: torch.Tensor, train: torch.Tensor, abar: float, patch_size: i
     return (2 * a * q * k + a * a * k * k) / T
 
 
+def key_dim(train: torch.Tensor, machine: str, patch_size: int) -> int:
+    """D of the machine's keys: C P^2 for patches (LS, ELS), C H W for whole images (IS, ES)."""
+    C, H, W = train.shape[1:]
+    return C * (patch_size**2 if machine in ("ls", "els") else H * W)
+
+
 def fp32_tolerance(x: torch.Tensor, train: torch.Tensor, abar: float, patch_size: int, machine: str) -> float:
     """8 * eps32 * L + 1e-6 (`logit_range`): the float32 bound every exact backend declares."""
     return 8 * EPS32 * logit_range(x, train, abar, patch_size, machine) + 1e-6

@@ -37,7 +37,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from problems import COMBOS, CudaOnHost, logit_range, reference, stable_seed
+from problems import COMBOS, CudaOnHost, key_dim, logit_range, reference, stable_seed
 
 import elsfast.kernels.softmax_reduce as triton_kernels
 from elsfast import ScoreMachine
@@ -301,8 +301,7 @@ def test_conformance(name, variant, index, device, monkeypatch):
     assert torch.equal(first, second), f"{where}: two runs differ by {(first - second).abs().max():.3g}"
     small = make(1).denoise(x, abar, P, labels).cpu()
     L = logit_range(x.double().cpu(), exact, abar, P, machine)
-    D = train.shape[1] * (P * P if machine in ("ls", "els") else train.shape[2] * train.shape[3])  # key dim
-    atol = max(t.bound(dtype, L, D) for t in _accuracy(variant, stats.backends, dtype))
+    atol = max(t.bound(dtype, L, key_dim(train, machine, P)) for t in _accuracy(variant, stats.backends, dtype))
     want = expected(index)
     for label, out in (("default budget", first), ("memory_budget=1", small)):
         assert out.dtype == dtype and out.shape == x.shape, where
@@ -390,7 +389,7 @@ def test_provenance(name, variant, case, device):
         wrong = (got.cpu().numpy() != ref).sum()
         assert wrong == 0, f"{where}: source {field} differs from the reference at {wrong} pixels"
     L = logit_range(x.double(), exact, abar, P, machine)
-    atol = max(t.bound(dtype, L) for t in _accuracy(variant, m.last_stats.backends, dtype))
+    atol = max(t.bound(dtype, L, key_dim(train, machine, P)) for t in _accuracy(variant, m.last_stats.backends, dtype))
     entries = train.shape[0] * train.shape[2] * train.shape[3]
     for field, got, ref, tol in (
         ("weight", prov.weight, want[3], atol),
