@@ -119,8 +119,9 @@ def test_backward_is_the_same_at_every_chunk_and_tile_size(monkeypatch, kind):
     torch.testing.assert_close(tiled, whole, rtol=0, atol=1e-13)
 
 
-def test_float32_cpu_kernel_forward_and_backward_against_float64(cpu_ext):
-    """The compiled kernel's float32 forward feeds the backward's normaliser: vector-Jacobian products agree with
+@pytest.mark.parametrize("backend", ["cpu", "dedup", "shifts"])
+def test_float32_compiled_forward_and_backward_against_float64(cpu_ext, backend):
+    """A compiled kernel's float32 forward feeds the backward's normaliser: vector-Jacobian products agree with
     float64 within eps32 L of the gradient's largest entry (L: a bound on the logits' magnitude, in nats; float32
     logits are off by about eps32 L, and so, relatively, are the recomputed weights; measured 0.044 eps32 L)."""
     g = torch.Generator().manual_seed(2607)
@@ -129,11 +130,11 @@ def test_float32_cpu_kernel_forward_and_backward_against_float64(cpu_ext):
     upstream = torch.randn(2, 1, 8, 8, generator=g)
     abar, P = 0.6, 3
     grads = {}
-    for dtype, backend in ((torch.float32, "cpu"), (torch.float64, "torch")):
-        m = ScoreMachine(train, machine="els", padding="zeros", backend=backend, dtype=dtype, memory_budget="1M")
+    for dtype, name in ((torch.float32, backend), (torch.float64, "torch")):
+        m = ScoreMachine(train, machine="els", padding="zeros", backend=name, dtype=dtype, memory_budget="1M")
         xs = x.to(dtype).detach().requires_grad_()
         out = m.denoise(xs, abar, P)
-        assert m.last_stats.backends == {backend}
+        assert m.last_stats.backends == {name}
         (out * upstream.to(dtype)).sum().backward()
         grads[dtype] = (out.detach(), xs.grad)
     a, T = math.sqrt(abar), 2 * (1 - abar)
