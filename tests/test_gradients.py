@@ -11,9 +11,11 @@ from test_distributed import needs_gloo, run_two_ranks
 
 import elsfast.reduce.grad as grad_module
 from elsfast import ScoreMachine
+from elsfast.common.schedules import abar_cosine_legacy, beta
 from elsfast.reduce import ImageDictionary, PatchDictionary, TopK, softmax_reduce
 from elsfast.reduce.grad import NotDifferentiable, query_vjp
 from elsfast.reduce.patches import group_sets
+from elsfast.sampling import ode
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -36,7 +38,7 @@ GRADCHECK_CASES = [
 def small_problem(seed: int, dtype=torch.float64, N: int = 5, C: int = 2, H: int = 4, W: int = 3):
     g = torch.Generator().manual_seed(seed)
     train = torch.rand(N, C, H, W, generator=g, dtype=dtype) * 2 - 1
-    labels = torch.tensor([0, 1, 0, 1, 1][:N])
+    labels = torch.tensor([0, 1, 0, 1, 1, 0][:N])
     x = torch.randn(2, C, H, W, generator=g, dtype=dtype) * 0.6
     return train, labels, x
 
@@ -172,3 +174,52 @@ dist.destroy_process_group()
     m.score(x, 0.6, 3).sum().backward()
     for grad in grads:
         torch.testing.assert_close(grad, x.grad, rtol=0, atol=1e-12)
+
+
+def test_divergence_of_the_ideal_machine_is_the_laplacian_of_the_log_density():
+    """IS is the exact posterior mean of p_t = mean_phi N(sqrt(abar) phi, (1 - abar) I), so the velocity's
+    divergence is -beta/2 (C H W + laplacian log p_t): the laplacian from torch's Hessian of the logsumexp."""
+    train, labels, x = small_problem(2609, N=6, C=1, H=3, W=3)
+    m = ScoreMachine(train, labels, machine="is", dtype=torch.float64)
+    t = 0.4
+    abar = abar_cosine_legacy(t)
+    for conditional in (False, True):
+        images = train[labels == 1] if conditional else train
+
+        def log_density(z, images=images):
+            d2 = ((z - math.sqrt(abar) * images) ** 2).flatten(1).sum(-1)
+            return torch.logsumexp(-d2 / (2 * (1 - abar)), dim=0)
+
+        laplacian = torch.stack([torch.autograd.functional.hessian(log_density, z).reshape(9, 9).trace() for z in x])
+        expected = -0.5 * beta(t) * (9 + laplacian)
+        got = ode.divergence(m, x, t, labels=1 if conditional else None, coordinates_per_call=4)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_divergence_against_finite_differences_of_the_velocity():
+    """ELS with zero padding, class-conditional, a patch size that depends on t, coordinates in uneven chunks."""
+    train, labels, x = small_problem(2610)
+    m = ScoreMachine(train, labels, machine="els", padding="zeros", dtype=torch.float64)
+    t, h, sizes = 0.5, 1e-5, lambda t: 3 if t < 0.6 else 5
+    got = ode.divergence(m, x, t, patch_size=sizes, labels=[0, 1], coordinates_per_call=5)
+    expected = torch.zeros(2, dtype=torch.float64)
+    for i in range(x[0].numel()):
+        step = torch.zeros_like(x).reshape(2, -1)
+        step[:, i] = h
+        step = step.view_as(x)
+        up = ode.velocity(m, x + step, t, patch_size=sizes, labels=[0, 1]).reshape(2, -1)[:, i]
+        down = ode.velocity(m, x - step, t, patch_size=sizes, labels=[0, 1]).reshape(2, -1)[:, i]
+        expected += (up - down) / (2 * h)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_divergence_on_a_one_image_training_set_and_bad_chunks():
+    """One training image: D = phi does not depend on x, so div v = beta abar C H W / (2 (1 - abar))."""
+    train, _, x = small_problem(2611, N=1)
+    m = ScoreMachine(train, machine="ls", dtype=torch.float64)
+    t = 0.7
+    abar = abar_cosine_legacy(t)
+    expected = beta(t) * abar * 24 / (2 * (1 - abar))
+    torch.testing.assert_close(ode.divergence(m, x, t), torch.full((2,), expected, dtype=torch.float64))
+    with pytest.raises(ValueError, match="coordinates_per_call must be a positive int"):
+        ode.divergence(m, x, t, coordinates_per_call=0)

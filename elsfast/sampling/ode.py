@@ -21,6 +21,15 @@ first-order discretisation of the same ODE (it is exactly Euler's method in the 
 abar) / abar) and x / sqrt(abar)), so `euler_sample` and `elsfast.sample` converge to the same images as the step
 counts grow.
 
+Divergence. The density of x(t) changes along the flow by d log p / dt = -div v (the instantaneous change of
+variables), so `divergence`, the trace of the velocity's Jacobian, turns the ODE into log-likelihoods of images
+under a machine. Since v = -1/2 beta sqrt(abar) (D - sqrt(abar) x) / (1 - abar),
+
+    div v = -1/2 beta sqrt(abar) (tr dD/dx - sqrt(abar) C H W) / (1 - abar),
+
+and tr dD/dx is exact: the machine's gradients are exact (`elsfast.reduce.grad`), and the trace is read off the
+Jacobian's diagonal, one coordinate per copy of the batch, not estimated (Hutchinson).
+
 Patch sizes P(t) are read by `elsfast.common.scales.patch_size_at`, as the DDIM sampler reads them.
 """
 
@@ -37,7 +46,7 @@ from ..common.scales import PatchSizeSpec, patch_size_at
 from ..common.schedules import beta, get_schedule
 from ..machine import ScoreMachine
 
-__all__ = ["euler_sample", "score", "velocity"]
+__all__ = ["divergence", "euler_sample", "score", "velocity"]
 
 Schedule = str | Callable[[float], float]
 
@@ -85,6 +94,43 @@ def velocity(
     """The probability-flow velocity dx/dt = -1/2 beta(t) (x + score(x, t)) (module docstring: derivation)."""
     size = patch_size_at(patch_size, float(t))
     return _velocity(machine, x, float(t), size, labels_per_sample(labels, x.shape[0]), schedule)[0]
+
+
+def divergence(
+    machine: ScoreMachine,
+    x: torch.Tensor,
+    t: float,
+    *,
+    patch_size: PatchSizeSpec = 3,
+    labels=None,
+    schedule: Schedule = "cosine-legacy",
+    coordinates_per_call: int = 64,
+) -> torch.Tensor:
+    """The exact divergence of the probability-flow velocity at time t, `[B]` (machine dtype), for x
+    `[B, C, H, W]`: the trace of dv/dx (module docstring). The machine's Jacobian diagonal is read from
+    vector-Jacobian products, `coordinates_per_call` pixel coordinates at once (each a copy of the batch: a call
+    denoises up to `coordinates_per_call * B` images), so the cost is about C H W / `coordinates_per_call` machine
+    calls and their backward passes. Needs an exact backend (`NotDifferentiable` otherwise)."""
+    if isinstance(coordinates_per_call, bool) or not isinstance(coordinates_per_call, int) or coordinates_per_call < 1:
+        raise ValueError(f"coordinates_per_call must be a positive int, got {coordinates_per_call!r}")
+    t = float(t)
+    abar = _abar(t, schedule)
+    size = patch_size_at(patch_size, t)
+    labels = labels_per_sample(labels, x.shape[0])
+    x = x.detach().to(machine.device, machine.dtype)
+    B, n = x.shape[0], x[0].numel()
+    trace = torch.zeros(B, dtype=x.dtype, device=x.device)
+    for start in range(0, n, coordinates_per_call):
+        coords = torch.arange(start, min(n, start + coordinates_per_call), device=x.device)
+        k = coords.numel()
+        copies = x.unsqueeze(0).expand(k, *x.shape).reshape(k * B, *x.shape[1:]).clone().requires_grad_()
+        with torch.enable_grad():
+            d = machine.denoise(copies, abar, size, None if labels is None else labels.repeat(k))
+            picked = d.reshape(k, B, n).gather(2, coords.view(k, 1, 1).expand(k, B, 1))  # copy i: coordinate i
+            (grad,) = torch.autograd.grad(picked.sum(), copies)
+        trace += grad.reshape(k, B, n).gather(2, coords.view(k, 1, 1).expand(k, B, 1)).sum(dim=(0, 2))
+    a = math.sqrt(abar)
+    return (-0.5 * beta(t, schedule) * a / (1.0 - abar)) * (trace - a * n)
 
 
 def euler_sample(
