@@ -252,3 +252,15 @@ def test_log_likelihood_of_the_ideal_machine_converges_to_the_exact_density():
     assert 3.0 < errors[0] / errors[1] < 5.0
     with pytest.raises(ValueError, match="need 0 < t_min < t_max <= 1"):
         ode.log_likelihood(m, x, 4, t_min=0.5, t_max=0.5)
+
+
+def test_second_derivatives_are_refused_not_dropped():
+    """The backward is not itself differentiable: create_graph=True raises instead of treating the Jacobian as a
+    constant (which would give silently wrong Hessians)."""
+    train, _, x = small_problem(2613)
+    m = ScoreMachine(train, machine="els", padding="zeros", dtype=torch.float64)
+    x.requires_grad_()
+    with pytest.raises(NotDifferentiable, match="second derivatives"):
+        torch.autograd.grad(m.score(x, 0.5, 3).sum(), x, create_graph=True)
+    with pytest.raises(NotDifferentiable, match="second derivatives"):
+        torch.autograd.functional.hessian(lambda z: m.denoise(z, 0.5, 3).square().sum(), x[:1])

@@ -31,7 +31,6 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .api import Reduction, softmax_reduce
 from .dictionary import Dictionary
@@ -47,7 +46,8 @@ __all__ = ["NotDifferentiable", "check_differentiable", "differentiable_reduce",
 
 
 class NotDifferentiable(RuntimeError):
-    """The reduction was asked for a gradient that its backend cannot give (an approximate backend)."""
+    """The reduction was asked for a gradient that it cannot give: through an approximate backend, or a second
+    derivative."""
 
 
 def check_differentiable(backend: BackendSpec, queries: torch.Tensor, dictionary: Dictionary) -> None:
@@ -137,8 +137,12 @@ class _QueryGradient(torch.autograd.Function):
         return values.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_values):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient itself would be differentiated
+            raise NotDifferentiable(
+                "second derivatives of a machine (backward with create_graph=True, torch.autograd.functional."
+                "hessian) are not implemented; first derivatives (backward, grad, jacobian) are exact"
+            )
         queries, values, log_normaliser = ctx.saved_tensors
         dictionary, abar, memory_budget, process_group = ctx.problem
         grad = query_vjp(
