@@ -13,7 +13,7 @@ import elsfast.reduce.grad as grad_module
 from elsfast import ScoreMachine
 from elsfast.common.schedules import abar_cosine_legacy, beta
 from elsfast.reduce import ImageDictionary, PatchDictionary, TopK, softmax_reduce
-from elsfast.reduce.grad import NotDifferentiable, query_vjp
+from elsfast.reduce.grad import NotDifferentiable, check_differentiable, query_vjp
 from elsfast.reduce.patches import group_sets
 from elsfast.sampling import ode
 
@@ -93,6 +93,7 @@ def test_approximate_backend_refuses_an_input_that_requires_grad():
     m = ScoreMachine(train, machine="els", padding="circular", backend=TopK(k=2), dtype=torch.float64)
     with pytest.raises(NotDifferentiable, match="'topk' approximates the softmax"):
         m.score(x.clone().requires_grad_(), 0.5, 3)
+    pytest.importorskip("faiss", reason="the top-k backend needs faiss (pip install 'elsfast[faiss]')")
     with torch.no_grad():  # without a gradient it runs as before
         m.score(x.clone().requires_grad_(), 0.5, 3)
     m.denoise(x, 0.5, 3)
@@ -264,3 +265,11 @@ def test_second_derivatives_are_refused_not_dropped():
         torch.autograd.grad(m.score(x, 0.5, 3).sum(), x, create_graph=True)
     with pytest.raises(NotDifferentiable, match="second derivatives"):
         torch.autograd.functional.hessian(lambda z: m.denoise(z, 0.5, 3).square().sum(), x[:1])
+
+
+def test_refusal_names_the_backend_before_any_work():
+    """Top-k is refused by name too, whether or not FAISS could run it here; exact backends pass."""
+    check_differentiable("torch")
+    check_differentiable("auto")
+    with pytest.raises(NotDifferentiable, match="'topk'"):
+        check_differentiable("topk")

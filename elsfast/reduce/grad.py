@@ -35,7 +35,7 @@ import torch
 from .api import Reduction, softmax_reduce
 from .dictionary import Dictionary
 from .peaks import fixed_order_dot
-from .registry import BackendSpec, resolve_named
+from .registry import Backend, BackendSpec, get_backend
 from .state import logit_scales
 from .torch_backend import MIN_TILE, QUERY_TILE, TILE_BYTES
 
@@ -50,12 +50,13 @@ class NotDifferentiable(RuntimeError):
     derivative."""
 
 
-def check_differentiable(backend: BackendSpec, queries: torch.Tensor, dictionary: Dictionary) -> None:
+def check_differentiable(backend: BackendSpec) -> None:
     """Raise `NotDifferentiable` unless `backend` computes the exact softmax (whose gradient `query_vjp` gives):
-    "auto" and every exact backend do; top-k and any other approximate backend do not."""
+    "auto" and every exact backend do; top-k and any other approximate backend do not (whether or not it could
+    run here)."""
     if isinstance(backend, str) and backend == "auto":
         return
-    named = resolve_named(backend, queries, dictionary)
+    named = backend if isinstance(backend, Backend) else get_backend(backend)
     if not named.EXACT:
         raise NotDifferentiable(
             f"backend {named.NAME!r} approximates the softmax and cannot give exact gradients; the input requires "
@@ -166,7 +167,7 @@ def differentiable_reduce(
     """`softmax_reduce` (same arguments) whose `values` carry the exact gradient with respect to `queries`
     (`query_vjp` in the backward; with a process group every rank must run the backward, a collective). Raises
     `NotDifferentiable` for an approximate backend, before any work."""
-    check_differentiable(backend, queries, dictionary)
+    check_differentiable(backend)
     result = softmax_reduce(
         queries.detach(),
         dictionary,
