@@ -26,7 +26,6 @@ from .common.fingerprint import training_set_sha256
 from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
 from .reduce.caches import content_hash
-from .reduce.grad import differentiable_reduce
 from .reduce.patches import PADDINGS, extract_patches, group_sets
 from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
 
@@ -494,9 +493,7 @@ class ScoreMachine:
         return (math.sqrt(abar) * d - x.to(d)) / (1.0 - abar)
 
     def _reduce(self, queries: torch.Tensor, dictionary, abar: float, provenance: bool) -> Reduction:
-        # queries that require grad get the exact gradient (a second streaming pass), or a clear refusal
-        reduce = differentiable_reduce if queries.requires_grad and torch.is_grad_enabled() else softmax_reduce
-        result = reduce(
+        result = softmax_reduce(
             queries,
             dictionary,
             abar=abar,

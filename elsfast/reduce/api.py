@@ -82,7 +82,9 @@ def softmax_reduce(
     provenance: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> Reduction:
-    """Softmax-weighted mean of the dictionary's values for each query.
+    """Softmax-weighted mean of the dictionary's values for each query. Queries that require grad (with grad
+    enabled) give `values` that carry their exact gradient (`elsfast.reduce.grad`); an approximate backend then
+    raises `NotDifferentiable`.
 
     Args:
         queries: `(G, M, D)` float32 or float64; the computation runs in this dtype on its device.
@@ -98,6 +100,18 @@ def softmax_reduce(
             (`Dictionary.image_ids`).
     """
     check_backend_name(backend)
+    if queries.requires_grad and torch.is_grad_enabled():  # exact gradients or a clear refusal, never detached
+        from .grad import differentiable_reduce
+
+        return differentiable_reduce(
+            queries,
+            dictionary,
+            abar=abar,
+            backend=backend,
+            memory_budget=memory_budget,
+            provenance=provenance,
+            process_group=process_group,
+        )
     if process_group is not None and backend != "auto":
         named = resolve_named(backend, queries, dictionary)
         if not named.EXACT:

@@ -164,9 +164,9 @@ def differentiable_reduce(
     provenance: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> Reduction:
-    """`softmax_reduce` (same arguments) whose `values` carry the exact gradient with respect to `queries`
-    (`query_vjp` in the backward; with a process group every rank must run the backward, a collective). Raises
-    `NotDifferentiable` for an approximate backend, before any work."""
+    """`softmax_reduce` (same arguments; it calls this for queries that require grad) whose `values` carry the
+    exact gradient with respect to `queries` (`query_vjp` in the backward; with a process group every rank must
+    run the backward, a collective). Raises `NotDifferentiable` for an approximate backend, before any work."""
     check_differentiable(backend)
     result = softmax_reduce(
         queries.detach(),
