@@ -54,8 +54,10 @@ def test_gradcheck_every_machine_conditional_batch_two(machine, padding, diction
     assert torch.autograd.gradcheck(lambda x: m.score(x, 0.3, P, labels=[1, 1]), (x,), fast_mode=True)
 
 
-def test_gradcheck_unconditional_and_eps():
+def test_gradcheck_unconditional_uint8_training_set_and_eps():
+    """uint8 training images (mapped to [-1, 1] chunk by chunk, in the backward as in the forward)."""
     train, _, x = small_problem(2602)
+    train = ((train + 1) * 127.5).round().to(torch.uint8)
     m = ScoreMachine(train, machine="els", padding="zeros", dtype=torch.float64)
     x.requires_grad_()
     assert torch.autograd.gradcheck(lambda x: m.eps(x, 0.8, 3), (x,))
