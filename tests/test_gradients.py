@@ -296,3 +296,18 @@ def test_softmax_reduce_itself_differentiates_on_the_cpu_kernel(cpu_ext):
         (r.values * upstream).sum().backward()
         grads.append(q.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=16 * EPS32 * grads[1].abs().max().item())
+
+
+@pytest.mark.parametrize(("machine", "padding"), [("els", "zeros"), ("es", "circular")])
+def test_gradient_is_the_same_with_provenance(machine, padding):
+    """With provenance the forward reduces over distinct keys with their counts: the normaliser, and so the
+    gradient, is the same."""
+    train, _, x = small_problem(2616)
+    m = ScoreMachine(train, machine=machine, padding=padding, dtype=torch.float64)
+    grads = []
+    for provenance in (True, False):
+        xs = x.clone().requires_grad_()
+        out = m.denoise(xs, 0.5, 3, return_provenance=provenance)
+        (out[0] if provenance else out).square().sum().backward()
+        grads.append(xs.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-12)
