@@ -49,7 +49,9 @@ class Reduction:
     result leaves out (0 where it ran exactly), and `approximate_queries` how many queries were answered
     approximately; None and 0 otherwise. With provenance: `best` `(G, M)` the id (`image * S + s`, see
     `Dictionary.entry_ids`) of each query's dominant entry, `weight` `(G, M)` its posterior weight and `entropy`
-    `(G, M)` the posterior's entropy in nats; otherwise None."""
+    `(G, M)` the posterior's entropy in nats; otherwise None. `log_normaliser` `(G, M)`: log2 of each query's
+    softmax normaliser, `m + log2 l` in the bits of `elsfast.reduce.state` (of the entries scored), which the
+    backward pass of `elsfast.reduce.grad` reuses."""
 
     values: torch.Tensor
     group_backends: tuple[str, ...]
@@ -61,6 +63,7 @@ class Reduction:
     entropy: torch.Tensor | None = None
     neglected: torch.Tensor | None = None
     approximate_queries: int = 0
+    log_normaliser: torch.Tensor | None = None
 
     @property
     def backend(self) -> str:
@@ -79,7 +82,9 @@ def softmax_reduce(
     provenance: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> Reduction:
-    """Softmax-weighted mean of the dictionary's values for each query.
+    """Softmax-weighted mean of the dictionary's values for each query. Queries that require grad (with grad
+    enabled) give `values` that carry their exact gradient (`elsfast.reduce.grad`); an approximate backend then
+    raises `NotDifferentiable`.
 
     Args:
         queries: `(G, M, D)` float32 or float64; the computation runs in this dtype on its device.
@@ -95,6 +100,18 @@ def softmax_reduce(
             (`Dictionary.image_ids`).
     """
     check_backend_name(backend)
+    if queries.requires_grad and torch.is_grad_enabled():  # exact gradients or a clear refusal, never detached
+        from .grad import differentiable_reduce
+
+        return differentiable_reduce(
+            queries,
+            dictionary,
+            abar=abar,
+            backend=backend,
+            memory_budget=memory_budget,
+            provenance=provenance,
+            process_group=process_group,
+        )
     if process_group is not None and backend != "auto":
         named = resolve_named(backend, queries, dictionary)
         if not named.EXACT:
@@ -127,6 +144,7 @@ def softmax_reduce(
         exact_pairs,
         neglected=out.neglected,
         approximate_queries=out.approximate_queries,
+        log_normaliser=state.m + torch.log2(state.l),
     )
     if provenance:
         return replace(result, best=state.best, weight=state.top_weight(), entropy=state.entropy())
