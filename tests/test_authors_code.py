@@ -80,10 +80,10 @@ def test_emulated_chunk_averaging_is_wrong_by_up_to_half_a_pixel_range_and_exact
                 torch.testing.assert_close(one_chunk, exact, rtol=0, atol=1e-12)  # one chunk: exact, with labels
                 chunked = authors_chunk_mean(logits, values, _chunks_of_class(labels, label), mean=True)
                 worst = max(worst, float((chunked.reshape(x.shape) - exact).abs().max()))
-            if N % 4 == 0:  # equal chunks (4 of 50): every weight 1/50, exact again
-                logits, values = _ls_logits(x, train, abar, P), train.reshape(N, -1).T.unsqueeze(-1)
-                equal = authors_chunk_mean(logits, values, [N // 4] * 4, mean=True).reshape(x.shape)
-                exact = authors_chunk_mean(logits, values, [N], mean=False).reshape(x.shape)
-                torch.testing.assert_close(equal, exact, rtol=0, atol=1e-12)
+            # equal chunks (4 of 50): every weight 1/50, exact again
+            logits, values = _ls_logits(x, train, abar, P), train.reshape(N, -1).T.unsqueeze(-1)
+            equal = authors_chunk_mean(logits, values, [N // 4] * 4, mean=True).reshape(x.shape)
+            exact = authors_chunk_mean(logits, values, [N], mean=False).reshape(x.shape)
+            torch.testing.assert_close(equal, exact, rtol=0, atol=1e-12)
     # chunks 64, 64, 64, 8 (and their class-filtered sizes): not "1.5-3%" of anything, but up to half the range
     assert 0.98 < worst < 1.0, worst  # 0.99 (docs/reproduction.md)
