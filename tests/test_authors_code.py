@@ -87,3 +87,20 @@ def test_emulated_chunk_averaging_is_wrong_by_up_to_half_a_pixel_range_and_exact
             torch.testing.assert_close(equal, exact, rtol=0, atol=1e-12)
     # chunks 64, 64, 64, 8 (and their class-filtered sizes): not "1.5-3%" of anything, but up to half the range
     assert 0.98 < worst < 1.0, worst  # 0.99 (docs/reproduction.md)
+
+
+def test_valid_dictionary_misses_training_images_in_the_border_ring():
+    """The authors' circular ELS (`dictionary="valid"`, which elsfast reproduces) does not return a training
+    image at abar -> 1 in the ring of P // 2 pixels along the border, whose wrapped patches are in no training image;
+    the paper's dictionary (`"same"`) does, everywhere."""
+    train = torch.randint(0, 256, (6, 1, 10, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    phi = train[2:3].to(F64) / 127.5 - 1
+    abar, P, r = 1 - 1e-9, 5, 2
+    x = math.sqrt(abar) * phi
+    ring = torch.ones(10, 10, dtype=torch.bool)
+    ring[r:-r, r:-r] = False
+    for dictionary in ("valid", "same"):
+        m = elsfast.ScoreMachine(train, machine="els", padding="circular", dictionary=dictionary, dtype=F64)
+        err = (m.denoise(x, abar, P) - phi).abs()[0, 0]
+        assert float(err[~ring].max()) < 1e-6, dictionary
+        assert (float(err[ring].max()) > 0.1) == (dictionary == "valid"), dictionary
