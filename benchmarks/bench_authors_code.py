@@ -9,7 +9,8 @@ to 32x32, ELS with zero padding, P = 5, t = 0.5 on the legacy cosine (abar = 0.5
   the same timings and memory for their zero-padding module (`LocalEquivBordersScoreModule`, batch 1, and eight
   batch-1 calls, as it raises at batch 8) and their circular module (`LocalEquivScoreModule`, batch 8), and the
   agreement in float64: one zero-padding evaluation (x0 within 4.6e-13) and a 20-step trajectory of their
-  machine sampler with their circular module against `dictionary="valid"` (within 3.3e-12).
+  machine sampler with their circular module against `dictionary="valid"` (within 3.3e-12); and the error of
+  their per-chunk averaging (LS and circular ELS, 200 digits in chunks of 64).
 
 Run:  ELSFAST_AUTHORS_CODE=/path/to/convolutional_diffusion pytest benchmarks/bench_authors_code.py \
           -m benchmark --benchmark-only --benchmark-enable --benchmark-json=authors.json
@@ -185,3 +186,46 @@ def test_authors_trajectory_agrees_to_3_3e_12(benchmark):
         torch.set_default_dtype(previous)
     benchmark.extra_info["max_abs_diff"] = float((ours - theirs).abs().max())
     assert benchmark.extra_info["max_abs_diff"] <= 3.3e-12
+
+
+@pytest.mark.parametrize("kind", ["ls", "circular"])
+def test_authors_chunk_averaging_error(benchmark, kind):
+    """Their LS (`LocalScoreModule`) and circular ELS on the first 200 digits in chunks of 64 (64, 64, 64, 8),
+    float64, against elsfast's exact LS (zero padding) and circular ELS with `dictionary="valid"`: the largest
+    |x0 difference| over a noisy digit at abar 0.3, 0.7, 0.9 and P 7, 9, 11 (the recheck: 0.53 for LS, 0.17 for
+    circular ELS; `tests/test_authors_code.py` emulates the averaging without their code). Their t = 0.3, 0.7,
+    0.9 on the legacy cosine (abar 0.80, 0.21, 0.03)."""
+    idealscore = _authors()
+    mnist = datasets.load("mnist-embedded", pad_to=32)
+    images = mnist.images[:200]
+    data = torch.utils.data.TensorDataset(images.to(torch.float64) / 127.5 - 1, torch.zeros(200, dtype=torch.int64))
+    if kind == "ls":
+        theirs = idealscore.LocalScoreModule(
+            data, image_size=32, batch_size=64, schedule=idealscore.cosine_noise_schedule
+        )
+        ours = elsfast.ScoreMachine(images, machine="ls", padding="zeros", dtype=torch.float64)
+    else:
+        theirs = idealscore.LocalEquivScoreModule(
+            data, image_size=32, channels=1, batch_size=64, schedule=idealscore.cosine_noise_schedule
+        )
+        ours = elsfast.ScoreMachine(images, machine="els", padding="circular", dictionary="valid", dtype=torch.float64)
+    clean = mnist.images[1000:1001].to(torch.float64) / 127.5 - 1  # a digit outside the 200
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for t in (0.3, 0.7, 0.9):
+            abar = abar_cosine_legacy(t)
+            for p in (7, 9, 11):
+                x = math.sqrt(abar) * clean + math.sqrt(1 - abar) * torch.randn(
+                    clean.shape, generator=gen, dtype=torch.float64
+                )
+                score = theirs(torch.tensor(t), x, device=torch.device("cpu"), k=p)
+                x0 = (x + (1 - abar) * score) / math.sqrt(abar)
+                worst = max(worst, float((x0 - ours.denoise(x, abar, p)).abs().max()))
+    finally:
+        torch.set_default_dtype(previous)
+    benchmark.extra_info["max_abs_diff"] = worst
+    benchmark.pedantic(lambda: None, rounds=1)
+    assert worst > 0.1, worst
