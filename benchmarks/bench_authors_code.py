@@ -90,7 +90,8 @@ def _peak_mb(code: str) -> float:
         "run()\n"
         "print(_mb('VmHWM') - before)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(elsfast.__file__).parents[1]), AUTHORS or ""])}
+    paths = [str(Path(elsfast.__file__).parents[1])] + ([AUTHORS] if AUTHORS else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
     return float(done.stdout.split()[-1])
 
