@@ -109,10 +109,11 @@ def test_sample_with_labels(tmp_path, capsys, labels):
     assert load_samples(save).shape == (2, 1, 28, 28)
 
 
-def test_calibrated_scales(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["MNIST_UNet_zeros", "MNIST_UNet_zeros:shifted"])
+def test_calibrated_scales(tmp_path, capsys, name):
     save = tmp_path / "s.pt"
     argv = [a for a in FAST if a not in ("--patch-size", "3")]
-    code, _, err = run(capsys, "sample", *argv, "--scales", "MNIST_UNet_zeros", "--save", str(save))
+    code, _, err = run(capsys, "sample", *argv, "--scales", name, "--save", str(save))
     assert code == 0, err
     assert load_samples(save).shape == (2, 1, 28, 28)
 
@@ -153,6 +154,7 @@ def test_python_m_elsfast(tmp_path):
         (["--machine", "es", "--padding", "zeros"], ["es", "circular"]),
         (["--machine", "es"], ["circular"]),
         (["--scales", "NoSuchList"], ["scales", "NoSuchList"]),
+        (["--scales", "MNIST_UNet_zeros:sideways"], ["reading", "sideways"]),
         (["--scales", "MNIST_UNet_zeros", "--patch-size", "3"], ["not allowed"]),
         (["--n", "0"], ["--n"]),
         (["--steps", "1"], ["--steps"]),

@@ -52,5 +52,8 @@ def test_research_commands_reject_bad_input(tmp_path, capsys):
     bad.write_bytes(b"garbage")
     assert main(["compare", "--checkpoint", str(bad), "--out-dir", str(tmp_path / "r")]) == 2
     assert main(["calibrate", "--checkpoint", str(bad), "--sizes", "4", "--out", "x.json"]) == 2
+    sideways = ["--scales", "MNIST_UNet_zeros:sideways", "--out-dir", str(tmp_path / "s")]
+    assert main(["compare", "--checkpoint", "x.pt", *sideways]) == 2
     err = capsys.readouterr().err
-    assert err.count("elsfast: error:") == 4 and "Traceback" not in err
+    assert err.count("elsfast: error:") == 5 and "Traceback" not in err
+    assert "--scales: calibrated scales 'MNIST_UNet_zeros:sideways': unknown reading 'sideways'" in err

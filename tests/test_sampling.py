@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import elsfast
-from elsfast.common.scales import reference_scales, resolve_patch_size
+from elsfast.common.scales import READINGS, patch_size_at, reference_scales, resolve_patch_size
 from elsfast.common.schedules import abar_cosine, abar_cosine_legacy, get_schedule
 
 
@@ -72,6 +72,43 @@ def test_patch_size_specs():
         resolve_patch_size([3, 5], 20)
     with pytest.raises(ValueError, match="unknown calibrated scales"):
         resolve_patch_size("NOPE", 20)
+
+
+def test_shifted_reading_is_exactly_one_step_earlier():
+    """NAME:shifted reads entry i - 1 at t = i / n (where the authors' calibration stored the P for t = i / n);
+    the ends clip: t = 1 reads the last entry in both readings, t = 0 entry 0 in both (SPEC section 4)."""
+    assert READINGS == ("published", "shifted")
+    for name, published in reference_scales().items():
+        n = len(published)
+        assert [patch_size_at(name, i / n) for i in range(n + 1)] == [*published, published[-1]]
+        assert [patch_size_at(f"{name}:published", i / n) for i in range(n + 1)] == [*published, published[-1]]
+        assert [patch_size_at(f"{name}:shifted", i / n) for i in range(n + 1)] == [published[0], *published]
+        for i in range(1, n + 1):  # exactly one step of the grid: shifted at t is published at t - 1/n
+            assert patch_size_at(f"{name}:shifted", i / n) == patch_size_at(name, (i - 1) / n)
+        size = resolve_patch_size(f"{name}:shifted", 20)
+        assert [size(i / 20, i) for i in range(1, 20)] == published[:19]  # elsfast's grid never reads the last
+    table = [3, 5, 7, 9]
+    assert [patch_size_at(table, i / 4, reading="shifted") for i in range(5)] == [3, 3, 5, 7, 9]
+    assert [patch_size_at(table, i / 4) for i in range(5)] == [3, 5, 7, 9, 9]
+    assert patch_size_at(5, 0.3, reading="shifted") == 5  # an int or a callable has no entries to shift
+    assert patch_size_at("MNIST_UNet_zeros", 0.5, reading="shifted") == reference_scales()["MNIST_UNet_zeros"][10]
+    with pytest.raises(ValueError, match="unknown reading 'sideways'"):
+        resolve_patch_size("MNIST_UNet_zeros:sideways", 20)
+    with pytest.raises(ValueError, match="reading: expected one of published, shifted"):
+        patch_size_at(table, 0.5, reading="late")
+    with pytest.raises(ValueError, match="unknown calibrated scales 'NOPE'"):
+        patch_size_at("NOPE:shifted", 0.5)
+
+
+@pytest.mark.parametrize("reading", ["published", "shifted"])
+def test_sampler_reads_the_named_reading(reading):
+    name = "MNIST_ResNet_zeros"
+    published = reference_scales()[name]
+    train = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    m = elsfast.ScoreMachine(train, machine="ls", padding="zeros", dtype=torch.float64)
+    _, trace = elsfast.sample(m, n=1, steps=20, patch_size=f"{name}:{reading}", seed=0, return_provenance=True)
+    shift = READINGS.index(reading)  # entry i (published) or i - 1 (shifted) at t = i/20, i = 19..1
+    assert trace.patch_sizes == [published[i - shift] for i in range(19, 0, -1)]
 
 
 def test_reference_scales_ship_with_the_package():

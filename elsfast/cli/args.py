@@ -106,13 +106,12 @@ def labels_spec(text: str) -> int | list[int] | str:
 
 
 def scales_name(text: str) -> str:
-    from ..common.scales import reference_scales
+    from ..common.scales import parse_scales_name
 
-    scales = reference_scales()
-    if text not in scales:
-        raise argparse.ArgumentTypeError(
-            f"unknown calibrated scales {text!r}; known: {', '.join(sorted(scales))} (see 'elsfast scales')"
-        )
+    try:
+        parse_scales_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (see 'elsfast scales')") from None
     return text
 
 
@@ -165,8 +164,9 @@ def add_machine_args(p: argparse.ArgumentParser, *, scales: bool, patch_help: st
         sizes.add_argument(
             "--scales",
             type=scales_name,
-            metavar="NAME",
-            help="a published calibrated patch-size list P(t) instead of --patch-size (see 'elsfast scales')",
+            metavar="NAME[:shifted]",
+            help="a published calibrated patch-size list P(t) instead of --patch-size (see 'elsfast scales'); "
+            "NAME:shifted reads it one step earlier, entry i-1 at t = i/n (docs/reproduction.md)",
         )
     g.add_argument("--backend", default="auto", help="reduction backend, or auto (default; see 'elsfast info')")
     g.add_argument("--topk", type=at_least(1), metavar="K", help="with --backend topk: entries kept per query (128)")

@@ -124,7 +124,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--checkpoint", required=True, metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
     m.add_argument(
-        "--scales", default="3", metavar="FILE|NAME|P", help="calibration JSON, published list name, or one odd P"
+        "--scales",
+        default="3",
+        metavar="FILE|NAME|P",
+        help="calibration JSON, published list name (NAME or NAME:shifted), or one odd P",
     )
     m.add_argument("--seeds", type=at_least(1), default=100, metavar="N", help="seeds 0..N-1 (default: 100)")
     m.add_argument("--steps", type=at_least(2), default=20, help="machine steps (default: 20)")
@@ -264,7 +267,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ..common.scales import reference_scales
+    from ..common.scales import parse_scales_name, reference_scales
     from ..machine import MACHINES
     from ..research.calibrate import CalibrationResult
     from ..research.compare import compare
@@ -275,7 +278,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise CLIError(f"--machines takes a comma list of {', '.join(MACHINES)}; got {args.machines!r}")
     if Path(args.scales).suffix == ".json":
         scales = CalibrationResult.from_json(args.scales)
-    elif args.scales in reference_scales():
+    elif args.scales.partition(":")[0] in reference_scales():
+        try:
+            parse_scales_name(args.scales)
+        except ValueError as err:
+            raise CLIError(f"--scales: {err}") from None
         scales = args.scales
     else:
         scales = odd_patch_size(args.scales)

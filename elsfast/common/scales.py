@@ -1,8 +1,19 @@
 """Patch-size schedules P(t): a fixed size, a per-step list, a callable of t, or a published calibrated list.
 
 The calibrated lists published with the paper's code ship as package data (`assets/reference_scales.json`,
-copied from the authors' results): entry i belongs to t = i / 20. They are good defaults, not exact (SPEC
-section 4: they may be offset by one step relative to the machine sampler).
+copied from the authors' results). They are good defaults, not exact. Two readings of a list of n entries at
+t = i / n (`READINGS`; SPEC section 4):
+
+- `"published"` (the default): entry i, as the authors' machine sampler reads the lists;
+- `"shifted"`: entry i - 1, one step of the t = i / n grid earlier. The authors' calibration loop stores the P it
+  found for t = i / n at index i - 1, so this is the reading that gives each step the P calibrated for it. At the
+  ends: t = 1 reads the last entry in both readings (the published one clips), and t = 0, which no sampler
+  evaluates, reads entry 0 in both (the shifted one clips). On elsfast's grid (t = (n-1)/n ... 1/n) the shifted
+  reading uses entries n-2 ... 0; on the authors' network grid (t = 1 ... 1/n) every entry once.
+
+A published list is named `NAME` (the published reading) or `NAME:READING`, e.g. `"MNIST_ResNet_zeros:shifted"`,
+anywhere a patch-size spec is taken (`elsfast.sample`, the diffusers and k-diffusion adapters, `elsfast compare`,
+the CLI's `--scales`).
 """
 
 from __future__ import annotations
@@ -13,9 +24,11 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 
-__all__ = ["PatchSizeSpec", "patch_size_at", "reference_scales", "resolve_patch_size"]
+__all__ = ["READINGS", "PatchSizeSpec", "parse_scales_name", "patch_size_at", "reference_scales", "resolve_patch_size"]
 
 PatchSizeSpec = int | Sequence[int] | Callable[[float], int] | str
+READINGS = ("published", "shifted")  # how a list of n entries is read at t = i / n: entry i, or entry i - 1
+_SHIFT = {"published": 0, "shifted": 1}  # steps of the t = i / n grid by which a reading looks back
 
 
 @cache
@@ -25,19 +38,39 @@ def reference_scales() -> dict[str, list[int]]:
     return json.loads(text)["scales"]
 
 
-def patch_size_at(spec: PatchSizeSpec, t: float) -> int:
+def parse_scales_name(text: str) -> tuple[str, str]:
+    """`NAME` or `NAME:READING` -> (NAME, READING): a published list and its reading ("published" by default).
+
+    Raises `ValueError` naming the known lists or readings when either is unknown.
+    """
+    name, sep, reading = text.partition(":")
+    reading = reading if sep else "published"
+    scales = reference_scales()
+    if name not in scales:
+        raise ValueError(f"unknown calibrated scales {name!r}; known: {', '.join(sorted(scales))}")
+    if reading not in READINGS:
+        raise ValueError(f"calibrated scales {text!r}: unknown reading {reading!r}; known: {', '.join(READINGS)}")
+    return name, reading
+
+
+def patch_size_at(spec: PatchSizeSpec, t: float, *, reading: str = "published") -> int:
     """The patch size of `spec` at time t in [0, 1]: the one reading of a patch-size spec.
 
     - int: that size at every t;
     - callable: `spec(t)`;
-    - sequence, or the name of a published calibrated list (`reference_scales()`): entry round(t * len),
-      clipped to the list (a list of n entries used with n steps gives entry i at t = i / n).
+    - sequence, or the name of a published calibrated list (`reference_scales()`, `NAME` or `NAME:READING`):
+      entry round(t * len) (reading "published"; a list of n entries used with n steps gives entry i at t = i / n)
+      or round(t * len) - 1 (reading "shifted": one step of the t = i / len grid earlier), clipped to the list.
+      A name's own reading wins over `reading`, which applies to lists (see the module docstring, `READINGS`).
     """
+    if reading not in READINGS:
+        raise ValueError(f"reading: expected one of {', '.join(READINGS)}, got {reading!r}")
     if isinstance(spec, str):
-        scales = reference_scales()
-        if spec not in scales:
-            raise ValueError(f"patch_size: unknown calibrated scales {spec!r}; known: {', '.join(sorted(scales))}")
-        spec = scales[spec]
+        try:
+            name, reading = parse_scales_name(spec)
+        except ValueError as err:
+            raise ValueError(f"patch_size: {err}") from None
+        spec = reference_scales()[name]
     if callable(spec):
         return spec(t)
     if isinstance(spec, numbers.Real) or (hasattr(spec, "dim") and spec.dim() == 0):
@@ -50,14 +83,15 @@ def patch_size_at(spec: PatchSizeSpec, t: float) -> int:
         ) from None
     if not table:
         raise ValueError("patch_size: a patch-size list must not be empty")
-    return table[min(len(table) - 1, max(0, round(t * len(table))))]
+    return table[min(len(table) - 1, max(0, round(t * len(table)) - _SHIFT[reading]))]
 
 
 def resolve_patch_size(spec: PatchSizeSpec, steps: int) -> Callable[[float, int], int]:
     """`patch_size_at` for a sampler of `steps` steps, as `size(t, i)` for step i (t = i / steps).
 
     A list given as a list must have one entry per step (entry i at step i, the layout of the published lists);
-    a published list named by its string is read at round(t * len) whatever `steps` is. The spec is checked here,
+    a published list named by its string is read at round(t * len) (or one entry earlier, `NAME:shifted`) whatever
+    `steps` is. The spec is checked here,
     before any step runs.
     """
     if not isinstance(spec, str) and not callable(spec) and not isinstance(spec, numbers.Real):

@@ -1,7 +1,7 @@
 """Noise schedules abar(t) on t in [0, 1] (SPEC section 1).
 
 `cosine-legacy` is the schedule of the paper's code, abar(t) = cos^2(pi/2 * t / 1.008); it has abar(0) = 1 and
-abar(1) = cos^2(pi/2 / 1.008) ~ 3.9e-5. `cosine` is the improved-DDPM cosine (Nichol & Dhariwal 2021),
+abar(1) = cos^2(pi/2 / 1.008) = 1.554e-4. `cosine` is the improved-DDPM cosine (Nichol & Dhariwal 2021),
 abar(t) = f(t) / f(0) with f(t) = cos^2(pi/2 * (t + 0.008) / 1.008); it reaches abar(1) = 0 exactly, which the
 sampler never evaluates (it starts at t = (n-1)/n).
 """

@@ -51,7 +51,7 @@ def r_histogram_figure(r: Mapping[str, Sequence[float | None]], *, title: str | 
             if values.size:
                 ax.axvline(median, color=colour, ls="--", lw=1.2)
         ax.set_xlim(lo, 1.0)
-        ax.set_xlabel("Pearson r of the machine image with the network image (the paper's r²)")
+        ax.set_xlabel("Pearson r of the machine image with the network image")
         ax.set_ylabel("seeds")
         ax.yaxis.get_major_locator().set_params(integer=True)
         ax.legend(loc="upper left", title="dashed: median")
