@@ -37,6 +37,27 @@ def _channels(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _checkpoint_minutes_arg(p) -> None:
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=_non_negative_float,
+        default=5.0,
+        metavar="M",
+        help="also write the training checkpoint after M minutes of wall time since the last one (0: off; "
+        "default: 5); Ctrl-C and SIGTERM write it too",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -85,10 +106,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
     g.add_argument("--checkpoint-every", type=at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
+    _checkpoint_minutes_arg(g)
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     once.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --out (without it, or --resume, it is refused)"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing network checkpoint at --out (without it, or --resume, it is refused; a file "
+        "that is not an elsfast network checkpoint is never replaced)",
     )
     _common(t)
     t.set_defaults(func=_cmd_train)
@@ -163,6 +188,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .. import datasets
     from ..nets.train import TrainConfig, train
 
+    # before the data is loaded: a writable folder, and no file there but a network checkpoint
+    if args.resume and Path(args.out).exists():
+        from ..common.fileio import check_writable
+
+        check_writable(Path(args.out).parent)  # the file is read, and refused unless it is a checkpoint, by train
+    else:
+        check_outputs({"--out": (args.out, "network")})
     if not args.resume and not args.overwrite and Path(args.out).exists():
         from ..common.fileio import describe_file
 
@@ -189,6 +221,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         out=args.out,
         device=str(check_device(args.device, name="argument --device")),
         bf16=args.bf16,
@@ -237,7 +270,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(f"argument --plot: {e}") from None
     # before the trajectories: a file elsfast did not write there stays
-    check_outputs({"--out": args.out, "--plot": plot})
+    check_outputs({"--out": (args.out, "calibration"), "--plot": (plot, "figure")})
     model, config, data, labels, device = _network_and_data(args)
     started = time.perf_counter()
     machine = ScoreMachine(data.images, labels, machine=args.machine, padding=config["model"]["padding"], device=device)
@@ -279,6 +312,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         scales = args.scales
     else:
         scales = odd_patch_size(args.scales)
+    from ..common.fileio import check_writable
+
+    try:  # before the network and the data are loaded (compare checks each of its files before the first seed)
+        check_writable(args.out_dir)
+    except OSError as e:
+        raise CLIError(f"argument --out-dir: {e}") from None
     model, config, data, labels, _ = _network_and_data(args)
     report = compare(
         model,
