@@ -47,11 +47,11 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def _checkpoint_minutes_arg(p) -> None:
+def _checkpoint_minutes_arg(p, default: float | None) -> None:
     p.add_argument(
         "--checkpoint-minutes",
         type=_non_negative_float,
-        default=5.0,
+        default=default,
         metavar="M",
         help="also write the training checkpoint after M minutes of wall time since the last one (0: off; "
         "default: 5); Ctrl-C and SIGTERM write it too",
@@ -106,7 +106,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
     g.add_argument("--checkpoint-every", type=at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
-    _checkpoint_minutes_arg(g)
+    _checkpoint_minutes_arg(g, 5.0)
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     once.add_argument(
@@ -166,7 +166,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="train, calibrate and compare in one resumable command",
         description="Presets: "
         + "; ".join(f"{name}: {preset.notes}" for name, preset in PRESETS.items())
-        + ". Run the same command again to resume.",
+        + ". Run the same command again to resume: a finished stage is never redone (the training time limit counts "
+        "all runs together), and a finished reproduction prints its results. Paper-scale presets need a GPU "
+        "(--force to run one without).",
     )
     r.add_argument("preset", choices=tuple(PRESETS))
     r.add_argument("--out-dir", required=True, metavar="DIR")
@@ -178,6 +180,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "of the preset trains on to it",
     )
     r.add_argument("--seeds", type=at_least(1), help="comparison seeds (preset's default otherwise)")
+    _checkpoint_minutes_arg(r, None)
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="run a paper-scale preset without a GPU (refused otherwise, with its estimated training time)",
+    )
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
     _grid_arg(r)
     _common(r)
@@ -364,6 +372,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         comparison_seeds=args.seeds,
         progress=not args.quiet,
         grid=args.grid,
+        checkpoint_minutes=args.checkpoint_minutes,
+        force=args.force,
     )
     _print_summary(summary["summary"])
     print(f"{PROG}: reproduction -> {Path(args.out_dir) / 'reproduction.json'}")
