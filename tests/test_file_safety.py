@@ -432,3 +432,33 @@ def test_sampling_keeps_its_checkpoint_until_every_output_is_written(tmp_path, c
         images, n=1, steps=4, progress=False, resume_from=state, write_outputs=lambda x: seen.append(state.exists())
     )
     assert seen == [True] and not state.exists() and out.shape == (1, 1, 6, 6)
+
+
+def test_file_kind_is_decided_in_one_place_and_old_records_still_work(tmp_path, network):
+    """`file_kind`: the declared format's kind, else the kind recorded in the manifest; a file an older elsfast
+    recorded without a kind is replaced by an output of the same file type only."""
+    import json
+
+    from elsfast.common.fileio import UNRECORDED_KIND, check_replaceable, file_kind
+
+    grid = save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "g.png")
+    samples = save_samples(torch.zeros(1, 1, 2, 2), tmp_path / "s.pt")
+    assert (file_kind(network), file_kind(grid), file_kind(samples)) == ("network", "grid", "samples")
+    assert file_kind(_sampling_state(tmp_path / "state.pt")) == "sampling-state"
+    (tmp_path / "mine.txt").write_bytes(FOREIGN)
+    assert file_kind(tmp_path / "mine.txt") is None and file_kind(tmp_path / "none") is None
+    check_replaceable(samples, "samples")
+    with pytest.raises(FileExistsError, match=r"samples saved by `elsfast sample --save`.*not by a grid"):
+        check_replaceable(samples, "grid")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        atomic_write(tmp_path / "x", lambda f: f.write(b"x"), kind="anything")
+
+    manifest = tmp_path / MANIFEST_NAME
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({"format": old["format"], "files": old["files"]}))  # as an older elsfast wrote it
+    assert file_kind(grid) == UNRECORDED_KIND
+    with pytest.raises(FileExistsError, match="replaced only by"):
+        atomic_write(grid, lambda f: f.write(b"{}"))  # a JSON document over a PNG image
+    assert file_kind(grid) == UNRECORDED_KIND
+    save_grid(torch.ones(1, 1, 2, 2), grid)  # a PNG over a PNG: replaced, and now recorded as a grid
+    assert file_kind(grid) == "grid"
