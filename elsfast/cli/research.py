@@ -359,8 +359,12 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..research.reproduce import reproduce
+    from ..research.reproduce import OUTPUTS, reproduce
 
+    out = Path(args.out_dir)
+    for file, kind in OUTPUTS.items():  # before anything is loaded; an existing network.pt is resumed (and checked)
+        if file != "network.pt" or not (out / file).exists():
+            check_outputs({"--out-dir": (str(out / file), kind)})
     device = check_device(args.device, name="argument --device")
     summary = reproduce(
         args.preset,

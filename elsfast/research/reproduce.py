@@ -52,7 +52,7 @@ from ..plots.style import matplotlib_missing
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
 
-__all__ = ["PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
+__all__ = ["OUTPUTS", "PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
 
 log = logging.getLogger("elsfast")
 
@@ -172,7 +172,7 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
     )
 
 
-_OUTPUTS = {
+OUTPUTS = {
     "network.pt": "network",
     "calibration.json": "calibration",
     "calibration.png": "figure",
@@ -250,7 +250,7 @@ def _validate(preset: str | Preset, train_steps: int | None, out: Path) -> tuple
         name = "custom"
     if train_steps is not None and train_steps < 1:
         raise ValueError(f"train_steps must be >= 1, got {train_steps}")
-    for file, kind in _OUTPUTS.items():  # refused now rather than after hours of work
+    for file, kind in OUTPUTS.items():  # refused now rather than after hours of work
         if file != "network.pt" or not (out / file).exists():  # an existing network.pt is resumed (and checked)
             check_replaceable(out / file, kind)
     return name, preset
