@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -420,15 +421,27 @@ def _resume(run: _Run) -> None:
 def _deferred_signals() -> Iterator[list[int]]:
     """SIGINT and SIGTERM during the training loop are recorded (in the list yielded) instead of acting at once,
     so the loop can stop between two steps and write a checkpoint first; the previous handlers are back on exit.
-    Outside the main thread signals are left as they are (the list stays empty)."""
+    A second Ctrl-C acts at once (KeyboardInterrupt: the steps since the last checkpoint are lost). Outside the
+    main thread signals are left as they are (the list stays empty)."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+
+    def defer(signum, frame) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(
+            "\nelsfast: stopping after this step to write the training checkpoint (Ctrl-C again: stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not None:  # None: a handler not installed from Python, left alone
-            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+            previous[sig] = signal.signal(sig, defer)
     try:
         yield received
     finally:
@@ -460,14 +473,18 @@ class _Bar:
             left = max(60.0 * self.minutes - elapsed, 0.0)
             reachable = run.step + int(rate * left)
             if reachable < run.total:  # the time limit stops it first: count to the step it will reach
-                bar.total = max(reachable, run.step)
-                postfix["stops"] = f"time limit in {left / 60:.1f} min"
+                bar.total = max(reachable, run.step + 10)
+                postfix["stops"] = f"time limit in {tqdm.format_interval(left)}"
             else:
                 bar.total = run.total
-                postfix["stops"] = f"step {run.total:,} in {(run.total - run.step) / max(rate, 1e-9) / 60:.1f} min"
+                to_end = (run.total - run.step) / max(rate, 1e-9)
+                postfix["stops"] = f"step {run.total:,} in {tqdm.format_interval(to_end)}"
         bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
+        if self.run.stopped == "time limit":  # it ends here: a full bar
+            self.bar.total = self.bar.n
+            self.bar.refresh()
         self.bar.close()
 
 
