@@ -150,8 +150,15 @@ def test_train_refuses_an_existing_out_without_resume_or_overwrite(tmp_path, net
     foreign.write_bytes(FOREIGN)
     _refused(capsys, [*argv, "--max-steps", "1", "--out", str(foreign), "--resume"], foreign, "not a usable")
     assert main([*argv, "--max-steps", "1", "--out", str(foreign), "--overwrite", "--resume"]) == 2
-    assert main([*argv, "--max-steps", "1", "--out", str(foreign), "--overwrite"]) == 0
-    assert "network checkpoint" in describe_file(foreign)
+    # --overwrite replaces a network checkpoint only, and never suggests itself for a foreign file (issue 27)
+    _refused(capsys, [*argv, "--max-steps", "1", "--out", str(foreign)], foreign, "not written by elsfast")
+    _refused(capsys, [*argv, "--max-steps", "1", "--out", str(foreign), "--overwrite"], foreign, "never replaces")
+    for flags in ([], ["--overwrite"]):
+        assert main([*argv, "--max-steps", "1", "--out", str(foreign), *flags]) == 2
+        assert "--overwrite" not in capsys.readouterr().err
+    copy = tmp_path / "net.pt"
+    copy.write_bytes(network.read_bytes())
+    assert main([*argv, "--max-steps", "1", "--out", str(copy), "--overwrite"]) == 0
 
 
 @pytest.mark.parametrize("flag", ["--out", "--save", "--resume-from"])
@@ -255,3 +262,203 @@ def test_reproduce_refuses_a_foreign_file_at_each_stage_and_keeps_it(tmp_path, n
     with pytest.raises((ValueError, FileExistsError), match=foreign.name.replace(".", r"\.")):
         reproduce(tiny, tmp_path, progress=False)
     assert foreign.read_bytes() == FOREIGN
+
+
+# ---------------------------------------------------------------------------------------------- kinds (issue 27)
+
+
+def _sampling_state(path: Path) -> Path:
+    """A sampling checkpoint of some other run at `path`."""
+    from elsfast.sampling.checkpoint import SamplingCheckpoint
+
+    SamplingCheckpoint(path, key="another run").save(1, torch.zeros(2, 1, 28, 28))
+    return path
+
+
+def test_one_command_never_replaces_another_commands_file(tmp_path, network, capsys):
+    """Issue 27: a file elsfast wrote is replaced only by the same kind of output, and the refusal says what the
+    file is and what replaces it."""
+    net = tmp_path / "net.pt"
+    net.write_bytes(network.read_bytes())
+    argv = ["sample", "--limit", "50", "--n", "2", "--steps", "3", "-q", "--out", str(tmp_path / "k.png")]
+    _refused(capsys, [*argv, "--save", str(net)], net, "--save", "network checkpoint", "elsfast train --out")
+    assert not (tmp_path / "k.png").exists()
+
+    calib = CalibrationResult(2, [3], [0], [None], torch.zeros(1, 2), torch.zeros(1, 2, 1)).to_json(tmp_path / "c.json")
+    samples = save_samples(torch.zeros(1, 1, 28, 28), tmp_path / "s.pt")
+    _refused(capsys, ["measure", "--limit", "50", "--samples", str(samples), "--json", str(calib)], calib, "calibrat")
+
+    state = _sampling_state(tmp_path / "state.pt")
+    _refused(capsys, [*argv, "--save", str(state)], state, "sampling checkpoint")
+    _refused(capsys, ["measure", "--limit", "50", "--samples", str(samples), "--json", str(samples)], samples)
+
+    # the library's writers too, and the file stays as it was
+    for write, path in [
+        (lambda p: save_samples(torch.zeros(1, 1, 2, 2), p), net),
+        (lambda p: CalibrationResult(2, [3], [0], [None], torch.zeros(1, 2), torch.zeros(1, 2, 1)).to_json(p), samples),
+        (lambda p: atomic_write(p, lambda f: f.write(b"{}")), samples),  # a writer that names no kind
+    ]:
+        before = path.read_bytes()
+        with pytest.raises(FileExistsError, match=r"is (an elsfast network|samples saved).*replaced only by"):
+            write(path)
+        assert path.read_bytes() == before
+    assert main([*argv, "--save", str(samples)]) == 0  # samples by samples: replaced
+
+
+@pytest.mark.parametrize("content", [FOREIGN, b'{"files": {}}', b'{"format": "elsfast-files/1", "files": []}'])
+def test_a_users_own_manifest_file_is_never_overwritten(tmp_path, capsys, content):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    manifest = folder / MANIFEST_NAME
+    manifest.write_bytes(content)
+    argv = ["sample", "--limit", "20", "--n", "1", "--steps", "3", "-q", "--out", str(folder / "x.png")]
+    _refused(capsys, argv, manifest, "never replaces it")
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST_NAME]
+    with pytest.raises(FileExistsError, match="not elsfast's record"):
+        save_grid(torch.zeros(1, 1, 2, 2), folder / "y.png")
+    assert manifest.read_bytes() == content and not (folder / "y.png").exists()
+
+
+@pytest.fixture
+def unwritable(tmp_path) -> Path:
+    """An existing folder this process cannot create files in (root ignores permissions: /sys then)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / "probe").touch()
+    except PermissionError:
+        yield folder
+        folder.chmod(0o755)
+        return
+    folder.chmod(0o755)
+    try:
+        (Path("/sys") / ".elsfast-test-probe").touch()
+    except OSError:
+        yield Path("/sys")
+        return
+    pytest.skip("no unwritable folder: permissions do not apply to this user and /sys is writable")
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the work started although its output folder cannot be written")
+
+
+def test_outputs_in_an_unwritable_folder_are_refused_before_any_work(
+    tmp_path, network, unwritable, capsys, monkeypatch
+):
+    """Issue 27: train, sample, measure, calibrate, compare and reproduce check every output folder (a probe file
+    created and removed) before the first step, instead of failing at the end with the work lost."""
+    import elsfast.nets.train as training
+    import elsfast.research.calibrate as calibration
+    import elsfast.research.compare as comparison
+    import elsfast.research.creativity as creativity
+    import elsfast.sampling as sampling
+
+    for module, name in [
+        (training, "train"),
+        (sampling, "sample"),
+        (creativity, "measure"),
+        (calibration, "calibrate"),
+        (comparison, "compare"),
+    ]:
+        monkeypatch.setattr(module, name, _never)
+    ro = str(unwritable)
+    net = ["--channels", "4", "--blocks", "1", "-q", "--max-steps", "1", "--limit", "16"]
+    samples = save_samples(torch.zeros(1, 1, 28, 28), tmp_path / "s.pt")
+    cases = [
+        ["train", "--dataset", "mnist-embedded", *net, "--out", f"{ro}/sub/n.pt"],
+        ["sample", "--limit", "20", "--n", "1", "--steps", "3", "-q", "--out", f"{ro}/x.png"],
+        ["sample", "--limit", "20", "--n", "1", "--steps", "3", "-q", "--save", f"{ro}/s.pt"],
+        ["sample", "--limit", "20", "--n", "1", "-q", "--out", str(tmp_path / "x.png"), "--resume-from", f"{ro}/c"],
+        ["measure", "--limit", "20", "--samples", str(samples), "--json", f"{ro}/m.json"],
+        ["calibrate", "--checkpoint", str(network), "-q", "--out", f"{ro}/c.json"],
+        ["calibrate", "--checkpoint", str(network), "-q", "--out", str(tmp_path / "c.json"), "--plot", f"{ro}/c.png"],
+        ["compare", "--checkpoint", str(network), "-q", "--out-dir", ro],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "cannot write in" in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.pt", MANIFEST_NAME, "ro"])
+
+    from elsfast.nets.train import TrainConfig
+    from elsfast.research import reproduce as reproduction
+
+    monkeypatch.setattr(reproduction, "train", _never)
+    tiny = reproduction.Preset(
+        train=TrainConfig(dataset="mnist-embedded", limit=16, channels=4, blocks=1, batch_size=8, max_steps=1),
+        sizes=(1, 3),
+        calibration_seeds=1,
+        comparison_seeds=1,
+        steps=3,
+    )
+    with pytest.raises(PermissionError, match="cannot write in"):
+        reproduction.reproduce(tiny, unwritable, progress=False)
+
+
+def test_sampling_keeps_its_checkpoint_until_every_output_is_written(tmp_path, capsys, monkeypatch):
+    """Issue 27: a kill after `--save` is written but before `--out` is leaves the sampling checkpoint, and the
+    same command run again resumes from it (not from step 0) and gives the uninterrupted run's samples."""
+    import elsfast.common.imageio as imageio
+
+    grid, saved, ckpt = tmp_path / "g.png", tmp_path / "x.pt", tmp_path / "g.png.ckpt"
+    argv = ["sample", "--limit", "20", "--n", "2", "--steps", "6", "-q", "--out", str(grid), "--save", str(saved)]
+    assert main([*argv, "--resume-from", "none"]) == 0
+    uninterrupted = load_samples(saved)
+    saved.unlink()
+    grid.unlink()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(imageio, "save_grid", killed)
+    assert main(argv) == 130
+    assert ckpt.exists() and "sampling checkpoint" in describe_file(ckpt) and not grid.exists()
+    monkeypatch.undo()
+
+    steps = []
+    monkeypatch.setattr("elsfast.sampling.ddim.tqdm", lambda it, **kw: steps.append(list(it)) or steps[-1])
+    assert main(argv) == 0
+    assert len(steps[0]) == 1  # resumed at the last step, not from step 0
+    assert not ckpt.exists() and grid.exists()
+    torch.testing.assert_close(load_samples(saved), uninterrupted, rtol=0, atol=0)
+
+    # the library: `write_outputs` runs before the checkpoint is removed
+    state = tmp_path / "api.ckpt"
+    seen = []
+    images = torch.zeros(4, 1, 6, 6)
+    out = elsfast.sample(
+        images, n=1, steps=4, progress=False, resume_from=state, write_outputs=lambda x: seen.append(state.exists())
+    )
+    assert seen == [True] and not state.exists() and out.shape == (1, 1, 6, 6)
+
+
+def test_file_kind_is_decided_in_one_place_and_old_records_still_work(tmp_path, network):
+    """`file_kind`: the declared format's kind, else the kind recorded in the manifest; a file an older elsfast
+    recorded without a kind is replaced by an output of the same file type only."""
+    import json
+
+    from elsfast.common.fileio import UNRECORDED_KIND, check_replaceable, file_kind
+
+    grid = save_grid(torch.zeros(1, 1, 2, 2), tmp_path / "g.png")
+    samples = save_samples(torch.zeros(1, 1, 2, 2), tmp_path / "s.pt")
+    assert (file_kind(network), file_kind(grid), file_kind(samples)) == ("network", "grid", "samples")
+    assert file_kind(_sampling_state(tmp_path / "state.pt")) == "sampling-state"
+    (tmp_path / "mine.txt").write_bytes(FOREIGN)
+    assert file_kind(tmp_path / "mine.txt") is None and file_kind(tmp_path / "none") is None
+    check_replaceable(samples, "samples")
+    with pytest.raises(FileExistsError, match=r"samples saved by `elsfast sample --save`.*not by a grid"):
+        check_replaceable(samples, "grid")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        atomic_write(tmp_path / "x", lambda f: f.write(b"x"), kind="anything")
+
+    manifest = tmp_path / MANIFEST_NAME
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({"format": old["format"], "files": old["files"]}))  # as an older elsfast wrote it
+    assert file_kind(grid) == UNRECORDED_KIND
+    with pytest.raises(FileExistsError, match="replaced only by"):
+        atomic_write(grid, lambda f: f.write(b"{}"))  # a JSON document over a PNG image
+    assert file_kind(grid) == UNRECORDED_KIND
+    save_grid(torch.ones(1, 1, 2, 2), grid)  # a PNG over a PNG: replaced, and now recorded as a grid
+    assert file_kind(grid) == "grid"

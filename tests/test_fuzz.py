@@ -338,3 +338,72 @@ def test_cli_sample_valid_runs_write_only_their_outputs(tmp_path_factory, seed, 
     with np.load(saved) as z:
         samples = z["samples"]
     assert samples.shape == (2, 1, 28, 28) and np.isfinite(samples).all() and math.isfinite(float(samples.sum()))
+
+
+# (command, flag named in the error, argv) of train/calibrate/measure/reproduce: each refused before any work,
+# the files in the folder untouched (issue 27: another command's file, a foreign file, a bad number)
+_NET = ["--dataset", "mnist-embedded", "--limit", "8", "--max-steps", "1", "--channels", "4", "--blocks", "1", "-q"]
+BAD_RESEARCH = [
+    ("--out", ["train", *_NET, "--out", "foreign.bin", "--overwrite"]),
+    ("--out", ["train", *_NET, "--out", "s.pt", "--overwrite"]),
+    ("--out", ["train", *_NET, "--out", "net.pt"]),
+    ("--out", ["train", *_NET, "--out", "foreign.bin/n.pt"]),
+    ("--max-minutes", ["train", *_NET, "--out", "n.pt", "--max-minutes", "0"]),
+    ("--checkpoint-minutes", ["train", *_NET, "--out", "n.pt", "--checkpoint-minutes", "-1"]),
+    ("--out", ["calibrate", "--checkpoint", "net.pt", "-q", "--out", "m.json"]),
+    ("--out", ["calibrate", "--checkpoint", "net.pt", "-q", "--out", "foreign.json"]),
+    ("--plot", ["calibrate", "--checkpoint", "net.pt", "-q", "--out", "c.json", "--plot", "foreign.bin.png"]),
+    ("--json", ["measure", "--limit", "12", "--samples", "s.pt", "--json", "calib.json"]),
+    ("--json", ["measure", "--limit", "12", "--samples", "s.pt", "--json", "foreign.json"]),
+    ("--samples", ["measure", "--limit", "12", "--samples", "foreign.bin"]),
+    ("--out-dir", ["reproduce", "mnist-small", "-q", "--out-dir", "foreign.bin"]),
+    ("--out-dir", ["reproduce", "mnist-small", "-q", "--out-dir", "theirs"]),
+    ("--out-dir", ["reproduce", "mnist-small", "-q", "--out-dir", "other"]),
+    ("--train-minutes", ["reproduce", "mnist-small", "-q", "--out-dir", "r", "--train-minutes", "0"]),
+    ("--checkpoint-minutes", ["reproduce", "mnist-small", "-q", "--out-dir", "r", "--checkpoint-minutes", "x"]),
+]
+
+
+def _research_folder(tmp) -> None:
+    """Files of every kind for BAD_RESEARCH: foreign ones, a calibration, samples, measures, a network."""
+    import torch
+
+    from elsfast.common.fileio import atomic_write
+    from elsfast.common.imageio import save_samples
+    from elsfast.research.calibrate import CalibrationResult
+
+    (tmp / "foreign.bin").write_bytes(b"user data")
+    (tmp / "foreign.bin.png").write_bytes(b"user picture")
+    (tmp / "foreign.json").write_bytes(b'{"mine": true}')
+    CalibrationResult(2, [3], [0], [None], torch.zeros(1, 2), torch.zeros(1, 2, 1)).to_json(tmp / "calib.json")
+    save_samples(torch.zeros(1, 1, 28, 28), tmp / "s.pt")
+    atomic_write(tmp / "m.json", lambda f: f.write(b"[]"), kind="measures")
+    atomic_write(tmp / "net.pt", lambda f: torch.save({"format": "elsfast-checkpoint", "version": 1}, f))
+    (tmp / "theirs").mkdir()
+    (tmp / "theirs" / "reproduction.json").write_bytes(b'{"mine": true}')
+    atomic_write(tmp / "other" / "calibration.json", lambda f: f.write(b"[]"), kind="measures")
+
+
+@QUICK
+@given(st.sampled_from(BAD_RESEARCH))
+def test_cli_research_commands_refuse_bad_input_naming_it(tmp_path_factory, capsys, case):
+    flag, argv = case
+    tmp = tmp_path_factory.mktemp("research")
+    _research_folder(tmp)
+    before = {p.relative_to(tmp): p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        with no_hang():
+            code = main(argv)
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("elsfast: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert flag in lines[0], f"{flag} not named in: {lines[0]}"
+    if "--overwrite" in argv:
+        assert "add --resume" not in lines[0]  # --overwrite never suggests itself for a file it may not replace
+    after = {p.relative_to(tmp): p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file()}
+    assert after == before, "a refused command changed files"

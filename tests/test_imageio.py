@@ -123,7 +123,7 @@ def test_save_grid_writes_png_atomically(tmp_path, channels, mode):
 
 def test_save_grid_failure_leaves_nothing(tmp_path, monkeypatch):
     path = tmp_path / "grid.png"
-    atomic_write(path, lambda f: f.write(b"old"))  # elsfast's own earlier file: it may be replaced
+    atomic_write(path, lambda f: f.write(b"old"), kind="grid")  # an earlier grid of elsfast: it may be replaced
 
     def broken_save(self, fp, *args, **kwargs):
         fp.write(b"half a png")

@@ -109,3 +109,128 @@ def test_every_table1_row_is_a_preset_with_its_cost():
     assert cost["comparison_evaluations"] == 100 * 19 * 3
     conditional = preset_cost(PRESETS["cifar10-resnet-zeros"], data.images[:, :1].expand(-1, 3, -1, -1), data.labels)
     assert conditional["pairs_per_evaluation"]["is"][3] == int((data.labels == data.labels[0]).sum())
+
+
+# ---------------------------------------------------------------------------------------------- issue 27
+
+TINY = """
+from elsfast.nets.train import TrainConfig
+from elsfast.research.reproduce import Preset
+
+def tiny_preset(**train):
+    config = dict(dataset="mnist-embedded", limit=40, arch="resnet", channels=8, blocks=1, conditional=True,
+                  batch_size=8, checkpoint_every=100000)
+    return Preset(train=TrainConfig(**{**config, **train}), sizes=(1, 3), calibration_seeds=1, comparison_seeds=1,
+                  steps=3)
+"""
+
+
+def _tiny_preset(**train) -> Preset:
+    scope: dict = {}
+    exec(TINY, scope)
+    return scope["tiny_preset"](**train)
+
+
+def test_a_time_limited_reproduction_resumes_after_a_crash_and_is_never_redone(tmp_path, monkeypatch, capsys):
+    """Issue 27: the time limit counts all runs together and is recorded when reached, so a crash in the
+    comparison stage resumes without training again, and a finished reproduction run again redoes nothing."""
+    import torch
+
+    from elsfast.research import reproduce as reproduction
+
+    timed = _tiny_preset(max_minutes=0.01)  # 0.6 s of training, far from its 300 epochs
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed in the comparison")
+
+    monkeypatch.setattr(reproduction, "compare", crash)
+    with pytest.raises(RuntimeError, match="killed in the comparison"):
+        reproduce(timed, tmp_path, progress=False)
+    monkeypatch.undo()
+    network, calibration = (tmp_path / "network.pt").read_bytes(), (tmp_path / "calibration.json").read_bytes()
+    ckpt = torch.load(tmp_path / "network.pt", weights_only=True)
+    assert ckpt["stopped"] == "time limit" and 0 < ckpt["step"] < ckpt["total_steps"]
+
+    done = reproduce(timed, tmp_path, progress=False)  # the comparison resumes; nothing is trained again
+    assert done["training"]["steps"] == ckpt["step"] and done["training"]["stopped"] == "time limit"
+    assert (tmp_path / "network.pt").read_bytes() == network
+    assert (tmp_path / "calibration.json").read_bytes() == calibration
+    results = (tmp_path / "report" / "results.json").read_bytes()
+
+    again = reproduce(timed, tmp_path, progress=True)  # finished: reports its results
+    assert "nothing to train (its time limit was reached" in capsys.readouterr().err
+    assert again["summary"] == done["summary"]
+    assert (tmp_path / "network.pt").read_bytes() == network
+    assert (tmp_path / "report" / "results.json").read_bytes() == results
+
+
+def test_a_paper_scale_preset_without_a_gpu_is_refused_with_its_estimate(tmp_path):
+    """Issue 27: `mnist-paper` and the Table 1 presets need a GPU; on a CPU they are refused unless forced, with
+    the training time estimated, before anything is written."""
+    from dataclasses import replace
+
+    assert PRESETS["mnist-paper"].needs_gpu and PRESETS["cifar10-resnet-zeros"].needs_gpu
+    assert not PRESETS["mnist-small"].needs_gpu
+    big = replace(_tiny_preset(max_steps=100_000), needs_gpu=True)
+    with pytest.raises(ValueError, match=r"needs a GPU: on this CPU its training alone would take about [\d,]+ h"):
+        reproduce(big, tmp_path / "out", device="cpu", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"force=True \(--force\)"):
+        reproduce(big, tmp_path / "out", device="cpu", progress=False)
+
+
+def test_cli_refuses_mnist_paper_on_a_cpu(tmp_path, shared_data, capsys):
+    from elsfast.cli import main
+
+    argv = ["reproduce", "mnist-paper", "--out-dir", str(tmp_path / "out"), "--device", "cpu", "-q"]
+    assert main([*argv, "--data-root", str(shared_data)]) == 2
+    err = capsys.readouterr().err
+    assert "needs a GPU" in err and "--force" in err and " h (" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def _read_in_background(stream, into: list) -> None:
+    import threading
+
+    def pump():
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            into.append(chunk)
+
+    threading.Thread(target=pump, daemon=True).start()
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_reproduction_keeps_its_training_and_resumes(tmp_path, sig):
+    """Issue 27: SIGINT or SIGTERM before the first checkpoint (every 100,000 steps here) writes the training
+    checkpoint, and the same reproduction run again trains on from it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    script = TINY + "\nimport sys\nfrom elsfast.research.reproduce import reproduce\n"
+    script += "reproduce(tiny_preset(max_steps=100000), sys.argv[1], progress=True)\n"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, stderr=subprocess.PIPE)
+    chunks: list[bytes] = []
+    _read_in_background(proc.stderr, chunks)
+    deadline = time.monotonic() + 120
+    while not re.search(rb"training[^\r\n]*?\s([3-9]|\d\d+)/", b"".join(chunks)):
+        assert proc.poll() is None, b"".join(chunks).decode()
+        assert time.monotonic() < deadline, "the training did not start"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    ckpt = torch.load(tmp_path / "network.pt", weights_only=True)
+    assert ckpt["stopped"] == "interrupted" and ckpt["step"] >= 3
+    assert not (tmp_path / "calibration.json").exists()
+
+    resumed = reproduce(_tiny_preset(max_steps=100000), tmp_path, progress=False, train_steps=ckpt["step"] + 1)
+    assert resumed["training"]["steps"] == ckpt["step"] + 1 and resumed["training"]["finished"]

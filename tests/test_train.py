@@ -186,3 +186,86 @@ def test_checkpoints_with_the_old_data_hash_still_resume(tmp_path):
     assert resumed["steps"] == 2 and resumed["seconds"] < resumed["total_seconds"]  # one step was saved
     with pytest.raises(ValueError, match="different images"):
         train(dataclasses.replace(config, max_steps=3), images=_images(8, seed=1)[0], resume=True, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- issue 27
+
+
+def test_checkpoints_every_few_minutes_of_wall_time(tmp_path, monkeypatch):
+    """Issue 27: besides every `checkpoint_every` steps, a checkpoint is written once `checkpoint_minutes` of wall
+    time have passed since the last one (0: off)."""
+    import elsfast.nets.train as training
+
+    writes = []
+    real = training.atomic_write
+    monkeypatch.setattr(training, "atomic_write", lambda *a, **k: writes.append(1) or real(*a, **k))
+    images, _ = _images(8)
+    base = _config(tmp_path, max_steps=4, checkpoint_every=0)
+    train(dataclasses.replace(base, checkpoint_minutes=0), images=images, progress=False)
+    assert len(writes) == 1  # only at the end
+    writes.clear()
+    train(dataclasses.replace(base, checkpoint_minutes=1e-9), images=images, overwrite=True, progress=False)
+    assert len(writes) == 4  # after steps 1, 2, 3 (the time is up at once) and at the end
+    with pytest.raises(ValueError, match="checkpoint_minutes"):
+        train(dataclasses.replace(base, checkpoint_minutes=-1), images=images, overwrite=True, progress=False)
+
+
+def test_ctrl_c_writes_the_checkpoint_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+    """Issue 27: SIGINT during the loop stops it between two steps and writes the checkpoint (stopped
+    "interrupted") before the KeyboardInterrupt; resumed, the run ends with an uninterrupted run's weights."""
+    import os
+    import signal
+
+    import elsfast.nets.train as training
+
+    images, labels = _images(16)
+    full = _config(tmp_path, "full.pt", max_steps=6, conditional=True, checkpoint_every=0, checkpoint_minutes=0)
+    train(full, images=images, labels=labels, progress=False)
+
+    calls = []
+    real = training.diffusion_loss
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "diffusion_loss", loss_then_ctrl_c)
+    part = dataclasses.replace(full, out=str(tmp_path / "part.pt"))
+    with pytest.raises(KeyboardInterrupt):
+        train(part, images=images, labels=labels, progress=False)
+    monkeypatch.undo()
+    summary = training.checkpoint_summary(part.out)
+    assert summary["steps"] == 3 and summary["stopped"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    assert train(part, images=images, labels=labels, resume=True, progress=False)["steps"] == 6
+    a, b = torch.load(full.out, weights_only=True)["model"], torch.load(part.out, weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_progress_bar_shows_the_time_limit_that_will_stop_it(tmp_path, capsys):
+    """Issue 27: a time-limited run far from its last step counts towards the time limit, says so, and says when."""
+    images, _ = _images(8)
+    config = _config(tmp_path, epochs=10_000, max_minutes=0.02, checkpoint_every=0)
+    done = train(config, images=images, progress=True)
+    err = capsys.readouterr().err
+    assert done["stopped"] == "time limit" and not done["finished"]
+    assert "training (time limit 0.02 min)" in err and "time limit in" in err, err
+    assert training_total(err) < done["total_steps"]
+
+
+def training_total(err: str) -> int:
+    """The total of the last progress-bar line in `err` ("... 37/52 ...")."""
+    import re
+
+    return int(re.findall(r"\d+/(\d+)", err)[-1])
+
+
+def test_train_checks_its_folder_before_loading_anything(tmp_path):
+    """Issue 27: an --out under a file (no folder can be made there) fails before the data is loaded."""
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"x")
+    config = TrainConfig(dataset="no-such-dataset", out=str(blocker / "n.pt"))
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        train(config, progress=False)

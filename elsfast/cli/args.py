@@ -222,15 +222,17 @@ def add_sampling_args(p: argparse.ArgumentParser, *, n_default: int) -> None:
 # checks shared by several commands
 
 
-def check_outputs(paths: dict[str, str | None]) -> None:
-    """Refuse, before any work, output paths holding a file elsfast did not write (it would never replace it)."""
+def check_outputs(outputs: dict[str, tuple[str | None, str | None]]) -> None:
+    """Refuse, before any work, the outputs `{flag: (path, kind)}` that could not be written at the end: a folder
+    elsfast cannot write in, a file elsfast did not write, or one of another kind than `kind` (a key of
+    `elsfast.common.fileio.KINDS`; see `check_replaceable`). A None path is skipped."""
     from ..common.fileio import check_replaceable
 
-    for flag, path in paths.items():
+    for flag, (path, kind) in outputs.items():
         if path is None:
             continue
         try:
-            check_replaceable(path)
+            check_replaceable(path, kind)
         except OSError as e:
             raise CLIError(f"argument {flag}: {e}") from None
 

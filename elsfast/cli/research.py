@@ -37,6 +37,27 @@ def _channels(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _checkpoint_minutes_arg(p, default: float | None) -> None:
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=_non_negative_float,
+        default=default,
+        metavar="M",
+        help="also write the training checkpoint after M minutes of wall time since the last one (0: off; "
+        "default: 5); Ctrl-C and SIGTERM write it too",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -85,10 +106,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
     g.add_argument("--checkpoint-every", type=at_least(0), default=1000, metavar="STEPS", help="(0: only at the end)")
+    _checkpoint_minutes_arg(g, 5.0)
     once = g.add_mutually_exclusive_group()
     once.add_argument("--resume", action="store_true", help="continue from --out if it exists")
     once.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --out (without it, or --resume, it is refused)"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing network checkpoint at --out (without it, or --resume, it is refused; a file "
+        "that is not an elsfast network checkpoint is never replaced)",
     )
     _common(t)
     t.set_defaults(func=_cmd_train)
@@ -144,7 +169,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="train, calibrate and compare in one resumable command",
         description="Presets: "
         + "; ".join(f"{name}: {preset.notes}" for name, preset in PRESETS.items())
-        + ". Run the same command again to resume.",
+        + ". Run the same command again to resume: a finished stage is never redone (the training time limit counts "
+        "all runs together), and a finished reproduction prints its results. Paper-scale presets need a GPU "
+        "(--force to run one without).",
     )
     r.add_argument("preset", choices=tuple(PRESETS))
     r.add_argument("--out-dir", required=True, metavar="DIR")
@@ -156,6 +183,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "of the preset trains on to it",
     )
     r.add_argument("--seeds", type=at_least(1), help="comparison seeds (preset's default otherwise)")
+    _checkpoint_minutes_arg(r, None)
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="run a paper-scale preset without a GPU (refused otherwise, with its estimated training time)",
+    )
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
     _grid_arg(r)
     _common(r)
@@ -166,6 +199,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .. import datasets
     from ..nets.train import TrainConfig, train
 
+    # before the data is loaded: a writable folder, and no file there but a network checkpoint
+    if args.resume and Path(args.out).exists():
+        from ..common.fileio import check_writable
+
+        check_writable(Path(args.out).parent)  # the file is read, and refused unless it is a checkpoint, by train
+    else:
+        check_outputs({"--out": (args.out, "network")})
     if not args.resume and not args.overwrite and Path(args.out).exists():
         from ..common.fileio import describe_file
 
@@ -192,6 +232,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes,
         out=args.out,
         device=str(check_device(args.device, name="argument --device")),
         bf16=args.bf16,
@@ -240,7 +281,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(f"argument --plot: {e}") from None
     # before the trajectories: a file elsfast did not write there stays
-    check_outputs({"--out": args.out, "--plot": plot})
+    check_outputs({"--out": (args.out, "calibration"), "--plot": (plot, "figure")})
     model, config, data, labels, device = _network_and_data(args)
     started = time.perf_counter()
     machine = ScoreMachine(data.images, labels, machine=args.machine, padding=config["model"]["padding"], device=device)
@@ -286,6 +327,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         scales = args.scales
     else:
         scales = odd_patch_size(args.scales)
+    from ..common.fileio import check_writable
+
+    try:  # before the network and the data are loaded (compare checks each of its files before the first seed)
+        check_writable(args.out_dir)
+    except OSError as e:
+        raise CLIError(f"argument --out-dir: {e}") from None
     model, config, data, labels, _ = _network_and_data(args)
     report = compare(
         model,
@@ -319,8 +366,12 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from ..research.reproduce import reproduce
+    from ..research.reproduce import OUTPUTS, reproduce
 
+    out = Path(args.out_dir)
+    for file, kind in OUTPUTS.items():  # before anything is loaded; an existing network.pt is resumed (and checked)
+        if file != "network.pt" or not (out / file).exists():
+            check_outputs({"--out-dir": (str(out / file), kind)})
     device = check_device(args.device, name="argument --device")
     summary = reproduce(
         args.preset,
@@ -332,6 +383,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         comparison_seeds=args.seeds,
         progress=not args.quiet,
         grid=args.grid,
+        checkpoint_minutes=args.checkpoint_minutes,
+        force=args.force,
     )
     _print_summary(summary["summary"])
     print(f"{PROG}: reproduction -> {Path(args.out_dir) / 'reproduction.json'}")

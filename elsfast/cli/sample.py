@@ -191,8 +191,9 @@ def _check_sample_args(args: argparse.Namespace) -> None:
         if Path(args.save).is_dir():
             raise CLIError(f"argument --save: {args.save!r} is a directory")
     _check_labels_count(args.labels, args.n)
-    check_outputs({"--out": args.out, "--save": args.save})
     resume = _resume_path(args)
+    flag = "--checkpoint" if args.checkpoint is not None else "--resume-from"
+    check_outputs({"--out": (args.out, "grid"), "--save": (args.save, "samples"), flag: (resume, "sampling-state")})
     if resume is not None and Path(resume).exists():
         from ..common.fileio import describe_file, elsfast_format
 
@@ -294,6 +295,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     labels = _sample_labels(args.labels, data, args.n)
     machine = _make_machine(args, data, device)
     patch_size = _patch_size_spec(args)
+    written: list[str] = []
+
+    def write_outputs(samples) -> None:  # before the sampling checkpoint goes: a kill here resumes
+        samples = samples.cpu()
+        if args.save is not None:
+            written.append(str(save_samples(samples, args.save)))
+        if args.out is not None:
+            scale = args.scale or (2 if max(samples.shape[-2:]) <= 32 else 1)
+            written.append(str(save_grid(samples, args.out, nrow=args.nrow, scale=scale)))
+
     samples = sample(
         machine,
         args.n,
@@ -305,15 +316,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         resume_from=args.resume,
         threads=args.threads,
+        write_outputs=write_outputs,
     ).cpu()
     seconds = time.perf_counter() - started
-
-    written = []
-    if args.save is not None:
-        written.append(str(save_samples(samples, args.save)))
-    if args.out is not None:
-        scale = args.scale or (2 if max(samples.shape[-2:]) <= 32 else 1)
-        written.append(str(save_grid(samples, args.out, nrow=args.nrow, scale=scale)))
     C, H, W = samples.shape[1:]
     if not torch.isfinite(samples).all():
         print("elsfast: warning: the samples contain NaN or infinite values", file=sys.stderr)
@@ -424,7 +429,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         raise CLIError(f"argument --samples: no such file: {args.samples!r}")
     if args.json is not None and Path(args.json).is_dir():
         raise CLIError(f"argument --json: {args.json!r} is a directory")
-    check_outputs({"--json": args.json})
+    check_outputs({"--json": (args.json, "measures")})
     device = check_device(args.device, name="argument --device")
 
     import json
@@ -487,7 +492,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     written = ""
     if args.json is not None:
         text = (json.dumps(rows, indent=2) + "\n").encode()
-        written = f" -> {atomic_write(args.json, lambda f: f.write(text))}"
+        written = f" -> {atomic_write(args.json, lambda f: f.write(text), kind='measures')}"
     C, H, W = samples.shape[1:]
     memorised = sum(r["memorised"] for r in rows)
     print(

@@ -122,7 +122,7 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, **kw) -> Path:
         raise ValueError(f"grid images are written as PNG: the path must end in .png, got {str(path)!r}")
     grid = make_grid(images, **kw)
     picture = Image.fromarray(grid[:, :, 0] if grid.shape[2] == 1 else grid)  # uint8: mode L or RGB
-    return atomic_write(path, lambda f: picture.save(f, format="PNG"))
+    return atomic_write(path, lambda f: picture.save(f, format="PNG"), kind="grid")
 
 
 def save_samples(images: torch.Tensor, path: str | os.PathLike) -> Path:
@@ -141,9 +141,9 @@ def save_samples(images: torch.Tensor, path: str | os.PathLike) -> Path:
         )
     images = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.as_tensor(images)
     if suffix == ".pt":
-        return atomic_write(path, lambda f: torch.save(images, f))
+        return atomic_write(path, lambda f: torch.save(images, f), kind="samples")
     array = images.numpy()
-    return atomic_write(path, lambda f: np.savez(f, samples=array))
+    return atomic_write(path, lambda f: np.savez(f, samples=array), kind="samples")
 
 
 def load_samples(path: str | os.PathLike) -> torch.Tensor:

@@ -136,7 +136,9 @@ def save_figure(figure, path: str | Path, *, dpi: float = 120, close: bool = Tru
     try:
         with styled():
             return atomic_write(
-                path, lambda f: figure.savefig(f, format=fmt, dpi=dpi, facecolor="white", metadata=_NO_DATES[fmt])
+                path,
+                lambda f: figure.savefig(f, format=fmt, dpi=dpi, facecolor="white", metadata=_NO_DATES[fmt]),
+                kind="figure",
             )
     finally:
         if close:

@@ -67,8 +67,9 @@ def explain(
         raise ValueError(f"out_dir {str(out_dir)!r} exists and is not a directory")
     check_figure_path(f"sample.{figure_format}")
     figures = [f"sample_{k}.{figure_format.lower()}" for k in range(n)]
-    for name in [*figures, "measures.json"]:
-        check_replaceable(out_dir / name)  # before sampling: a foreign file there would be refused at the end
+    for name in figures:  # before sampling: a foreign file there would be refused at the end
+        check_replaceable(out_dir / name, "figure")
+    check_replaceable(out_dir / "measures.json", "measures")
     sample_labels = labels_per_sample(labels, n)
     images, trace = sampling.sample(
         machine,
@@ -126,7 +127,7 @@ def explain(
             )
         out.append({"sample": k, "seed": seed, "label": label, "figure": figure, **m, **settings})
     text = (json.dumps(out, indent=2) + "\n").encode()
-    atomic_write(out_dir / "measures.json", lambda f: f.write(text))
+    atomic_write(out_dir / "measures.json", lambda f: f.write(text), kind="measures")
     return out
 
 

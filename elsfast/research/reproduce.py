@@ -1,8 +1,11 @@
 """The reproduction pipeline (SPEC section 3) in one call: train a network, calibrate P(t), compare.
 
-Each stage writes into one directory and is resumable: training continues from its checkpoint, calibration is
-skipped when its JSON exists, and the comparison recomputes no finished seed. So a killed `elsfast reproduce`
-run, started again with the same command, continues where it stopped.
+Each stage writes into one directory and is resumable, and a finished stage is never redone: training continues
+from its checkpoint (written every few minutes and on SIGINT/SIGTERM) and stops for good at its steps or its time
+limit (the training time of all runs together), calibration is skipped when its JSON exists, and the comparison
+recomputes no finished seed. So a killed `elsfast reproduce` run, started again with the same command, continues
+where it stopped, and a finished one reports its results. The function is split into its steps: `_validate`,
+`_configure`, `_check_gpu`, the stages (`_train_stage`, `_calibration_stage`, `compare`) and `_report`.
 
 Presets:
 
@@ -34,14 +37,22 @@ from pathlib import Path
 import torch
 
 from .. import datasets
+from ..common.checks import check_device
 from ..common.fileio import atomic_write, check_replaceable
 from ..machine import ScoreMachine
-from ..nets.train import TrainConfig, load_checkpoint, train
+from ..nets.train import (
+    TrainConfig,
+    checkpoint_summary,
+    estimate_training_seconds,
+    load_checkpoint,
+    schedule_steps,
+    train,
+)
 from ..plots.style import matplotlib_missing
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
 
-__all__ = ["PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
+__all__ = ["OUTPUTS", "PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
 
 log = logging.getLogger("elsfast")
 
@@ -59,6 +70,7 @@ class Preset:
     notes: str = ""
     calibrate_machine: str = "els"  # the machine whose P(t) is calibrated (the paper: LS for the CelebA UNet)
     paper_r: float | None = None  # the paper's Table 1 median for this configuration (of `calibrate_machine`)
+    needs_gpu: bool = False  # paper-scale: refused without a GPU unless forced
 
 
 def _cpu_preset(train: TrainConfig, notes: str, **preset) -> Preset:
@@ -117,6 +129,7 @@ PRESETS: dict[str, Preset] = {
         calibration_seeds=10,
         comparison_seeds=100,
         notes="the paper's MNIST ResNet (zeros) configuration (SPEC section 3); needs a GPU",
+        needs_gpu=True,
     ),
 }
 
@@ -150,12 +163,22 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
         comparison_seeds=100,
         calibrate_machine=_machine,
         paper_r=_r,
+        needs_gpu=True,
         notes=(
             f"the paper's {_dataset} {_arch.upper() if _arch == 'unet' else 'ResNet'} ({_padding}"
             f"{', class-conditional' if _conditional else ''}) configuration, Table 1: {_machine.upper()} r = {_r}; "
             "needs a GPU"
         ),
     )
+
+
+OUTPUTS = {
+    "network.pt": "network",
+    "calibration.json": "calibration",
+    "calibration.png": "figure",
+    "reproduction.json": "reproduction",
+}
+"""The files `reproduce` writes in its folder (besides `report/`, checked by `compare`), and their kinds."""
 
 
 def preset_cost(preset: Preset, images: torch.Tensor, labels: torch.Tensor | None) -> dict:
@@ -196,6 +219,168 @@ def describe_cost(cost: dict) -> str:
     )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What one `reproduce` call does: the preset as configured by its arguments, the data, and where."""
+
+    name: str
+    preset: Preset
+    out: Path
+    data: datasets.Dataset
+    device: str | None
+    grid: str
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.preset.train
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        return self.data.labels if self.config.conditional else None
+
+
+def _validate(preset: str | Preset, train_steps: int | None, out: Path) -> tuple[str, Preset]:
+    """Validate: the preset, the arguments, and the outputs (writable, and replaceable by this command)
+    before any work."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        name, preset = preset, PRESETS[preset]
+    else:
+        name = "custom"
+    if train_steps is not None and train_steps < 1:
+        raise ValueError(f"train_steps must be >= 1, got {train_steps}")
+    for file, kind in OUTPUTS.items():  # refused now rather than after hours of work
+        if file != "network.pt" or not (out / file).exists():  # an existing network.pt is resumed (and checked)
+            check_replaceable(out / file, kind)
+    return name, preset
+
+
+def _configure(
+    name: str,
+    preset: Preset,
+    out: Path,
+    *,
+    root,
+    device: str | None,
+    train_minutes: float | None,
+    train_steps: int | None,
+    comparison_seeds: int | None,
+    checkpoint_minutes: float | None,
+    grid: str,
+) -> _Run:
+    """Configure: the preset with this call's training limits, seeds and paths; its training data."""
+    train = preset.train
+    config = replace(
+        train,
+        out=str(out / "network.pt"),
+        root=None if root is None else str(root),
+        device=device,
+        max_minutes=train_minutes if train_minutes is not None else train.max_minutes,
+        max_steps=train_steps if train_steps is not None else train.max_steps,
+        checkpoint_minutes=checkpoint_minutes if checkpoint_minutes is not None else train.checkpoint_minutes,
+    )
+    seeds = comparison_seeds if comparison_seeds is not None else preset.comparison_seeds
+    preset = replace(preset, train=config, comparison_seeds=seeds)  # what this run does, for its cost
+    data = datasets.load(config.dataset, root=config.root, pad_to=config.pad_to, limit=config.limit)
+    return _Run(name, preset, out, data, device, grid)
+
+
+def _check_gpu(run: _Run, force: bool) -> None:
+    """A paper-scale preset (`Preset.needs_gpu`) without a GPU is refused unless `force`, with its training time
+    estimated here (`estimate_training_seconds`)."""
+    device = check_device("auto" if run.device is None else run.device)
+    if not run.preset.needs_gpu or device.type == "cuda" or force:
+        return
+    config, images = run.config, run.data.images
+    steps = schedule_steps(config, len(images))
+    classes = run.data.num_classes or (int(run.data.labels.max()) + 1 if run.data.labels is not None else None)
+    seconds = estimate_training_seconds(config, tuple(images.shape[1:]), classes, steps, device)
+    raise ValueError(
+        f"preset {run.name} is paper-scale and needs a GPU: on this {device.type.upper()} its training alone would "
+        f"take about {seconds / 3600:,.0f} h ({steps:,} steps at about {seconds / steps:.2g} s each, timed here); "
+        "run it on a GPU (--device cuda), or pass force=True (--force) to run it here anyway"
+    )
+
+
+def _train_stage(run: _Run, progress: bool) -> dict:
+    """Train, or resume the training. A time limit counts the training time of every call together, so a run
+    that reached it (recorded in the checkpoint) or finished its steps trains no more and keeps `network.pt`."""
+    config = run.config
+    path = Path(config.out)
+    before = checkpoint_summary(path) if path.exists() else None
+    if config.max_minutes is not None and before is not None:
+        config = replace(config, max_minutes=max(config.max_minutes - before["total_seconds"] / 60.0, 0.0))
+    trained = train(config, resume=True, progress=progress, images=run.data.images, labels=run.data.labels)
+    if progress and before is not None and trained["steps"] == before["steps"]:
+        why = "its steps are done" if trained["finished"] else "its time limit was reached"
+        print(
+            f"elsfast reproduce {run.name}: nothing to train ({why}; network.pt at step {trained['steps']:,})",
+            file=sys.stderr,
+        )
+    return trained
+
+
+def _calibration_stage(run: _Run, model, padding: str, network_tag: str, progress: bool) -> CalibrationResult:
+    """Calibrate P(t), or read the calibration of an earlier call (refused when made for another network)."""
+    preset, out = run.preset, run.out
+    calibration_path = out / "calibration.json"
+    if calibration_path.exists():
+        calibration = CalibrationResult.from_json(calibration_path)
+        if calibration.network not in (None, network_tag):
+            raise ValueError(
+                f"{calibration_path} was calibrated against {calibration.network}, and the network is now "
+                f"{network_tag}: remove {calibration_path}, calibration.png and report/ to calibrate and compare "
+                "it again, or use another out_dir"
+            )
+    else:
+        machine = ScoreMachine(
+            run.data.images, run.labels, machine=preset.calibrate_machine, padding=padding, device=run.device
+        )
+        calibration = calibrate(
+            model,
+            machine,
+            sizes=preset.sizes,
+            seeds=range(preset.calibration_seeds),
+            steps=preset.steps,
+            conditional=run.config.conditional,
+            progress=progress,
+        )
+        calibration.network = network_tag
+        calibration.to_json(calibration_path)
+    if not (out / "calibration.png").exists():  # drawn now, or on a later run if matplotlib was missing then
+        skipped = matplotlib_missing()
+        if skipped is None:
+            calibration.plot(out / "calibration.png")
+        else:
+            warnings.warn(f"calibration.png skipped (calibration.json written): {skipped}", stacklevel=3)
+            if progress:
+                print(f"elsfast reproduce {run.name}: calibration.png skipped: {skipped}", file=sys.stderr)
+    return calibration
+
+
+def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult, report: dict) -> dict:
+    """Report: `reproduction.json` with the headline numbers (written atomically); returns its content."""
+    preset = run.preset
+    summary = {
+        "preset": run.name,
+        "notes": preset.notes,
+        "paper_r": preset.paper_r,
+        "calibrated_machine": preset.calibrate_machine,
+        "cost": cost,
+        "training": {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished", "stopped")},
+        "scales": calibration.scales,
+        "grid": run.grid,
+        "summary": report["summary"],
+        "files": {"network": run.config.out, "calibration": str(run.out / "calibration.json"), **report["files"]},
+        "torch": torch.__version__,
+        "device": run.device or "cpu",
+    }
+    text = json.dumps(summary, indent=2, default=str).encode()
+    atomic_write(run.out / "reproduction.json", lambda f: f.write(text), kind="reproduction")
+    return summary
+
+
 def reproduce(
     preset: str | Preset,
     out_dir: str | Path,
@@ -207,110 +392,68 @@ def reproduce(
     comparison_seeds: int | None = None,
     progress: bool = True,
     grid: str = "machine",
+    checkpoint_minutes: float | None = None,
+    force: bool = False,
 ) -> dict:
     """Run (or resume) a reproduction into `out_dir`: `network.pt`, `calibration.json`/`.png`, `report/`
     (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary.
+
+    A finished stage is never redone: run again, the same call trains no more (the steps are done, or the time
+    limit, which counts the training time of all calls together, is reached and recorded in `network.pt`),
+    reads the calibration and recomputes no finished seed, so a finished reproduction just reports its results
+    and an interrupted one continues where it stopped. SIGINT/SIGTERM during the training write its checkpoint
+    first; it is also written every `checkpoint_minutes` of wall time (the preset's, 5, unless given).
 
     `train_minutes` and `train_steps` replace the preset's training time limit and step count (a total from step
     0; a run that stopped earlier, or a `network.pt` copied from another run of the same preset, trains on to it).
     The calibration and the comparison name the network's training step: after the network has trained on, the
     old `calibration.json` and `report/` are refused (ValueError saying what to remove), never mixed with it.
 
+    A paper-scale preset (`Preset.needs_gpu`) on a machine without a GPU is refused (ValueError with its
+    estimated training time) unless `force=True`. The outputs are checked (folder writable, no foreign file)
+    before anything is loaded.
+
     `grid` is the comparison's step grid, the same for the network and the machines (`compare`'s `grid`:
     "machine", noise at t = (n-1)/n, or "network", noise at t = 1 as in the authors' network sampler)."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-        name, preset = preset, PRESETS[preset]
-    else:
-        name = "custom"
-    if train_steps is not None and train_steps < 1:
-        raise ValueError(f"train_steps must be >= 1, got {train_steps}")
     out = Path(out_dir)
-    for file in ("calibration.png", "reproduction.json"):  # refused now rather than after hours of work
-        check_replaceable(out / file)
-    out.mkdir(parents=True, exist_ok=True)
-    config = replace(
-        preset.train,
-        out=str(out / "network.pt"),
-        root=None if root is None else str(root),
+    name, preset = _validate(preset, train_steps, out)
+    run = _configure(
+        name,
+        preset,
+        out,
+        root=root,
         device=device,
-        max_minutes=train_minutes if train_minutes is not None else preset.train.max_minutes,
-        max_steps=train_steps if train_steps is not None else preset.train.max_steps,
+        train_minutes=train_minutes,
+        train_steps=train_steps,
+        comparison_seeds=comparison_seeds,
+        checkpoint_minutes=checkpoint_minutes,
+        grid=grid,
     )
-    seeds = comparison_seeds if comparison_seeds is not None else preset.comparison_seeds
-    preset = replace(preset, train=config, comparison_seeds=seeds)  # what this run does, for its cost
-    data = datasets.load(config.dataset, root=config.root, pad_to=config.pad_to, limit=config.limit)
-    cost = preset_cost(preset, data.images, data.labels)
+    _check_gpu(run, force)
+    cost = preset_cost(run.preset, run.data.images, run.data.labels)
     log.info("elsfast reproduce %s: %s", name, describe_cost(cost))
     if progress:
         print(f"elsfast reproduce {name}: {describe_cost(cost)}", file=sys.stderr)
-    trained = train(config, resume=True, progress=progress, images=data.images, labels=data.labels)
-    model, model_config, _ = load_checkpoint(config.out, device=device)
-    labels = data.labels if config.conditional else None
+    out.mkdir(parents=True, exist_ok=True)
+
+    trained = _train_stage(run, progress)
+    model, model_config, _ = load_checkpoint(run.config.out, device=device)
     padding = model_config["model"]["padding"]
-
-    network_tag = f"{config.out} at step {trained['steps']}"
-    calibration_path = out / "calibration.json"
-    if calibration_path.exists():
-        calibration = CalibrationResult.from_json(calibration_path)
-        if calibration.network not in (None, network_tag):
-            raise ValueError(
-                f"{calibration_path} was calibrated against {calibration.network}, and the network is now "
-                f"{network_tag}: remove {calibration_path}, calibration.png and report/ to calibrate and compare "
-                "it again, or use another out_dir"
-            )
-    else:
-        machine = ScoreMachine(data.images, labels, machine=preset.calibrate_machine, padding=padding, device=device)
-        calibration = calibrate(
-            model,
-            machine,
-            sizes=preset.sizes,
-            seeds=range(preset.calibration_seeds),
-            steps=preset.steps,
-            conditional=config.conditional,
-            progress=progress,
-        )
-        calibration.network = network_tag
-        calibration.to_json(calibration_path)
-    if not (out / "calibration.png").exists():  # drawn now, or on a later run if matplotlib was missing then
-        skipped = matplotlib_missing()
-        if skipped is None:
-            calibration.plot(out / "calibration.png")
-        else:
-            warnings.warn(f"calibration.png skipped (calibration.json written): {skipped}", stacklevel=2)
-            if progress:
-                print(f"elsfast reproduce {name}: calibration.png skipped: {skipped}", file=sys.stderr)
-
+    network_tag = f"{run.config.out} at step {trained['steps']}"
+    calibration = _calibration_stage(run, model, padding, network_tag, progress)
     report = compare(
         model,
-        data.images,
-        labels,
+        run.data.images,
+        run.labels,
         out_dir=out / "report",
         scales=calibration,
-        seeds=range(1000, 1000 + seeds),  # disjoint from the calibration seeds
-        steps=preset.steps,
-        conditional=config.conditional,
-        machines=preset.machines,
+        seeds=range(1000, 1000 + run.preset.comparison_seeds),  # disjoint from the calibration seeds
+        steps=run.preset.steps,
+        conditional=run.config.conditional,
+        machines=run.preset.machines,
         padding=padding,
         network=network_tag,
         progress=progress,
         grid=grid,
     )
-    summary = {
-        "preset": name,
-        "notes": preset.notes,
-        "paper_r": preset.paper_r,
-        "calibrated_machine": preset.calibrate_machine,
-        "cost": cost,
-        "training": {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished")},
-        "scales": calibration.scales,
-        "grid": grid,
-        "summary": report["summary"],
-        "files": {"network": config.out, "calibration": str(calibration_path), **report["files"]},
-        "torch": torch.__version__,
-        "device": device or "cpu",
-    }
-    text = json.dumps(summary, indent=2, default=str).encode()
-    atomic_write(out / "reproduction.json", lambda f: f.write(text))
-    return summary
+    return _report(run, cost, trained, calibration, report)

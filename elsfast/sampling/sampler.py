@@ -125,6 +125,7 @@ def sample(
     resume_from: str | Path | None = None,
     return_provenance: bool = False,
     threads: int | None = None,
+    write_outputs: Callable[[torch.Tensor], object] | None = None,
     **machine_options: Any,
 ) -> torch.Tensor | tuple[torch.Tensor, SampleTrace]:
     """Generate `n` images `[n, C, H, W]` in [-1, 1]-ish units with an analytic machine.
@@ -149,11 +150,15 @@ def sample(
         resume_from: a sampling checkpoint file (`SamplingCheckpoint`): the state is written to it atomically after
             every step; if it exists when a run starts and was written by the same run, sampling resumes from it.
             Any other existing file raises ValueError naming it and is left untouched. The file is removed when
-            the run finishes. A trace (`return_provenance`) then covers the steps run since the resume.
+            the run finishes (after `write_outputs`). A trace (`return_provenance`) then covers the steps run
+            since the resume.
         return_provenance: also return a `SampleTrace`: the provenance of every pixel at the last machine
             evaluation (which produces the output) and the posterior entropy maps of every step.
         threads: CPU threads of the compiled kernels and of torch during the run (default: `ELSFAST_NUM_THREADS`,
             else torch's count; never more than the CPUs this process may use; see `elsfast.limit_threads`).
+        write_outputs: called with the finished samples `[n, C, H, W]` before the sampling checkpoint
+            `resume_from` is removed: write the run's files there, so that a run killed before they are all
+            written keeps its checkpoint, and the same call run again resumes from it instead of step 0.
         **machine_options: when `source` is images or a dataset, the `ScoreMachine` options `MACHINE_OPTIONS`
             (`machine="els"`, `padding="zeros"`, `dictionary`, `backend="auto"`, `device`, `memory_budget`,
             `dtype`, `train_labels` for images), and for a dataset `root`, `pad_to`, `limit`, `conditional`.
@@ -206,6 +211,8 @@ def sample(
         if progress and m.process_group is None:
             _announce(m, n, steps, size_at, schedule, sample_labels, start)
         out = ddim_sample(denoiser, x, steps=steps, schedule=schedule, progress=progress, callback=on_step, start=start)
+    if write_outputs is not None:
+        write_outputs(out)
     if checkpoint is not None:
         checkpoint.remove()
     if not return_provenance:
