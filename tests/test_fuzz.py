@@ -59,7 +59,9 @@ def problems(draw):
     N, C = draw(st.integers(1, 5)), draw(st.integers(1, 2))
     H, W = draw(st.integers(2, 5)), draw(st.integers(2, 5))
     B = draw(st.integers(0, 3))
-    P = draw(st.sampled_from([1, 3, 5, 2 * max(H, W) - 1, 2 * max(H, W) + 3]))
+    # beyond 2 max(H, W) - 1 zero padding runs at that size and circular padding is refused (test_bad_input)
+    beyond = [2 * max(H, W) + 3] if padding == "zeros" or machine in ("is", "es") else []
+    P = draw(st.sampled_from([1, 3, 5, 2 * max(H, W) - 1, *beyond]))
     abar = draw(st.floats(0.02, 0.98))
     as_uint8 = draw(st.booleans())
     if as_uint8:

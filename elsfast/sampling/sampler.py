@@ -7,6 +7,7 @@ from a seed, reads the patch-size spec, and runs `ddim_sample`; optionally it re
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import warnings
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from ..common.checks import labels_per_sample
+from ..common.memory import check_batch_memory
 from ..common.provenance import Provenance
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.threads import check_threads, limit_threads
@@ -110,6 +112,17 @@ def _machine(source, options: dict[str, Any]) -> ScoreMachine:
     return ScoreMachine(source, **options)
 
 
+def _check_batch(m: ScoreMachine, n: int, steps: int, return_provenance: bool) -> None:
+    """Refuse up front a batch whose tensors cannot fit in memory (`check_batch_memory`): the float32 noise and
+    label, on the CPU; the current image, the prediction, the noise estimate, the next image and the output in
+    the machine's dtype, with the trace's per-step entropy and provenance fields, on the machine's device."""
+    pixels = math.prod(m.image_shape)
+    itemsize = torch.empty(0, dtype=m.dtype).element_size()
+    check_batch_memory("n (samples, --n)", n, 4 * pixels + 8, "cpu")
+    trace = (steps + 5) * itemsize * pixels // m.image_shape[0] if return_provenance else 0
+    check_batch_memory("n (samples, --n)", n, 5 * itemsize * pixels + trace, m.device)
+
+
 def sample(
     source: ScoreMachine | torch.Tensor | str | Path,
     n: int = 16,
@@ -171,6 +184,7 @@ def sample(
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {steps!r}")
     size_at = resolve_patch_size(patch_size, steps)
+    _check_batch(m, n, steps, return_provenance)
     sample_labels = labels_per_sample(labels, n)
     if noise is None:
         generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
