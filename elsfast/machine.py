@@ -556,7 +556,7 @@ class ScoreMachine:
                 b = rows.stop - rows.start
                 queries = extract_patches(x[rows], patch_size, self.padding, positions).reshape(G, S * b, -1)
                 r = self._reduce(queries, dictionary, abar, provenance)  # values (G, S * b, C), in (s, b) order
-                out[rows, :, pixels] = r.values.reshape(G * S, b, C).permute(1, 2, 0)
+                out[rows, :, pixels] = r.values.reshape(G * S, b, C).permute(1, 2, 0).to(out.dtype)
                 if provenance:
                     # entry id = image * S' + s: the patch centred at pixel entries[g, s] of that image
                     source = entries.to(x.device).gather(1, r.best % entries.shape[1])  # (G, S * b) source pixel

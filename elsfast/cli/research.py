@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..common.checks import check_device
 from ..plots.style import check_figure_path, matplotlib_missing
-from .args import PROG, CLIError, add_data_args, at_least, check_outputs, integer, odd_patch_size
+from .args import PROG, CLIError, add_data_args, at_least, check_outputs, integer, odd_patch_size, seed_arg
 
 __all__ = ["add_commands"]
 
@@ -80,7 +80,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=at_least(1), default=300)
     g.add_argument("--max-steps", type=at_least(1), help="stop after this many steps in total")
     g.add_argument("--max-minutes", type=_positive_float, help="stop this run after this many minutes")
-    g.add_argument("--seed", type=integer, default=0)
+    g.add_argument("--seed", type=seed_arg, default=0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
@@ -278,7 +278,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     elif args.scales in reference_scales():
         scales = args.scales
     else:
-        scales = odd_patch_size(args.scales)
+        try:
+            scales = odd_patch_size(args.scales)
+        except argparse.ArgumentTypeError as e:
+            raise CLIError(
+                f"argument --scales: {e}; expected a calibration file (.json), a published list name "
+                f"({', '.join(sorted(reference_scales()))}) or one odd patch size"
+            ) from None
     model, config, data, labels, _ = _network_and_data(args)
     report = compare(
         model,

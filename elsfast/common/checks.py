@@ -7,6 +7,7 @@
 - `check_abar`: a noise level strictly between 0 and 1.
 - `check_finite_input`: float inputs with no NaN/inf and no value so large that squared distances overflow.
 - `check_compute_tensor`: a float32/float64 torch tensor of a given rank (the compute dtypes).
+- `check_seed`: an integer seed in torch's range.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "check_device",
     "check_finite_input",
     "check_pixel_range",
+    "check_seed",
     "integer_labels",
     "labels_per_sample",
     "largest_input",
@@ -210,3 +212,18 @@ def check_compute_tensor(value, name: str, shape: str) -> torch.Tensor:
             f"{name} must be float32 or float64 (the compute dtypes), got {str(value.dtype).removeprefix('torch.')}"
         )
     return value
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""The seeds `torch.Generator.manual_seed` takes (inclusive)."""
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """`seed` as an int in `SEED_RANGE`; TypeError naming `name` for non-integers (strings, 1.5, bools),
+    ValueError for integers outside the range (2**70)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {seed!r}")
+    lo, hi = SEED_RANGE
+    if not lo <= int(seed) <= hi:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1] (torch's seeds), got {seed}")
+    return int(seed)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..common.checks import labels_per_sample
+from ..common.checks import check_finite_input, check_seed, labels_per_sample
 from ..common.memory import check_batch_memory
 from ..common.provenance import Provenance
 from ..common.scales import PatchSizeSpec, resolve_patch_size
@@ -92,6 +93,9 @@ def _renamed(options: dict[str, Any], resume_from, seed):
 def _machine(source, options: dict[str, Any]) -> ScoreMachine:
     """The machine of `source` (a `ScoreMachine`, images `[N, C, H, W]` or a dataset name or path)."""
     if isinstance(source, ScoreMachine):
+        unknown = sorted(set(options) - set(MACHINE_OPTIONS + DATASET_OPTIONS))
+        if unknown:
+            raise TypeError(f"sample() got unexpected keyword(s) {', '.join(unknown)}")
         if options:
             raise TypeError(
                 f"sample: {', '.join(sorted(options))} configure the machine: pass them to ScoreMachine(...), not "
@@ -153,7 +157,8 @@ def sample(
         labels: class label(s) for class-conditional sampling: one int or one per sample.
         seed: an int, or a CPU `torch.Generator`, to draw the initial noise from (on the CPU, so that a seed gives
             the same noise on every device).
-        noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
+        noise: initial noise `[n, C, H, W]` (a float tensor or numpy array) to use instead of drawing it from
+            `seed`.
         schedule: the noise schedule abar(t): a name of `elsfast.common.schedules.SCHEDULES` or a callable.
         progress: a progress bar; and for a run of more than `LONG_RUN_PAIRS` query x dictionary pairs, one line on
             stderr before it starts with the pairs and the time estimated by a short calibration
@@ -176,6 +181,8 @@ def sample(
     """
     resume_from, seed = _renamed(machine_options, resume_from, seed)
     check_threads(threads)
+    if not isinstance(seed, torch.Generator):
+        check_seed(seed, "seed")
     m = _machine(source, machine_options)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {n!r}")
@@ -190,8 +197,15 @@ def sample(
         generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
         # drawn in float32 whatever the machine's dtype, so a seed means the same noise for every machine
         noise = torch.randn(n, *m.image_shape, generator=generator).to(m.dtype)
-    elif tuple(noise.shape) != (n, *m.image_shape):
-        raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
+    else:
+        if isinstance(noise, np.ndarray):
+            noise = torch.from_numpy(noise)
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            what = getattr(noise, "dtype", type(noise).__name__)
+            raise TypeError(f"noise must be a float tensor (or numpy array) [n, C, H, W], got {what}")
+        if tuple(noise.shape) != (n, *m.image_shape):
+            raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
+        check_finite_input(noise, "noise")
 
     trace: list[tuple[float, int, Provenance]] = []
 
