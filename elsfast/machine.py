@@ -23,6 +23,7 @@ import torch
 
 from .common.checks import (
     check_abar,
+    check_channels_first,
     check_device,
     check_finite_input,
     check_pixel_range,
@@ -200,6 +201,7 @@ class ScoreMachine:
         if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
             shape = tuple(train_images.shape) if isinstance(train_images, torch.Tensor) else type(train_images)
             raise ValueError(f"train_images must be a tensor [N, C, H, W], got {shape}")
+        check_channels_first(train_images, "train_images")
         if train_images.shape[0] == 0:
             raise ValueError("train_images is empty: the dictionary needs at least one image")
         if train_images.dtype != torch.uint8:

@@ -10,6 +10,7 @@ may import `elsfast.cli.args` (the shared argument types, groups, checks and `CL
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -171,6 +172,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "to continue it or --overwrite to replace it"
         )
 
+    device = check_device(args.device, name="argument --device")
+    if args.bf16 and (device or check_device("auto")).type != "cuda":
+        print(f"{PROG}: warning: --bf16 is bfloat16 autocast on CUDA only; on this CPU training runs in float32",
+              file=sys.stderr)  # fmt: skip
     config = TrainConfig(
         dataset=args.dataset,
         root=args.data_root,
@@ -190,7 +195,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         out=args.out,
-        device=str(check_device(args.device, name="argument --device")),
+        device=str(device),
         bf16=args.bf16,
     )
     data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)

@@ -8,6 +8,7 @@
 - `check_finite_input`: float inputs with no NaN/inf and no value so large that squared distances overflow.
 - `check_compute_tensor`: a float32/float64 torch tensor of a given rank (the compute dtypes).
 - `check_seed`: an integer seed in torch's range.
+- `check_channels_first`: `[N, C, H, W]` images that do not look channels-last (`[N, H, W, 1 or 3]`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 __all__ = [
     "check_abar",
+    "check_channels_first",
     "check_compute_tensor",
     "check_device",
     "check_finite_input",
@@ -227,3 +229,13 @@ def check_seed(seed, name: str = "seed") -> int:
     if not lo <= int(seed) <= hi:
         raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1] (torch's seeds), got {seed}")
     return int(seed)
+
+
+def check_channels_first(images: torch.Tensor, name: str) -> None:
+    """ValueError naming `name` when 4-D `images` look channels-last: the last axis is 1 or 3 (grey, RGB) and
+    the second is larger than 4 (more channels than grey, grey + alpha, RGB or RGBA have), as `[N, 28, 28, 1]`."""
+    if images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] > 4:
+        raise ValueError(
+            f"{name} of shape {list(images.shape)} look channels-last [N, H, W, C]; elsfast takes [N, C, H, W]: "
+            f"pass {name}.permute(0, 3, 1, 2)"
+        )

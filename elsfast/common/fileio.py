@@ -267,7 +267,8 @@ def atomic_write(
     directory, name = path.parent, path.name
 
     def record(tmp: Path) -> None:  # the new digest joins the old ones before the rename
-        files = _read_manifest(directory)
+        # entries of files deleted since they were written are dropped (a new file of that name is not elsfast's)
+        files = {k: v for k, v in _read_manifest(directory).items() if k == name or (directory / k).is_file()}
         files[name] = [*files.get(name, [])[-1:], sha256_file(tmp)]
         _write_manifest(directory, files)
 

@@ -26,6 +26,7 @@ import torch
 
 from ..common.checks import (
     check_abar,
+    check_channels_first,
     check_compute_tensor,
     check_finite_input,
     check_pixel_range,
@@ -91,6 +92,7 @@ def check_reduction(queries: torch.Tensor, dictionary: Dictionary) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         what = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise TypeError(f"the dictionary's images must be a torch tensor [N, C, H, W], got {what}")
+    check_channels_first(images, "the dictionary's images")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"the dictionary's images must be uint8 or float, got {images.dtype}")
     check_pixel_range(images, "dictionary images", warn=False)
