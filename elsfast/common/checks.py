@@ -181,7 +181,7 @@ def check_abar(abar: float | torch.Tensor) -> float:
 
 def largest_input(dtype: torch.dtype) -> float:
     """The largest magnitude a float input of `dtype` may hold: the fourth root of the dtype's largest number
-    (float32: 1.3e9), so that squared distances between inputs, divided by the smallest temperature, stay finite."""
+    (float32: 4.3e9), so that squared distances between inputs, divided by the smallest temperature, stay finite."""
     return math.sqrt(math.sqrt(torch.finfo(dtype).max))
 
 

@@ -117,7 +117,7 @@ def softmax_reduce(
 
     Args:
         queries: `(G, M, D)` float32 or float64 (other dtypes, numpy arrays and other ranks are refused), finite
-            and of magnitude at most `elsfast.common.checks.largest_input` (float32: 1.3e9); the computation runs
+            and of magnitude at most `elsfast.common.checks.largest_input` (float32: 4.3e9); the computation runs
             in this dtype on its device.
         dictionary: the keys and values, built chunk by chunk (`elsfast.reduce.dictionary`): G groups of keys of
             D features, as the queries; its images uint8 or float in [-1, 1] (float images in [0, 255] refused).
