@@ -255,3 +255,15 @@ def test_reproduce_refuses_a_foreign_file_at_each_stage_and_keeps_it(tmp_path, n
     with pytest.raises((ValueError, FileExistsError), match=foreign.name.replace(".", r"\.")):
         reproduce(tiny, tmp_path, progress=False)
     assert foreign.read_bytes() == FOREIGN
+
+
+def test_the_manifest_forgets_files_deleted_since_they_were_written(tmp_path):
+    """Issue 27: entries of deleted files are pruned at the next write in the folder, so that a user's new file
+    of that name is not taken for elsfast's."""
+    import json
+
+    atomic_write(tmp_path / "a.bin", lambda f: f.write(b"a"))
+    atomic_write(tmp_path / "b.bin", lambda f: f.write(b"b"))
+    (tmp_path / "a.bin").unlink()
+    atomic_write(tmp_path / "b.bin", lambda f: f.write(b"b2"))
+    assert sorted(json.loads((tmp_path / MANIFEST_NAME).read_text())["files"]) == ["b.bin"]
