@@ -58,9 +58,9 @@ def check_patch_size_spec(spec: PatchSizeSpec) -> None:
     """Check a patch-size spec before any step runs: an unknown name, an empty list or a wrong type (as
     `patch_size_at`), and any int or list entry that is not an odd positive integer, raise naming `patch_size`.
     A callable is checked when called (by the machine)."""
-    patch_size_at(spec, 1.0)
     if callable(spec):
         return
+    patch_size_at(spec, 1.0)
     if isinstance(spec, str):
         spec = reference_scales()[spec]
     sizes = [spec] if isinstance(spec, numbers.Real) or (hasattr(spec, "dim") and spec.dim() == 0) else list(spec)
