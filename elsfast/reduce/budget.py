@@ -36,13 +36,12 @@ def allowed_bytes(memory_budget: int) -> int:
 
 
 def smallest_step_bytes(dictionary: Dictionary, queries: int, itemsize: int) -> int:
-    """Bytes the smallest step of a reduction over `dictionary` allocates for `queries` (G * M) queries: one
-    training image's entries (`Dictionary.bytes_per_image`), the int64 tables saying where every entry's features
-    come from (`Dictionary.pixel_offsets`, built by the fused kernels), and the running state (float64)."""
-    entries = dictionary.num_groups * dictionary.entries_per_image
-    offsets = 8 * entries * (dictionary.key_dim + dictionary.value_dim)
+    """Bytes the smallest step of a reduction over `dictionary` allocates for `queries` (G * M) queries, whatever
+    the backend: one training image's entries (`Dictionary.bytes_per_image`) and the running state (float64). The
+    fused kernels' index tables (`Dictionary.pixel_offsets`) take about as much again; they are not counted, so
+    that nothing a backend can run is refused."""
     state = 8 * queries * (dictionary.value_dim + 3)
-    return dictionary.bytes_per_image(itemsize) + offsets + state
+    return dictionary.bytes_per_image(itemsize) + state
 
 
 def check_smallest_step(dictionary: Dictionary, queries: int, itemsize: int, memory_budget: int) -> None:
