@@ -23,10 +23,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .common.checks import check_device, check_pixel_range, integer_labels, parse_memory_budget
+from .common.checks import (
+    check_abar,
+    check_channels_first,
+    check_device,
+    check_finite_input,
+    check_pixel_range,
+    integer_labels,
+    parse_memory_budget,
+)
 from .common.fingerprint import training_set_sha256
 from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
+from .reduce.budget import query_slices
 from .reduce.caches import content_hash
 from .reduce.patches import PADDINGS, extract_patches, group_sets
 from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
@@ -116,19 +125,6 @@ def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
     return int(sum(s.item() for s in sizes[: torch.distributed.get_rank(group)]))
 
 
-def _check_abar(abar: float | torch.Tensor) -> float:
-    if isinstance(abar, torch.Tensor):
-        if abar.numel() != 1:
-            raise ValueError(f"abar must be a single number, got a tensor of shape {tuple(abar.shape)}")
-        abar = abar.item()
-    if isinstance(abar, bool) or not isinstance(abar, numbers.Real):
-        raise TypeError(f"abar must be a number strictly between 0 and 1, got {abar!r}")
-    abar = float(abar)
-    if not (0.0 < abar < 1.0):
-        raise ValueError(f"abar must lie strictly between 0 and 1, got {abar}")
-    return abar
-
-
 def _check_patch_size(patch_size: int) -> int:
     if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Real | torch.Tensor):
         raise TypeError(f"patch_size must be an odd positive integer, got {patch_size!r}")
@@ -207,6 +203,7 @@ class ScoreMachine:
         if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
             shape = tuple(train_images.shape) if isinstance(train_images, torch.Tensor) else type(train_images)
             raise ValueError(f"train_images must be a tensor [N, C, H, W], got {shape}")
+        check_channels_first(train_images, "train_images")
         if train_images.shape[0] == 0:
             raise ValueError("train_images is empty: the dictionary needs at least one image")
         if train_images.dtype != torch.uint8:
@@ -407,9 +404,9 @@ class ScoreMachine:
             )
         if not x.is_floating_point():
             raise ValueError(f"x must be a float tensor, got {x.dtype}")
-        if not torch.isfinite(x).all():
-            raise ValueError("x contains NaN or infinite values")
-        return x.to(self.device, self.dtype)
+        x = x.to(self.device, self.dtype)
+        check_finite_input(x, "x")
+        return x
 
     def _check_labels(self, labels: torch.Tensor | Sequence[int] | None, batch: int) -> torch.Tensor | None:
         if labels is None:
@@ -422,17 +419,26 @@ class ScoreMachine:
         return labels
 
     def _check_size(self, patch_size: int) -> int:
-        """With zero padding a patch of P >= 2 max(H, W) - 1 covers the whole image wherever it is centred, and a
-        larger P only adds zero features to every key and query: the same machine. Such P run at that size.
-        The valid dictionary needs a patch that fits inside the image."""
+        """One rule for every padding: a patch of P = 2 max(H, W) - 1 covers the whole image wherever it is
+        centred, and a larger P adds only padding. With zero padding that is zero features in every key and query:
+        the same machine, so such P run at that size. With circular padding it is the same pixels wrapped in
+        again, counted twice: no machine of its own, so such P are refused. IS and ES do not use P. The valid
+        dictionary needs a patch that fits inside the image."""
         if self.dictionary == "valid" and patch_size > min(self.image_shape[1:]):
             raise ValueError(
                 f"patch_size {patch_size} does not fit inside the {self.image_shape[1]} x {self.image_shape[2]} "
                 "training images: dictionary='valid' holds only patches that lie fully inside them"
             )
-        if self.padding == "zeros" and self.machine in ("ls", "els"):
-            return min(patch_size, 2 * max(self.image_shape[1:]) - 1)
-        return patch_size
+        largest = 2 * max(self.image_shape[1:]) - 1
+        if self.machine in ("is", "es") or patch_size <= largest:
+            return patch_size
+        if self.padding == "zeros":
+            return largest
+        raise ValueError(
+            f"patch_size {patch_size} is larger than 2 max(H, W) - 1 = {largest} for {self.image_shape[1]} x "
+            f"{self.image_shape[2]} images: with circular padding a larger patch only wraps the same pixels in "
+            f"again; use patch_size <= {largest}"
+        )
 
     def denoise(
         self,
@@ -445,13 +451,16 @@ class ScoreMachine:
     ) -> torch.Tensor | tuple[torch.Tensor, Provenance]:
         """The machine's `E[x_0 | x_t = x]` for a batch `x` `[B, C, H, W]` at noise level `abar` in (0, 1).
 
-        `patch_size` must be an odd positive integer for every machine; IS and ES do not use it. With zero
-        padding, LS and ELS give the same result for every P >= 2 max(H, W) - 1 and run such P at that size.
+        `patch_size` must be an odd positive integer for every machine; IS and ES do not use it. From
+        P = 2 max(H, W) - 1 on a patch covers the whole image from every centre: with zero padding, LS and ELS
+        give the same result for every larger P and run it at that size; with circular padding a larger P is
+        refused (it would wrap the same pixels in again). The batch runs in slices whose query patches fit in
+        `memory_budget` (at least one sample; see `elsfast.reduce.budget`).
         `labels` `[B]` (integers) restricts each sample's dictionary to the training images of its class.
         Returns `[B, C, H, W]` in the machine's dtype, on its device (`[0, C, H, W]` for an empty batch); with
         `return_provenance`, also each pixel's dominant dictionary entry and posterior entropy (`Provenance`).
         """
-        abar = _check_abar(abar)
+        abar = check_abar(abar)
         x = self._check_x(x)
         patch_size = self._check_size(_check_patch_size(patch_size))
         labels = self._check_labels(labels, x.shape[0])
@@ -544,14 +553,16 @@ class ScoreMachine:
         fields = torch.empty(5, B, H * W, dtype=torch.float64, device=x.device) if provenance else None
         for positions, entries in self._groups(H, W, patch_size):
             G, S = positions.shape
-            queries = extract_patches(x, patch_size, self.padding, positions).reshape(G, S * B, -1)
             dictionary = PatchDictionary(images, patch_size, self.padding, entries, image_ids=ids)
-            r = self._reduce(queries, dictionary, abar, provenance)  # values (G, S * B, C), queries in (s, b) order
             pixels = positions.flatten().to(x.device)
-            out[:, :, pixels] = r.values.reshape(G * S, B, C).permute(1, 2, 0)
-            if provenance:
-                per_query = torch.stack([*dictionary.sources(r.best), r.weight, r.entropy])  # each (G, S * B)
-                fields[:, :, pixels] = per_query.reshape(5, G * S, B).transpose(1, 2).double()
+            for rows in query_slices(B, G * S * C * patch_size**2 * x.element_size(), self.memory_budget):
+                b = rows.stop - rows.start
+                queries = extract_patches(x[rows], patch_size, self.padding, positions).reshape(G, S * b, -1)
+                r = self._reduce(queries, dictionary, abar, provenance)  # values (G, S * b, C), in (s, b) order
+                out[rows, :, pixels] = r.values.reshape(G * S, b, C).permute(1, 2, 0).to(out.dtype)
+                if provenance:
+                    per_query = torch.stack([*dictionary.sources(r.best), r.weight, r.entropy])  # each (G, S * b)
+                    fields[:, rows, pixels] = per_query.reshape(5, G * S, b).transpose(1, 2).double()
         out = out.reshape(B, C, H, W)
         if not provenance:
             return out, None

@@ -450,6 +450,7 @@ print(len(t.ALL_CASES), digest.hexdigest())
 """
 
 
+@pytest.mark.slow_ci
 def test_the_problems_do_not_depend_on_the_hash_seed():
     """`PYTHONHASHSEED=0` and `=1` draw the same cases and the same data (no seed comes from `hash()`)."""
     outputs = []

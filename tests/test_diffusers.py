@@ -526,6 +526,7 @@ def test_elspipeline_runs_other_schedulers(scheduler_class):
 
 @needs_diffusers
 @pytest.mark.slow
+@pytest.mark.slow_ci
 def test_example_script_runs(tmp_path):
     """examples/diffusers_pipeline.py, as documented, on a small problem."""
     script = Path(__file__).resolve().parent.parent / "examples" / "diffusers_pipeline.py"

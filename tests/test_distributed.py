@@ -154,6 +154,7 @@ def _cpu_kernel_runs() -> bool:
 
 
 @needs_gloo
+@pytest.mark.slow_ci
 def test_sharded_provenance_names_the_same_sources_on_exact_ties(tmp_path):
     """Issue #17, part 4: MNIST digits (uint8, so identical patches abound: the background, and two digits copied
     onto rank 1) on two unequal shards name the same source image and pixel as one process at every pixel, in

@@ -18,7 +18,7 @@ def test_evaluation_pairs_are_what_denoise_reports(machine, padding):
     m = elsfast.ScoreMachine(torch.rand(7, 1, 6, 5, generator=g) * 2 - 1, torch.arange(7) % 3, machine=machine,
                              padding=padding)  # fmt: skip
     x = torch.randn(3, 1, 6, 5, generator=g)
-    for P in (1, 3, 5, 11, 13):
+    for P in (1, 3, 5, 11) + ((13,) if padding == "zeros" else ()):  # circular refuses P > 2 max(H, W) - 1
         for labels in (None, torch.tensor([2, 0, 2])):
             m.denoise(x, 0.5, P, labels)
             assert evaluation_pairs(m, 3, P, labels) == m.last_stats.pairs

@@ -462,3 +462,15 @@ def test_file_kind_is_decided_in_one_place_and_old_records_still_work(tmp_path, 
     assert file_kind(grid) == UNRECORDED_KIND
     save_grid(torch.ones(1, 1, 2, 2), grid)  # a PNG over a PNG: replaced, and now recorded as a grid
     assert file_kind(grid) == "grid"
+
+
+def test_the_manifest_forgets_files_deleted_since_they_were_written(tmp_path):
+    """Issue 27: entries of deleted files are pruned at the next write in the folder, so that a user's new file
+    of that name is not taken for elsfast's."""
+    import json
+
+    atomic_write(tmp_path / "a.bin", lambda f: f.write(b"a"))
+    atomic_write(tmp_path / "b.bin", lambda f: f.write(b"b"))
+    (tmp_path / "a.bin").unlink()
+    atomic_write(tmp_path / "b.bin", lambda f: f.write(b"b2"))
+    assert sorted(json.loads((tmp_path / MANIFEST_NAME).read_text())["files"]) == ["b.bin"]

@@ -71,6 +71,7 @@ def mnist_case():
     return train, x, exact
 
 
+@pytest.mark.slow_ci
 def test_reduced_mnist_case_does_not_depend_on_the_budget(mnist_case):
     train, x, exact = mnist_case
     outs = []

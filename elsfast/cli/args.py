@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..common.checks import parse_bytes
+from ..common.checks import check_seed, parse_bytes
 
 __all__ = [
     "DEFAULT_DATASET",
@@ -62,6 +62,15 @@ def integer(text: str) -> int:
         return int(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def seed_arg(text: str) -> int:
+    """A seed for the command line: an integer in torch's seed range (`elsfast.common.checks.check_seed`)."""
+    value = integer(text)
+    try:
+        return check_seed(value, "the seed")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def at_least(minimum: int):
@@ -214,7 +223,7 @@ def add_sampling_args(p: argparse.ArgumentParser, *, n_default: int) -> None:
         choices=tuple(SCHEDULES),
         help="noise schedule (default: %(default)s)",
     )
-    g.add_argument("--seed", type=integer, default=0, help="seed of the initial noise (default: 0)")
+    g.add_argument("--seed", type=seed_arg, default=0, help="seed of the initial noise (default: 0)")
     g.add_argument("--labels", type=labels_spec, metavar="L", help=_LABELS_HELP)
 
 

@@ -85,9 +85,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("integrations (optional libraries; one that is installed but fails to import counts as missing):")
     for name, state in integration_status().items():
         print(f"  {name}: {state}")
+    from ..datasets.base import ENV_DATA, resolve_root
+
+    root, source = resolve_root(args.data_root)
+    where = (
+        f"not found under {root} (the data root, from {source.replace('root=', '--data-root')})"
+        if root is not None
+        else f"not found: no data root (pass --data-root DIR or set ${ENV_DATA})"
+    )
     print("datasets:")
     for name, ok in datasets.available(args.data_root).items():
-        print(f"  {name}: {'available' if ok else 'not found'}")
+        print(f"  {name}: {'available' if ok else where}")
     print("calibrated scales:")
     for name in sorted(reference_scales()):
         print(f"  {name}")

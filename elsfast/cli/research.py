@@ -10,12 +10,13 @@ may import `elsfast.cli.args` (the shared argument types, groups, checks and `CL
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from ..common.checks import check_device
 from ..plots.style import check_figure_path, matplotlib_missing
-from .args import PROG, CLIError, add_data_args, at_least, check_outputs, integer, odd_patch_size
+from .args import PROG, CLIError, add_data_args, at_least, check_outputs, integer, odd_patch_size, seed_arg
 
 __all__ = ["add_commands"]
 
@@ -101,7 +102,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--epochs", type=at_least(1), default=300)
     g.add_argument("--max-steps", type=at_least(1), help="stop after this many steps in total")
     g.add_argument("--max-minutes", type=_positive_float, help="stop this run after this many minutes")
-    g.add_argument("--seed", type=integer, default=0)
+    g.add_argument("--seed", type=seed_arg, default=0)
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
     g = t.add_argument_group("checkpoint")
     g.add_argument("--out", required=True, metavar="PATH.pt", help="checkpoint file")
@@ -214,6 +215,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "to continue it or --overwrite to replace it"
         )
 
+    device = check_device(args.device, name="argument --device")
+    if args.bf16 and (device or check_device("auto")).type != "cuda":
+        print(f"{PROG}: warning: --bf16 is bfloat16 autocast on CUDA only; on this CPU training runs in float32",
+              file=sys.stderr)  # fmt: skip
     config = TrainConfig(
         dataset=args.dataset,
         root=args.data_root,
@@ -234,7 +239,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes,
         out=args.out,
-        device=str(check_device(args.device, name="argument --device")),
+        device=str(device),
         bf16=args.bf16,
     )
     data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)
@@ -326,7 +331,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             raise CLIError(f"--scales: {err}") from None
         scales = args.scales
     else:
-        scales = odd_patch_size(args.scales)
+        try:
+            scales = odd_patch_size(args.scales)
+        except argparse.ArgumentTypeError as e:
+            raise CLIError(
+                f"argument --scales: {e}; expected a calibration file (.json), a published list name "
+                f"({', '.join(sorted(reference_scales()))}) or one odd patch size"
+            ) from None
     from ..common.fileio import check_writable
 
     try:  # before the network and the data are loaded (compare checks each of its files before the first seed)

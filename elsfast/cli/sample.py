@@ -214,6 +214,11 @@ def _sample_labels(spec, data, n: int):
     if data.labels is None:
         raise CLIError(f"argument --labels: the dataset {data.name!r} has no labels, so it cannot be sampled by class")
     present = set(data.labels.unique().tolist())
+    if min(present, default=0) < 0:
+        raise CLIError(
+            f"argument --labels: the labels of {data.name!r} must be class indices 0, 1, ..., got {min(present)}; "
+            "relabel the dataset"
+        )
     num_classes = data.num_classes if data.num_classes else max(present) + 1
     if spec == "cycle":
         labels = torch.arange(n, dtype=torch.int64) % num_classes

@@ -4,20 +4,33 @@
 - `integer_labels`: class labels that are integers (never truncated floats); `labels_per_sample`: one per sample.
 - `check_pixel_range`: float images in the [-1, 1] convention, with a warning for images that look like [0, 1].
 - `check_device`: a torch device that exists here (`"auto"`: CUDA when available, else the CPU).
+- `check_abar`: a noise level strictly between 0 and 1.
+- `check_finite_input`: float inputs with no NaN/inf and no value so large that squared distances overflow.
+- `check_compute_tensor`: a float32/float64 torch tensor of a given rank (the compute dtypes).
+- `check_seed`: an integer seed in torch's range.
+- `check_channels_first`: `[N, C, H, W]` images that do not look channels-last (`[N, H, W, 1 or 3]`).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import warnings
 
 import torch
 
 __all__ = [
+    "check_abar",
+    "check_channels_first",
+    "check_compute_tensor",
     "check_device",
+    "check_finite_input",
     "check_pixel_range",
+    "check_seed",
     "integer_labels",
     "labels_per_sample",
+    "largest_input",
     "parse_bytes",
     "parse_memory_budget",
 ]
@@ -94,12 +107,13 @@ def labels_per_sample(labels, n: int) -> torch.Tensor | None:
     return labels
 
 
-def check_pixel_range(images: torch.Tensor, name: str) -> None:
+def check_pixel_range(images: torch.Tensor, name: str, *, warn: bool = True) -> None:
     """Check float `images` (any shape) against the [-1, 1] pixel convention.
 
     NaN/inf, or values outside [-1, 1] by more than `PIXEL_TOLERANCE`, raise ValueError naming `name`, the range
     found and the fix; non-constant float images within [0, 1] (the look of `imgs.float() / 255`) give a
-    UserWarning with the fix (`x * 2 - 1`). uint8 images are not checked (they map to [-1, 1] by construction).
+    UserWarning with the fix (`x * 2 - 1`) unless `warn=False`. uint8 images are not checked (they map to
+    [-1, 1] by construction).
     """
     if images.dtype == torch.uint8 or images.numel() == 0:
         return
@@ -112,7 +126,7 @@ def check_pixel_range(images: torch.Tensor, name: str) -> None:
             f"float {name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]{hint}; rescale them, e.g. "
             "x / x.abs().max() for signed data, or pass uint8 images"
         )
-    if 0.0 <= lo < hi <= 1.0 + PIXEL_TOLERANCE:
+    if warn and 0.0 <= lo < hi <= 1.0 + PIXEL_TOLERANCE:
         warnings.warn(
             f"float {name} lie in [{lo:.3g}, {hi:.3g}] with no negative value: they look like [0, 1] images, but "
             f"elsfast's pixels are in [-1, 1] (black = -1); pass {name} * 2 - 1 (or the uint8 images)",
@@ -148,3 +162,80 @@ def check_device(device: torch.device | str | None, *, name: str = "device") -> 
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"{name}: MPS is not available here (use {use})")
     return device
+
+
+def check_abar(abar: float | torch.Tensor) -> float:
+    """`abar` (a real number or a one-element tensor) as a float strictly between 0 and 1; TypeError/ValueError
+    naming `abar` otherwise."""
+    if isinstance(abar, torch.Tensor):
+        if abar.numel() != 1:
+            raise ValueError(f"abar must be a single number, got a tensor of shape {tuple(abar.shape)}")
+        abar = abar.item()
+    if isinstance(abar, bool) or not isinstance(abar, numbers.Real):
+        raise TypeError(f"abar must be a number strictly between 0 and 1, got {abar!r}")
+    abar = float(abar)
+    if not (0.0 < abar < 1.0):
+        raise ValueError(f"abar must lie strictly between 0 and 1, got {abar}")
+    return abar
+
+
+def largest_input(dtype: torch.dtype) -> float:
+    """The largest magnitude a float input of `dtype` may hold: the fourth root of the dtype's largest number
+    (float32: 4.3e9), so that squared distances between inputs, divided by the smallest temperature, stay finite."""
+    return math.sqrt(math.sqrt(torch.finfo(dtype).max))
+
+
+def check_finite_input(values: torch.Tensor, name: str) -> None:
+    """ValueError naming `name` when float `values` hold NaN, infinities, or magnitudes above `largest_input`
+    (1e38 in float32 is finite, but its squared distances are not)."""
+    if values.numel() == 0:
+        return
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    big = values.abs().max().item()
+    if big > largest_input(values.dtype):
+        raise ValueError(
+            f"{name} holds values up to {big:.3g}, beyond the largest {str(values.dtype).removeprefix('torch.')} "
+            f"input whose squared distances stay finite ({largest_input(values.dtype):.3g}); rescale it"
+        )
+
+
+def check_compute_tensor(value, name: str, shape: str) -> torch.Tensor:
+    """`value` if it is a float32/float64 torch tensor with as many dimensions as `shape` names (e.g. "(G, M, D)");
+    TypeError naming `name` for other types and dtypes (numpy arrays, integers, float16/bfloat16: convert with
+    `torch.as_tensor(...).float()`), ValueError for another rank."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor {shape} of float32 or float64, got {type(value).__name__}")
+    rank = shape.count(",") + 1
+    if value.dim() != rank:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+    if value.dtype not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"{name} must be float32 or float64 (the compute dtypes), got {str(value.dtype).removeprefix('torch.')}"
+        )
+    return value
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""The seeds `torch.Generator.manual_seed` takes (inclusive)."""
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """`seed` as an int in `SEED_RANGE`; TypeError naming `name` for non-integers (strings, 1.5, bools),
+    ValueError for integers outside the range (2**70)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {seed!r}")
+    lo, hi = SEED_RANGE
+    if not lo <= int(seed) <= hi:
+        raise ValueError(f"{name} must be an integer in [-2**63, 2**64 - 1] (torch's seeds), got {seed}")
+    return int(seed)
+
+
+def check_channels_first(images: torch.Tensor, name: str) -> None:
+    """ValueError naming `name` when 4-D `images` look channels-last: the last axis is 1 or 3 (grey, RGB) and
+    the second is larger than 4 (more channels than grey, grey + alpha, RGB or RGBA have), as `[N, 28, 28, 1]`."""
+    if images.dim() == 4 and images.shape[-1] in (1, 3) and images.shape[1] > 4:
+        raise ValueError(
+            f"{name} of shape {list(images.shape)} look channels-last [N, H, W, C]; elsfast takes [N, C, H, W]: "
+            f"pass {name}.permute(0, 3, 1, 2)"
+        )

@@ -452,10 +452,12 @@ def atomic_write(
         if old not in (None, UNRECORDED_KIND, new):
             raise _refuse_kind(path, old, new)
         manifest = _read_manifest(directory, strict=True)
+        # entries of files deleted since they were written are dropped (a new file of that name is not elsfast's)
+        files = {k: v for k, v in manifest.files.items() if k == name or (directory / k).is_file()}
         digest = sha256_file(tmp)
-        manifest.files[name] = [*manifest.files.get(name, [])[-1:], digest]
+        files[name] = [*files.get(name, [])[-1:], digest]
         manifest.kinds[digest] = new
-        _write_manifest(directory, manifest)
+        _write_manifest(directory, manifest._replace(files=files))
 
     _replace_atomically(path, write, before=record)
     manifest = _read_manifest(directory)

@@ -19,12 +19,21 @@ the CLI's `--scales`).
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 
-__all__ = ["READINGS", "PatchSizeSpec", "parse_scales_name", "patch_size_at", "reference_scales", "resolve_patch_size"]
+__all__ = [
+    "READINGS",
+    "PatchSizeSpec",
+    "check_patch_size_spec",
+    "parse_scales_name",
+    "patch_size_at",
+    "reference_scales",
+    "resolve_patch_size",
+]
 
 PatchSizeSpec = int | Sequence[int] | Callable[[float], int] | str
 READINGS = ("published", "shifted")  # how a list of n entries is read at t = i / n: entry i, or entry i - 1
@@ -86,6 +95,23 @@ def patch_size_at(spec: PatchSizeSpec, t: float, *, reading: str = "published") 
     return table[min(len(table) - 1, max(0, round(t * len(table)) - _SHIFT[reading]))]
 
 
+def check_patch_size_spec(spec: PatchSizeSpec) -> None:
+    """Check a patch-size spec before any step runs: an unknown name, an empty list or a wrong type (as
+    `patch_size_at`), and any int or list entry that is not an odd positive integer, raise naming `patch_size`.
+    A callable is checked when called (by the machine)."""
+    if callable(spec):
+        return
+    patch_size_at(spec, 1.0)
+    if isinstance(spec, str):
+        spec = reference_scales()[spec]
+    sizes = [spec] if isinstance(spec, numbers.Real) or (hasattr(spec, "dim") and spec.dim() == 0) else list(spec)
+    for size in sizes:
+        if isinstance(size, bool) or not (isinstance(size, numbers.Real) or hasattr(size, "dim")):
+            raise TypeError(f"patch_size must be an odd positive integer, got {size!r}")
+        if not math.isfinite(float(size)) or int(size) != size or int(size) < 1 or int(size) % 2 == 0:
+            raise ValueError(f"patch_size must be an odd positive integer, got {size!r}")
+
+
 def resolve_patch_size(spec: PatchSizeSpec, steps: int) -> Callable[[float, int], int]:
     """`patch_size_at` for a sampler of `steps` steps, as `size(t, i)` for step i (t = i / steps).
 
@@ -101,5 +127,5 @@ def resolve_patch_size(spec: PatchSizeSpec, steps: int) -> Callable[[float, int]
             table = None
         if table is not None and len(table) != steps:
             raise ValueError(f"patch_size: a patch-size list needs one entry per step ({steps}), got {len(table)}")
-    patch_size_at(spec, 1.0)  # an unknown name, an empty list or a wrong type fails here
+    check_patch_size_spec(spec)  # an unknown name, an empty list, a wrong type or an even size fails here
     return lambda t, i: patch_size_at(spec, t)

@@ -113,15 +113,15 @@ def set_num_threads(threads: int | None) -> None:
 
 @contextlib.contextmanager
 def limit_threads(threads: int | None) -> Iterator[None]:
-    """Within the block, the kernels and torch's intra-op work use `threads` threads (None: no change); both
-    are restored afterwards."""
+    """Within the block, the kernels and torch's intra-op work use `threads` threads, capped at the CPUs this
+    process may use (`available_cpus`; None: no change); both are restored afterwards."""
     if threads is None:
         yield
         return
     import torch
 
     global _chosen
-    threads = _positive(threads, "threads")
+    threads = min(_positive(threads, "threads"), available_cpus())
     before_kernel, before_torch = _chosen, torch.get_num_threads()
     _chosen = threads
     torch.set_num_threads(threads)

@@ -87,7 +87,7 @@ from typing import Any
 import torch
 
 from ..common.fileio import atomic_write
-from ..common.scales import PatchSizeSpec, patch_size_at
+from ..common.scales import PatchSizeSpec, check_patch_size_spec, patch_size_at
 from ..common.schedules import get_schedule
 from ..machine import ScoreMachine
 from . import OPTIONAL_LIBRARIES, optional_import
@@ -213,8 +213,7 @@ class ELSUNet(*_Bases):
         save_training_set: bool = False,
     ) -> None:
         super().__init__(machine)
-        if not callable(patch_size):
-            patch_size_at(patch_size, 1.0)  # an unknown name or an empty list fails here, not mid-sampling
+        check_patch_size_spec(patch_size)  # an unknown name, an empty list or an even size fails here
         self.patch_size = patch_size
         self.save_training_set = bool(save_training_set)
         self.io_dtype: torch.dtype | None = None  # float16 / bfloat16 inputs and outputs (the machine stays fp32)
@@ -434,7 +433,12 @@ class ELSUNet(*_Bases):
         path = directory / cls.config_name
         if not path.is_file():
             raise FileNotFoundError(f"no ELSUNet config at {path}")
-        config = json.loads(path.read_text())
+        try:
+            config = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not a readable ELSUNet config (not JSON: {err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is not an ELSUNet config (a JSON {type(config).__name__}, not an object)")
         if config.get("_class_name") != cls.__name__ or "machine" not in config:
             raise ValueError(f"{path} is not an ELSUNet config (_class_name {config.get('_class_name')!r})")
         copy = directory / TRAINING_SET_NAME

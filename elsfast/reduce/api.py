@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..common.checks import (
+    check_abar,
+    check_channels_first,
+    check_compute_tensor,
+    check_finite_input,
+    check_pixel_range,
+    parse_memory_budget,
+)
 from . import policy, topk  # noqa: F401  (policy registers the exact backends it imports; topk registers itself)
+from .budget import check_smallest_step
 from .dictionary import Dictionary
 from .registry import BackendOutput, BackendSpec, check_backend_name, resolve_named
 from .state import ReduceState
@@ -72,13 +81,38 @@ class Reduction:
         return "+".join(names)
 
 
+def check_reduction(queries: torch.Tensor, dictionary: Dictionary) -> None:
+    """The checks `softmax_reduce` makes of its queries and dictionary (see there); ValueError/TypeError naming the
+    argument, before any backend runs."""
+    check_compute_tensor(queries, "queries", "(G, M, D)")
+    check_finite_input(queries, "queries")
+    if not isinstance(dictionary, Dictionary):
+        raise TypeError(
+            f"dictionary must be an elsfast.reduce.Dictionary (ImageDictionary or PatchDictionary), got "
+            f"{type(dictionary).__name__}; wrap training images as ImageDictionary(images)"
+        )
+    images = dictionary.images
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        what = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise TypeError(f"the dictionary's images must be a torch tensor [N, C, H, W], got {what}")
+    check_channels_first(images, "the dictionary's images")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"the dictionary's images must be uint8 or float, got {images.dtype}")
+    check_pixel_range(images, "dictionary images", warn=False)
+    G, _, D = queries.shape
+    if dictionary.num_groups != G:
+        raise ValueError(f"queries have {G} groups (G of (G, M, D)), the dictionary {dictionary.num_groups}")
+    if dictionary.key_dim != D:
+        raise ValueError(f"queries have {D} features (D of (G, M, D)), the dictionary's keys {dictionary.key_dim}")
+
+
 def softmax_reduce(
     queries: torch.Tensor,
     dictionary: Dictionary,
     *,
     abar: float,
     backend: BackendSpec = "auto",
-    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    memory_budget: int | str = DEFAULT_MEMORY_BUDGET,
     provenance: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> Reduction:
@@ -87,18 +121,29 @@ def softmax_reduce(
     raises `NotDifferentiable`.
 
     Args:
-        queries: `(G, M, D)` float32 or float64; the computation runs in this dtype on its device.
-        dictionary: the keys and values, built chunk by chunk (`elsfast.reduce.dictionary`).
-        abar: noise level in (0, 1).
+        queries: `(G, M, D)` float32 or float64 (other dtypes, numpy arrays and other ranks are refused), finite
+            and of magnitude at most `elsfast.common.checks.largest_input` (float32: 4.3e9); the computation runs
+            in this dtype on its device.
+        dictionary: the keys and values, built chunk by chunk (`elsfast.reduce.dictionary`): G groups of keys of
+            D features, as the queries; its images uint8 or float in [-1, 1] (float images in [0, 255] refused).
+        abar: noise level strictly between 0 and 1.
         backend: "auto" (the fastest *exact* backend for this problem: `elsfast.reduce.policy`), a registered
             backend name, or a configured backend (e.g. `TopK(k=128)`). Approximate backends run only when named.
-        memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use.
+        memory_budget: bytes of working memory (dictionary chunk, logit tile, state) the backend may use: a
+            positive int or a string such as "512M". A chunk holds at least one training image's entries; a
+            problem whose smallest step needs more than the budget (and more than `budget.MEMORY_FLOOR`) raises
+            `budget.MemoryBudgetError` (a ValueError) naming the bytes.
         provenance: also return each query's dominant entry, its weight and the posterior entropy.
         process_group: the dictionary is sharded across the ranks of this torch.distributed group (pass the
             default group as `torch.distributed.group.WORLD`): every rank calls with the same queries and its own
             shard, and every rank gets the result over the whole dictionary. Entry ids must be global
             (`Dictionary.image_ids`).
     """
+    check_reduction(queries, dictionary)
+    abar = check_abar(abar)
+    memory_budget = parse_memory_budget(memory_budget)
+    if not isinstance(provenance, bool):
+        raise TypeError(f"provenance must be True or False, got {provenance!r}")
     check_backend_name(backend)
     if queries.requires_grad and torch.is_grad_enabled():  # exact gradients or a clear refusal, never detached
         from .grad import differentiable_reduce
@@ -126,6 +171,7 @@ def softmax_reduce(
         name = backend.NAME if not isinstance(backend, str) else backend
         out = BackendOutput(state, 0, backends=(name if name != "auto" else "none",) * G, pairs=0)
     else:
+        check_smallest_step(dictionary, G * M, queries.element_size(), memory_budget)
         ran, out = policy.run(
             backend, queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance
         )

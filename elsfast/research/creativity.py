@@ -121,8 +121,10 @@ def measure(
     `provenance` (e.g. `SampleTrace.provenance` of the `sample` call that made these samples) gives the pixel
     sources; it must be `[n, H, W]` for these n samples (ValueError otherwise); without it they are the nearest
     dictionary patches (`nearest_patch_provenance`). `patch_size` is the P of the consistency check (use the
-    last step's P for a multiscale sample).
+    last step's P for a multiscale sample). An empty batch gives an empty list.
     """
+    if not isinstance(machine, ScoreMachine):
+        raise TypeError(f"machine must be the ScoreMachine the samples came from, got {type(machine).__name__}")
     if not isinstance(samples, torch.Tensor) or samples.dim() != 4 or not samples.is_floating_point():
         what = f"{samples.dtype} {list(samples.shape)}" if isinstance(samples, torch.Tensor) else type(samples)
         raise ValueError(f"samples must be a float tensor [n, C, H, W] in [-1, 1], got {what}")
@@ -133,6 +135,11 @@ def measure(
         )
     check_pixel_range(samples, "samples")
     if provenance is not None:
+        if not isinstance(provenance, Provenance):
+            raise TypeError(
+                f"provenance must be an elsfast Provenance (trace.provenance of sample(..., "
+                f"return_provenance=True)), got {type(provenance).__name__}"
+            )
         expected = (samples.shape[0], *samples.shape[2:])
         found = tuple(provenance.source_image.shape)
         if found != expected:
@@ -141,6 +148,8 @@ def measure(
                 f"{list(expected)}: pass the provenance of these samples (trace.provenance of "
                 "sample(..., return_provenance=True)), or none"
             )
+    if samples.shape[0] == 0:
+        return []
     samples = samples.to(machine.device)
     rms, nearest = nearest_training(samples, machine.images)
     if provenance is None:

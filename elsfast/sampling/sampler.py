@@ -7,6 +7,7 @@ from a seed, reads the patch-size spec, and runs `ddim_sample`; optionally it re
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 import warnings
@@ -15,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..common.checks import labels_per_sample
+from ..common.checks import check_finite_input, check_seed, labels_per_sample
+from ..common.memory import check_batch_memory
 from ..common.provenance import Provenance
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.threads import check_threads, limit_threads
@@ -90,6 +93,9 @@ def _renamed(options: dict[str, Any], resume_from, seed):
 def _machine(source, options: dict[str, Any]) -> ScoreMachine:
     """The machine of `source` (a `ScoreMachine`, images `[N, C, H, W]` or a dataset name or path)."""
     if isinstance(source, ScoreMachine):
+        unknown = sorted(set(options) - set(MACHINE_OPTIONS + DATASET_OPTIONS))
+        if unknown:
+            raise TypeError(f"sample() got unexpected keyword(s) {', '.join(unknown)}")
         if options:
             raise TypeError(
                 f"sample: {', '.join(sorted(options))} configure the machine: pass them to ScoreMachine(...), not "
@@ -108,6 +114,17 @@ def _machine(source, options: dict[str, Any]) -> ScoreMachine:
             raise TypeError("sample: train_labels is for a tensor source; a dataset brings its labels")
         return ScoreMachine.from_dataset(str(source), split="train", **options)
     return ScoreMachine(source, **options)
+
+
+def _check_batch(m: ScoreMachine, n: int, steps: int, return_provenance: bool) -> None:
+    """Refuse up front a batch whose tensors cannot fit in memory (`check_batch_memory`): the float32 noise and
+    label, on the CPU; the current image, the prediction, the noise estimate, the next image and the output in
+    the machine's dtype, with the trace's per-step entropy and provenance fields, on the machine's device."""
+    pixels = math.prod(m.image_shape)
+    itemsize = torch.empty(0, dtype=m.dtype).element_size()
+    check_batch_memory("n (samples, --n)", n, 4 * pixels + 8, "cpu")
+    trace = (steps + 5) * itemsize * pixels // m.image_shape[0] if return_provenance else 0
+    check_batch_memory("n (samples, --n)", n, 5 * itemsize * pixels + trace, m.device)
 
 
 def sample(
@@ -141,7 +158,8 @@ def sample(
         labels: class label(s) for class-conditional sampling: one int or one per sample.
         seed: an int, or a CPU `torch.Generator`, to draw the initial noise from (on the CPU, so that a seed gives
             the same noise on every device).
-        noise: initial noise `[n, C, H, W]` to use instead of drawing it from `seed`.
+        noise: initial noise `[n, C, H, W]` (a float tensor or numpy array) to use instead of drawing it from
+            `seed`.
         schedule: the noise schedule abar(t): a name of `elsfast.common.schedules.SCHEDULES` or a callable.
         progress: a progress bar; and for a run of more than `LONG_RUN_PAIRS` query x dictionary pairs, one line on
             stderr before it starts with the pairs and the time estimated by a short calibration
@@ -168,6 +186,8 @@ def sample(
     """
     resume_from, seed = _renamed(machine_options, resume_from, seed)
     check_threads(threads)
+    if not isinstance(seed, torch.Generator):
+        check_seed(seed, "seed")
     m = _machine(source, machine_options)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {n!r}")
@@ -176,13 +196,21 @@ def sample(
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {steps!r}")
     size_at = resolve_patch_size(patch_size, steps)
+    _check_batch(m, n, steps, return_provenance)
     sample_labels = labels_per_sample(labels, n)
     if noise is None:
         generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
         # drawn in float32 whatever the machine's dtype, so a seed means the same noise for every machine
         noise = torch.randn(n, *m.image_shape, generator=generator).to(m.dtype)
-    elif tuple(noise.shape) != (n, *m.image_shape):
-        raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
+    else:
+        if isinstance(noise, np.ndarray):
+            noise = torch.from_numpy(noise)
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            what = getattr(noise, "dtype", type(noise).__name__)
+            raise TypeError(f"noise must be a float tensor (or numpy array) [n, C, H, W], got {what}")
+        if tuple(noise.shape) != (n, *m.image_shape):
+            raise ValueError(f"noise must have shape {[n, *m.image_shape]}, got {list(noise.shape)}")
+        check_finite_input(noise, "noise")
 
     trace: list[tuple[float, int, Provenance]] = []
 
