@@ -116,7 +116,7 @@ def test_elsunet_rejects_bad_timesteps_and_schedulers():
     with pytest.raises(TypeError, match="alphas_cumprod"):
         ELSUNet(_machine(), object())
     bad = _scheduler(10)
-    bad.config["prediction_type"] = "v_prediction"
+    bad.config["prediction_type"] = "flow_prediction"
     with pytest.raises(ValueError, match="epsilon"):
         ELSUNet(_machine(), bad)
     clipping = _scheduler(10)
@@ -176,7 +176,7 @@ def test_elsunet_reads_its_scheduler_live_and_refuses_without_one():
     m = _machine()
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
     unet = ELSUNet(m)
-    with pytest.raises(RuntimeError, match=r"unet.follow\(scheduler\)"):
+    with pytest.raises(RuntimeError, match=r"pipe.unet.follow\(pipe\).*ELSUNet\(machine, scheduler\)"):
         unet(x, 3)
     sched = _scheduler(10)
     assert unet.follow(sched) is unet
@@ -213,7 +213,8 @@ def test_ddim_pipeline_runs_end_to_end():
     """A stock DDIMPipeline with a stock cosine scheduler (1000 training timesteps) and an ELS machine."""
     m = _machine()
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
-    pipe = DDIMPipeline(unet=ELSUNet(m, scheduler, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe = DDIMPipeline(unet=ELSUNet(m, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu")
     images = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type="np")
@@ -227,7 +228,8 @@ def test_ddim_pipeline_runs_end_to_end():
 @needs_diffusers
 def test_ddpm_pipeline_runs_end_to_end():
     scheduler = DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", clip_sample=False)
-    pipe = DDPMPipeline(unet=ELSUNet(_machine(), scheduler), scheduler=scheduler)
+    pipe = DDPMPipeline(unet=ELSUNet(_machine()), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type="np")
     assert images.images.shape == (2, 8, 8, 1)
@@ -268,7 +270,8 @@ def test_ddim_pipeline_reproduces_elsfast_sample(dtype, steps, substeps, patch_s
     (float32); the tolerances leave a factor 4. The next test shows that with exact alphas the match is exact."""
     m = _machine(dtype)
     scheduler = DDIMScheduler(**ddim_scheduler_config(steps, "cosine-legacy", substeps))
-    pipe = DDIMPipeline(unet=ELSUNet(m, scheduler, patch_size=patch_size), scheduler=scheduler)
+    pipe = DDIMPipeline(unet=ELSUNet(m, patch_size=patch_size), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=steps - 1, output_type="pt"
@@ -310,54 +313,72 @@ def test_diffusers_version_is_recent_enough():
 
 
 def _loop(unet, scheduler, noise, steps):
-    """The DDIM loop by hand (no pipeline): the reference for what a pipeline must produce."""
+    """The DDIM loop by hand (no pipeline): the reference for what a pipeline must produce. The timesteps are
+    passed as numbers, so a model connected to another scheduler runs on that scheduler's noise levels."""
     scheduler.set_timesteps(steps)
     x = noise
     for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        x = scheduler.step(unet(x, t.item()).sample, t, x).prev_sample
     return (x / 2 + 0.5).clamp(0, 1)
 
 
 @needs_diffusers
 @pytest.mark.parametrize("change", [{"beta_schedule": "linear"}, {"num_train_timesteps": 500}])
-def test_swapped_scheduler_is_followed(change):
+def test_swapped_scheduler_is_followed_or_refused(change):
     """diffusers' idiom `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` (another
-    schedule, or 500 training timesteps instead of 1000) runs with the new scheduler's noise levels: the images
-    are those of a hand-written loop with the new scheduler, not those of the old one."""
+    schedule, or 500 training timesteps instead of 1000): ELSPipeline connects its current scheduler at every call,
+    so the images are those of a hand-written loop with the new scheduler; a stock DDIMPipeline whose model is still
+    connected to the old scheduler is refused (its timesteps come from another table) until `unet.follow`."""
     m = _machine()
     old = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
-    pipe = DDIMPipeline(unet=ELSUNet(m, old), scheduler=old)
-    pipe.set_progress_bar_config(disable=True)
-    before = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="pt")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **change)
-    assert pipe.unet.scheduler is old  # still connected to the old one: the pipeline's wins
-    after = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="pt")
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     new = DDIMScheduler.from_config(old.config, **change)
     expected = _loop(ELSUNet(m, new), new, noise, 6)
-    torch.testing.assert_close(after.images, expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(before.images, _loop(ELSUNet(m, old), old, noise, 6), rtol=0, atol=1e-6)
     stale = _loop(ELSUNet(m, old), new, noise, 6)  # a model that kept the old schedule, driven by the new one
-    assert (after.images - stale).abs().max() > 0.05
+    assert (expected - stale).abs().max() > 0.05
+
+    def run(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, generator=g, num_inference_steps=6, output_type="pt").images
+
+    els = ELSPipeline(unet=ELSUNet(m, old), scheduler=old)
+    els.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(els), _loop(ELSUNet(m, old), old, noise, 6), rtol=0, atol=1e-6)
+    els.scheduler = DDIMScheduler.from_config(els.scheduler.config, **change)
+    torch.testing.assert_close(run(els), expected, rtol=0, atol=1e-6)
+
+    ddim = DDIMPipeline(unet=ELSUNet(m, old), scheduler=old)  # DDIMPipeline keeps a copy of `old`
+    ddim.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match=r"another timesteps table.*pipe.unet.follow\(pipe\)"):
+        run(ddim)
+    ddim.unet.follow(ddim)
+    assert ddim.unet.scheduler is ddim.scheduler
+    ddim.scheduler = DDIMScheduler.from_config(ddim.scheduler.config, **change)
+    torch.testing.assert_close(run(ddim), expected, rtol=0, atol=1e-6)
+    ddim.scheduler = DDIMScheduler.from_config(ddim.scheduler.config, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        run(ddim)
 
 
 @needs_diffusers
-def test_stock_pipeline_without_a_connected_scheduler():
-    """ELSUNet(machine) with no scheduler of its own runs inside a pipeline (it reads the pipeline's) and refuses
-    outside one."""
+def test_stock_pipeline_without_a_connected_scheduler_says_how_to_connect_one():
+    """ELSUNet(machine) with no scheduler of its own refuses in a stock pipeline, saying how to connect one (it
+    never looks for the pipeline on the call stack); connected, it runs the pipeline's loop."""
     m = _machine()
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, num_train_timesteps=200)
     pipe = DDIMPipeline(unet=ELSUNet(m), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match=r"does not know which scheduler.*pipe.unet.follow\(pipe\)"):
+        pipe(batch_size=2, num_inference_steps=5)
+    with pytest.raises(ValueError, match="does not hold this ELSUNet"):
+        ELSUNet(m).follow(pipe)
+    pipe.unet.follow(pipe)
     out = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="pt")
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out.images, _loop(ELSUNet(m, scheduler), scheduler, noise, 5), rtol=0, atol=1e-6)
-    with pytest.raises(RuntimeError, match="does not know which scheduler"):
-        pipe.unet(noise, 10)
-    bad = DDIMScheduler(prediction_type="v_prediction")
-    pipe.scheduler = bad
+    bad = DDIMScheduler(prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="prediction_type='epsilon'"):
-        pipe(batch_size=1, num_inference_steps=2)
+        pipe.unet.follow(bad)
 
 
 # ---------------------------------------------------------------- save and load
@@ -374,6 +395,7 @@ def test_pipeline_save_and_load_gives_equal_images(tmp_path, caplog):
     m = _dataset_machine()
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
     pipe = DDIMPipeline(unet=ELSUNet(m, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
 
     def run(p):
@@ -391,6 +413,7 @@ def test_pipeline_save_and_load_gives_equal_images(tmp_path, caplog):
     assert (tmp_path / "unet" / "config.json").stat().st_size < 4096
     loaded = DDIMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
+    loaded.unet.follow(loaded)
     assert type(loaded.unet) is ELSUNet and loaded.unet.machine.fingerprint == m.fingerprint
     assert loaded.unet.patch_size == "MNIST_ResNet_zeros" and loaded.unet.machine.dtype == F64
     torch.testing.assert_close(run(loaded), expected, rtol=0, atol=0)
@@ -425,10 +448,36 @@ def test_elspipeline_save_and_load_with_a_copy_of_the_training_set(tmp_path):
 
 
 @needs_diffusers
+def test_pipeline_save_pretrained_honours_save_training_set(tmp_path):
+    """`pipe.save_pretrained(d, save_training_set=...)` decides whether the copy is written (a dataset machine
+    saves only its reference by default), and refuses False for a machine that records no dataset."""
+    unet = ELSUNet(_dataset_machine(), patch_size=3)
+    pipe = ELSPipeline(unet=unet, scheduler=DDPMScheduler(50, clip_sample=False))
+    pipe.save_pretrained(tmp_path / "reference")
+    assert not (tmp_path / "reference" / "unet" / TRAINING_SET_NAME).exists()
+    pipe.save_pretrained(tmp_path / "copy", save_training_set=True)
+    assert (tmp_path / "copy" / "unet" / TRAINING_SET_NAME).is_file()
+    assert unet.save_training_set is None  # the call's choice only
+    loaded = ELSPipeline.from_pretrained(tmp_path / "copy", root=tmp_path / "no-data")  # needs only the copy
+    assert loaded.unet.machine.fingerprint == unet.machine.fingerprint
+    tensors = ELSPipeline(unet=ELSUNet(_machine(F64)), scheduler=DDPMScheduler(50, clip_sample=False))
+    with pytest.raises(ValueError, match="could not be reloaded"):
+        tensors.save_pretrained(tmp_path / "refused", save_training_set=False)
+
+
+@needs_diffusers
 def test_missing_or_changed_training_sets_are_clear_errors(tmp_path):
     m = _machine(F64)
     unet = ELSUNet(m, patch_size=3)
+    # a machine built from tensors: a directory without its training set could not be reloaded, so it is refused
+    # at save time, before anything is written, and saved with a copy by default
+    with pytest.raises(ValueError, match=r"save_training_set=False.*could not be reloaded"):
+        unet.save_pretrained(tmp_path / "refused", save_training_set=False)
+    assert not (tmp_path / "refused").exists()
     unet.save_pretrained(tmp_path / "tensors")
+    assert (tmp_path / "tensors" / TRAINING_SET_NAME).is_file()
+    assert ELSUNet.from_pretrained(tmp_path / "tensors").machine.fingerprint == m.fingerprint
+    (tmp_path / "tensors" / TRAINING_SET_NAME).unlink()  # a copy lost after saving
     with pytest.raises(ValueError, match=r"records no dataset.*train_images=.*save_training_set=True"):
         ELSUNet.from_pretrained(tmp_path / "tensors")
     loaded = ELSUNet.from_pretrained(tmp_path / "tensors", train_images=m.images)
@@ -467,6 +516,7 @@ def test_float16_inputs_and_outputs_with_a_float32_machine(tmp_path):
     assert eps.dtype == torch.float16
     torch.testing.assert_close(eps, m.eps(x.float(), sched.alphas_cumprod[4].item(), 3).half(), rtol=0, atol=0)
     pipe = DDIMPipeline(unet=unet, scheduler=sched)
+    unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     half = pipe(batch_size=4, generator=torch.Generator().manual_seed(5), num_inference_steps=9, output_type="pt")
     pipe.to(torch.float32)
