@@ -205,7 +205,7 @@ class ELSUNet(*_Bases):
         attribute is read at every call, so `pipe.scheduler = ...` is followed; the pipeline is held by a weak
         reference). `ELSPipeline` connects itself; a stock pipeline needs `pipe.unet.follow(pipe)`."""
         if _diffusers is not None and isinstance(source, DiffusionPipeline):
-            if not any(v is self for v in vars(source).values()):
+            if not any(getattr(v, "_orig_mod", v) is self for v in vars(source).values()):  # torch.compile'd too
                 raise ValueError(f"the {type(source).__name__} does not hold this ELSUNet as a component")
             check_scheduler(source.scheduler)
             self._scheduler, self._pipeline = None, weakref.ref(source)

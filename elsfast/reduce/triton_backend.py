@@ -170,6 +170,7 @@ class Triton(Backend):
             return Tolerance(base.per_logit, base.absolute + 4 * math.log(2) * TF32_MAX_LOGIT_ERROR)
         return base
 
+    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,
