@@ -26,6 +26,7 @@ from .common.fingerprint import training_set_sha256
 from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
 from .reduce.caches import content_hash
+from .reduce.collectives import check_same_call, timed
 from .reduce.patches import PADDINGS, extract_patches, group_sets
 from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
 
@@ -110,7 +111,13 @@ class MachineStats:
 def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
     """Total size of the shards of the ranks below this one (collective; NCCL needs `device` to be a GPU)."""
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(sizes, torch.tensor([size], device=device), group=group)
+    timed(
+        "the shard sizes (all_gather)",
+        torch.distributed.all_gather,
+        sizes,
+        torch.tensor([size], device=device),
+        group=group,
+    )
     return int(sum(s.item() for s in sizes[: torch.distributed.get_rank(group)]))
 
 
@@ -389,7 +396,7 @@ class ScoreMachine:
             index = (self.labels == label).nonzero().flatten()
             count = torch.tensor([index.numel()], device=self.device)
             if self.process_group is not None:
-                torch.distributed.all_reduce(count, group=self.process_group)
+                timed("the class sizes (all_reduce)", torch.distributed.all_reduce, count, group=self.process_group)
             if count.item() == 0:
                 raise ValueError(f"class {label} has no training images: its dictionary would be empty")
             self._classes[label] = (self.image_ids[index], self.images[index.to(self.device)])
@@ -453,6 +460,9 @@ class ScoreMachine:
         x = self._check_x(x)
         patch_size = self._check_size(_check_patch_size(patch_size))
         labels = self._check_labels(labels, x.shape[0])
+        if self.process_group is not None:  # every rank must reduce the same queries: else their answers blend
+            kind = f"{self.machine} {self.padding} {self.dictionary} {self.dtype} {list(self.image_shape)}"
+            check_same_call(self.process_group, self.device, x, abar, patch_size, labels, kind)
         self.last_stats = MachineStats()
         if x.shape[0] == 0:
             if not return_provenance:
