@@ -364,7 +364,7 @@ class ScoreMachine:
             if self.images.is_floating_point():
                 self.images = self.images.to(dtype)
         if device is not None:
-            self.device = torch.device(device)
+            self.device = check_device(device)
             self.images = self.images.to(self.device)
         self._classes.clear()
         return self
@@ -453,10 +453,12 @@ class ScoreMachine:
         `patch_size` must be an odd positive integer for every machine; IS and ES do not use it. With zero
         padding, LS and ELS give the same result for every P >= 2 max(H, W) - 1 and run such P at that size.
         `labels` `[B]` (integers) restricts each sample's dictionary to the training images of its class.
-        Returns `[B, C, H, W]` in the machine's dtype, on its device (`[0, C, H, W]` for an empty batch); with
+        Computes in the machine's dtype on its device; returns `[B, C, H, W]` in the dtype and on the device of
+        `x` (`[0, C, H, W]` for an empty batch), as torch modules do; with
         `return_provenance`, also each pixel's dominant dictionary entry and posterior entropy (`Provenance`).
         """
         abar = _check_abar(abar)
+        given = x
         x = self._check_x(x)
         patch_size = self._check_size(_check_patch_size(patch_size))
         labels = self._check_labels(labels, x.shape[0])
@@ -466,10 +468,10 @@ class ScoreMachine:
         self.last_stats = MachineStats()
         if x.shape[0] == 0:
             if not return_provenance:
-                return x.clone()
+                return given.clone()
             index = torch.zeros(0, *self.image_shape[1:], dtype=torch.int64, device=x.device)
             real = torch.zeros(index.shape, dtype=x.dtype, device=x.device)
-            return x.clone(), Provenance(index, index.clone(), index.clone(), real, real.clone())
+            return given.clone(), Provenance(index, index.clone(), index.clone(), real, real.clone())
         if labels is None:
             out, prov = self._denoise(x, self.images, self.image_ids, abar, patch_size, return_provenance)
         else:
@@ -488,6 +490,7 @@ class ScoreMachine:
             torch.distributed.all_gather_object(shards, self.last_stats, group=self.process_group)
             self.last_stats = MachineStats.across_ranks(shards)
         self.total_stats.merge_(self.last_stats)
+        out = out.to(given.device, given.dtype)  # computed in the machine's dtype, returned in the input's
         return (out, prov) if return_provenance else out
 
     def eps(self, x: torch.Tensor, abar: float, patch_size: int = 3, labels=None) -> torch.Tensor:
