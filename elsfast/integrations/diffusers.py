@@ -1,14 +1,15 @@
-"""Use an analytic machine where a diffusers `UNet2DModel` is used: `ELSUNet` predicts epsilon.
+"""Use an analytic machine where a diffusers `UNet2DModel` is used: `ELSUNet` predicts epsilon, x0 or v.
 
     from diffusers import DDIMPipeline, DDIMScheduler
     from elsfast.integrations.diffusers import ELSPipeline, ELSUNet
 
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
     pipe = DDIMPipeline(unet=ELSUNet(machine, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe.unet.follow(pipe)                                # the pipeline's scheduler drives the model
     images = pipe(batch_size=4, num_inference_steps=19, generator=torch.Generator().manual_seed(0)).images
-    pipe.save_pretrained("els-pipe")                      # writes the machine's configuration, not its data
+    pipe.save_pretrained("els-pipe")                      # the machine's configuration (+ its data if no dataset)
     pipe = DDIMPipeline.from_pretrained("els-pipe")       # reloads the training set, checks its SHA-256
-    pipe = ELSPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    pipe = ELSPipeline(unet=pipe.unet, scheduler=pipe.scheduler)      # connects itself
     digits = pipe(class_labels=[3, 7], num_inference_steps=19).images   # class-conditional
 
 `examples/diffusers_pipeline.py` runs all of it. Importing this module imports diffusers (ELSUNet is a diffusers
@@ -17,16 +18,22 @@
 `ELSUNetOutput`), its `save_pretrained`/`from_pretrained` raise ImportError with that reason, and `ELSPipeline`
 cannot be imported.
 
-Which scheduler gives a timestep its noise level. `ELSUNet` keeps no copy of a schedule: at every call it reads
-`alphas_cumprod` and `num_train_timesteps` from the scheduler that drives it, which is
+Which scheduler gives a timestep its noise level. `ELSUNet` keeps no copy of a schedule and never looks for its
+caller: it reads the scheduler it is connected to, at every call:
 
-1. the scheduler of the pipeline that is calling it: when the call comes from inside a method of a diffusers
-   `DiffusionPipeline` that holds this model as a component (its `__call__`), that pipeline's current
-   `scheduler` (so `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` is followed);
-2. otherwise the scheduler it was connected to (`ELSUNet(machine, scheduler)` or `unet.follow(scheduler)`), read
-   live, so an in-place change to it is followed too;
-3. otherwise it refuses (RuntimeError) and says how to connect one.
+1. a pipeline: `pipe.unet.follow(pipe)` (ELSPipeline does it itself): the pipeline's current `scheduler`
+   attribute, so `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` is followed;
+2. a scheduler: `ELSUNet(machine, scheduler)` or `unet.follow(scheduler)`, read live (an in-place change is
+   followed). Note that `DDIMPipeline(unet, scheduler)` keeps a copy of `scheduler`, not `scheduler` itself;
+3. none: it refuses (RuntimeError) and says how to connect one.
 
+A timestep tensor that is a view of a scheduler's `timesteps` table (as pipelines iterate them) must come from the
+connected scheduler's table (else RuntimeError: a model connected to a scheduler its pipeline replaced would run
+on the old noise levels). `torch.compile(unet)` and `unet.compile()` work (the compiled kernels are graph breaks).
+
+Schedulers with a `sigmas` table (Euler, Heun, KDPM2, LMS, DPM-Solver, ...) give the model the sigma of their
+current step (`elsfast.integrations.scheduler_levels`): abar = 1 / (1 + sigma^2), the scheduler's own noise level
+to float rounding (Karras sigmas, KDPM2's midpoints). Otherwise:
 An integer timestep j uses `alphas_cumprod[j]`; a fractional one (Euler-type schedulers) interpolates sigma =
 sqrt((1 - abar) / abar) linearly between the neighbours, as those schedulers do. An abar of 0 (zero-terminal-SNR
 schedules) is raised to 1e-12. The patch size is chosen from the time t = (j + 1) / num_train_timesteps: diffusers'
@@ -36,10 +43,11 @@ training timestep j is the end of the (j + 1)-th of num_train_timesteps interval
 timesteps is evaluated per distinct value (the machine evaluates one noise level per call).
 
 Scheduler settings that matter (ELSUNet refuses other prediction types and warns about clip_sample=True,
-thresholding=True and set_alpha_to_one=False, once per scheduler):
+thresholding=True and set_alpha_to_one=False):
 
 - `clip_sample=False`: the paper's sampler never clips the x0 prediction (diffusers' default is True);
-- `prediction_type="epsilon"`: ELSUNet returns epsilon;
+- `prediction_type`: "epsilon", "sample" (the machine's x0) or "v_prediction", exact conversions of the machine's
+  x0 prediction;
 - `set_alpha_to_one=True` (DDIM): the last step lands on abar = 1, so the output is the machine's x0 prediction;
   with False it lands on alphas_cumprod[0] and keeps a little noise;
 - `timestep_spacing` / `steps_offset`: which training timesteps the inference steps visit. "leading" visits
@@ -60,11 +68,19 @@ up to the float32 rounding of diffusers' alphas_cumprod, which the sampler ampli
 Saving and loading. `save_pretrained(d)` (also through `pipe.save_pretrained`) writes `d/config.json`: the
 diffusers keys pipelines read (`sample_size`, `in_channels`, `out_channels`), the patch-size spec and, under
 `machine`, `ScoreMachine.config()`: the machine's parameters, the training set's SHA-256 and, for a machine built
-by `ScoreMachine.from_dataset`, the dataset reference. The training images are not copied unless asked
-(`save_training_set=True`, at construction or in the call: `d/training_set.pt`). `from_pretrained(d)` rebuilds
+by `ScoreMachine.from_dataset`, the dataset reference. The training images are copied (`d/training_set.pt`) when
+the machine records no dataset, or when asked (`save_training_set=True`, at construction, in the call, or in
+`ELSPipeline.save_pretrained`); `save_training_set=False` for a machine without a dataset reference is refused at
+save time, since the directory could not be reloaded. `from_pretrained(d)` rebuilds
 the machine from the dataset reference, the saved copy, or `train_images=` (in that order of preference:
 `train_images=`, the copy, the reference) and refuses a training set whose SHA-256 differs, or none, with a
 message that says what to pass. A callable patch size cannot be saved (save_pretrained says so).
+
+Loading in a fresh process. diffusers 0.42 imports no module that a saved `model_index.json` names (that would run
+the repository's code): `import elsfast.integrations.diffusers` first (diffusers' error says so), then
+`DDIMPipeline.from_pretrained(d)` (connect it: `pipe.unet.follow(pipe)`) and `DiffusionPipeline.from_pretrained(d)`
+of a saved ELSPipeline (this module makes `ELSPipeline` a name diffusers finds) load it. diffusers' warning
+"Expected types for unet: (UNet2DModel,), got ELSUNet" is filtered: the model has UNet2DModel's interface.
 
 Precision. Machines compute in float32 or float64 (`.to(torch.float64)` / `.double()` convert the machine, in
 place: it is shared, not copied). Half precision (`torch_dtype=torch.float16` in `from_pretrained`,
