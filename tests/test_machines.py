@@ -81,6 +81,7 @@ def _budget_for(make, x, abar, P, target, labels=None):
 def test_chunking_does_not_change_the_result(machine, padding, conditional):
     # 14 images: 2 chunks of 7, 7 of 2, 5 unequal chunks (3,3,3,3,2), and one chunk per image
     train, x, train_labels, labels = make_problem(5, 14, 1, 6, 6, 3, 0.7)
+    x = x.double()  # the float64 machine's result, returned in x's dtype
     if conditional:
         train_labels = torch.zeros(14, dtype=torch.long)
         labels = torch.zeros(3, dtype=torch.long)

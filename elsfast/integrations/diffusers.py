@@ -165,16 +165,16 @@ _Bases: tuple[type, ...] = (MachineModule,) if _diffusers is None else (MachineM
 
 
 class ELSUNet(*_Bases):
-    """A `ScoreMachine` as a diffusers epsilon-prediction model (see the module docstring).
+    """A `ScoreMachine` as a diffusers model predicting epsilon, x0 or v (see the module docstring).
 
     Args:
         machine: the analytic machine; `.to()` on this module moves or converts it (in place).
-        scheduler: optional; the scheduler to read noise levels from when the call does not come from a pipeline
-            (a pipeline's own scheduler always wins). It must predict epsilon. `follow()` changes it.
+        scheduler: optional; the scheduler to read noise levels and the prediction type from. `follow()` changes
+            it, or connects a pipeline instead (`pipe.unet.follow(pipe)`: its current scheduler).
         patch_size: an odd int; a callable of t = (timestep + 1) / num_train_timesteps; a list or the name of a
             published calibrated list (`elsfast.reference_scales()`), entry round(t * len) clipped to the list.
-        save_training_set: whether `save_pretrained` writes a copy of the training images (default: only their
-            SHA-256 and, when the machine was built by `ScoreMachine.from_dataset`, the dataset reference).
+        save_training_set: whether `save_pretrained` writes a copy of the training images (default None: when
+            the machine records no dataset reference; else only its SHA-256 and the reference).
     """
 
     config_name = "config.json"
@@ -314,10 +314,11 @@ class ELSUNet(*_Bases):
         return_dict: bool = True,
         **unused: Any,
     ):
-        """Epsilon prediction for `sample` `[B, C, H, W]` at `timestep` of the driving scheduler: an int or float,
+        """The prediction (the connected scheduler's `prediction_type`: epsilon, x0 or v) for `sample`
+        `[B, C, H, W]` at `timestep` of that scheduler: an int or float,
         a 0-d tensor, or a `[B]` tensor (one per sample; unequal values are evaluated per distinct value).
         `class_labels` (one int or `[B]`) select class-conditional dictionaries. Returns
-        `UNet2DOutput(sample=eps)` (`ELSUNetOutput` without diffusers), or `(eps,)` if not return_dict; eps has
+        `UNet2DOutput(sample=out)` (`ELSUNetOutput` without diffusers), or `(out,)` if not return_dict; out has
         the dtype and device of `sample`. Other keyword arguments of `UNet2DModel.forward` are not supported and
         raise TypeError."""
         if unused:
