@@ -157,7 +157,7 @@ def test_low_noise_returns_centre_of_nearest_patch():
 
 def test_uniform_weights_at_high_noise():
     train, x, _, _ = make_problem(10, 5, 1, 4, 4, 1, 0.5)
-    out = ScoreMachine(train, machine="is", dtype=torch.float64).denoise(x * 1e-3, 1e-9 + 1e-12)
+    out = ScoreMachine(train, machine="is", dtype=torch.float64).denoise(x.double() * 1e-3, 1e-9 + 1e-12)
     torch.testing.assert_close(out[0], train.double().mean(0), rtol=0, atol=1e-6)
 
 
