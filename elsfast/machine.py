@@ -37,6 +37,7 @@ from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
 from .reduce.budget import query_slices
 from .reduce.caches import content_hash
+from .reduce.collectives import check_same_call, timed
 from .reduce.patches import PADDINGS, extract_patches, group_sets
 from .reduce.registry import BackendSpec, backend_from_spec, backend_spec, check_backend_name
 
@@ -121,7 +122,13 @@ class MachineStats:
 def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
     """Total size of the shards of the ranks below this one (collective; NCCL needs `device` to be a GPU)."""
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(sizes, torch.tensor([size], device=device), group=group)
+    timed(
+        "the shard sizes (all_gather)",
+        torch.distributed.all_gather,
+        sizes,
+        torch.tensor([size], device=device),
+        group=group,
+    )
     return int(sum(s.item() for s in sizes[: torch.distributed.get_rank(group)]))
 
 
@@ -356,7 +363,7 @@ class ScoreMachine:
             if self.images.is_floating_point():
                 self.images = self.images.to(dtype)
         if device is not None:
-            self.device = torch.device(device)
+            self.device = check_device(device)
             self.images = self.images.to(self.device)
         self._classes.clear()
         return self
@@ -388,7 +395,7 @@ class ScoreMachine:
             index = (self.labels == label).nonzero().flatten()
             count = torch.tensor([index.numel()], device=self.device)
             if self.process_group is not None:
-                torch.distributed.all_reduce(count, group=self.process_group)
+                timed("the class sizes (all_reduce)", torch.distributed.all_reduce, count, group=self.process_group)
             if count.item() == 0:
                 raise ValueError(f"class {label} has no training images: its dictionary would be empty")
             self._classes[label] = (self.image_ids[index], self.images[index.to(self.device)])
@@ -457,20 +464,25 @@ class ScoreMachine:
         refused (it would wrap the same pixels in again). The batch runs in slices whose query patches fit in
         `memory_budget` (at least one sample; see `elsfast.reduce.budget`).
         `labels` `[B]` (integers) restricts each sample's dictionary to the training images of its class.
-        Returns `[B, C, H, W]` in the machine's dtype, on its device (`[0, C, H, W]` for an empty batch); with
+        Computes in the machine's dtype on its device; returns `[B, C, H, W]` in the dtype and on the device of
+        `x` (`[0, C, H, W]` for an empty batch), as torch modules do; with
         `return_provenance`, also each pixel's dominant dictionary entry and posterior entropy (`Provenance`).
         """
         abar = check_abar(abar)
+        given = x
         x = self._check_x(x)
         patch_size = self._check_size(_check_patch_size(patch_size))
         labels = self._check_labels(labels, x.shape[0])
+        if self.process_group is not None:  # every rank must reduce the same queries: else their answers blend
+            kind = f"{self.machine} {self.padding} {self.dictionary} {self.dtype} {list(self.image_shape)}"
+            check_same_call(self.process_group, self.device, x, abar, patch_size, labels, kind)
         self.last_stats = MachineStats()
         if x.shape[0] == 0:
             if not return_provenance:
-                return x.clone()
+                return given.clone()
             index = torch.zeros(0, *self.image_shape[1:], dtype=torch.int64, device=x.device)
             real = torch.zeros(index.shape, dtype=x.dtype, device=x.device)
-            return x.clone(), Provenance(index, index.clone(), index.clone(), real, real.clone())
+            return given.clone(), Provenance(index, index.clone(), index.clone(), real, real.clone())
         if labels is None:
             out, prov = self._denoise(x, self.images, self.image_ids, abar, patch_size, return_provenance)
         else:
@@ -489,6 +501,7 @@ class ScoreMachine:
             torch.distributed.all_gather_object(shards, self.last_stats, group=self.process_group)
             self.last_stats = MachineStats.across_ranks(shards)
         self.total_stats.merge_(self.last_stats)
+        out = out.to(given.device, given.dtype)  # computed in the machine's dtype, returned in the input's
         return (out, prov) if return_provenance else out
 
     def eps(self, x: torch.Tensor, abar: float, patch_size: int = 3, labels=None) -> torch.Tensor:

@@ -28,11 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     # 1. A stock DDIMPipeline. make_ddim_scheduler(n) reproduces elsfast.sample(..., steps=n) when the pipeline
-    #    runs n - 1 steps; ELSUNet reads the noise levels from the pipeline's scheduler at every call.
+    #    runs n - 1 steps; connected to the pipeline (`pipe.unet.follow(pipe)`), ELSUNet reads the noise levels
+    #    from the pipeline's current scheduler at every call.
     machine = elsfast.ScoreMachine.from_dataset("mnist-embedded", limit=args.limit)
     pipe = DDIMPipeline(
         unet=ELSUNet(machine, patch_size="MNIST_ResNet_zeros"), scheduler=make_ddim_scheduler(args.steps)
     )
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
 
     def run(p, **kw):
@@ -55,6 +57,7 @@ def main() -> None:
     #    reference); loading rebuilds the machine and refuses a training set that changed.
     pipe.save_pretrained(args.out / "pipeline")
     loaded = DDIMPipeline.from_pretrained(args.out / "pipeline")
+    loaded.unet.follow(loaded)
     loaded.set_progress_bar_config(disable=True)
     same = torch.equal(run(loaded), trailing)
     print(f"reloaded pipeline: {'same images' if same else 'DIFFERENT images'}")

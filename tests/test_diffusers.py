@@ -116,7 +116,7 @@ def test_elsunet_rejects_bad_timesteps_and_schedulers():
     with pytest.raises(TypeError, match="alphas_cumprod"):
         ELSUNet(_machine(), object())
     bad = _scheduler(10)
-    bad.config["prediction_type"] = "v_prediction"
+    bad.config["prediction_type"] = "flow_prediction"
     with pytest.raises(ValueError, match="epsilon"):
         ELSUNet(_machine(), bad)
     clipping = _scheduler(10)
@@ -176,7 +176,7 @@ def test_elsunet_reads_its_scheduler_live_and_refuses_without_one():
     m = _machine()
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
     unet = ELSUNet(m)
-    with pytest.raises(RuntimeError, match=r"unet.follow\(scheduler\)"):
+    with pytest.raises(RuntimeError, match=r"pipe.unet.follow\(pipe\).*ELSUNet\(machine, scheduler\)"):
         unet(x, 3)
     sched = _scheduler(10)
     assert unet.follow(sched) is unet
@@ -213,7 +213,8 @@ def test_ddim_pipeline_runs_end_to_end():
     """A stock DDIMPipeline with a stock cosine scheduler (1000 training timesteps) and an ELS machine."""
     m = _machine()
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
-    pipe = DDIMPipeline(unet=ELSUNet(m, scheduler, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe = DDIMPipeline(unet=ELSUNet(m, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu")
     images = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=8, output_type="np")
@@ -227,7 +228,8 @@ def test_ddim_pipeline_runs_end_to_end():
 @needs_diffusers
 def test_ddpm_pipeline_runs_end_to_end():
     scheduler = DDPMScheduler(num_train_timesteps=50, beta_schedule="squaredcos_cap_v2", clip_sample=False)
-    pipe = DDPMPipeline(unet=ELSUNet(_machine(), scheduler), scheduler=scheduler)
+    pipe = DDPMPipeline(unet=ELSUNet(_machine()), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type="np")
     assert images.images.shape == (2, 8, 8, 1)
@@ -268,7 +270,8 @@ def test_ddim_pipeline_reproduces_elsfast_sample(dtype, steps, substeps, patch_s
     (float32); the tolerances leave a factor 4. The next test shows that with exact alphas the match is exact."""
     m = _machine(dtype)
     scheduler = DDIMScheduler(**ddim_scheduler_config(steps, "cosine-legacy", substeps))
-    pipe = DDIMPipeline(unet=ELSUNet(m, scheduler, patch_size=patch_size), scheduler=scheduler)
+    pipe = DDIMPipeline(unet=ELSUNet(m, patch_size=patch_size), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=steps - 1, output_type="pt"
@@ -310,54 +313,72 @@ def test_diffusers_version_is_recent_enough():
 
 
 def _loop(unet, scheduler, noise, steps):
-    """The DDIM loop by hand (no pipeline): the reference for what a pipeline must produce."""
+    """The DDIM loop by hand (no pipeline): the reference for what a pipeline must produce. The timesteps are
+    passed as numbers, so a model connected to another scheduler runs on that scheduler's noise levels."""
     scheduler.set_timesteps(steps)
     x = noise
     for t in scheduler.timesteps:
-        x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        x = scheduler.step(unet(x, t.item()).sample, t, x).prev_sample
     return (x / 2 + 0.5).clamp(0, 1)
 
 
 @needs_diffusers
 @pytest.mark.parametrize("change", [{"beta_schedule": "linear"}, {"num_train_timesteps": 500}])
-def test_swapped_scheduler_is_followed(change):
+def test_swapped_scheduler_is_followed_or_refused(change):
     """diffusers' idiom `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` (another
-    schedule, or 500 training timesteps instead of 1000) runs with the new scheduler's noise levels: the images
-    are those of a hand-written loop with the new scheduler, not those of the old one."""
+    schedule, or 500 training timesteps instead of 1000): ELSPipeline connects its current scheduler at every call,
+    so the images are those of a hand-written loop with the new scheduler; a stock DDIMPipeline whose model is still
+    connected to the old scheduler is refused (its timesteps come from another table) until `unet.follow`."""
     m = _machine()
     old = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
-    pipe = DDIMPipeline(unet=ELSUNet(m, old), scheduler=old)
-    pipe.set_progress_bar_config(disable=True)
-    before = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="pt")
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, **change)
-    assert pipe.unet.scheduler is old  # still connected to the old one: the pipeline's wins
-    after = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="pt")
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     new = DDIMScheduler.from_config(old.config, **change)
     expected = _loop(ELSUNet(m, new), new, noise, 6)
-    torch.testing.assert_close(after.images, expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(before.images, _loop(ELSUNet(m, old), old, noise, 6), rtol=0, atol=1e-6)
     stale = _loop(ELSUNet(m, old), new, noise, 6)  # a model that kept the old schedule, driven by the new one
-    assert (after.images - stale).abs().max() > 0.05
+    assert (expected - stale).abs().max() > 0.05
+
+    def run(pipe):
+        g = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, generator=g, num_inference_steps=6, output_type="pt").images
+
+    els = ELSPipeline(unet=ELSUNet(m, old), scheduler=old)
+    els.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(els), _loop(ELSUNet(m, old), old, noise, 6), rtol=0, atol=1e-6)
+    els.scheduler = DDIMScheduler.from_config(els.scheduler.config, **change)
+    torch.testing.assert_close(run(els), expected, rtol=0, atol=1e-6)
+
+    ddim = DDIMPipeline(unet=ELSUNet(m, old), scheduler=old)  # DDIMPipeline keeps a copy of `old`
+    ddim.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match=r"another timesteps table.*pipe.unet.follow\(pipe\)"):
+        run(ddim)
+    ddim.unet.follow(ddim)
+    assert ddim.unet.scheduler is ddim.scheduler
+    ddim.scheduler = DDIMScheduler.from_config(ddim.scheduler.config, **change)
+    torch.testing.assert_close(run(ddim), expected, rtol=0, atol=1e-6)
+    ddim.scheduler = DDIMScheduler.from_config(ddim.scheduler.config, prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="prediction_type='epsilon'"):
+        run(ddim)
 
 
 @needs_diffusers
-def test_stock_pipeline_without_a_connected_scheduler():
-    """ELSUNet(machine) with no scheduler of its own runs inside a pipeline (it reads the pipeline's) and refuses
-    outside one."""
+def test_stock_pipeline_without_a_connected_scheduler_says_how_to_connect_one():
+    """ELSUNet(machine) with no scheduler of its own refuses in a stock pipeline, saying how to connect one (it
+    never looks for the pipeline on the call stack); connected, it runs the pipeline's loop."""
     m = _machine()
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, num_train_timesteps=200)
     pipe = DDIMPipeline(unet=ELSUNet(m), scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match=r"does not know which scheduler.*pipe.unet.follow\(pipe\)"):
+        pipe(batch_size=2, num_inference_steps=5)
+    with pytest.raises(ValueError, match="does not hold this ELSUNet"):
+        ELSUNet(m).follow(pipe)
+    pipe.unet.follow(pipe)
     out = pipe(batch_size=2, generator=torch.Generator().manual_seed(1), num_inference_steps=5, output_type="pt")
     noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out.images, _loop(ELSUNet(m, scheduler), scheduler, noise, 5), rtol=0, atol=1e-6)
-    with pytest.raises(RuntimeError, match="does not know which scheduler"):
-        pipe.unet(noise, 10)
-    bad = DDIMScheduler(prediction_type="v_prediction")
-    pipe.scheduler = bad
+    bad = DDIMScheduler(prediction_type="flow_prediction")
     with pytest.raises(ValueError, match="prediction_type='epsilon'"):
-        pipe(batch_size=1, num_inference_steps=2)
+        pipe.unet.follow(bad)
 
 
 # ---------------------------------------------------------------- save and load
@@ -374,6 +395,7 @@ def test_pipeline_save_and_load_gives_equal_images(tmp_path, caplog):
     m = _dataset_machine()
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
     pipe = DDIMPipeline(unet=ELSUNet(m, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe.unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
 
     def run(p):
@@ -391,6 +413,7 @@ def test_pipeline_save_and_load_gives_equal_images(tmp_path, caplog):
     assert (tmp_path / "unet" / "config.json").stat().st_size < 4096
     loaded = DDIMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
+    loaded.unet.follow(loaded)
     assert type(loaded.unet) is ELSUNet and loaded.unet.machine.fingerprint == m.fingerprint
     assert loaded.unet.patch_size == "MNIST_ResNet_zeros" and loaded.unet.machine.dtype == F64
     torch.testing.assert_close(run(loaded), expected, rtol=0, atol=0)
@@ -425,10 +448,36 @@ def test_elspipeline_save_and_load_with_a_copy_of_the_training_set(tmp_path):
 
 
 @needs_diffusers
+def test_pipeline_save_pretrained_honours_save_training_set(tmp_path):
+    """`pipe.save_pretrained(d, save_training_set=...)` decides whether the copy is written (a dataset machine
+    saves only its reference by default), and refuses False for a machine that records no dataset."""
+    unet = ELSUNet(_dataset_machine(), patch_size=3)
+    pipe = ELSPipeline(unet=unet, scheduler=DDPMScheduler(50, clip_sample=False))
+    pipe.save_pretrained(tmp_path / "reference")
+    assert not (tmp_path / "reference" / "unet" / TRAINING_SET_NAME).exists()
+    pipe.save_pretrained(tmp_path / "copy", save_training_set=True)
+    assert (tmp_path / "copy" / "unet" / TRAINING_SET_NAME).is_file()
+    assert unet.save_training_set is None  # the call's choice only
+    loaded = ELSPipeline.from_pretrained(tmp_path / "copy", root=tmp_path / "no-data")  # needs only the copy
+    assert loaded.unet.machine.fingerprint == unet.machine.fingerprint
+    tensors = ELSPipeline(unet=ELSUNet(_machine(F64)), scheduler=DDPMScheduler(50, clip_sample=False))
+    with pytest.raises(ValueError, match="could not be reloaded"):
+        tensors.save_pretrained(tmp_path / "refused", save_training_set=False)
+
+
+@needs_diffusers
 def test_missing_or_changed_training_sets_are_clear_errors(tmp_path):
     m = _machine(F64)
     unet = ELSUNet(m, patch_size=3)
+    # a machine built from tensors: a directory without its training set could not be reloaded, so it is refused
+    # at save time, before anything is written, and saved with a copy by default
+    with pytest.raises(ValueError, match=r"save_training_set=False.*could not be reloaded"):
+        unet.save_pretrained(tmp_path / "refused", save_training_set=False)
+    assert not (tmp_path / "refused").exists()
     unet.save_pretrained(tmp_path / "tensors")
+    assert (tmp_path / "tensors" / TRAINING_SET_NAME).is_file()
+    assert ELSUNet.from_pretrained(tmp_path / "tensors").machine.fingerprint == m.fingerprint
+    (tmp_path / "tensors" / TRAINING_SET_NAME).unlink()  # a copy lost after saving
     with pytest.raises(ValueError, match=r"records no dataset.*train_images=.*save_training_set=True"):
         ELSUNet.from_pretrained(tmp_path / "tensors")
     loaded = ELSUNet.from_pretrained(tmp_path / "tensors", train_images=m.images)
@@ -467,6 +516,7 @@ def test_float16_inputs_and_outputs_with_a_float32_machine(tmp_path):
     assert eps.dtype == torch.float16
     torch.testing.assert_close(eps, m.eps(x.float(), sched.alphas_cumprod[4].item(), 3).half(), rtol=0, atol=0)
     pipe = DDIMPipeline(unet=unet, scheduler=sched)
+    unet.follow(pipe)
     pipe.set_progress_bar_config(disable=True)
     half = pipe(batch_size=4, generator=torch.Generator().manual_seed(5), num_inference_steps=9, output_type="pt")
     pipe.to(torch.float32)
@@ -540,3 +590,198 @@ def test_example_script_runs(tmp_path):
     assert "reloaded pipeline: same images" in result.stdout
     assert (tmp_path / "pipeline" / "unet" / "config.json").is_file()
     assert (tmp_path / "digits.png").is_file()
+
+
+# ---------------------------------------------------------------- diffusers' rules (issue 26, item 3)
+
+SD_CONFIG = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+SD_CONFIG.update(timestep_spacing="leading", steps_offset=1)  # Stable Diffusion's: the first sigma is not the max
+
+
+def _sigma_scheduler(name: str, **config):
+    import diffusers as d
+
+    if name == "lms":
+        pytest.importorskip("scipy", reason="diffusers' LMSDiscreteScheduler needs scipy")
+    classes = {"euler": "EulerDiscreteScheduler", "heun": "HeunDiscreteScheduler", "lms": "LMSDiscreteScheduler"}
+    classes.update(kdpm2="KDPM2DiscreteScheduler", dpmpp="DPMSolverMultistepScheduler")
+    return getattr(d, classes[name])(**config)
+
+
+@needs_diffusers
+@pytest.mark.parametrize("name", ["euler", "heun", "kdpm2", "lms"])
+def test_elspipeline_scales_the_noise_of_the_schedule_it_runs(name):
+    """set_timesteps before init_noise_sigma, as diffusers' pipelines do: the first model input is the generator's
+    noise scaled by the init_noise_sigma of the schedule being run (before: of the previous one, 1.7x too noisy
+    here on a first call), and the same generator gives the same images on every call."""
+    scheduler = _sigma_scheduler(name, **SD_CONFIG)
+    pipe = ELSPipeline(unet=ELSUNet(_machine(F64)), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    inputs = []
+    pipe.unet.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+
+    def run():
+        g = torch.Generator().manual_seed(0)
+        return pipe(batch_size=2, generator=g, num_inference_steps=10, output_type="pt").images
+
+    first, second = run(), run()
+    assert torch.equal(first, second)
+    reference = type(scheduler).from_config(scheduler.config)
+    reference.set_timesteps(10)
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64)
+    expected = reference.scale_model_input(noise * reference.init_noise_sigma, reference.timesteps[0])
+    torch.testing.assert_close(inputs[0], expected, rtol=1e-6, atol=0)
+
+
+@needs_diffusers
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("kdpm2", SD_CONFIG),
+        ("dpmpp", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+        ("euler", {**SD_CONFIG, "use_karras_sigmas": True}),
+    ],
+)
+def test_model_noise_level_is_the_schedulers_own(name, config):
+    """The model's noise level is the one the scheduler steps with: sigma from its own `sigmas` table (KDPM2's
+    log-sigma midpoints, Karras sigmas with rounded timesteps), to float rounding: sqrt(1 + sigma^2), the input
+    scaling, agrees to float32 rounding. Before, sigma interpolated from alphas_cumprod at the timestep was off
+    by up to 6.5% (KDPM2, 10 steps) and 3% (DPM++ Karras)."""
+    scheduler = _sigma_scheduler(name, **config)
+    m = _machine(F64)
+    pipe = ELSPipeline(unet=ELSUNet(m), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    model, stepped = [], []
+    denoise = m.denoise
+    m.denoise = lambda x, abar, *a, **k: model.append(math.sqrt(1 / abar)) or denoise(x, abar, *a, **k)
+    scale, step = scheduler.scale_model_input, scheduler.step
+
+    def scaled(sample, t):
+        out = scale(sample, t)
+        if not torch.equal(out, sample):  # the scaling sample / out = sqrt(1 + sigma^2)
+            stepped.append((sample / out).flatten()[0].item())
+        return out
+
+    def stepping(output, t, sample, **kw):  # DPM-Solver does not scale: the sigma of its step
+        out = step(output, t, sample, **kw)
+        if name == "dpmpp":
+            stepped.append(math.sqrt(1 + scheduler.sigmas[scheduler.step_index - 1].item() ** 2))
+        return out
+
+    scheduler.scale_model_input, scheduler.step = scaled, stepping
+    pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type="pt")
+    assert len(model) == len(stepped) >= 10
+    worst = max(abs(a / b - 1) for a, b in zip(model, stepped, strict=True))
+    assert worst < 1e-6, worst
+
+
+@needs_diffusers
+@pytest.mark.parametrize("kind", ["ddim", "euler"])
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_prediction_types_are_exact_conversions(kind, prediction_type):
+    """A scheduler configured for x0 ("sample") or v prediction steps to the same images as one configured for
+    epsilon: diffusers' step converts the model output back exactly. DDIM with float64 alphas_cumprod: to 1e-12;
+    Euler keeps its sigmas in float32 and computes sigma^2 + 1 in float32, which ten steps amplify to a measured
+    1.0e-5 (the bound leaves a factor 5)."""
+
+    def images(prediction):
+        if kind == "ddim":
+            scheduler = DDIMScheduler(**{**ddim_scheduler_config(10), "prediction_type": prediction})
+            scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()  # float64 steps: exact to 1e-12
+        else:
+            scheduler = EulerDiscreteScheduler(**SD_CONFIG, prediction_type=prediction)
+        pipe = ELSPipeline(unet=ELSUNet(_machine(F64), patch_size=5), scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(4)
+        return pipe(batch_size=3, generator=g, num_inference_steps=9, output_type="pt").images
+
+    eps = images("epsilon")
+    other = images(prediction_type)
+    assert eps.dtype == F64 and eps.std() > 0.05
+    torch.testing.assert_close(other, eps, rtol=0, atol=1e-12 if kind == "ddim" else 5e-5)
+
+
+@needs_diffusers
+def test_unet_compile_in_a_pipeline_equals_eager(cpu_ext):
+    """`unet.compile()` and `torch.compile(unet)` in a DDIMPipeline: no dynamo mutation error (the model finds
+    its scheduler by a plain attribute), no crash of the raw-pointer CPU kernel (a graph break; it segfaulted),
+    the eager images."""
+    code = (
+        "import torch, elsfast\n"
+        "from diffusers import DDIMPipeline, DDIMScheduler\n"
+        "from elsfast.integrations.diffusers import ELSUNet\n"
+        "images = torch.rand(6, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1\n"
+        "s = DDIMScheduler(beta_schedule='squaredcos_cap_v2', clip_sample=False, num_train_timesteps=100)\n"
+        "pipe = DDIMPipeline(unet=ELSUNet(elsfast.ScoreMachine(images, backend='cpu')), scheduler=s)\n"
+        "pipe.unet.follow(pipe)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        "def run():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return pipe(batch_size=2, generator=g, num_inference_steps=3, output_type='pt').images\n"
+        "eager = run()\n"
+        "pipe.unet.compile()\n"
+        "assert torch.equal(run(), eager)\n"
+        "pipe.unet = torch.compile(pipe.unet)\n"
+        "assert torch.equal(run(), eager)\n"
+        "print('compiled: same images')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert "compiled: same images" in result.stdout
+
+
+FRESH_LOAD = """
+import sys, torch
+from diffusers import DDIMPipeline, DiffusionPipeline
+directory, kind = sys.argv[1], sys.argv[2]
+if kind == "bare":
+    try:
+        DDIMPipeline.from_pretrained(directory + "/ddim")
+    except ValueError as err:
+        print("refused:", " ".join(str(err).split()))
+    sys.exit(0)
+import elsfast.integrations.diffusers  # diffusers loads components only from modules the process imported
+ddim = DDIMPipeline.from_pretrained(directory + "/ddim")
+ddim.unet.follow(ddim)
+els = DiffusionPipeline.from_pretrained(directory + "/els")
+out = {}
+for name, pipe in (("ddim", ddim), ("els", els)):
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(2)
+    out[name] = pipe(batch_size=2, generator=g, num_inference_steps=4, output_type="pt").images
+torch.save(out, directory + "/images.pt")
+print(type(els).__name__, type(els.unet).__name__)
+"""
+
+
+@needs_diffusers
+def test_saved_pipelines_load_in_a_fresh_process(tmp_path):
+    """In a fresh interpreter: `DDIMPipeline.from_pretrained` and `DiffusionPipeline.from_pretrained` (an
+    ELSPipeline directory, whose class diffusers looks up by name) give the same images, without diffusers'
+    "Expected types for unet" warning. diffusers 0.42 imports no module a repository names: without the import
+    it refuses, naming the module to import."""
+    m = _machine(F64)  # built from tensors: the training set is saved with the pipeline
+    scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
+    ddim = DDIMPipeline(unet=ELSUNet(m, patch_size=5), scheduler=scheduler)
+    ddim.unet.follow(ddim)
+    els = ELSPipeline(unet=ELSUNet(m, patch_size=5), scheduler=DDIMScheduler.from_config(scheduler.config))
+    expected = {}
+    for name, pipe in (("ddim", ddim), ("els", els)):
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(2)
+        expected[name] = pipe(batch_size=2, generator=g, num_inference_steps=4, output_type="pt").images
+        pipe.save_pretrained(tmp_path / name)
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_LOAD)
+    for kind in ("bare", "imported"):
+        result = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), kind], capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Expected types" not in result.stderr, result.stderr
+        if kind == "bare":
+            assert "refused: " in result.stdout and "import elsfast.integrations.diffusers" in result.stdout
+    assert "ELSPipeline ELSUNet" in result.stdout
+    images = torch.load(tmp_path / "images.pt")
+    for name in ("ddim", "els"):
+        torch.testing.assert_close(images[name], expected[name], rtol=0, atol=0)

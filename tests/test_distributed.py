@@ -275,3 +275,91 @@ def test_torchrun_example_matches_one_process(tmp_path):
     assert "same as one process" in output and "whole-dictionary pairs equal" in output, output
     assert output.count("last call over 2 ranks") == 2, output
     assert (tmp_path / "grid.png").is_file()
+
+
+MISMATCH_WORKER = textwrap.dedent(
+    """
+    import os, sys, time, torch, torch.distributed as dist
+    from elsfast import ScoreMachine
+    from elsfast.reduce.collectives import CollectiveTimeout, set_collective_timeout
+    rank, world, init, data, dest = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    d = torch.load(data)
+    shard = d["train"][rank * 4 : (rank + 1) * 4]
+    m = ScoreMachine(shard, dtype=torch.float64, process_group=dist.group.WORLD)
+    x, results = d["x"], {}
+
+    def attempt(name, *args, machine=m):
+        try:
+            results[name] = machine.denoise(*args)
+        except (ValueError, CollectiveTimeout) as err:
+            results[name] = f"{type(err).__name__}: {err}"
+
+    attempt("same", x, 0.7, 3)
+    attempt("noise", x + 1e-3 * (rank == 1), 0.7, 3)  # rank 1 was given other noise
+    attempt("order", x.flip(0) if rank == 1 else x, 0.7, 3)  # the same images in another order
+    attempt("abar", x, 0.7 if rank == 0 else 0.71, 3)
+    attempt("patch", x, 0.7, 3 if rank == 0 else 5)
+    circular = ScoreMachine(shard, dtype=torch.float64, process_group=dist.group.WORLD,
+                            padding="circular" if rank == 1 else "zeros")
+    attempt("machine", x, 0.7, 3, machine=circular)
+    # a rank that does not make the call: the other one ends with a message after the timeout
+    set_collective_timeout(2)
+    start = time.monotonic()
+    if rank == 0:
+        attempt("hung", x, 0.7, 3)
+        results["waited"] = time.monotonic() - start
+    torch.save(results, dest)
+    if rank == 1:
+        time.sleep(4)  # alive but silent past rank 0's timeout
+    os._exit(0)  # no gloo teardown after an abandoned collective
+    """
+)
+
+
+@needs_gloo
+def test_ranks_given_different_calls_refuse_and_a_hung_rank_times_out(tmp_path):
+    """Issue 26, item 5: ranks given other noise, another order of the same images, another abar, patch size or
+    kind of machine raise a ValueError on every rank naming the rank and what differs (they blended silently
+    before); a rank that skips a call ends the other's wait after the (settable) timeout with a message."""
+    g = torch.Generator().manual_seed(26)
+    train = torch.rand(8, 1, 5, 5, generator=g, dtype=torch.float64) * 2 - 1
+    x = torch.randn(3, 1, 5, 5, generator=g, dtype=torch.float64)
+    shards = run_two_ranks(tmp_path, MISMATCH_WORKER, {"train": train, "x": x})
+    expected = ScoreMachine(train, dtype=torch.float64).denoise(x, 0.7, 3)
+    for rank, results in enumerate(shards):
+        torch.testing.assert_close(results["same"], expected, rtol=0, atol=1e-13)
+        for name, what in [
+            ("noise", "queries"),
+            ("order", "queries"),
+            ("abar", "abar"),
+            ("patch", "patch size"),
+            ("machine", "machine"),
+        ]:
+            message = results[name]
+            assert isinstance(message, str) and message.startswith("ValueError"), (rank, name, message)
+            assert f"rank 1 ({what})" in message and "differ from rank 0" in message, (rank, name, message)
+    hung = shards[0]["hung"]
+    assert isinstance(hung, str) and hung.startswith("CollectiveTimeout"), hung
+    assert "rank 0 of 2 did not complete within 2 s" in hung and "ELSFAST_COLLECTIVE_TIMEOUT" in hung, hung
+    assert 1.5 < shards[0]["waited"] < 30
+
+
+def test_collective_timeout_setting():
+    from elsfast.reduce import collectives
+
+    try:
+        collectives.set_collective_timeout(5)
+        assert collectives.collective_timeout() == 5.0
+        collectives.set_collective_timeout(None)
+        os.environ["ELSFAST_COLLECTIVE_TIMEOUT"] = "12.5"
+        assert collectives.collective_timeout() == 12.5
+        os.environ["ELSFAST_COLLECTIVE_TIMEOUT"] = "soon"
+        with pytest.raises(ValueError, match="ELSFAST_COLLECTIVE_TIMEOUT must be a positive number"):
+            collectives.collective_timeout()
+        with pytest.raises(ValueError, match="positive, finite"):
+            collectives.set_collective_timeout(0)
+    finally:
+        os.environ.pop("ELSFAST_COLLECTIVE_TIMEOUT", None)
+        collectives.set_collective_timeout(None)
+    assert collectives.collective_timeout() == collectives.DEFAULT_TIMEOUT

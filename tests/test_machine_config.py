@@ -15,9 +15,10 @@ def test_to_moves_and_casts_in_place():
     before = m.denoise(x, 0.5, 3, labels=[0, 1])
     assert m.to(dtype=torch.float64) is m
     assert m.dtype == torch.float64 and m.images.dtype == torch.float64
-    after = m.denoise(x, 0.5, 3, labels=[0, 1])
+    after = m.denoise(x.double(), 0.5, 3, labels=[0, 1])
     assert after.dtype == torch.float64
     torch.testing.assert_close(after.float(), before, atol=1e-5, rtol=0)
+    assert m.denoise(x, 0.5, 3, labels=[0, 1]).dtype == torch.float32  # computed in float64, returned as x
     assert m.to("cpu").device == torch.device("cpu")
     with pytest.raises(ValueError, match="dtype"):
         m.to(dtype=torch.float16)

@@ -81,6 +81,7 @@ def _budget_for(make, x, abar, P, target, labels=None):
 def test_chunking_does_not_change_the_result(machine, padding, conditional):
     # 14 images: 2 chunks of 7, 7 of 2, 5 unequal chunks (3,3,3,3,2), and one chunk per image
     train, x, train_labels, labels = make_problem(5, 14, 1, 6, 6, 3, 0.7)
+    x = x.double()  # the float64 machine's result, returned in x's dtype
     if conditional:
         train_labels = torch.zeros(14, dtype=torch.long)
         labels = torch.zeros(3, dtype=torch.long)
@@ -156,7 +157,7 @@ def test_low_noise_returns_centre_of_nearest_patch():
 
 def test_uniform_weights_at_high_noise():
     train, x, _, _ = make_problem(10, 5, 1, 4, 4, 1, 0.5)
-    out = ScoreMachine(train, machine="is", dtype=torch.float64).denoise(x * 1e-3, 1e-9 + 1e-12)
+    out = ScoreMachine(train, machine="is", dtype=torch.float64).denoise(x.double() * 1e-3, 1e-9 + 1e-12)
     torch.testing.assert_close(out[0], train.double().mean(0), rtol=0, atol=1e-6)
 
 

@@ -230,26 +230,37 @@ def test_checkpoint_of_another_run_or_a_foreign_file_is_refused_and_kept(tmp_pat
 def test_checkpoint_is_the_deprecated_name_of_resume_from(tmp_path):
     train = torch.rand(6, 1, 6, 6) * 2 - 1
     with pytest.warns(DeprecationWarning, match="resume_from"):
-        old = elsfast.sample(train, n=1, steps=4, progress=False, checkpoint=tmp_path / "a.ckpt")
-    torch.testing.assert_close(old, elsfast.sample(train, n=1, steps=4, progress=False), rtol=0, atol=0)
+        old = elsfast.sample(train, n=1, steps=4, seed=0, progress=False, checkpoint=tmp_path / "a.ckpt")
+    torch.testing.assert_close(old, elsfast.sample(train, n=1, steps=4, seed=0, progress=False), rtol=0, atol=0)
     with pytest.raises(TypeError, match="resume_from"):
         elsfast.sample(train, n=1, steps=4, checkpoint="a", resume_from="b")
 
 
-def test_seed_takes_a_generator_and_generator_is_deprecated():
+def test_generator_as_torch_takes_it_and_seed_as_a_convenience():
+    """Issue 26, item 4: `generator=` as torch functions take it; None (the default) draws from torch's global
+    generator, so torch.manual_seed decides the images (before, seed=0 by default ignored it: every call gave the
+    same images); `seed=` an int (or a generator) is a convenience; not both."""
     train = torch.rand(6, 1, 6, 6) * 2 - 1
-    a = elsfast.sample(train, n=2, steps=4, seed=torch.Generator().manual_seed(9), progress=False)
+    a = elsfast.sample(train, n=2, steps=4, generator=torch.Generator().manual_seed(9), progress=False)
     b = elsfast.sample(train, n=2, steps=4, seed=9, progress=False)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    with pytest.warns(DeprecationWarning, match="seed takes a torch.Generator"):
-        c = elsfast.sample(train, n=2, steps=4, generator=torch.Generator().manual_seed(9), progress=False)
+    c = elsfast.sample(train, n=2, steps=4, seed=torch.Generator().manual_seed(9), progress=False)
     torch.testing.assert_close(c, b, rtol=0, atol=0)
+    torch.manual_seed(9)
+    d = elsfast.sample(train, n=2, steps=4, progress=False)
+    torch.testing.assert_close(d, b, rtol=0, atol=0)  # torch.manual_seed(9): the global generator's draw
+    e = elsfast.sample(train, n=2, steps=4, progress=False)
+    assert (e - d).abs().max() > 0.01  # the global generator moved on
+    with pytest.raises(TypeError, match="give generator= or seed=, not both"):
+        elsfast.sample(train, n=1, steps=3, generator=torch.Generator(), seed=1, progress=False)
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        elsfast.sample(train, n=1, steps=3, generator=3, progress=False)
 
 
 def test_data_root_is_the_deprecated_name_of_root(tmp_path):
     with pytest.warns(DeprecationWarning, match="use root="):
-        old = elsfast.sample("mnist-embedded", n=1, steps=3, limit=50, data_root=tmp_path, progress=False)
-    new = elsfast.sample("mnist-embedded", n=1, steps=3, limit=50, root=tmp_path, progress=False)
+        old = elsfast.sample("mnist-embedded", n=1, steps=3, limit=50, data_root=tmp_path, seed=0, progress=False)
+    new = elsfast.sample("mnist-embedded", n=1, steps=3, limit=50, root=tmp_path, seed=0, progress=False)
     torch.testing.assert_close(old, new, rtol=0, atol=0)
 
 
@@ -263,8 +274,10 @@ def test_machine_options_belong_to_the_machine():
     with pytest.raises(TypeError, match=r"unexpected keyword.*limit"):
         elsfast.sample(train, n=1, steps=3, limit=3, progress=False)  # a dataset option with a tensor source
     # options given to sample build the same machine as ScoreMachine itself
-    a = elsfast.sample(train, n=2, steps=4, machine="ls", padding="circular", progress=False)
-    b = elsfast.sample(elsfast.ScoreMachine(train, machine="ls", padding="circular"), n=2, steps=4, progress=False)
+    a = elsfast.sample(train, n=2, steps=4, machine="ls", padding="circular", seed=0, progress=False)
+    b = elsfast.sample(
+        elsfast.ScoreMachine(train, machine="ls", padding="circular"), n=2, steps=4, seed=0, progress=False
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

@@ -140,8 +140,8 @@ def check_device(device: torch.device | str | None, *, name: str = "device") -> 
 
     `"auto"` (any case) means CUDA when it is available, else the CPU: the one place that choice is made, for the
     API, the trainer and the command line. ValueError starting with `name` (the CLI passes `"argument --device"`)
-    for a string that is not a torch device, a CUDA device without CUDA, an index beyond the device count, or MPS
-    where it is not available.
+    for a string that is not a torch device, a CUDA device without CUDA, an index beyond the device count, MPS
+    where it is not available, or the meta device (which holds no data).
     """
     if device is None:
         return None
@@ -161,6 +161,8 @@ def check_device(device: torch.device | str | None, *, name: str = "device") -> 
             raise ValueError(f"{name}: {device} does not exist ({torch.cuda.device_count()} CUDA device(s))")
     elif device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ValueError(f"{name}: MPS is not available here (use {use})")
+    elif device.type == "meta":
+        raise ValueError(f"{name}: the meta device holds no data, and a machine computes from its training images")
     return device
 
 

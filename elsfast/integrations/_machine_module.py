@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..common.checks import check_device
 from ..machine import ScoreMachine
 
 
@@ -23,6 +24,20 @@ class MachineModule(torch.nn.Module):
     @property
     def device(self) -> torch.device:
         return self.machine.device
+
+    def to(self, *args, **kwargs):
+        """`torch.nn.Module.to`; a device that is not available here (CUDA without CUDA, an index beyond the
+        device count, "meta") raises ValueError naming it, before anything moves."""
+        device = kwargs.get("device")
+        if device is None and args and isinstance(args[0], str | torch.device):
+            device = args[0]
+        check_device(device)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device: int | torch.device | None = None):
+        """`torch.nn.Module.cuda`, with `to`'s clear error where CUDA is not available."""
+        check_device(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+        return super().cuda(device)
 
     def _apply(self, fn, recurse: bool = True):
         # every nn.Module conversion (.to, .cuda, .cpu, .double, .float) goes through _apply: see what it makes of

@@ -1,14 +1,15 @@
-"""Use an analytic machine where a diffusers `UNet2DModel` is used: `ELSUNet` predicts epsilon.
+"""Use an analytic machine where a diffusers `UNet2DModel` is used: `ELSUNet` predicts epsilon, x0 or v.
 
     from diffusers import DDIMPipeline, DDIMScheduler
     from elsfast.integrations.diffusers import ELSPipeline, ELSUNet
 
     scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True)
     pipe = DDIMPipeline(unet=ELSUNet(machine, patch_size="MNIST_ResNet_zeros"), scheduler=scheduler)
+    pipe.unet.follow(pipe)                                # the pipeline's scheduler drives the model
     images = pipe(batch_size=4, num_inference_steps=19, generator=torch.Generator().manual_seed(0)).images
-    pipe.save_pretrained("els-pipe")                      # writes the machine's configuration, not its data
+    pipe.save_pretrained("els-pipe")                      # the machine's configuration (+ its data if no dataset)
     pipe = DDIMPipeline.from_pretrained("els-pipe")       # reloads the training set, checks its SHA-256
-    pipe = ELSPipeline(unet=pipe.unet, scheduler=pipe.scheduler)
+    pipe = ELSPipeline(unet=pipe.unet, scheduler=pipe.scheduler)      # connects itself
     digits = pipe(class_labels=[3, 7], num_inference_steps=19).images   # class-conditional
 
 `examples/diffusers_pipeline.py` runs all of it. Importing this module imports diffusers (ELSUNet is a diffusers
@@ -17,16 +18,22 @@
 `ELSUNetOutput`), its `save_pretrained`/`from_pretrained` raise ImportError with that reason, and `ELSPipeline`
 cannot be imported.
 
-Which scheduler gives a timestep its noise level. `ELSUNet` keeps no copy of a schedule: at every call it reads
-`alphas_cumprod` and `num_train_timesteps` from the scheduler that drives it, which is
+Which scheduler gives a timestep its noise level. `ELSUNet` keeps no copy of a schedule and never looks for its
+caller: it reads the scheduler it is connected to, at every call:
 
-1. the scheduler of the pipeline that is calling it: when the call comes from inside a method of a diffusers
-   `DiffusionPipeline` that holds this model as a component (its `__call__`), that pipeline's current
-   `scheduler` (so `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` is followed);
-2. otherwise the scheduler it was connected to (`ELSUNet(machine, scheduler)` or `unet.follow(scheduler)`), read
-   live, so an in-place change to it is followed too;
-3. otherwise it refuses (RuntimeError) and says how to connect one.
+1. a pipeline: `pipe.unet.follow(pipe)` (ELSPipeline does it itself): the pipeline's current `scheduler`
+   attribute, so `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, ...)` is followed;
+2. a scheduler: `ELSUNet(machine, scheduler)` or `unet.follow(scheduler)`, read live (an in-place change is
+   followed). Note that `DDIMPipeline(unet, scheduler)` keeps a copy of `scheduler`, not `scheduler` itself;
+3. none: it refuses (RuntimeError) and says how to connect one.
 
+A timestep tensor that is a view of a scheduler's `timesteps` table (as pipelines iterate them) must come from the
+connected scheduler's table (else RuntimeError: a model connected to a scheduler its pipeline replaced would run
+on the old noise levels). `torch.compile(unet)` and `unet.compile()` work (the compiled kernels are graph breaks).
+
+Schedulers with a `sigmas` table (Euler, Heun, KDPM2, LMS, DPM-Solver, ...) give the model the sigma of their
+current step (`elsfast.integrations.scheduler_levels`): abar = 1 / (1 + sigma^2), the scheduler's own noise level
+to float rounding (Karras sigmas, KDPM2's midpoints). Otherwise:
 An integer timestep j uses `alphas_cumprod[j]`; a fractional one (Euler-type schedulers) interpolates sigma =
 sqrt((1 - abar) / abar) linearly between the neighbours, as those schedulers do. An abar of 0 (zero-terminal-SNR
 schedules) is raised to 1e-12. The patch size is chosen from the time t = (j + 1) / num_train_timesteps: diffusers'
@@ -36,10 +43,11 @@ training timestep j is the end of the (j + 1)-th of num_train_timesteps interval
 timesteps is evaluated per distinct value (the machine evaluates one noise level per call).
 
 Scheduler settings that matter (ELSUNet refuses other prediction types and warns about clip_sample=True,
-thresholding=True and set_alpha_to_one=False, once per scheduler):
+thresholding=True and set_alpha_to_one=False):
 
 - `clip_sample=False`: the paper's sampler never clips the x0 prediction (diffusers' default is True);
-- `prediction_type="epsilon"`: ELSUNet returns epsilon;
+- `prediction_type`: "epsilon", "sample" (the machine's x0) or "v_prediction", exact conversions of the machine's
+  x0 prediction;
 - `set_alpha_to_one=True` (DDIM): the last step lands on abar = 1, so the output is the machine's x0 prediction;
   with False it lands on alphas_cumprod[0] and keeps a little noise;
 - `timestep_spacing` / `steps_offset`: which training timesteps the inference steps visit. "leading" visits
@@ -60,11 +68,19 @@ up to the float32 rounding of diffusers' alphas_cumprod, which the sampler ampli
 Saving and loading. `save_pretrained(d)` (also through `pipe.save_pretrained`) writes `d/config.json`: the
 diffusers keys pipelines read (`sample_size`, `in_channels`, `out_channels`), the patch-size spec and, under
 `machine`, `ScoreMachine.config()`: the machine's parameters, the training set's SHA-256 and, for a machine built
-by `ScoreMachine.from_dataset`, the dataset reference. The training images are not copied unless asked
-(`save_training_set=True`, at construction or in the call: `d/training_set.pt`). `from_pretrained(d)` rebuilds
+by `ScoreMachine.from_dataset`, the dataset reference. The training images are copied (`d/training_set.pt`) when
+the machine records no dataset, or when asked (`save_training_set=True`, at construction, in the call, or in
+`ELSPipeline.save_pretrained`); `save_training_set=False` for a machine without a dataset reference is refused at
+save time, since the directory could not be reloaded. `from_pretrained(d)` rebuilds
 the machine from the dataset reference, the saved copy, or `train_images=` (in that order of preference:
 `train_images=`, the copy, the reference) and refuses a training set whose SHA-256 differs, or none, with a
 message that says what to pass. A callable patch size cannot be saved (save_pretrained says so).
+
+Loading in a fresh process. diffusers 0.42 imports no module that a saved `model_index.json` names (that would run
+the repository's code): `import elsfast.integrations.diffusers` first (diffusers' error says so), then
+`DDIMPipeline.from_pretrained(d)` (connect it: `pipe.unet.follow(pipe)`) and `DiffusionPipeline.from_pretrained(d)`
+of a saved ELSPipeline (this module makes `ELSPipeline` a name diffusers finds) load it. diffusers' warning
+"Expected types for unet: (UNet2DModel,), got ELSUNet" is filtered: the model has UNet2DModel's interface.
 
 Precision. Machines compute in float32 or float64 (`.to(torch.float64)` / `.double()` convert the machine, in
 place: it is shared, not copied). Half precision (`torch_dtype=torch.float16` in `from_pretrained`,
@@ -77,9 +93,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
-import sys
-import warnings
+import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,12 +107,11 @@ from ..common.schedules import get_schedule
 from ..machine import ScoreMachine
 from . import OPTIONAL_LIBRARIES, optional_import
 from ._machine_module import MachineModule
+from .scheduler_levels import check_scheduler, convert_prediction, scheduler_config, table_abar
 
 __all__ = ["DIFFUSERS_UNAVAILABLE", "TRAINING_SET_NAME", "ELSUNet", "ELSUNetOutput", "ddim_scheduler_config"]
 __all__ += ["make_ddim_scheduler"]
 
-_MIN_ABAR = 1e-12
-_PIPELINE_FRAMES = 16  # how far up the stack ELSUNet looks for the pipeline that calls it
 TRAINING_SET_NAME = "training_set.pt"
 """The file `save_pretrained(..., save_training_set=True)` writes beside config.json: `{"images", "labels"}`."""
 
@@ -136,45 +150,6 @@ class _Config(dict):
     __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
 
 
-def _scheduler_config(scheduler) -> dict:
-    config = getattr(scheduler, "config", None)
-    return dict(config) if config is not None else {}
-
-
-def _check_scheduler(scheduler) -> None:
-    """Raise unless `scheduler` has an epsilon-prediction schedule; warn about settings the paper does not use."""
-    alphas = getattr(scheduler, "alphas_cumprod", None)
-    if alphas is None:
-        raise TypeError(
-            f"scheduler must have alphas_cumprod (a diffusers DDIMScheduler, DDPMScheduler, ...), "
-            f"got {type(scheduler).__name__}"
-        )
-    config = _scheduler_config(scheduler)
-    n = int(config.get("num_train_timesteps", len(alphas)))
-    if n != len(alphas):
-        raise ValueError(f"the scheduler has num_train_timesteps={n} but {len(alphas)} alphas_cumprod")
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction != "epsilon":
-        raise ValueError(
-            f"ELSUNet predicts epsilon but the scheduler has prediction_type={prediction!r}: "
-            "configure it with prediction_type='epsilon'"
-        )
-    if config.get("clip_sample", False):
-        warnings.warn(
-            "the scheduler clips x0 predictions to [-1, 1] (clip_sample=True); the paper's sampler does not: "
-            "pass clip_sample=False to reproduce it",
-            stacklevel=4,
-        )
-    if config.get("thresholding", False):
-        warnings.warn("the scheduler uses dynamic thresholding, which the paper's sampler does not", stacklevel=4)
-    if config.get("set_alpha_to_one", True) is False:
-        warnings.warn(
-            "set_alpha_to_one=False: the last DDIM step lands on alphas_cumprod[0] instead of abar = 1, so the "
-            "output is not the machine's x0 prediction",
-            stacklevel=4,
-        )
-
-
 def _saveable_patch_size(patch_size: PatchSizeSpec) -> int | str | list[int] | None:
     """The JSON form of a patch-size spec, or None for a callable (which cannot be saved)."""
     if callable(patch_size):
@@ -190,16 +165,16 @@ _Bases: tuple[type, ...] = (MachineModule,) if _diffusers is None else (MachineM
 
 
 class ELSUNet(*_Bases):
-    """A `ScoreMachine` as a diffusers epsilon-prediction model (see the module docstring).
+    """A `ScoreMachine` as a diffusers model predicting epsilon, x0 or v (see the module docstring).
 
     Args:
         machine: the analytic machine; `.to()` on this module moves or converts it (in place).
-        scheduler: optional; the scheduler to read noise levels from when the call does not come from a pipeline
-            (a pipeline's own scheduler always wins). It must predict epsilon. `follow()` changes it.
+        scheduler: optional; the scheduler to read noise levels and the prediction type from. `follow()` changes
+            it, or connects a pipeline instead (`pipe.unet.follow(pipe)`: its current scheduler).
         patch_size: an odd int; a callable of t = (timestep + 1) / num_train_timesteps; a list or the name of a
             published calibrated list (`elsfast.reference_scales()`), entry round(t * len) clipped to the list.
-        save_training_set: whether `save_pretrained` writes a copy of the training images (default: only their
-            SHA-256 and, when the machine was built by `ScoreMachine.from_dataset`, the dataset reference).
+        save_training_set: whether `save_pretrained` writes a copy of the training images (default None: when
+            the machine records no dataset reference; else only its SHA-256 and the reference).
     """
 
     config_name = "config.json"
@@ -210,15 +185,15 @@ class ELSUNet(*_Bases):
         scheduler=None,
         patch_size: PatchSizeSpec = 3,
         *,
-        save_training_set: bool = False,
+        save_training_set: bool | None = None,
     ) -> None:
         super().__init__(machine)
         check_patch_size_spec(patch_size)  # an unknown name, an empty list or an even size fails here
         self.patch_size = patch_size
-        self.save_training_set = bool(save_training_set)
+        self.save_training_set = None if save_training_set is None else bool(save_training_set)
         self.io_dtype: torch.dtype | None = None  # float16 / bfloat16 inputs and outputs (the machine stays fp32)
-        self.scheduler = None
-        self._checked = None  # the last scheduler checked by _check_scheduler
+        self._scheduler = None  # the connected scheduler, or
+        self._pipeline = None  # a weak reference to the connected pipeline, whose current scheduler is read
         if scheduler is not None:
             self.follow(scheduler)
         self._register_config()
@@ -239,41 +214,51 @@ class ELSUNet(*_Bases):
         else:
             self.register_to_config(**values)
 
-    def follow(self, scheduler) -> ELSUNet:
-        """Read noise levels from `scheduler` (live, no copy) when not called from a pipeline; returns self."""
-        _check_scheduler(scheduler)
-        self.scheduler = self._checked = scheduler
+    def follow(self, source) -> ELSUNet:
+        """Connect the scheduler that turns timesteps into noise levels; returns self. `source`: a scheduler (read
+        live: an in-place change is followed), or a diffusers pipeline that holds this model (its `scheduler`
+        attribute is read at every call, so `pipe.scheduler = ...` is followed; the pipeline is held by a weak
+        reference). `ELSPipeline` connects itself; a stock pipeline needs `pipe.unet.follow(pipe)`."""
+        if _diffusers is not None and isinstance(source, DiffusionPipeline):
+            if not any(getattr(v, "_orig_mod", v) is self for v in vars(source).values()):  # torch.compile'd too
+                raise ValueError(f"the {type(source).__name__} does not hold this ELSUNet as a component")
+            check_scheduler(source.scheduler)
+            self._scheduler, self._pipeline = None, weakref.ref(source)
+        else:
+            check_scheduler(source)
+            self._scheduler, self._pipeline = source, None
         return self
 
-    def _calling_pipeline(self):
-        """The diffusers pipeline whose method is calling this model (it holds the model as a component)."""
-        if _diffusers is None:
-            return None
-        frame = sys._getframe(2)
-        for _ in range(_PIPELINE_FRAMES):
-            if frame is None:
-                return None
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, DiffusionPipeline) and any(v is self for v in vars(owner).values()):
-                return owner
-            frame = frame.f_back
-        return None
+    @property
+    def scheduler(self):
+        """The connected scheduler (the connected pipeline's current one), or None."""
+        pipe = self._pipeline() if self._pipeline is not None else None
+        return pipe.scheduler if pipe is not None else self._scheduler
 
-    def driving_scheduler(self):
-        """The scheduler whose noise levels a call uses now: the calling pipeline's, else the connected one."""
-        pipe = self._calling_pipeline()
-        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
-        if scheduler is None:
-            scheduler = self.scheduler
+    def driving_scheduler(self, timestep=None):
+        """The connected scheduler, checked. A `timestep` tensor taken from a scheduler's `timesteps` table (a view
+        of it, as pipelines iterate them) must come from the connected scheduler's table: a model still connected
+        to a scheduler its pipeline replaced (DDIMPipeline even replaces the one it is given, by a copy) is
+        refused instead of running on another scheduler's noise levels."""
+        scheduler = self.scheduler
         if scheduler is None:
             raise RuntimeError(
                 "ELSUNet does not know which scheduler drives it, so it cannot turn a timestep into a noise level: "
-                "call it from a diffusers pipeline that holds it (DDIMPipeline(unet=unet, scheduler=...), "
-                "ELSPipeline), or connect a scheduler with unet.follow(scheduler) / ELSUNet(machine, scheduler)"
+                "connect the pipeline that holds it with pipe.unet.follow(pipe) (ELSPipeline does it itself), or "
+                "a scheduler with ELSUNet(machine, scheduler) or unet.follow(scheduler)"
             )
-        if scheduler is not self._checked:
-            _check_scheduler(scheduler)
-            self._checked = scheduler
+        if self._pipeline is not None:
+            check_scheduler(scheduler)  # the pipeline's scheduler may have been replaced since the last call
+        table = timestep._base if isinstance(timestep, torch.Tensor) else None
+        own = getattr(scheduler, "timesteps", None)
+        if isinstance(own, torch.Tensor) and own._base is not None:
+            own = own._base  # the table itself may be a view; its elements' _base is then its base
+        if table is not None and table.dim() == 1 and isinstance(own, torch.Tensor) and table is not own:
+            raise RuntimeError(
+                "the timestep comes from another timesteps table than the connected scheduler's (a pipeline's own "
+                "scheduler, or one that replaced it?): connect the pipeline with pipe.unet.follow(pipe), or pass "
+                "the timestep as a number to use the connected scheduler's noise level"
+            )
         return scheduler
 
     @property
@@ -309,18 +294,10 @@ class ELSUNet(*_Bases):
         return values.expand(batch)
 
     def abar(self, timestep: float, scheduler=None) -> float:
-        """abar of a (possibly fractional) timestep of `scheduler` (default: `driving_scheduler()`):
-        `alphas_cumprod[j]`, or sigma interpolated linearly between two neighbours."""
-        alphas = (scheduler if scheduler is not None else self.driving_scheduler()).alphas_cumprod
-        lo = math.floor(timestep)
-        frac = timestep - lo
-        if frac == 0:
-            abar = float(alphas[lo])
-        else:
-            a0, a1 = float(alphas[lo]), float(alphas[lo + 1])
-            s0, s1 = (math.sqrt((1 - a) / max(a, _MIN_ABAR)) for a in (a0, a1))
-            abar = 1.0 / (1.0 + ((1 - frac) * s0 + frac * s1) ** 2)
-        return max(abar, _MIN_ABAR)
+        """abar of a (possibly fractional) timestep of `scheduler` (default: the connected one): from the
+        scheduler's `sigmas` at its current step when it has such a table, else `alphas_cumprod[j]` or sigma
+        interpolated linearly between two neighbours (`elsfast.integrations.scheduler_levels.table_abar`)."""
+        return table_abar(scheduler if scheduler is not None else self.driving_scheduler(), timestep)
 
     def time(self, timestep: float, scheduler=None) -> float:
         """t = (timestep + 1) / num_train_timesteps of `scheduler` (default: `driving_scheduler()`), clipped to
@@ -336,15 +313,17 @@ class ELSUNet(*_Bases):
         return_dict: bool = True,
         **unused: Any,
     ):
-        """Epsilon prediction for `sample` `[B, C, H, W]` at `timestep` of the driving scheduler: an int or float,
+        """The prediction (the connected scheduler's `prediction_type`: epsilon, x0 or v) for `sample`
+        `[B, C, H, W]` at `timestep` of that scheduler: an int or float,
         a 0-d tensor, or a `[B]` tensor (one per sample; unequal values are evaluated per distinct value).
         `class_labels` (one int or `[B]`) select class-conditional dictionaries. Returns
-        `UNet2DOutput(sample=eps)` (`ELSUNetOutput` without diffusers), or `(eps,)` if not return_dict; eps has
+        `UNet2DOutput(sample=out)` (`ELSUNetOutput` without diffusers), or `(out,)` if not return_dict; out has
         the dtype and device of `sample`. Other keyword arguments of `UNet2DModel.forward` are not supported and
         raise TypeError."""
         if unused:
             raise TypeError(f"ELSUNet.forward got unsupported arguments {sorted(unused)}")
-        scheduler = self.driving_scheduler()
+        scheduler = self.driving_scheduler(timestep)
+        prediction = scheduler_config(scheduler).get("prediction_type", "epsilon")
         batch = sample.shape[0]
         steps = self._timesteps(timestep, batch, len(scheduler.alphas_cumprod))
         labels = class_labels
@@ -354,21 +333,27 @@ class ELSUNet(*_Bases):
             labels = torch.as_tensor(labels).flatten().cpu()
         distinct = steps.unique()
         if distinct.numel() == 1:
-            eps = self._eps(sample, distinct.item(), labels, scheduler)
+            out = self._predict(sample, distinct.item(), labels, scheduler, prediction)
         else:
-            eps = torch.empty_like(sample)
+            out = torch.empty_like(sample)
             for value in distinct.tolist():
                 rows = (steps == value).nonzero().flatten()
                 part = None if labels is None else labels[rows]
-                eps[rows.to(sample.device)] = self._eps(sample[rows.to(sample.device)], value, part, scheduler)
+                rows = rows.to(sample.device)
+                out[rows] = self._predict(sample[rows], value, part, scheduler, prediction)
         if not return_dict:
-            return (eps,)
-        return ELSUNetOutput(sample=eps) if _diffusers is None else UNet2DOutput(sample=eps)
+            return (out,)
+        return ELSUNetOutput(sample=out) if _diffusers is None else UNet2DOutput(sample=out)
 
-    def _eps(self, sample: torch.Tensor, timestep: float, labels: torch.Tensor | None, scheduler) -> torch.Tensor:
+    def _predict(
+        self, sample: torch.Tensor, timestep: float, labels: torch.Tensor | None, scheduler, prediction: str
+    ) -> torch.Tensor:
+        """The scheduler's `prediction` (epsilon, sample or v) at one timestep, in the dtype of `sample`."""
         size = patch_size_at(self.patch_size, self.time(timestep, scheduler))
-        eps = self.machine.eps(sample, self.abar(timestep, scheduler), size, labels)
-        return eps.to(sample.device, sample.dtype)
+        abar = self.abar(timestep, scheduler)
+        x = sample.to(self.machine.device, self.machine.dtype)
+        out = convert_prediction(x, self.machine.denoise(x, abar, size, labels), abar, prediction)
+        return out.to(sample.device, sample.dtype)
 
     def extra_repr(self) -> str:
         return f"machine={self.machine!r}, patch_size={self.patch_size!r}"
@@ -384,8 +369,10 @@ class ELSUNet(*_Bases):
         **unused: Any,
     ) -> None:
         """Write `save_directory/config.json` (atomically): the frozen config with the machine's configuration and
-        its training set's SHA-256 (see the module docstring); with `save_training_set` (default: the
-        constructor's choice) also `training_set.pt`. Only the main process writes. diffusers' weight options
+        its training set's SHA-256 (see the module docstring); with `save_training_set` also `training_set.pt`.
+        Default (None here and in the constructor): the copy is written when the machine records no dataset
+        reference, so the directory can always be reloaded; False for such a machine raises ValueError (before
+        anything is written). Only the main process writes. diffusers' weight options
         (`safe_serialization`, `variant`, ...) are accepted and ignored: the model has no weights."""
         if _diffusers is None:
             raise ImportError(f"ELSUNet.save_pretrained needs diffusers, which is unavailable: {DIFFUSERS_UNAVAILABLE}")
@@ -394,13 +381,23 @@ class ELSUNet(*_Bases):
                 "a callable patch_size cannot be saved: use an int, a list or a calibrated list name "
                 "(elsfast.reference_scales())"
             )
+        if save_training_set is None:
+            save_training_set = self.save_training_set
+        if save_training_set is None:  # by default a directory that can be reloaded: a copy without a reference
+            save_training_set = self.machine.source is None
+        if not save_training_set and self.machine.source is None:
+            raise ValueError(
+                "save_training_set=False, but the machine was built from tensors and records no dataset, so the "
+                "saved directory could not be reloaded: save with save_training_set=True (or leave it unset), or "
+                "build the machine with ScoreMachine.from_dataset"
+            )
         if not is_main_process:
             return
         self._register_config()  # the machine may have moved or changed dtype since construction
         directory = Path(save_directory)
         text = self.to_json_string().encode()
         atomic_write(directory / self.config_name, lambda f: f.write(text))
-        if self.save_training_set if save_training_set is None else save_training_set:
+        if save_training_set:
             data = {"images": self.machine.images.cpu(), "labels": self.machine.labels}
             atomic_write(directory / TRAINING_SET_NAME, lambda f: torch.save(data, f))
 
@@ -496,6 +493,18 @@ if _diffusers is not None:
         def __init__(self, unet: ELSUNet, scheduler) -> None:
             super().__init__()
             self.register_modules(unet=unet, scheduler=scheduler)
+            unet.follow(self)
+
+        def save_pretrained(self, save_directory, *args, save_training_set: bool | None = None, **kwargs) -> None:
+            """diffusers' `save_pretrained`; `save_training_set` (default: the unet's own choice, see
+            `ELSUNet.save_pretrained`) decides whether `unet/training_set.pt` is written."""
+            kept = self.unet.save_training_set
+            if save_training_set is not None:
+                self.unet.save_training_set = bool(save_training_set)
+            try:
+                super().save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.unet.save_training_set = kept
 
         @torch.no_grad()
         def __call__(
@@ -529,9 +538,11 @@ if _diffusers is not None:
             size = config.sample_size
             h, w = (size, size) if isinstance(size, int) else size
             shape = (batch_size, config.in_channels, h, w)
+            self.unet.follow(self)  # this pipeline's current scheduler drives the model (also after a swap)
+            # diffusers' order: set_timesteps first, since init_noise_sigma is the first sigma of that schedule
+            self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
             image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
             image = image * self.scheduler.init_noise_sigma
-            self.scheduler.set_timesteps(num_inference_steps)
             accepted = set(inspect.signature(self.scheduler.step).parameters)
             extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
             for t in self.progress_bar(self.scheduler.timesteps):
@@ -549,6 +560,21 @@ if _diffusers is not None:
             if not return_dict:
                 return (images,)
             return ImagePipelineOutput(images=images)
+
+    # diffusers' DiffusionPipeline.from_pretrained finds a saved pipeline's class (model_index.json's _class_name)
+    # as an attribute of the diffusers module: make ELSPipeline one, so that it loads ELSPipeline directories
+    if getattr(_diffusers, "ELSPipeline", None) is None:
+        _diffusers.ELSPipeline = ELSPipeline
+
+    class _DuckTypedUNetFilter(logging.Filter):
+        """Drops diffusers' "Expected types for unet: (UNet2DModel,), got ELSUNet" when a stock pipeline (typed
+        for a UNet2DModel) loads an ELSUNet: the model has UNet2DModel's interface, so the warning is spurious."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            return not (message.startswith("Expected types for") and f"got {ELSUNet!r}" in message)
+
+    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DuckTypedUNetFilter())
 
 else:
 

@@ -135,6 +135,7 @@ class Cpu(Backend):
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         return cpu_kernel_reasons(self, queries, dictionary)
 
+    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,

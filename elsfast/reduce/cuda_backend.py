@@ -120,6 +120,7 @@ class Cuda(Backend):
             reasons.append(self.refuse("grid", f"{dictionary.num_groups} groups"))
         return reasons
 
+    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,

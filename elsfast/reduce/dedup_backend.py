@@ -167,6 +167,7 @@ class Dedup(Backend):
             return None
         return table
 
+    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,

@@ -112,6 +112,7 @@ class Shifts(Backend):
             reasons.append(self.refuse("whole_images", f"{queries.shape[1]} queries a group, {S} positions a group"))
         return reasons
 
+    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,

@@ -175,6 +175,7 @@ class Triton(Backend):
         a, b = (precision_tolerance(p, self.block_n) for p in ("fp16x2", "tf32x3"))
         return Tolerance(*(max(x, y) for x, y in zip(a, b, strict=True)))
 
+    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,

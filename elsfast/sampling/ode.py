@@ -71,7 +71,7 @@ def score(
     schedule: Schedule = "cosine-legacy",
 ) -> torch.Tensor:
     """The machine's score `(sqrt(abar) D - x) / (1 - abar)` at time t (abar = abar(t) of `schedule`) for x
-    `[B, C, H, W]`; `labels` is one int or one per sample. Returns the machine's dtype, on its device."""
+    `[B, C, H, W]`; `labels` is one int or one per sample. Returns the dtype and device of x."""
     abar = _abar(t, schedule)
     size = patch_size_at(patch_size, float(t))
     return machine.score(x, abar, size, labels_per_sample(labels, x.shape[0]))

@@ -37,9 +37,9 @@ MACHINE_OPTIONS = ("machine", "padding", "dictionary", "backend", "device", "mem
 DATASET_OPTIONS = ("root", "pad_to", "limit", "conditional")
 """`ScoreMachine.from_dataset`'s keywords that `sample` passes on when `source` names a dataset."""
 
-_RENAMED = {"checkpoint": "resume_from", "data_root": "root", "generator": "seed"}
+_RENAMED = {"checkpoint": "resume_from", "data_root": "root"}
 """Old keywords of `sample` that still work for one release, with a DeprecationWarning: old -> new."""
-_HOW = {"checkpoint": "the same file", "data_root": "the same folder", "generator": "seed takes a torch.Generator"}
+_HOW = {"checkpoint": "the same file", "data_root": "the same folder"}
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ def _announce(m: ScoreMachine, n: int, steps: int, size_at, schedule, labels, st
         print(f"elsfast: sampling {plan.describe(n)}", file=sys.stderr, flush=True)
 
 
-def _renamed(options: dict[str, Any], resume_from, seed):
-    """Take the deprecated keywords out of `options`, warn, and return `(resume_from, seed)` with them applied."""
+def _renamed(options: dict[str, Any], resume_from):
+    """Take the deprecated keywords out of `options`, warn, and return `resume_from` with them applied."""
     for old, new in _RENAMED.items():
         if old not in options:
             continue
@@ -81,13 +81,11 @@ def _renamed(options: dict[str, Any], resume_from, seed):
             if resume_from is not None:
                 raise TypeError("pass resume_from= only (checkpoint= is its deprecated name)")
             resume_from = value
-        elif old == "generator":
-            seed = value
         else:
             if "root" in options:
                 raise TypeError("pass root= only (data_root= is its deprecated name)")
             options["root"] = value
-    return resume_from, seed
+    return resume_from
 
 
 def _machine(source, options: dict[str, Any]) -> ScoreMachine:
@@ -134,7 +132,8 @@ def sample(
     steps: int = 20,
     patch_size: PatchSizeSpec = 3,
     labels: int | Sequence[int] | torch.Tensor | None = None,
-    seed: int | torch.Generator = 0,
+    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     schedule: str | Callable[[float], float] = "cosine-legacy",
     progress: bool = True,
@@ -156,10 +155,13 @@ def sample(
         patch_size: an odd int, a list with one size per step, a callable of t, or the name of a published
             calibrated list (see `elsfast.reference_scales()`).
         labels: class label(s) for class-conditional sampling: one int or one per sample.
-        seed: an int, or a CPU `torch.Generator`, to draw the initial noise from (on the CPU, so that a seed gives
-            the same noise on every device).
-        noise: initial noise `[n, C, H, W]` (a float tensor or numpy array) to use instead of drawing it from
-            `seed`.
+        generator: the CPU `torch.Generator` to draw the initial noise from, as torch functions take it; None
+            (default, with no `seed`): torch's global generator, so `torch.manual_seed` decides the noise. The
+            noise is drawn on the CPU in float32, so a generator state gives the same noise on every device and
+            dtype.
+        seed: a convenience: an int draws from `torch.Generator().manual_seed(seed)` (a `torch.Generator` is
+            taken as `generator=`). Give `generator` or `seed`, not both.
+        noise: initial noise `[n, C, H, W]` (a float tensor or numpy array) to use instead of drawing it.
         schedule: the noise schedule abar(t): a name of `elsfast.common.schedules.SCHEDULES` or a callable.
         progress: a progress bar; and for a run of more than `LONG_RUN_PAIRS` query x dictionary pairs, one line on
             stderr before it starts with the pairs and the time estimated by a short calibration
@@ -182,12 +184,18 @@ def sample(
             `dtype`, `train_labels` for images), and for a dataset `root`, `pad_to`, `limit`, `conditional`.
 
     Deprecated keywords (DeprecationWarning; removed in the next release): `checkpoint=` (use `resume_from=`),
-    `data_root=` (use `root=`), `generator=` (pass the generator as `seed=`).
+    `data_root=` (use `root=`).
     """
-    resume_from, seed = _renamed(machine_options, resume_from, seed)
+    resume_from = _renamed(machine_options, resume_from)
+    if generator is not None and seed is not None:
+        raise TypeError("sample: give generator= or seed=, not both")
+    if isinstance(seed, torch.Generator):
+        generator, seed = seed, None
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     check_threads(threads)
-    if not isinstance(seed, torch.Generator):
-        check_seed(seed, "seed")
+    if seed is not None:
+        seed = check_seed(seed, "seed")
     m = _machine(source, machine_options)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"n must be an int, got {n!r}")
@@ -199,8 +207,10 @@ def sample(
     _check_batch(m, n, steps, return_provenance)
     sample_labels = labels_per_sample(labels, n)
     if noise is None:
-        generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
-        # drawn in float32 whatever the machine's dtype, so a seed means the same noise for every machine
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+        # drawn in float32 whatever the machine's dtype, so a seed means the same noise for every machine; with no
+        # generator, from torch's global one (torch.manual_seed)
         noise = torch.randn(n, *m.image_shape, generator=generator).to(m.dtype)
     else:
         if isinstance(noise, np.ndarray):
