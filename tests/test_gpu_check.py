@@ -9,6 +9,7 @@ most two folders deep).
 The environment is built in a temporary folder (about 45 s from the package index), or kept between runs in
 $ELSFAST_IMAGE_VENV (outside the checkout), rebuilt there when IMAGE_PACKAGES change."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -122,3 +123,48 @@ def test_gpu_check_rehearsal_in_the_device_images_environment(tmp_path):
     assert sum(line.startswith("=== ") and "(budget" in line for line in log) == len(STAGES)
     markdown = (out / "summary.md").read_text()
     assert "| kernel-tests |" in markdown and "- device: no CUDA device" in markdown and "Left out" in markdown
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_selected_test_files_import_nothing_the_image_lacks():
+    """Every file the device check runs imports with hypothesis, matplotlib, faiss and diffusers made unimportable
+    (a None entry in sys.modules), as on the device image; tests/test_fuzz.py would not."""
+    check = load_gpu_check()
+    files = [*check.ACCURACY_TEST_FILES, *check.KERNEL_TEST_FILES, "benchmarks/bench_kernels.py"]
+    script = (
+        "import importlib.util, sys\n"
+        f"for name in {ABSENT_ON_THE_IMAGE!r}: sys.modules[name] = None\n"
+        "sys.path[:0] = [sys.argv[1] + '/tests', sys.argv[1] + '/benchmarks', sys.argv[1]]\n"
+        "for path in sys.argv[2:]:\n"
+        "    spec = importlib.util.spec_from_file_location(path.replace('/', '.'), sys.argv[1] + '/' + path)\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "    print('imported', path)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for paths, ok in ((["tests/conftest.py", *files], True), (["tests/test_fuzz.py"], False)):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(REPO), *paths], capture_output=True, text=True, env=env
+        )
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr[-2000:]
+    assert "import of hypothesis halted" in done.stderr or "No module named 'hypothesis'" in done.stderr
+
+
+def test_fill_data_copies_cifar10_and_mnist_training_sets(tmp_path, monkeypatch):
+    check = load_gpu_check()
+    source = tmp_path / "source"
+    for name in [check.CIFAR_NPZ, *check.MNIST_TRAIN]:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(str(name).encode())
+    monkeypatch.setattr(check, "REPO", tmp_path)
+    monkeypatch.setattr(check, "DEVICE_DATA", tmp_path / "data" / "device")
+    assert check.fill_data(source) == 0
+    for name in [check.CIFAR_NPZ, *check.MNIST_TRAIN]:
+        assert (tmp_path / "data" / "device" / name).read_bytes() == str(name).encode()
+    (source / check.MNIST_TRAIN[1]).unlink()
+    assert check.fill_data(source) == 1  # a missing file is named, nothing half-copied is claimed
