@@ -7,14 +7,16 @@ Triton compiles a kernel on its first launch with a new key: the compile-time ar
 precision, provenance, uint8 images, ...) and the specialisation of the integer arguments (equal to 1, divisible
 by 16) and pointers (16-byte aligned). Each case below makes the launch a later stage makes, with the same shapes
 where they are cheap on a GPU (the full-size accuracy cases, the benchmark's ELS evaluations, which `Triton(tune=
-True)` times over its whole tuning space) and with fewer training images of the same divisibility where not (the
-benchmark's sample), so that the kernels land in Triton's cache (`TRITON_CACHE_DIR`, set by gpu_check.py) and the
-later stages load them. gpu_check.py counts the kernels in the cache after each stage, so a launch this script did
-not foresee shows up as a compile of the stage that met it.
+True)` times over its whole tuning space, tests/test_kernels.py's `test_triton_gpu_matches_float64` problems) and
+with fewer training images of the same divisibility where not (the benchmark's sample), so that the kernels land
+in Triton's cache (`TRITON_CACHE_DIR`, set by gpu_check.py) and the later stages load them. gpu_check.py counts
+the kernels in the cache after each stage, so a launch this script did not foresee shows up as a compile of the
+stage that met it.
 
 Cases run in `--workers` processes (compiles are CPU work: the device has 16 cores), the tuned ones in one process
-(tuning writes its choice to elsfast's disk cache). Each case prints one `PRECOMPILE {json}` line: name, seconds,
-and the error if it failed. Exit status 1 when a case failed.
+(tuning writes its choice to elsfast's disk cache), started first. The conformance suite's Triton cases (many small
+configurations) are not foreseen: their compiles are counted in the kernel-tests stage. Each case prints one
+`PRECOMPILE {json}` line: name, seconds, and the error if it failed. Exit status 1 when a case failed.
 
 Under the interpreter (`--tiny`) nothing is compiled: the cases run the launcher, the split planning and the tuning
 code on CPU tensors, which is what the rehearsal checks before the device meets them.
@@ -29,6 +31,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 # the later stages' sizes, as scripts/gpu_check.py passes them (environment variables of benchmarks/bench_kernels.py)
 BENCH_N = int(os.environ.get("ELSFAST_BENCH_N", 50000))
@@ -37,27 +40,32 @@ BENCH_P = [int(p) for p in os.environ.get("ELSFAST_BENCH_P", "3,11").split(",")]
 BENCH_SAMPLES = int(os.environ.get("ELSFAST_BENCH_SAMPLES", 10))
 BENCH_STEPS = int(os.environ.get("ELSFAST_BENCH_STEPS", 20))
 SAMPLE_IMAGES = 1024  # the sample's dictionary here: divisible by 16 like CIFAR-10's 50,000
+TESTS = Path(__file__).resolve().parents[1] / "tests"  # tests/problems.py: the tests' own problems
 
 
 def cases(tiny: bool) -> list[list[tuple]]:
     """The cases, grouped by the process that runs them: (name, function name, keyword arguments)."""
+    kernel_test_cases = [
+        (
+            f"test_triton_gpu_matches_float64 {m}-{p}-{precision}",
+            "kernel_test",
+            dict(machine=m, padding=p, precision=precision),
+        )
+        for m, p in _combos()
+        for precision in ("auto", "ieee")
+    ]
     if tiny:
-        return [
-            [
-                (
-                    "full-size-like triton, 2 splits (tiny)",
-                    "full_size",
-                    dict(shape=(1, 8, 8), images=32, queries=4, splits=2),
-                )
-            ],
-            [
-                (
-                    "full-size-like triton-tuned (tiny)",
-                    "full_size",
-                    dict(shape=(1, 4, 4), images=16, queries=4, tune=True),
-                )
-            ],
+        full = [
+            (
+                "full-size-like triton, 2 splits (tiny)",
+                "full_size",
+                dict(shape=(1, 8, 8), images=32, queries=4, splits=2),
+            )
         ]
+        tuned = [
+            ("full-size-like triton-tuned (tiny)", "full_size", dict(shape=(1, 4, 4), images=16, queries=4, tune=True))
+        ]
+        return [full, tuned]  # the kernel-test launches: 30 s each in the interpreter, run by the kernel-tests stage
     full = [
         (
             f"full-size {name} triton, {splits} splits",
@@ -75,7 +83,22 @@ def cases(tiny: bool) -> list[list[tuple]]:
         for P in BENCH_P
     ]
     sample = [("benchmark sample", "sample", dict(images=SAMPLE_IMAGES, n=BENCH_SAMPLES, steps=BENCH_STEPS))]
-    return [[case] for case in full + els + sample] + [tuned]
+    # the tuned cases (one process, the longest: every candidate compiled) first, then the accuracy cases: a worker
+    # takes the next group as it frees up
+    return [tuned] + [[case] for case in full + els + sample + kernel_test_cases]
+
+
+def _problems():
+    """tests/problems.py (imported from tests/)."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    import problems
+
+    return problems
+
+
+def _combos() -> list[tuple[str, str]]:
+    return _problems().COMBOS
 
 
 def full_size(
@@ -121,6 +144,17 @@ def sample(images: int, n: int, steps: int) -> None:
     train = torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=g)
     machine = ScoreMachine(train).to(_device())
     elsfast.sample(machine, n=n, steps=steps, patch_size="CIFAR10_ResNet_zeros_conditional", seed=0, progress=False)
+
+
+def kernel_test(machine: str, padding: str, precision: str) -> None:
+    """tests/test_kernels.py's `test_triton_gpu_matches_float64` launch (its abar changes no compile-time argument)."""
+    from elsfast import ScoreMachine
+    from elsfast.reduce import Triton
+
+    device = _device()
+    train, x, _, _ = _problems().make_problem(0, 64, 3, 16, 16, 4, 0.5)
+    machine = ScoreMachine(train, machine=machine, padding=padding, backend=Triton(precision=precision)).to(device)
+    machine.denoise(x.to(device), 0.5, 5)
 
 
 def _device():
