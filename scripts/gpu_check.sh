@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU kernels proven in one call (issue 19): see scripts/gpu_check.py and docs/testing.md.
-#   bash scripts/gpu_check.sh             on the device machine (writes to $OUT)
-#   bash scripts/gpu_check.sh --dry-run   rehearsal without a GPU (tiny sizes, < 2 minutes)
+# The GPU kernels proven in one call (issues 19, 24): see scripts/gpu_check.py and docs/testing.md.
+#   bash scripts/gpu_check.sh             on the device machine (writes to $OUT; under 6 minutes)
+#   bash scripts/gpu_check.sh --dry-run   rehearsal without a GPU (tiny sizes, about 2 minutes)
 # ELSFAST_PYTHON picks the interpreter (default: python3 on PATH, the device image's).
 set -u
 cd "$(dirname "$0")/.." || exit 2

@@ -14,6 +14,7 @@ On a GPU (marked `gpu`, run first by scripts/gpu_check.py): both kernels on all 
 training images at P = 3, the schedule's first abar, 2 and 11 splits.
 """
 
+import functools
 import math
 
 import pytest
@@ -105,7 +106,9 @@ def test_triton_program_folding_10k_tiles_stays_exact():
 # --- on a GPU: the full-size cases the device check runs first --------------------------------------------------
 
 
+@functools.cache
 def _full_size(name: str, root) -> torch.Tensor:
+    """The training images, loaded once for the four cases of each (decoding CIFAR-10's JPEGs takes seconds)."""
     if name == "mnist":
         return _mnist_train(root)
     return datasets.load("cifar10", root=root).images  # 50,000 x 3 x 32 x 32
