@@ -56,7 +56,7 @@ def image_venv(tmp_path: Path) -> Path:
     return python
 
 
-@pytest.mark.slow
+@pytest.mark.slow_ci
 @pytest.mark.skipif(torch.cuda.is_available(), reason="rehearses the check on a machine without a GPU")
 def test_gpu_check_rehearsal_in_the_device_images_environment(tmp_path):
     python = image_venv(tmp_path)

@@ -75,7 +75,7 @@ def test_cuda_source_sums_stay_exact_over_1_5m_entries_in_one_thread(cuda_ext):
     assert err <= bound, f"{err:.2e} > declared {bound:.2e}"
 
 
-@pytest.mark.slow
+@pytest.mark.slow_ci
 def test_cuda_source_on_all_of_mnist(cuda_ext, shared_data):
     images = _mnist_train(shared_data)  # 60,000 digits: 47M entries
     q, dictionary, L = _problem(images, 2, seed=25)
@@ -87,7 +87,7 @@ def test_cuda_source_on_all_of_mnist(cuda_ext, shared_data):
         assert err <= bound, f"{splits} splits: {err:.2e} > declared {bound:.2e}"
 
 
-@pytest.mark.slow
+@pytest.mark.slow_ci
 @pytest.mark.interpreter
 def test_triton_program_folding_10k_tiles_stays_exact():
     pytest.importorskip("triton")
