@@ -55,4 +55,5 @@ for abar in (0.99, 0.999, 0.9999):
                 dict(abar=abar, P=P, backend=name, images=images.shape[0], L=L, max_error=err, declared_bound=bound)
             )
             print(json.dumps(rows[-1]), flush=True)
-json.dump(rows, open(sys.argv[1], "w"), indent=1)
+with open(sys.argv[1], "w") as f:
+    json.dump(rows, f, indent=1)
