@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -762,10 +763,11 @@ def _summary(r: dict) -> str:
     if "error" in r:
         return f"{r['config']['name']:40s} ERROR {r['error'][-200:]}"
     spill = f"{r['spill_store_bytes']:5d}/{r['spill_load_bytes']:5d}"
+    serialised = f" serialised {r['serialised']['predicted_pairs_per_s']:.3g}/s" if "serialised" in r else ""
     return (
         f"{r['config']['name']:40s} regs {r['registers']:3d} spill {spill} smem {r['shared_bytes'] // 1024:3d}K "
         f"ctas/SM {r['ctas_per_sm']:2d} wi/pair {r['warp_instructions_per_pair']:.3f} "
-        f"pred {r['predicted_pairs_per_s']:.3g}/s ({r['bound_by']})"
+        f"pred {r['predicted_pairs_per_s']:.3g}/s ({r['bound_by']}){serialised}"
     )
 
 
@@ -823,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         "target": "sm_90 (H100/H200 SXM)",
         "constants": constants(),
         "serialised_assumptions": SERIAL_ASSUMPTIONS,
+        # compile_seconds are measured here, one compile at a time, on this host (not the GPU machine)
+        "compile_host": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "results": results,
         "sample_prediction": {k: sample_prediction(results, k) for k in ("triton", "cuda")},
     }
