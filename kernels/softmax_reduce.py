@@ -38,7 +38,7 @@ Precision (DOT_PRECISION):
       accumulation errors are random and the kernel stays within the fp32 backends' tolerance (tests).
 - "tf32" (fp32 images, only at very high noise): operands truncated to tf32, |ds| <= 2^-9 sum_f |q'_f k_f|
   (see `elsfast.reduce.triton_backend.dot_precision`); "tf32x3" (fp32 images): three tf32 products,
-  fp32-grade; "ieee": plain fp32 FMAs (BLOCK_D <= 32 so that it does not spill).
+  fp32-grade; "ieee": plain fp32 FMAs (BLOCK_D <= 32 so that it spills little).
 The weighted value sums of a tile are fp32 FMAs (uint8 values as exact integers 2u - 255, scaled by 1/255 at the
 store). The interpreter (TRITON_INTERPRET=1) computes every dot in fp32 whatever the setting.
 
@@ -439,7 +439,8 @@ def launch_config(
     as a launch specialises them (triton 3.6, issue 24), the feature-major 128 x 64 tiles the defaults were for
     fp16x2 keys of 4 chunks or more reached 255 registers and spilled 4-28 B at every P from 9 to 17; the
     entry-major tiles do not (144-225 registers). ieee's FMA dot
-    still spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
+    still spills at D <= 32 with every tile tried (~100 B; 1.1 KB at P = 3 compiled as launched, triton 3.6.0:
+    256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
     the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
     per-element bounds logic: 2x the instructions at P = 11). `num_warps` overrides the warps per program (8 from
     128 queries a tile, else 4).
