@@ -38,7 +38,7 @@ Precision (DOT_PRECISION):
       accumulation errors are random and the kernel stays within the fp32 backends' tolerance (tests).
 - "tf32" (fp32 images, only at very high noise): operands truncated to tf32, |ds| <= 2^-9 sum_f |q'_f k_f|
   (see `elsfast.reduce.triton_backend.dot_precision`); "tf32x3" (fp32 images): three tf32 products,
-  fp32-grade; "ieee": plain fp32 FMAs (BLOCK_D <= 32 so that it does not spill).
+  fp32-grade; "ieee": plain fp32 FMAs (BLOCK_D <= 32 so that it spills little).
 The weighted value sums of a tile are fp32 FMAs (uint8 values as exact integers 2u - 255, scaled by 1/255 at the
 store). The interpreter (TRITON_INTERPRET=1) computes every dot in fp32 whatever the setting.
 
@@ -70,6 +70,7 @@ __all__ = [
     "SHARED_MEMORY_LIMIT",
     "TUNING_TILES",
     "TUNING_WARPS",
+    "kernel_integers",
     "launch_config",
     "launch_softmax_reduce",
     "shared_memory_estimate",
@@ -90,7 +91,6 @@ KERNEL_SIGNATURE = dict(
     S="i32", pixels_per_image="i32", tiles_per_split="i32", key_scale="fp32", dot_scale="fp32", value_scale="fp32",
     M_PAD="i32",
 )  # fmt: skip
-ALIGNED_INTEGERS = ("M_PAD",)  # always a multiple of 16 (of BLOCK_M): launches specialise it as such
 
 
 @triton.jit
@@ -434,9 +434,13 @@ def launch_config(
 
     Defaults per key dimension (chosen with the static tool, docs/performance.md), 8 warps and one stage: keys
     of one chunk (up to 128 features; 64 for tf32x3, 32 for ieee, which spilled 9.8 KB at 128) run 256 x 64
-    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands, and for fp16x2 keys
-    of 4 chunks or more, which gather feature-major: `feature_major` overrides, see `_key_chunk`). ieee's FMA dot
-    still spills ~100 B at D <= 32 with every tile tried (256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
+    tiles; longer keys 64-feature chunks and 128 x 128 tiles (128 x 64 with fp32 operands, with provenance at 5
+    chunks or more (P >= 11), and when `feature_major` asks for feature-major gathers, see `_key_chunk`). Compiled
+    as a launch specialises them (triton 3.6, issue 24), the feature-major 128 x 64 tiles the defaults were for
+    fp16x2 keys of 4 chunks or more reached 255 registers and spilled 4-28 B at every P from 9 to 17; the
+    entry-major tiles do not (144-225 registers). ieee's FMA dot
+    still spills at D <= 32 with every tile tried (~100 B; 1.1 KB at P = 3 compiled as launched, triton 3.6.0:
+    256 x 64, 128 x 64, 64 x 64). `block_m`, `block_n` override
     the tiles and `stages` the software-pipelining depth (two stages turned the gathers into cp.async with
     per-element bounds logic: 2x the instructions at P = 11). `num_warps` overrides the warps per program (8 from
     128 queries a tile, else 4).
@@ -456,10 +460,10 @@ def launch_config(
     if not one_chunk:
         block_d = min(block_d, 64)  # longer keys loop over chunks; 128 fp32 features spilled (tf32, P = 11)
     chunks = triton.cdiv(D, block_d)
-    # Feature-major key gathers (see _key_chunk) for fp16x2 keys of 4 chunks or more: one offset load per lane and
-    # chunk instead of one per key; their |k|^2 partials (BLOCK_D x BLOCK_N fp32) need 64-entry tiles, as 128
-    # spilled. At 3 chunks (P = 7) the entry-major gathers and 128-entry tiles issue fewer instructions per pair.
-    feature_major = dot_precision == "fp16x2" and chunks >= 4 if feature_major is None else feature_major
+    # Feature-major key gathers (see _key_chunk), only when asked for: one offset load per lane and chunk instead
+    # of one per key, but their |k|^2 partials (BLOCK_D x BLOCK_N fp32) need 64-entry tiles (128 spilled), and
+    # those spilled too with the launch's specialisation (triton 3.6: 4-28 B at P = 9 to 17).
+    feature_major = bool(feature_major)
 
     def warps(block_m: int) -> int:  # the warps of a program: `num_warps`, else 8 from 128 queries a tile, else 4
         return num_warps or (8 if block_m >= 128 else 4)
@@ -467,8 +471,11 @@ def launch_config(
     # One chunk: queries stay resident and 256 x 64 tiles amortise a tile's gathers over 256 queries. Longer keys:
     # 128 queries, so that their chunks fit shared memory, and 128 entries (64 feature-major) per tile.
     # fp32 operands (tf32, tf32x3, ieee) of long keys need twice the registers: 128 x 64 (128 x 128 spilled).
+    # Provenance (the best entry and its logit gap per query) at 5 chunks or more: 128 x 64 (128 x 128 reached
+    # 255 registers with triton 3.6, no margin left).
     bm = block_m or (256 if one_chunk else 128)
-    bn = block_n or (128 if not one_chunk and dot_precision == "fp16x2" and not feature_major else 64)
+    wide = not one_chunk and dot_precision == "fp16x2" and not feature_major and not (provenance and chunks >= 5)
+    bn = block_n or (128 if wide else 64)
     config = dict(
         D=D,
         E=E,
@@ -533,6 +540,18 @@ def tuning_space(D: int, E: int, **options) -> list[dict]:
     return configs
 
 
+def kernel_integers(
+    G: int, M: int, N: int, S: int, pixels_per_image: int, tiles_per_split: int, config: dict
+) -> dict[str, int]:
+    """The integer runtime arguments of `softmax_reduce_kernel`, by name, exactly as `launch_softmax_reduce` passes
+    them for G groups of M queries against N images of `pixels_per_image` values (C*H*W) at S positions, with
+    `tiles_per_split` tiles per split and `config` (`launch_config`). A launch specialises them by value (an
+    integer equal to 1 becomes a constant, one divisible by 16 gets a divisibility hint): the static cost tool
+    (benchmarks/static_cost.py) derives its ahead-of-time compile from these values."""
+    m_pad = max(1, triton.cdiv(M, config["BLOCK_M"])) * config["BLOCK_M"]
+    return dict(G=G, M=M, N=N, S=S, pixels_per_image=pixels_per_image, tiles_per_split=tiles_per_split, M_PAD=m_pad)
+
+
 def launch_softmax_reduce(
     q: torch.Tensor,
     images: torch.Tensor,
@@ -563,10 +582,10 @@ def launch_softmax_reduce(
         q, key_scale, value_scale = q / 255.0, key_scale / 255.0**2, 1.0 / 255.0
     else:
         value_scale = 1.0
-    d_pad = config["D_PAD"]
-    m_pad = max(1, triton.cdiv(M, config["BLOCK_M"])) * config["BLOCK_M"]
+    integers = kernel_integers(G, M, N, S, images.shape[1], tiles_per_split, config)
+    m_pad = integers["M_PAD"]
     if config["DOT_PRECISION"] == "fp16x2":
-        q_hi, q_lo, dot_scale = split_queries(q, m_pad, d_pad)
+        q_hi, q_lo, dot_scale = split_queries(q, m_pad, config["D_PAD"])
     else:
         q_hi = q_lo = torch.empty(1, dtype=torch.float16, device=q.device)
         dot_scale = 1.0
@@ -581,8 +600,7 @@ def launch_softmax_reduce(
     with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
         softmax_reduce_kernel[grid](
             q.contiguous(), q_hi, q_lo, images, key_offsets, value_offsets, m, l, acc, best, u,
-            G, M, N, S, images.shape[1], tiles_per_split, key_scale, dot_scale, value_scale,
-            m_pad, **config,
+            key_scale=key_scale, dot_scale=dot_scale, value_scale=value_scale, **integers, **config,
         )  # fmt: skip
     provenance = config["PROVENANCE"]
     return m, l, acc, (best if provenance else None), (u if provenance else None)

@@ -55,6 +55,76 @@ def test_static_cost_tool_finds_no_spill_in_configs_auto_launches(tmp_path):
         assert r["ctas_per_sm"] >= 1, f"{name}: does not fit an SM"
         if r["config"]["auto"]:
             assert not r["spills"], f"{name}: {r['spill_store_bytes']} bytes of spill stores"
+        if r["config"]["kernel"] == "triton":  # compiled as the CIFAR-10 launch specialises it (issue 24)
+            spec = r["specialisation"]
+            assert spec["G"] == "constant 1", name
+            for integer in ("M", "N", "S", "pixels_per_image", "M_PAD"):
+                assert spec[integer].endswith("(divisible by 16)"), (name, integer, spec[integer])
+            assert r["compile_seconds"] > 0 and r["serialised"]["tile_cycles"] > 0, name
+            # the serialised estimate never beats the roofline it is floored by
+            assert r["serialised"]["predicted_pairs_per_s"] <= r["predicted_pairs_per_s"] * (1 + 1e-9), name
+
+
+def _static_cost_module():
+    spec = importlib.util.spec_from_file_location("static_cost", ROOT / "benchmarks" / "static_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_prediction_uses_the_samplers_own_steps_and_pair_counts():
+    """The CIFAR-10 sample's 19 evaluations are the sampler's i = 19..1 (published P(t) entries 1 to 19, not 0 to
+    18), and each step's pairs follow its P's border classes (zero padding), counted here independently."""
+    import elsfast
+
+    steps = _static_cost_module().sample_steps()
+    published = elsfast.reference_scales()["CIFAR10_ResNet_zeros_conditional"]
+    assert [s["i"] for s in steps] == list(range(19, 0, -1))
+    assert [s["P"] for s in steps] == [published[i] for i in range(19, 0, -1)]
+
+    def pairs(P: int) -> int:  # interior (32 - 2r)^2 positions, 4 edges of 32 - 2r, r^2 corner classes x 4 ...
+        r, inner = P // 2, 32 - 2 * (P // 2)
+        # border classes: rows/columns split into r top classes of 1, the interior band, r bottom classes of 1
+        sizes = [inner * inner] + [inner] * (4 * r) + [1] * (4 * r * r)
+        return 100 * 50_000 * sum(size * size for size in sizes)
+
+    assert [s["pairs"] for s in steps] == [pairs(s["P"]) for s in steps]
+    assert steps[-1]["pairs"] == 100 * 50_000 * (900**2 + 4 * 30**2 + 4)  # P = 3: 4.07e12
+    assert steps[0]["pairs"] < steps[-1]["pairs"] / 10  # P = 17: 3.7e11, not an even share
+
+
+@needs_triton
+def test_specialisation_follows_tritons_launch_rule():
+    """Integers equal to 1 become constants, multiples of 16 get the divisibility hint, others none; pointers
+    are aligned; the tool derives them from the launcher's own integer arguments."""
+    from elsfast.kernels.softmax_reduce import kernel_integers, launch_config
+
+    config = launch_config(27, 3, is_uint8=True, provenance=False, dot_precision="fp16x2")
+    integers = kernel_integers(1, 100, 50_000, 33, 3072, 7, config)
+    assert integers["M_PAD"] == 256
+    signature, constants, attrs, described = _static_cost_module().specialisation(integers, uint8=True)
+    assert constants == {"G": 1} and signature["G"] == "constexpr" and signature["img_ptr"] == "*u8"
+    assert described["N"] == "50000 (divisible by 16)" and described["S"] == "33 (no hint)"
+    assert described["M"] == "100 (no hint)" and described["M_PAD"] == "256 (divisible by 16)"
+    names = __import__("elsfast.kernels.softmax_reduce", fromlist=["x"]).softmax_reduce_kernel.arg_names
+    hinted = {names[key[0]] for key in attrs}
+    assert {"N", "pixels_per_image", "M_PAD", "q_ptr", "img_ptr"} <= hinted
+    assert not {"M", "S", "tiles_per_split", "G"} & hinted
+
+
+@needs_triton
+def test_long_fp16x2_keys_default_to_tiles_that_did_not_spill():
+    """As the launch compiles them (triton 3.6), feature-major 128 x 64 tiles spilled at every P from 9 to 17,
+    and 128 x 128 tiles with provenance reached 255 registers from 5 chunks: the defaults avoid both."""
+    from elsfast.kernels.softmax_reduce import launch_config
+
+    for P in (9, 11, 13, 17):
+        for provenance in (False, True):
+            config = launch_config(3 * P * P, 3, is_uint8=True, provenance=provenance, dot_precision="fp16x2")
+            assert not config["FEATURE_MAJOR"] and config["BLOCK_M"] == 128, (P, provenance)
+            wide = not provenance or config["D_PAD"] // config["BLOCK_D"] < 5
+            assert config["BLOCK_N"] == (128 if wide else 64), (P, provenance)
 
 
 COMPILE = """

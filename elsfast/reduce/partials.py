@@ -56,14 +56,18 @@ def kernel_inputs(queries: torch.Tensor, dictionary: Dictionary, abar: float) ->
     return KernelInputs((queries * q_scale).contiguous(), images, key_offsets, value_offsets, key_scale)
 
 
-def plan_splits(entries: int, tile: int, programs: int, device: torch.device, splits: int | None) -> tuple[int, int]:
+def plan_splits(
+    entries: int, tile: int, programs: int, device: torch.device, splits: int | None, *, sms: int | None = None
+) -> tuple[int, int]:
     """`(splits, entries_per_split)` for a group of `entries` entries streamed in tiles of `tile`, when the other
     grid axes launch `programs` programs: `splits` itself if given, else enough to reach `PROGRAMS_PER_SM`
-    programs per SM of a CUDA `device` (1 elsewhere); at most one split per tile, `entries_per_split` a multiple
-    of `tile`, and no split empty."""
+    programs per SM of a CUDA `device` (1 elsewhere; `sms` gives the SM count of a device that is not there, for
+    the static cost tool); at most one split per tile, `entries_per_split` a multiple of `tile`, and no split
+    empty."""
     tiles = max(1, math.ceil(entries / tile))
-    if splits is None:
+    if splits is None and sms is None:
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    if splits is None:
         splits = math.ceil(PROGRAMS_PER_SM * sms / max(programs, 1))  # no queries (M = 0): one program's worth
     splits = max(1, min(splits, tiles, MAX_GRID_AXIS))
     per_split = math.ceil(tiles / splits) * tile
