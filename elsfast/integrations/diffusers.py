@@ -356,7 +356,7 @@ class ELSUNet(*_Bases):
         return out.to(sample.device, sample.dtype)
 
     def extra_repr(self) -> str:
-        return f"machine={self.machine!r}, patch_size={self.patch_size!r}"
+        return f"patch_size={self.patch_size!r}"
 
     # ------------------------------------------------------------------ save and load
 
@@ -398,7 +398,8 @@ class ELSUNet(*_Bases):
         text = self.to_json_string().encode()
         atomic_write(directory / self.config_name, lambda f: f.write(text))
         if save_training_set:
-            data = {"images": self.machine.images.cpu(), "labels": self.machine.labels}
+            labels = None if self.machine.labels is None else self.machine.labels.cpu()
+            data = {"images": self.machine.images.cpu(), "labels": labels}
             atomic_write(directory / TRAINING_SET_NAME, lambda f: torch.save(data, f))
 
     @classmethod

@@ -153,4 +153,4 @@ class ELSDenoiser(MachineModule):
         return out
 
     def extra_repr(self) -> str:
-        return f"machine={self.machine!r}, patch_size={self.patch_size!r}, schedule={self.schedule!r}"
+        return f"patch_size={self.patch_size!r}, schedule={self.schedule!r}"
