@@ -337,8 +337,10 @@ class ScoreMachine(CheckedDeviceModule):
             self.source = state["source"]
             return
         saved_dtype = getattr(torch, state["train_dtype"])
-        held = self.images if saved_dtype == self.images.dtype or not self.images.is_floating_point() else None
-        digest = self.fingerprint if held is not None else training_set_sha256(self.images.to(saved_dtype), self.labels)
+        if saved_dtype == self.images.dtype:
+            digest = self.fingerprint
+        else:  # the same images, held here in another float dtype: compare them as they were saved
+            digest = training_set_sha256(self.images.to(saved_dtype), self.labels)
         if digest != state["train_sha256"]:
             raise ValueError(
                 f"the state refers to the training set {state['source']} with SHA-256 {state['train_sha256'][:12]}..., "
