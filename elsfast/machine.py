@@ -13,6 +13,7 @@ Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `els
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -33,6 +34,7 @@ from .common.checks import (
     parse_memory_budget,
 )
 from .common.fingerprint import training_set_sha256
+from .common.modules import CheckedDeviceModule
 from .common.provenance import Provenance
 from .reduce import DEFAULT_MEMORY_BUDGET, ImageDictionary, PatchDictionary, Reduction, clear_caches, softmax_reduce
 from .reduce.budget import query_slices
@@ -48,6 +50,8 @@ __all__ = ["MACHINES", "MachineStats", "ScoreMachine"]
 
 CONFIG_NAME = "elsfast_machine.json"
 CONFIG_FORMAT = "elsfast-machine/1"
+STATE_FORMAT = "elsfast-machine-state/1"
+TRAINING_SET_IN_STATE = ("value", "reference")
 
 MACHINES = ("is", "es", "ls", "els")
 DICTIONARIES = ("same", "valid")
@@ -132,6 +136,16 @@ def _shard_offset(size: int, group: ProcessGroup, device: torch.device) -> int:
     return int(sum(s.item() for s in sizes[: torch.distributed.get_rank(group)]))
 
 
+def _after_load(machine: ScoreMachine, incompatible) -> None:
+    """`load_state_dict` post-hook: the training set may have been replaced in place, so what was derived from it
+    (the SHA-256, the per-class subsets) is forgotten and the new images are checked. The reduction's caches
+    (`elsfast.reduce.caches`) are keyed by content hash and tensor version, so they follow by themselves."""
+    machine._fingerprint = None
+    machine._classes.clear()
+    if machine.images.is_floating_point():
+        check_pixel_range(machine.images, "the loaded training images")
+
+
 def _check_patch_size(patch_size: int) -> int:
     if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Real | torch.Tensor):
         raise TypeError(f"patch_size must be an odd positive integer, got {patch_size!r}")
@@ -147,7 +161,7 @@ def _check_patch_size(patch_size: int) -> int:
     return patch_size
 
 
-class ScoreMachine:
+class ScoreMachine(CheckedDeviceModule):
     """An analytic denoiser `D(x_t, abar) = E[x_0 | x_t]` over a training set.
 
     Args:
@@ -172,6 +186,14 @@ class ScoreMachine:
             the (H-P+1)(W-P+1) patches lying fully inside each training image, one dictionary shared by every pixel,
             as in the authors' published code (queries are still padded per `padding`); for reproducing numbers
             computed with it (SPEC section 4).
+
+    A `torch.nn.Module`: the training images and labels are its buffers `images` and `labels` (None when
+    unconditional), so `.to(device / dtype)`, `.cuda()`, `.cpu()`, `.double()`, `.float()` move or convert them in
+    place and return the machine (uint8 images and the labels keep their dtype; a dtype other than float32 or
+    float64, `.half()` included, is refused), and `state_dict()` / `load_state_dict()` carry the training set:
+    by value (the buffers) by default, or by reference for a machine built by `from_dataset` (see
+    `state_dict_training_set`). Calling the machine is `denoise`. `copy.copy(machine)` is a machine sharing this
+    one's training-set tensors whose conversions leave this one as it is (what the adapters convert).
     """
 
     def __init__(
@@ -189,6 +211,7 @@ class ScoreMachine:
         image_offset: int | None = None,
         dictionary: str = "same",
     ) -> None:
+        super().__init__()
         if machine not in MACHINES:
             raise ValueError(f"unknown machine {machine!r}; known: {', '.join(MACHINES)}")
         if padding not in PADDINGS:
@@ -219,15 +242,18 @@ class ScoreMachine:
             check_pixel_range(train_images, "train_images")
             train_images = train_images.to(dtype)
         self.device = torch.device(device) if device is not None else train_images.device
-        self.images = train_images.to(self.device).contiguous()
-        self.labels = None
+        self.register_buffer("images", train_images.to(self.device).contiguous())
+        labels = None
         if train_labels is not None:
             labels = torch.as_tensor(train_labels)
             if labels.dim() != 1 or labels.shape[0] != self.images.shape[0]:
                 raise ValueError(f"train_labels must have shape [{self.images.shape[0]}], got {tuple(labels.shape)}")
             if labels.is_floating_point() or labels.dtype == torch.bool:
                 raise ValueError(f"train_labels must be integers, got {labels.dtype}")
-            self.labels = integer_labels(labels, "train_labels")
+            labels = integer_labels(labels, "train_labels").to(self.images.device)
+        self.register_buffer("labels", labels)
+        self._training_set_in_state = "value"
+        self.register_load_state_dict_post_hook(_after_load)
         self.machine, self.padding, self.backend = machine, padding, backend
         self.dictionary = dictionary
         self.memory_budget, self.dtype = int(memory_budget), dtype
@@ -251,16 +277,114 @@ class ScoreMachine:
         pad_to: int | None = None,
         limit: int | None = None,
         conditional: bool = True,
+        state_dict_training_set: str = "value",
         **kwargs,
     ) -> ScoreMachine:
         """A machine over a dataset of `elsfast.datasets.load` (with its labels unless `conditional=False`);
-        the dataset reference is kept in `config()` so `save_pretrained` can record it."""
+        the dataset reference is kept in `config()` so `save_pretrained` can record it.
+        `state_dict_training_set`: "value" (the images in `state_dict()`) or "reference" (only the reference and
+        the SHA-256); see the property of that name."""
         from . import datasets
 
         data = datasets.load(name, split=split, root=root, pad_to=pad_to, limit=limit)
         m = cls(data.images, data.labels if conditional else None, **kwargs)
         m.source = {"dataset": name, "split": split, "pad_to": pad_to, "limit": limit}
+        m.state_dict_training_set = state_dict_training_set
         return m
+
+    @property
+    def state_dict_training_set(self) -> str:
+        """How `state_dict()` holds the training set. "value" (default): the buffers `images` and `labels`, so
+        `load_state_dict` replaces the training set by the saved one (of the same shape: torch's rule).
+        "reference" (a machine built by `from_dataset` only): the buffers are not saved (non-persistent); the
+        dataset reference and the training set's SHA-256 are (in the `_extra_state` entry, as in every state),
+        and `load_state_dict` checks that this machine holds that training set (ValueError otherwise): load such
+        a state into a machine built by `from_dataset` with `state_dict_training_set="reference"` (or with
+        `strict=False`)."""
+        return self._training_set_in_state
+
+    @state_dict_training_set.setter
+    def state_dict_training_set(self, how: str) -> None:
+        if how not in TRAINING_SET_IN_STATE:
+            raise ValueError(f"state_dict_training_set must be 'value' or 'reference', got {how!r}")
+        if how == "reference" and self.source is None:
+            raise ValueError(
+                "state_dict_training_set='reference' needs a dataset reference, and this machine was built from "
+                "tensors: build it with ScoreMachine.from_dataset, or keep 'value'"
+            )
+        self._training_set_in_state = how
+        for name in ("images", "labels"):
+            self.register_buffer(name, getattr(self, name), persistent=how == "value")
+
+    def get_extra_state(self) -> dict:
+        """The `_extra_state` entry of `state_dict()`: how the training set is held ("value" or "reference"), its
+        dataset reference (`source`, None for a machine built from tensors), its SHA-256 and the images' dtype."""
+        return {
+            "format": STATE_FORMAT,
+            "training_set": self._training_set_in_state,
+            "source": self.source,
+            "train_sha256": self.fingerprint,
+            "train_dtype": str(self.images.dtype).removeprefix("torch."),
+        }
+
+    def set_extra_state(self, state: dict) -> None:
+        """Read the `_extra_state` entry of a state (after the buffers were loaded): a state by value brings its
+        dataset reference along with its images; a state by reference must name the training set this machine
+        holds (its SHA-256, with the images in the saved dtype)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not the state of an elsfast ScoreMachine (extra state {state!r:.80})")
+        if state["training_set"] == "value":
+            self.source = state["source"]
+            return
+        saved_dtype = getattr(torch, state["train_dtype"])
+        if saved_dtype == self.images.dtype:
+            digest = self.fingerprint
+        else:  # the same images, held here in another float dtype: compare them as they were saved
+            digest = training_set_sha256(self.images.to(saved_dtype), self.labels)
+        if digest != state["train_sha256"]:
+            raise ValueError(
+                f"the state refers to the training set {state['source']} with SHA-256 {state['train_sha256'][:12]}..., "
+                f"but this machine holds another ({digest[:12]}...): build it with ScoreMachine.from_dataset from "
+                "that reference"
+            )
+
+    def _apply(self, fn, recurse: bool = True):
+        # every nn.Module conversion (.to, .cuda, .cpu, .double, .float) goes through _apply: see what it makes of a
+        # float tensor of the machine's kind first, refuse a dtype the machine cannot compute in before anything
+        # moves, then convert the buffers and follow with the machine's device and dtype
+        probe = fn(torch.empty(0, device=self.images.device, dtype=self.dtype))
+        if probe.is_floating_point() and probe.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {probe.dtype}")
+        before = (self.images.device, self.images.dtype)
+        super()._apply(fn, recurse)
+        if self.images.device != before[0]:
+            self.device = self.images.device
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+        if self.images.dtype != before[1]:
+            self._fingerprint = None  # the SHA-256 covers the images' bytes, which changed with their dtype
+        self._classes.clear()
+        return self
+
+    def __copy__(self) -> ScoreMachine:
+        """A machine of the same configuration holding the same training-set tensors (not copies), backend and
+        process group, with its own buffer table, caches and statistics: `.to()` on it leaves this one as it is."""
+        shared = [*self.buffers(), self.image_ids, self.backend, self.process_group]
+        shared += [t for subset in self._classes.values() for t in subset]
+        memo = {id(obj): obj for obj in shared if obj is not None}
+        return copy.deepcopy(self, memo)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        abar: float,
+        patch_size: int = 3,
+        labels: torch.Tensor | Sequence[int] | None = None,
+        *,
+        return_provenance: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, Provenance]:
+        """`denoise` (calling the machine as a module)."""
+        return self.denoise(x, abar, patch_size, labels, return_provenance=return_provenance)
 
     @property
     def fingerprint(self) -> str:
@@ -353,21 +477,6 @@ class ScoreMachine:
             )
         return m
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ScoreMachine:
-        """Move the training set and the computation to `device` and/or compute in `dtype`, in place (like
-        `torch.nn.Module.to`); uint8 training images stay uint8. Returns self."""
-        if dtype is not None:
-            if dtype not in (torch.float32, torch.float64):
-                raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-            self.dtype = dtype
-            if self.images.is_floating_point():
-                self.images = self.images.to(dtype)
-        if device is not None:
-            self.device = check_device(device)
-            self.images = self.images.to(self.device)
-        self._classes.clear()
-        return self
-
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """(C, H, W) of the training images."""
@@ -398,7 +507,7 @@ class ScoreMachine:
                 timed("the class sizes (all_reduce)", torch.distributed.all_reduce, count, group=self.process_group)
             if count.item() == 0:
                 raise ValueError(f"class {label} has no training images: its dictionary would be empty")
-            self._classes[label] = (self.image_ids[index], self.images[index.to(self.device)])
+            self._classes[label] = (self.image_ids[index.cpu()], self.images[index.to(self.images.device)])
         return self._classes[label]
 
     def _check_x(self, x: torch.Tensor) -> torch.Tensor:

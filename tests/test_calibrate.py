@@ -151,3 +151,7 @@ def test_module_network_is_wrapped_with_its_time(train):
     out = eps_fn(torch.ones(2, 1, 4, 4), abar, None)
     assert out.shape == (2, 1, 4, 4)
     assert seen[0].tolist() == pytest.approx([1.008 * 2 / math.pi * math.acos(math.sqrt(abar))] * 2, rel=1e-6)
+    # a ScoreMachine is a torch.nn.Module too, but not a network: refused, not called as model(x, t, labels)
+    machine = ScoreMachine(torch.zeros(2, 1, 4, 4))
+    with pytest.raises(TypeError, match=r"is an elsfast\.ScoreMachine"):
+        as_eps_fn(machine)

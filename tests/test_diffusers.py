@@ -144,14 +144,16 @@ def test_elsunet_patch_size_schedule_and_fractional_timesteps():
     assert unet.abar(4.25) == pytest.approx(1 / (1 + (0.75 * s0 + 0.25 * s1) ** 2))
 
 
-def test_elsunet_to_moves_and_converts_the_machine():
+def test_elsunet_to_moves_and_converts_its_own_machine():
     m = _machine()
     unet = ELSUNet(m, _scheduler(10))
-    assert unet.to(F64) is unet and m.dtype == F64 and unet.dtype == F64
+    assert unet.to(F64) is unet and unet.machine.dtype == F64 and unet.dtype == F64
+    assert m.dtype == torch.float32 and m.images.dtype == torch.float32  # converted a copy: m may be shared
     unet.to("cpu", torch.float16)  # half precision: inputs and outputs only; the machine keeps its dtype
-    assert m.dtype == F64 and unet.dtype == torch.float16
+    assert unet.machine.dtype == F64 and unet.dtype == torch.float16
     unet.float()
-    assert m.dtype == torch.float32 and m.images.dtype == torch.float32 and unet.dtype == torch.float32
+    assert unet.machine.dtype == torch.float32 and unet.machine.images.dtype == torch.float32
+    assert unet.dtype == torch.float32
     assert unet.cpu().device == torch.device("cpu")
 
 

@@ -79,7 +79,7 @@ def test_elsdenoiser_labels_and_patch_sizes():
     assert named.t_of_sigma(sigma) == pytest.approx(0.35)
     torch.testing.assert_close(named(x, sigma, 1), m.denoise(x * math.sqrt(abar), abar, table[7], torch.tensor([1, 1])))
     assert named.sigma_max > 50 and 0 < named.sigma_min < 1e-2
-    assert named.to(torch.float32) is named and m.dtype == torch.float32
+    assert named.to(torch.float32) is named and named.machine.dtype == torch.float32 and m.dtype == F64  # a copy
 
 
 @pytest.mark.parametrize("dtype, tol", [(F64, 1e-10), (torch.float32, 1e-4)])

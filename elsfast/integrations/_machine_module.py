@@ -1,20 +1,31 @@
-"""`MachineModule`: the torch.nn.Module shell shared by the adapters, so that `.to()`, `.cuda()`, `.double()` on
-an adapter move or convert the `ScoreMachine` inside it (in place), as they would a network's parameters."""
+"""`MachineModule`: the torch.nn.Module shell shared by the adapters. The `ScoreMachine` inside is a submodule;
+`.to()`, `.cuda()`, `.double()` on an adapter give the adapter its own converted machine (copy-on-convert: a
+`copy.copy` of the machine, sharing its training set until converted) and leave the machine it was given, and every
+other adapter sharing it, as they were."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from ..common.checks import check_device
+from ..common.modules import CheckedDeviceModule
 from ..machine import ScoreMachine
 
 
-class MachineModule(torch.nn.Module):
+class MachineModule(CheckedDeviceModule):
     def __init__(self, machine: ScoreMachine) -> None:
         super().__init__()
         if not isinstance(machine, ScoreMachine):
             raise TypeError(f"machine must be an elsfast.ScoreMachine, got {type(machine).__name__}")
         self.machine = machine
+
+    @property
+    def machine(self) -> ScoreMachine:
+        """The machine (a submodule: `named_buffers()` and `state_dict()` hold its training set as
+        `machine.images` / `machine.labels`). Read from the module table directly, because diffusers' models
+        answer a missing attribute with their config entry of the same name (the machine's configuration)."""
+        return self._modules["machine"]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -25,26 +36,19 @@ class MachineModule(torch.nn.Module):
     def device(self) -> torch.device:
         return self.machine.device
 
-    def to(self, *args, **kwargs):
-        """`torch.nn.Module.to`; a device that is not available here (CUDA without CUDA, an index beyond the
-        device count, "meta") raises ValueError naming it, before anything moves."""
-        device = kwargs.get("device")
-        if device is None and args and isinstance(args[0], str | torch.device):
-            device = args[0]
-        check_device(device)
-        return super().to(*args, **kwargs)
-
-    def cuda(self, device: int | torch.device | None = None):
-        """`torch.nn.Module.cuda`, with `to`'s clear error where CUDA is not available."""
-        check_device(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
-        return super().cuda(device)
-
     def _apply(self, fn, recurse: bool = True):
         # every nn.Module conversion (.to, .cuda, .cpu, .double, .float) goes through _apply: see what it makes of
-        # a float tensor of the machine's kind and move/convert the machine to match (half precision is ignored)
-        probe = fn(torch.empty(0, device=self.machine.device, dtype=self.machine.dtype))
-        if isinstance(probe, torch.Tensor):
-            dtype = probe.dtype if probe.dtype in (torch.float32, torch.float64) else None
-            if probe.device != self.machine.device or (dtype is not None and dtype != self.machine.dtype):
-                self.machine.to(probe.device, dtype)
-        return super()._apply(fn, recurse)
+        # a float tensor of the machine's kind; where the machine would change, convert a copy of it (half
+        # precision is ignored: the machine keeps computing in float32 or float64), never the shared one
+        machine = self.machine
+        probe = fn(torch.empty(0, device=machine.images.device, dtype=machine.dtype))
+        dtype = probe.dtype if probe.dtype in (torch.float32, torch.float64) else machine.dtype
+        if probe.device != machine.images.device or dtype != machine.dtype:
+            self.machine = copy.copy(machine).to(probe.device, dtype)
+        elif probe.dtype == machine.dtype:  # not a conversion (share_memory, ...): the machine's own tensors
+            machine._apply(fn)
+        if recurse:
+            for child in self.children():
+                if child is not self.machine:
+                    child._apply(fn)
+        return super()._apply(fn, recurse=False)

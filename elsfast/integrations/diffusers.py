@@ -82,11 +82,12 @@ the repository's code): `import elsfast.integrations.diffusers` first (diffusers
 of a saved ELSPipeline (this module makes `ELSPipeline` a name diffusers finds) load it. diffusers' warning
 "Expected types for unet: (UNet2DModel,), got ELSUNet" is filtered: the model has UNet2DModel's interface.
 
-Precision. Machines compute in float32 or float64 (`.to(torch.float64)` / `.double()` convert the machine, in
-place: it is shared, not copied). Half precision (`torch_dtype=torch.float16` in `from_pretrained`,
-`pipe.to(torch.float16)`) sets the dtype of the model's inputs and outputs only: pipelines then draw their noise
-and run their scheduler in float16, and the machine still computes in float32, because a softmax over patch
-distances at low noise needs more than float16's 11 significant bits (the logits scale as 1 / (1 - abar)).
+Precision. Machines compute in float32 or float64 (`.to(torch.float64)` / `.double()` give the model its own
+converted copy of the machine, `unet.machine`: the machine it was given, maybe shared, is left as it was). Half
+precision (`torch_dtype=torch.float16` in `from_pretrained`, `pipe.to(torch.float16)`) sets the dtype of the
+model's inputs and outputs only: pipelines then draw their noise and run their scheduler in float16, and the
+machine still computes in float32, because a softmax over patch distances at low noise needs more than float16's
+11 significant bits (the logits scale as 1 / (1 - abar)).
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ class ELSUNet(*_Bases):
     """A `ScoreMachine` as a diffusers model predicting epsilon, x0 or v (see the module docstring).
 
     Args:
-        machine: the analytic machine; `.to()` on this module moves or converts it (in place).
+        machine: the analytic machine, a submodule; `.to()` on this module moves or converts a copy of it (so a
+            machine shared with other adapters is left as it is).
         scheduler: optional; the scheduler to read noise levels and the prediction type from. `follow()` changes
             it, or connects a pipeline instead (`pipe.unet.follow(pipe)`: its current scheduler).
         patch_size: an odd int; a callable of t = (timestep + 1) / num_train_timesteps; a list or the name of a
@@ -356,7 +358,7 @@ class ELSUNet(*_Bases):
         return out.to(sample.device, sample.dtype)
 
     def extra_repr(self) -> str:
-        return f"machine={self.machine!r}, patch_size={self.patch_size!r}"
+        return f"patch_size={self.patch_size!r}"
 
     # ------------------------------------------------------------------ save and load
 
@@ -398,7 +400,8 @@ class ELSUNet(*_Bases):
         text = self.to_json_string().encode()
         atomic_write(directory / self.config_name, lambda f: f.write(text))
         if save_training_set:
-            data = {"images": self.machine.images.cpu(), "labels": self.machine.labels}
+            labels = None if self.machine.labels is None else self.machine.labels.cpu()
+            data = {"images": self.machine.images.cpu(), "labels": labels}
             atomic_write(directory / TRAINING_SET_NAME, lambda f: torch.save(data, f))
 
     @classmethod

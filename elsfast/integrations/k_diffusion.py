@@ -82,7 +82,8 @@ class ELSDenoiser(MachineModule):
     """`forward(x, sigma, class_labels=None) -> x0` for x = x0 + sigma * noise (see the module docstring).
 
     Args:
-        machine: the analytic machine; `.to()` on this module moves it (in place).
+        machine: the analytic machine, a submodule; `.to()` on this module moves or converts a copy of it (so a
+            machine shared with other adapters is left as it is).
         patch_size: an odd int; a callable of sigma (a float); or, indexed by the equivalent time t with
             abar(t) = 1 / (1 + sigma^2) on `schedule`, a list or the name of a published calibrated list (entry
             round(t * len) clipped to the list, as `elsfast.sample` uses them).
@@ -153,4 +154,4 @@ class ELSDenoiser(MachineModule):
         return out
 
     def extra_repr(self) -> str:
-        return f"machine={self.machine!r}, patch_size={self.patch_size!r}, schedule={self.schedule!r}"
+        return f"patch_size={self.patch_size!r}, schedule={self.schedule!r}"

@@ -69,7 +69,13 @@ FORMAT = "elsfast-calibration/1"
 def as_eps_fn(network, schedule: str | Callable[[float], float] = "cosine-legacy") -> EpsFn:
     """`network` as an `eps_fn(x, abar, labels)`: a `torch.nn.Module` with the `elsfast.nets.models` signature
     `model(x, t, labels) -> eps` is wrapped with `elsfast.nets.models.eps_at` (abar mapped back to the network's time
-    on `schedule`); any other callable is taken to be an eps_fn already."""
+    on `schedule`); any other callable is taken to be an eps_fn already. A `ScoreMachine` (a module too, but with
+    the signature `(x, abar, patch_size, labels)`) is refused."""
+    if isinstance(network, ScoreMachine):
+        raise TypeError(
+            "the network is an elsfast.ScoreMachine: pass a network, or an eps_fn such as "
+            "lambda x, abar, labels: machine.eps(x, abar, patch_size, labels)"
+        )
     if isinstance(network, torch.nn.Module):
 
         def eps_fn(x: torch.Tensor, abar: float, labels: torch.Tensor | None) -> torch.Tensor:
