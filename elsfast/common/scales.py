@@ -103,7 +103,7 @@ def check_patch_size_spec(spec: PatchSizeSpec) -> None:
         return
     patch_size_at(spec, 1.0)
     if isinstance(spec, str):
-        spec = reference_scales()[spec]
+        spec = reference_scales()[parse_scales_name(spec)[0]]
     sizes = [spec] if isinstance(spec, numbers.Real) or (hasattr(spec, "dim") and spec.dim() == 0) else list(spec)
     for size in sizes:
         if isinstance(size, bool) or not (isinstance(size, numbers.Real) or hasattr(size, "dim")):
