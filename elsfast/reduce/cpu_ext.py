@@ -34,6 +34,7 @@ __all__ = [
     "EXTENSION",
     "ISAS",
     "MAX_SPLITS",
+    "RUNNABLE_ISAS",
     "accuracy",
     "check_options",
     "choose_isa",
@@ -46,6 +47,8 @@ __all__ = [
 ]
 
 EXTENSION = import_extension("elsfast._cpu")  # the module, or the ImportError saying why it is missing
+# The instruction sets this CPU runs the kernels with, narrowest first (asked once: torch.compile cannot trace it)
+RUNNABLE_ISAS: tuple[str, ...] = () if isinstance(EXTENSION, ImportError) else tuple(EXTENSION.isas())
 CHUNK_BYTES = 2 << 20  # packed key tiles shared by all threads: about an L2/L3 slice
 MAX_SPLITS = 64
 ISAS = ("auto", "avx2", "avx512")
@@ -61,12 +64,9 @@ CPU_KERNEL_LIMITS = {
 def choose_isa(isa: str) -> str | None:
     """The instruction set to run with for the option `isa` ("auto", "avx2", "avx512"), or None when this CPU has
     none that it allows (or the extension is missing)."""
-    if isinstance(EXTENSION, ImportError):
-        return None
-    available = EXTENSION.isas()
     if isa == "auto":
-        return available[-1] if available else None
-    return isa if isa in available else None
+        return RUNNABLE_ISAS[-1] if RUNNABLE_ISAS else None
+    return isa if isa in RUNNABLE_ISAS else None
 
 
 def check_options(backend: Backend, counts: tuple[str, ...]) -> None:
@@ -93,7 +93,7 @@ def unsupported_reasons(backend: Backend, queries: torch.Tensor, dictionary: Dic
         )
     elif choose_isa(backend.isa) is None:
         wanted = "AVX2 + FMA" if backend.isa in ("auto", "avx2") else "AVX-512F"
-        reasons.append(backend.refuse("isa", f"this CPU lacks {wanted}; it has: {EXTENSION.isas() or 'neither'}"))
+        reasons.append(backend.refuse("isa", f"this CPU lacks {wanted}; it has: {list(RUNNABLE_ISAS) or 'neither'}"))
     if queries.device.type != "cpu":
         reasons.append(backend.refuse("device", f"queries are on {queries.device.type}"))
     return reasons + compiled_kernel_reasons(backend, queries, dictionary)

@@ -21,7 +21,7 @@ import torch
 from ..common.threads import kernel_threads
 from . import cpu_ext
 from .dictionary import Dictionary, PatchDictionary
-from .registry import Backend, BackendOutput, BackendUnavailable, register_backend
+from .registry import Backend, BackendOutput, BackendUnavailable, describe_inputs, register_backend
 
 __all__ = ["Shifts", "group_rectangles", "query_images"]
 
@@ -129,7 +129,8 @@ class Shifts(Backend):
         images = query_images(queries, dictionary)
         if isinstance(images, str):
             reason = self.refuse("whole_images", images)
-            raise BackendUnavailable(f"backend 'shifts' cannot run here: {reason}", [reason])
+            problem = describe_inputs(queries, dictionary)
+            raise BackendUnavailable(f"backend 'shifts' cannot run {problem}: {reason}", [reason])
         M = queries.shape[1]
         blocks = math.ceil(dictionary.num_images / cpu_ext.lanes(cpu_ext.choose_isa(self.isa)))
         splits = self.splits or max(1, min(cpu_ext.MAX_SPLITS, blocks, math.ceil(2 * threads / images.shape[0])))
