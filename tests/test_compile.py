@@ -32,9 +32,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("backend", "compiler"), [("torch", "eager"), ("cpu", "eager"), ("cpu", "aot_eager")])
+@pytest.mark.parametrize(
+    ("backend", "compiler"), [("torch", "eager"), ("cpu", "eager"), ("cpu", "aot_eager"), ("shifts", "eager")]
+)
 def test_compiled_denoise_equals_eager(backend, compiler):
-    if backend == "cpu":
+    if backend != "torch":
         pytest.importorskip("elsfast._cpu", reason="the CPU extension is not compiled")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -64,6 +66,11 @@ def test_cpu_custom_ops_pass_opcheck(cpu_ext):
     torch.library.opcheck(torch.ops.elsfast.cpu_reduce, args)
     bias = torch.rand(images.shape[0])
     torch.library.opcheck(torch.ops.elsfast.cpu_reduce, (*args[:4], bias, *args[5:]))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 8, 8, generator=g)  # two 6 x 6 query images zero-padded for P = 3
+    groups = torch.tensor([[0, 6, 0, 6]], dtype=torch.int32)  # one group: all 36 positions
+    shifts = (x, torch.rand(5, 2, 6, 6, generator=g), groups, 72, 3, 1.5, 0.4, 2, 1, cpu_ext.isas()[0])
+    torch.library.opcheck(torch.ops.elsfast.cpu_reduce_shifts, shifts)
 
 
 def test_cuda_custom_op_passes_opcheck_on_the_host():
