@@ -26,6 +26,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CUDA_SOURCES = ["csrc/reduce.cu"]
+SHARED_HEADERS = ["csrc/reduce_args.h", "csrc/reduce_binding.h"]  # included by both extensions
 
 
 def find_nvcc() -> str | None:
@@ -76,7 +77,7 @@ def cpu_extensions() -> list[Extension]:
         Extension(
             "elsfast._cpu",
             sources=["csrc/cpu_bindings.cpp", "csrc/cpu_reduce.cpp"],
-            depends=["csrc/cpu_reduce.h", "csrc/cpu_kernel.inc", "csrc/cpu_shift_kernel.inc"],
+            depends=[*SHARED_HEADERS, "csrc/cpu_reduce.h", "csrc/cpu_kernel.inc", "csrc/cpu_shift_kernel.inc"],
             include_dirs=[pybind11.get_include(), "csrc"],
             extra_compile_args=["-O3", "-std=c++17", "-fopenmp"],
             extra_link_args=["-fopenmp"],
@@ -96,7 +97,7 @@ def cuda_extensions() -> list[Extension]:
         Extension(
             "elsfast._cuda",
             sources=["csrc/bindings.cpp"],
-            depends=["csrc/reduce.h", *CUDA_SOURCES],
+            depends=[*SHARED_HEADERS, "csrc/reduce.h", *CUDA_SOURCES],
             include_dirs=[pybind11.get_include(), "csrc"],
             libraries=["cudart_static", "dl", "rt", "pthread"],
             extra_compile_args=["-O3", "-std=c++17"],

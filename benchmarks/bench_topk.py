@@ -31,7 +31,7 @@ import torch
 import elsfast
 from elsfast import ScoreMachine, TopK
 from elsfast.reduce import PatchDictionary
-from elsfast.reduce.policy import select_backend
+from elsfast.reduce.policy import auto_candidates
 
 pytestmark = pytest.mark.benchmark
 
@@ -57,7 +57,7 @@ def _exact_backend(train: torch.Tensor, P: int) -> str:
         return EXACT_BACKEND
     positions = elsfast.reduce.patches.group_sets(32, 32, P, "zeros", "els")[0]
     queries = torch.zeros(1, 1, P * P)
-    return select_backend("auto", queries, PatchDictionary(train, P, "zeros", positions)).NAME
+    return next(auto_candidates(queries, PatchDictionary(train, P, "zeros", positions))).NAME
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "reduce_args.h"
+
 namespace elsfast {
 namespace cpu {
 
@@ -16,23 +18,10 @@ constexpr int kIsaAvx512 = 1;  // 16-lane AVX-512F
 
 // One reduction over host memory. Entry j of a group is image n = j % N at position s = j / N (entry-major, as in
 // the torch, Triton and CUDA backends), so that ties between equal logits resolve to the same entry everywhere.
-struct Args {
-  const float* q;                // (G, M, D) queries scaled to bits: q 2a/T log2(e)
-  const void* images;            // (N, pixels_per_image) uint8 (mapped to [-1, 1]) or float32
-  const int32_t* key_offsets;    // (G, S, D) pixel offsets into an image, -1 = zero padding
-  const int32_t* value_offsets;  // (G, S, E)
-  float* m;                      // (splits, G, M) out: running max, bits
-  float* l;                      // (splits, G, M) out: sum of 2^(s - m)
-  float* acc;                    // (splits, G, M, E) out: sum of 2^(s - m) v
-  int64_t* best;                 // (splits, G, M) out: local id n * S + s of the largest logit (provenance)
-  float* u;                      // (splits, G, M) out: sum of 2^(s - m) (s - m) (provenance)
-  const float* image_bias;       // (N,) or null: bits added to every logit of image n (log2 of a multiplicity)
-  int64_t G, M, N, S, D, E, pixels_per_image;
-  int64_t splits;  // partial states per query: tile t of a chunk folds into split t % splits
+// Tile t of a chunk folds into split t % splits. Running sums are fp64 inside and stored as fp32.
+struct Args : ReductionTensors<float> {
+  const float* image_bias;  // (N,) or null: bits added to every logit of image n (log2 of a multiplicity)
   int64_t tiles_per_chunk;  // key tiles packed at once and shared by all threads
-  float key_scale;          // a^2/T log2(e): logit s = q.k - key_scale |k|^2
-  bool uint8;
-  bool provenance;
   int threads;
   int isa;  // kIsaAvx2 or kIsaAvx512; the results agree to fp32 rounding
 };

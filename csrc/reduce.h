@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "reduce_args.h"
+
 namespace elsfast {
 
 constexpr int kBlockQ = 128;  // queries per block, one per thread
@@ -11,21 +13,10 @@ constexpr int kTileN = 32;    // dictionary entries per shared-memory tile
 constexpr int kChunkD = 32;   // key features per shared-memory chunk
 constexpr int kMaxE = 4;      // value channels (patch dictionaries: the centre pixel's C channels)
 
-// One reduction. Pointers are device pointers for launch_reduce and host pointers for reduce_host.
-struct ReduceArgs {
-  const float* q;                // (G, M, D) queries scaled to bits: q 2a/T log2(e)
-  const void* images;            // (N, pixels_per_image) uint8 (mapped to [-1, 1]) or float32
-  const int32_t* key_offsets;    // (G, S, D) pixel offsets into an image, -1 = zero padding
-  const int32_t* value_offsets;  // (G, S, E)
-  float* m;                      // (splits, G, M) out: the largest logit, bits
-  double* l;                     // (splits, G, M) out: sum of 2^(s - m)
-  double* acc;                   // (splits, G, M, E) out: sum of 2^(s - m) v
-  int64_t* best;                 // (splits, G, M) out: local id n * S + s of the largest logit (provenance)
-  double* u;                     // (splits, G, M) out: sum of 2^(s - m) (s - m) (provenance)
-  int64_t G, M, N, S, D, E, pixels_per_image, entries_per_split, splits;
-  float key_scale;  // a^2/T log2(e): logit s = q.k - key_scale |k|^2
-  bool uint8;
-  bool provenance;
+// One reduction; split k holds entries [k entries_per_split, (k + 1) entries_per_split) of each group. Pointers are
+// device pointers for launch_reduce and host pointers for reduce_host.
+struct ReduceArgs : ReductionTensors<double> {
+  int64_t entries_per_split;
 };
 
 // Launch on `stream` (a cudaStream_t as an integer) of CUDA device `device`, the device of the tensors (the current

@@ -11,7 +11,8 @@ import torch
 from reference import reference_denoise, reference_provenance
 
 from elsfast.reduce import Backend
-from elsfast.reduce.cuda_backend import Cuda, reduce_on_host
+from elsfast.reduce.cuda_backend import Cuda
+from elsfast.reduce.cuda_ext import reduce_on_host
 from elsfast.reduce.partials import COMPILED_KERNEL_LIMITS, compiled_kernel_reasons
 from elsfast.reduce.registry import BackendOutput
 

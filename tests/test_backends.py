@@ -219,12 +219,12 @@ def spy_kernels(monkeypatch) -> set[str]:
     if importlib.util.find_spec("elsfast._cpu") is not None:
         import elsfast._cpu as cpu_ext
 
-        wrap(cpu_ext, "reduce", lambda a, k: "dedup" if a[-1] else "cpu")
+        wrap(cpu_ext, "reduce", lambda a, k: "dedup" if k["image_bias"] is not None else "cpu")
         wrap(cpu_ext, "reduce_shifts", lambda a, k: "shifts")
     if importlib.util.find_spec("elsfast._cuda") is not None:
         import elsfast._cuda as cuda_ext
 
-        wrap(cuda_ext, "reduce", lambda a, k: "cuda-host" if a[-1] else "cuda")
+        wrap(cuda_ext, "reduce", lambda a, k: "cuda-host" if k["host"] else "cuda")
     wrap(triton_kernels, "launch_softmax_reduce", lambda a, k: "triton")
     wrap(TorchBackend, "reduce", lambda a, k: "torch")
     wrap(TopKClass, "_search_block", lambda a, k: "topk")

@@ -141,3 +141,35 @@ def test_empty_dictionary_and_empty_batch_report_no_backend():
     d = PatchDictionary(torch.rand(0, 1, 4, 4), 3, "zeros", torch.arange(16).view(1, 16))
     r = softmax_reduce(torch.zeros(1, 2, 9), d, abar=0.5)
     assert r.group_backends == ("none",) and r.pairs == r.exact_pairs == 0
+
+
+def test_refusals_describe_the_problem(cpu_ext, monkeypatch):
+    """A named backend's refusal and `auto`'s "no backend can run" name the queries' shape, dtype and device and
+    the dictionary's machine, patch size, padding and images (as xformers' `_format_inputs_description`)."""
+    train = torch.rand(3, 1, 4, 4)
+    dictionary = PatchDictionary(train, 3, "zeros", torch.arange(16).view(1, 16))
+    queries = torch.zeros(1, 2, 9, dtype=torch.float64)
+    described = ["queries (G=1, M=2, D=9) float64 on cpu", "P=3 zeros padding", "training images [3, 1, 4, 4] float32"]
+    with pytest.raises(elsfast.reduce.BackendUnavailable) as named:
+        softmax_reduce(queries, dictionary, abar=0.5, backend="cpu")
+    cpu_only = tuple(rule for rule in policy.RULES if rule.backend.NAME == "cpu")
+    monkeypatch.setattr(policy, "RULES", cpu_only)
+    with pytest.raises(elsfast.reduce.BackendUnavailable, match="no backend can run") as auto:
+        softmax_reduce(queries, dictionary, abar=0.5)
+    for refusal in (named.value, auto.value):
+        for text in [*described, "computes in float32"]:
+            assert text in str(refusal)
+
+
+def test_topk_gets_its_exact_fallback_from_the_dispatcher():
+    """Backends do not call the dispatcher: top-k's exact fallback is passed in by `policy.run` (the one selection
+    path), and no backend module imports `policy`."""
+    import ast
+    import inspect
+
+    for module in (elsfast.reduce.topk, dedup_backend, shift_backend, elsfast.reduce.cpu_backend):
+        imported = {a.name for n in ast.walk(ast.parse(inspect.getsource(module))) if isinstance(n, ast.ImportFrom)
+                    for a in n.names}  # fmt: skip
+        assert "policy" not in imported, module.__name__
+    assert "exact" in inspect.signature(TopK.reduce).parameters
+    assert not hasattr(policy, "select_backend")

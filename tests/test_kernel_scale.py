@@ -25,7 +25,8 @@ from kernel_emulation import emulate
 from elsfast import datasets
 from elsfast.common.schedules import abar_cosine_legacy
 from elsfast.reduce import PatchDictionary, softmax_reduce
-from elsfast.reduce.cuda_backend import Cuda, reduce_on_host
+from elsfast.reduce.cuda_backend import Cuda
+from elsfast.reduce.cuda_ext import reduce_on_host
 from elsfast.reduce.triton_backend import Triton
 
 # the sampler's first machine step (t = 19/20 of the legacy cosine): abar 0.0081, nearly uniform weights

@@ -275,9 +275,47 @@ def test_cuda_backend_says_why_it_cannot_run(cuda_ext):
     assert "at most 4" in str(info.value)  # whole-image values
 
 
-def test_cuda_extension_checks_sizes(cuda_ext):
-    with pytest.raises(ValueError, match="value channels"):
-        cuda_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 5, 1, 32, 1, 1.0, False, False, 0, True)
+def kernel_tensors(sums: torch.dtype, E: int = 1) -> dict[str, torch.Tensor]:
+    """Valid tensor arguments of both extensions' `reduce`: G = 1, M = 2, D = 9, N = 3, S = 4, K = 2 splits."""
+    G, M, D, N, S, K = 1, 2, 9, 3, 4, 2
+    return {
+        "q": torch.zeros(G, M, D),
+        "images": torch.zeros(N, 16),
+        "key_offsets": torch.zeros(G, S, D, dtype=torch.int32),
+        "value_offsets": torch.zeros(G, S, E, dtype=torch.int32),
+        "m": torch.empty(K, G, M),
+        "l": torch.empty(K, G, M, dtype=sums),
+        "acc": torch.empty(K, G, M, E, dtype=sums),
+        "best": torch.empty(K, G, M, dtype=torch.int64),
+        "u": torch.empty(K, G, M, dtype=sums),
+    }
+
+
+def bad_kernel_tensors(sums: torch.dtype) -> list[tuple[dict[str, torch.Tensor], str]]:
+    """Tensor arguments each wrong in one way, and what the extension's error must say."""
+    good = kernel_tensors(sums)
+    other_sums = torch.float32 if sums == torch.float64 else torch.float64
+    swapped = {"key_offsets": good["value_offsets"], "value_offsets": good["key_offsets"]}
+    return [
+        ({**good, **swapped}, "key_offsets has shape"),
+        ({**good, "q": good["q"].double()}, "q must be float32"),
+        ({**good, "l": good["l"].to(other_sums)}, f"l must be {str(sums)[6:]}"),
+        ({**good, "q": torch.zeros(1, 9, 2).transpose(1, 2)}, "q must be contiguous"),
+        ({**good, "images": torch.zeros(3, 16, dtype=torch.int32)}, "images must be uint8 or float32"),
+        ({**good, "best": 0}, "best must be a torch.Tensor"),
+        (kernel_tensors(sums, E=5), "E = 5 must be in"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_cuda_extension_checks_every_tensor(cuda_ext, case):
+    """The extension reads sizes off the tensors and refuses a wrong dtype, shape, layout or type by name."""
+    tensors, message = bad_kernel_tensors(torch.float64)[case]
+    scalars = {"key_scale": 1.0, "provenance": False, "entries_per_split": 32, "stream": 0, "host": True}
+    with pytest.raises(ValueError, match=message):
+        cuda_ext.reduce(**tensors, **scalars)
+    with pytest.raises(TypeError):  # keyword-only: positional pointers and sizes cannot be passed
+        cuda_ext.reduce(*tensors.values(), 1.0, False, 32, 0, True)
 
 
 # --- the compiled CPU kernel ---------------------------------------------------------------------------------
@@ -391,13 +429,18 @@ def test_cpu_backend_configuration(cpu_ext):
             softmax_reduce(torch.zeros(1, 2, 9), d, abar=0.5, backend=Cpu(isa="avx512"))
 
 
-def test_cpu_extension_checks_sizes(cpu_ext):
-    with pytest.raises(ValueError, match="value channels"):
-        cpu_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 5, 1, 1, 1, 1.0, False, False, 1, "avx2", 0)
-    with pytest.raises(ValueError, match="positive"):
-        cpu_ext.reduce(*([0] * 9), 1, 0, 1, 1, 1, 1, 1, 1, 1, 1.0, False, False, 1, "avx2", 0)
-    with pytest.raises(ValueError, match="isa"):
-        cpu_ext.reduce(*([0] * 9), 1, 1, 1, 1, 1, 1, 1, 1, 1, 1.0, False, False, 1, "sse", 0)
+@pytest.mark.parametrize("case", range(7))
+def test_cpu_extension_checks_every_tensor(cpu_ext, case):
+    """As the CUDA extension (the same csrc/reduce_binding.h), with fp32 sums and the CPU kernel's options."""
+    tensors, message = bad_kernel_tensors(torch.float32)[case]
+    options = {"image_bias": None, "key_scale": 1.0, "provenance": False, "tiles_per_chunk": 1, "threads": 1}
+    with pytest.raises(ValueError, match=message):
+        cpu_ext.reduce(**tensors, **options, isa="avx2")
+    if case == 0:
+        with pytest.raises(ValueError, match="isa"):
+            cpu_ext.reduce(**kernel_tensors(torch.float32), **options, isa="sse")
+        with pytest.raises(ValueError, match="image_bias has shape"):
+            cpu_ext.reduce(**kernel_tensors(torch.float32), **{**options, "image_bias": torch.zeros(4)}, isa="avx2")
 
 
 def test_topk_falls_back_to_the_fastest_exact_backend(cpu_ext, monkeypatch):

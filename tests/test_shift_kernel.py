@@ -145,11 +145,25 @@ def test_shift_backend_configuration_and_extension_checks(cpu_ext):
             Shifts(splits=bad)
     with pytest.raises(ValueError, match="isa"):
         Shifts(isa="neon")
-    args = [0] * 6
+    B, C, H, W, N, G, M, K, P = 1, 1, 4, 4, 2, 1, 16, 2, 3
+    tensors = {
+        "x": torch.zeros(B, C, H + P - 1, W + P - 1),
+        "images": torch.zeros(N, C, H, W),
+        "groups": torch.tensor([[0, 4, 0, 4]], dtype=torch.int32),
+        "m": torch.empty(K, G, M),
+        "l": torch.empty(K, G, M),
+        "acc": torch.empty(K, G, M, C),
+    }
+    options = {"q_scale": 1.0, "key_scale": 1.0, "threads": 1}
     with pytest.raises(ValueError, match="odd"):
-        cpu_ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 2, 1, 1.0, 1.0, False, 1, "avx2")
-    with pytest.raises(ValueError, match="channels"):
-        cpu_ext.reduce_shifts(*args, 1, 5, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "avx2")
+        cpu_ext.reduce_shifts(**tensors, patch_size=2, **options, isa="avx2")
+    with pytest.raises(ValueError, match="zero-padded"):
+        cpu_ext.reduce_shifts(**tensors, patch_size=5, **options, isa="avx2")
+    with pytest.raises(ValueError, match="images has shape"):  # channels differ from the queries'
+        cpu_ext.reduce_shifts(**{**tensors, "images": torch.zeros(N, 3, H, W)}, patch_size=P, **options, isa="avx2")
+    with pytest.raises(ValueError, match="R = 3 must be in"):
+        groups = torch.zeros(1, 3, dtype=torch.int32)
+        cpu_ext.reduce_shifts(**{**tensors, "groups": groups}, patch_size=P, **options, isa="avx2")
     with pytest.raises(ValueError, match="isa"):
-        cpu_ext.reduce_shifts(*args, 1, 1, 4, 4, 1, 1, 16, 3, 1, 1.0, 1.0, False, 1, "sse")
+        cpu_ext.reduce_shifts(**tensors, patch_size=P, **options, isa="sse")
     assert cpu_ext.lanes("avx2") == 8 and cpu_ext.lanes("avx512") == 16

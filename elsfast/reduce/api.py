@@ -35,7 +35,7 @@ from ..common.checks import (
 from . import policy, topk  # noqa: F401  (policy registers the exact backends it imports; topk registers itself)
 from .budget import check_smallest_step
 from .dictionary import Dictionary
-from .registry import BackendOutput, BackendSpec, check_backend_name, resolve_named
+from .registry import BackendOutput, BackendSpec, resolve_spec
 from .state import ReduceState
 
 if TYPE_CHECKING:
@@ -144,7 +144,7 @@ def softmax_reduce(
     memory_budget = parse_memory_budget(memory_budget)
     if not isinstance(provenance, bool):
         raise TypeError(f"provenance must be True or False, got {provenance!r}")
-    check_backend_name(backend)
+    named = resolve_spec(backend)  # the one check of the spec; None: auto
     if queries.requires_grad and torch.is_grad_enabled():  # exact gradients or a clear refusal, never detached
         from .grad import differentiable_reduce
 
@@ -157,24 +157,17 @@ def softmax_reduce(
             provenance=provenance,
             process_group=process_group,
         )
-    if process_group is not None and backend != "auto":
-        named = resolve_named(backend, queries, dictionary)
-        if not named.EXACT:
-            raise ValueError(
-                f"backend {named.NAME!r} is approximate and cannot merge the shards of a sharded dictionary"
-            )
+    if process_group is not None and named is not None and not named.EXACT:
+        raise ValueError(f"backend {named.NAME!r} is approximate and cannot merge the shards of a sharded dictionary")
     G, M, _ = queries.shape
     exact_pairs = G * M * dictionary.size
     if G * M == 0 or dictionary.size == 0:  # nothing to reduce (no entries: every result is 0/0, as when folded)
         E, dtype = dictionary.value_dim, queries.dtype
         state = ReduceState.empty(G, M, E, dtype=dtype, device=queries.device, provenance=provenance)
-        name = backend.NAME if not isinstance(backend, str) else backend
-        out = BackendOutput(state, 0, backends=(name if name != "auto" else "none",) * G, pairs=0)
+        out = BackendOutput(state, 0, backends=(named.NAME if named is not None else "none",) * G, pairs=0)
     else:
         check_smallest_step(dictionary, G * M, queries.element_size(), memory_budget)
-        ran, out = policy.run(
-            backend, queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance
-        )
+        ran, out = policy.run(named, queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
         if out.backends is None:
             out = out._replace(backends=(ran.NAME,) * G)
     state = out.state

@@ -30,11 +30,11 @@ from typing import ClassVar
 import torch
 
 from ..common.threads import kernel_threads
+from . import cpu_ext
 from .caches import MemoryCache, content_hash
-from .cpu_backend import CPU_KERNEL_LIMITS, Cpu, check_options, choose_isa, cpu_kernel_reasons, plan
 from .dictionary import Dictionary, PatchDictionary
 from .distinct import describe, distinct_entries
-from .partials import empty_partial_states, fold_partial_states, import_extension
+from .partials import KernelInputs, fold_partial_states
 from .registry import Backend, BackendOutput, Tolerance, register_backend
 from .state import ReduceState, logit_scales
 
@@ -130,10 +130,13 @@ class Dedup(Backend):
     min_duplication: float | None = None
 
     NAME = "dedup"
-    LIMITS: ClassVar[dict[str, str]] = {**CPU_KERNEL_LIMITS, "patches": "needs a patch dictionary (IS/ES run on torch)"}
+    LIMITS: ClassVar[dict[str, str]] = {
+        **cpu_ext.CPU_KERNEL_LIMITS,
+        "patches": "needs a patch dictionary (IS/ES run on torch)",
+    }
 
     def __post_init__(self) -> None:
-        check_options(self, ("splits", "tiles_per_chunk"))
+        cpu_ext.check_options(self, ("splits", "tiles_per_chunk"))
         if self.min_duplication is not None and not self.min_duplication >= 1.0:
             raise ValueError(f"min_duplication must be at least 1 or None, got {self.min_duplication!r}")
 
@@ -142,17 +145,24 @@ class Dedup(Backend):
         return {name: getattr(self, name) for name in names}
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = cpu_kernel_reasons(self, queries, dictionary)
+        reasons = cpu_ext.unsupported_reasons(self, queries, dictionary)
         if not isinstance(dictionary, PatchDictionary):
             reasons.append(self.refuse("patches", type(dictionary).__name__))
         return reasons
 
     def accuracy(self, dtype: torch.dtype) -> Tolerance:
         """The cpu kernel's: a count's log2 bias adds one fp32 rounding of a few bits to a logit, within its bound."""
-        return self._cpu().accuracy(dtype)
+        return cpu_ext.accuracy() if dtype == torch.float32 else super().accuracy(dtype)
 
-    def _cpu(self) -> Cpu:
-        return Cpu(splits=self.splits, tiles_per_chunk=self.tiles_per_chunk, isa=self.isa)
+    def _cpu_kernel(
+        self, queries: torch.Tensor, dictionary: Dictionary, abar: float, memory_budget: int, provenance: bool
+    ) -> BackendOutput:
+        """Every entry on the `cpu` kernel (the report names `cpu`): provenance, or groups that repeat too little."""
+        state, chunks = cpu_ext.reduce_dictionary(
+            queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance,
+            threads=kernel_threads(), isa=self.isa, splits=self.splits, tiles_per_chunk=self.tiles_per_chunk,
+        )  # fmt: skip
+        return BackendOutput(state, chunks, backends=("cpu",) * queries.shape[0])
 
     def _table_or_none(self, dg: PatchDictionary, memory_budget: int) -> DistinctTable | None:
         """The group's table, or None where `min_duplication` sends the group to the cpu kernel (a table that
@@ -167,7 +177,6 @@ class Dedup(Backend):
             return None
         return table
 
-    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,
@@ -178,10 +187,8 @@ class Dedup(Backend):
         provenance: bool = False,
     ) -> BackendOutput:
         if provenance:  # the dominant entry must be an entry of the training set, not a distinct key
-            out = self._cpu().reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
-            return out._replace(backends=("cpu",) * queries.shape[0])
-        ext = import_extension("elsfast._cpu")
-        isa = choose_isa(ext, self.isa)
+            return self._cpu_kernel(queries, dictionary, abar, memory_budget, True)
+        isa = cpu_ext.choose_isa(self.isa)
         G, M, _ = queries.shape
         threads = kernel_threads()
         q_scale, key_scale = logit_scales(abar)
@@ -194,23 +201,25 @@ class Dedup(Backend):
                 continue
             U, Dv = table.keys.shape
             E = len(table.value_features)
-            splits, per_chunk = plan(ext, U, Dv, E, M, threads, memory_budget)
+            splits, per_chunk = cpu_ext.plan(U, Dv, E, M, threads, memory_budget)
             splits, per_chunk = self.splits or splits, self.tiles_per_chunk or per_chunk
-            q = (queries[g : g + 1, :, table.features] * q_scale).contiguous()
-            key_offsets = torch.arange(Dv, dtype=torch.int32).view(1, 1, Dv)
-            value_offsets = table.value_features.view(1, 1, E).contiguous()
-            m, l, acc, best, u = empty_partial_states(splits, 1, M, E, queries.device)
-            pointers = (t.data_ptr() for t in (q, table.keys, key_offsets, value_offsets, m, l, acc, best, u))
-            ext.reduce(
-                *pointers, 1, M, U, 1, Dv, E, Dv, splits, per_chunk, key_scale,
-                table.keys.dtype == torch.uint8, False, threads, isa, table.bias.data_ptr(),
+            inputs = KernelInputs(
+                q=(queries[g : g + 1, :, table.features] * q_scale).contiguous(),
+                images=table.keys,  # each distinct key an image of Dv pixels, read at offsets 0..Dv-1
+                key_offsets=torch.arange(Dv, dtype=torch.int32).view(1, 1, Dv),
+                value_offsets=table.value_features.view(1, 1, E).contiguous(),
+                key_scale=key_scale,
+            )
+            m, l, acc, _, _ = cpu_ext.reduce_partials(
+                inputs, splits=splits, tiles_per_chunk=per_chunk, provenance=False, threads=threads, isa=isa,
+                image_bias=table.bias,
             )  # fmt: skip
             states[g] = fold_partial_states(dictionary, m, l, acc, None, None)
-            chunks += math.ceil(math.ceil(U / ext.TILE_N) / per_chunk)
+            chunks += math.ceil(math.ceil(U / cpu_ext.EXTENSION.TILE_N) / per_chunk)
             pairs += M * U
         if undeduplicated:
             sub = dictionary.select_groups(undeduplicated)
-            out = self._cpu().reduce(queries[undeduplicated], sub, abar=abar, memory_budget=memory_budget)
+            out = self._cpu_kernel(queries[undeduplicated], sub, abar, memory_budget, False)
             for i, g in enumerate(undeduplicated):
                 states[g] = out.state.take(groups=slice(i, i + 1))
                 names[g] = "cpu"

@@ -1,4 +1,4 @@
-"""What the fused kernels (Triton, CUDA) share: their inputs (scaled queries, images and pixel offset tables on the
+"""What the fused kernels (Triton, CUDA, CPU) share: their inputs (scaled queries, images and pixel offset tables on the
 queries' device), how a group's N*S entries are split across programs, and how the per-split partial states are
 merged back exactly (`ReduceState.fold_`)."""
 
@@ -22,7 +22,6 @@ __all__ = [
     "KernelInputs",
     "compiled_kernel_reasons",
     "empty_partial_states",
-    "extension_arguments",
     "fold_partial_states",
     "import_extension",
     "kernel_inputs",
@@ -101,15 +100,6 @@ def compiled_kernel_reasons(backend, queries: torch.Tensor, dictionary: Dictiona
     if dictionary.value_dim > MAX_VALUE_CHANNELS:
         reasons.append(backend.refuse("value_channels", f"values of {dictionary.value_dim} channels"))
     return reasons
-
-
-def extension_arguments(inputs: KernelInputs, partials: tuple[torch.Tensor, ...], dictionary: Dictionary) -> tuple:
-    """The leading arguments of both compiled kernels' `reduce`: the pointers of q, images, key and value offsets
-    and of the partial states `(m, l, acc, best, u)`, then G, M, N, S, D, E and the pixels per image."""
-    G, M, _ = inputs.q.shape
-    pointers = (t.data_ptr() for t in (*inputs[:4], *partials))
-    sizes = (dictionary.num_images, dictionary.entries_per_image, dictionary.key_dim, dictionary.value_dim)
-    return (*pointers, G, M, *sizes, inputs.images.shape[1])
 
 
 def empty_partial_states(

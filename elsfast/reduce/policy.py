@@ -29,7 +29,7 @@ from .cpu_backend import Cpu
 from .cuda_backend import Cuda
 from .dedup_backend import Dedup
 from .dictionary import Dictionary, PatchDictionary
-from .registry import Backend, BackendOutput, BackendSpec, BackendUnavailable, check_backend_name, resolve_named
+from .registry import Backend, BackendOutput, BackendUnavailable, describe_inputs, resolve_named
 from .shift_backend import Shifts
 from .torch_backend import TorchBackend
 from .triton_backend import Triton
@@ -43,7 +43,6 @@ __all__ = [
     "Rule",
     "auto_candidates",
     "run",
-    "select_backend",
 ]
 
 log = logging.getLogger("elsfast")
@@ -139,26 +138,13 @@ def auto_candidates(
             refused[rule.backend.NAME] = reasons
 
 
-def _none_can_run(refused: dict[str, list[str]]) -> BackendUnavailable:
+def _none_can_run(queries: torch.Tensor, dictionary: Dictionary, refused: dict[str, list[str]]) -> BackendUnavailable:
     detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in refused.items())
-    return BackendUnavailable(f"no backend can run this problem ({detail})")
-
-
-def select_backend(name: BackendSpec, queries: torch.Tensor, dictionary: Dictionary) -> Backend:
-    """The backend a request starts with: `name` itself (raising `BackendUnavailable` if it cannot run), or under
-    `auto` the first capable backend of `RULES` (which may still refuse late; see `run`)."""
-    check_backend_name(name)
-    if name != "auto":
-        return resolve_named(name, queries, dictionary)
-    refused: dict[str, list[str]] = {}
-    backend = next(auto_candidates(queries, dictionary, refused), None)
-    if backend is None:
-        raise _none_can_run(refused)
-    return backend
+    return BackendUnavailable(f"no backend can run {describe_inputs(queries, dictionary)} ({detail})")
 
 
 def run(
-    name: BackendSpec,
+    backend: Backend | None,
     queries: torch.Tensor,
     dictionary: Dictionary,
     *,
@@ -166,21 +152,29 @@ def run(
     memory_budget: int,
     provenance: bool = False,
 ) -> tuple[Backend, BackendOutput]:
-    """Reduce with the backend `name` (or `auto`): the backend that ran and its output. Under `auto` a late
-    refusal moves on to the next rule; a named backend's refusal propagates."""
-    check_backend_name(name)
+    """Reduce with `backend` (a backend asked for by name or instance: `registry.resolve_spec`), or under None
+    (`auto`) with the first capable backend of `RULES`: the backend that ran and its output. Under `auto` a late
+    refusal moves on to the next rule; a named backend's refusal propagates. An approximate backend gets the exact
+    reduction it falls back to (`auto`) as its `exact` argument. The one selection path of every reduction."""
     kwargs = {"abar": abar, "memory_budget": memory_budget, "provenance": provenance}
-    if name != "auto":
-        backend = resolve_named(name, queries, dictionary)
-        return backend, backend.reduce(queries, dictionary, **kwargs)
+    if backend is not None:
+        backend = resolve_named(backend, queries, dictionary)
+        exact = {} if backend.EXACT else {"exact": _run_auto}
+        return backend, backend.reduce(queries, dictionary, **kwargs, **exact)
+    return _run_auto(queries, dictionary, **kwargs)
+
+
+def _run_auto(
+    queries: torch.Tensor, dictionary: Dictionary, *, abar: float, memory_budget: int, provenance: bool
+) -> tuple[Backend, BackendOutput]:
     refused: dict[str, list[str]] = {}
     for backend in auto_candidates(queries, dictionary, refused):
         try:
-            out = backend.reduce(queries, dictionary, **kwargs)
+            out = backend.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
         except BackendUnavailable as refusal:
             log.debug("auto: %s refused late (%s)", backend.NAME, refusal)
             refused[backend.NAME] = refusal.reasons or [str(refusal)]
             continue
         log.debug("auto backend: %s", backend.NAME)
         return backend, out
-    raise _none_can_run(refused)
+    raise _none_can_run(queries, dictionary, refused)

@@ -11,17 +11,22 @@ A backend declares
 
 Which capable backend `backend="auto"` prefers is not a property of a backend: it is the rule list of
 `elsfast.reduce.policy`. A backend asked for by name that cannot run raises `BackendUnavailable` with its reasons
-and never falls back silently.
+and the problem's description (`describe_inputs`), and never falls back silently. A backend spec (a name, "auto"
+or a configured backend) is checked once per call, by `resolve_spec`.
+
+An approximate backend (`EXACT = False`) answers some queries exactly: its `reduce` takes the exact reduction as
+the keyword `exact` (an `ExactReduce`, given by `policy.run`), so that no backend calls the dispatcher itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import torch
 
-from .dictionary import Dictionary
+from .dictionary import Dictionary, ImageDictionary, PatchDictionary
 from .state import ReduceState
 
 __all__ = [
@@ -29,15 +34,18 @@ __all__ = [
     "BackendOutput",
     "BackendSpec",
     "BackendUnavailable",
+    "ExactReduce",
     "Tolerance",
     "backend_from_spec",
     "backend_names",
     "backend_reasons",
     "backend_spec",
     "check_backend_name",
+    "describe_inputs",
     "get_backend",
     "register_backend",
     "resolve_named",
+    "resolve_spec",
 ]
 
 
@@ -134,6 +142,10 @@ class Backend:
 
 BackendSpec = str | Backend
 
+# The exact reduction an approximate backend falls back to: (queries, dictionary, *, abar, memory_budget,
+# provenance) -> (the backend that ran, its output).
+ExactReduce = Callable[..., tuple[Backend, BackendOutput]]
+
 _REGISTRY: dict[str, Backend] = {}
 
 
@@ -150,16 +162,26 @@ def backend_names() -> list[str]:
 
 def get_backend(name: str) -> Backend:
     """The registered backend `name` in its default configuration."""
-    check_backend_name(name)
-    return _REGISTRY[name]
+    backend = resolve_spec(name)
+    if backend is None:
+        raise ValueError("'auto' is a rule list, not a backend (elsfast.reduce.policy)")
+    return backend
+
+
+def resolve_spec(spec: BackendSpec) -> Backend | None:
+    """The backend a spec names (its default configuration for a name, the instance itself for a configured one),
+    None for "auto"; ValueError for a name that is neither "auto" nor registered. The one check of a spec."""
+    if isinstance(spec, Backend):
+        return spec
+    if not isinstance(spec, str) or (spec != "auto" and spec not in _REGISTRY):
+        raise ValueError(f"unknown backend {spec!r}; known: auto, {', '.join(backend_names())}")
+    return None if spec == "auto" else _REGISTRY[spec]
 
 
 def check_backend_name(name: BackendSpec) -> None:
-    """Raise ValueError for a name that is neither `auto` nor registered (a `Backend` instance is fine)."""
-    if isinstance(name, Backend):
-        return
-    if not isinstance(name, str) or (name != "auto" and name not in _REGISTRY):
-        raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(backend_names())}")
+    """Raise ValueError for a name that is neither `auto` nor registered (a `Backend` instance is fine): for
+    arguments checked before any work (`ScoreMachine`, the CLI)."""
+    resolve_spec(name)
 
 
 def backend_spec(backend: BackendSpec) -> str | dict:
@@ -174,9 +196,10 @@ def backend_from_spec(spec: str | dict) -> BackendSpec:
     if isinstance(spec, dict):
         spec = dict(spec)
         name = spec.pop("name")
-        check_backend_name(name)
+        if resolve_spec(name) is None:
+            raise ValueError("a configured backend needs a registered name, got 'auto'")
         return type(_REGISTRY[name])(**spec)
-    check_backend_name(spec)
+    resolve_spec(spec)
     return spec
 
 
@@ -185,12 +208,32 @@ def backend_reasons(queries: torch.Tensor, dictionary: Dictionary) -> dict[str, 
     return {name: _REGISTRY[name].unsupported_reasons(queries, dictionary) for name in backend_names()}
 
 
-def resolve_named(name: BackendSpec, queries: torch.Tensor, dictionary: Dictionary) -> Backend:
-    """The backend asked for by name or instance (not "auto"), raising `BackendUnavailable` with its reasons
-    when it cannot run this problem."""
-    check_backend_name(name)
-    backend = name if isinstance(name, Backend) else _REGISTRY[name]
+def describe_inputs(queries: torch.Tensor, dictionary: Dictionary) -> str:
+    """The problem in words, for refusals (as xformers' `_format_inputs_description`): the queries' shape, dtype
+    and device; the dictionary's machine (LS/ELS patches with their size and padding, IS or ES whole images), its
+    groups, entries and dimensions, and the training images' shape and dtype."""
+    G, M, D = queries.shape
+    if isinstance(dictionary, PatchDictionary):
+        kind = f"patch dictionary (LS/ELS) P={dictionary.patch_size} {dictionary.padding} padding"
+    elif isinstance(dictionary, ImageDictionary):
+        kind = f"image dictionary ({'ES: circular translates' if dictionary.shifts else 'IS'})"
+    else:
+        kind = type(dictionary).__name__
+    images = dictionary.images
+    return (
+        f"queries (G={G}, M={M}, D={D}) {str(queries.dtype)[6:]} on {queries.device.type}; {kind}, "
+        f"{dictionary.num_groups} groups x {dictionary.size} entries, D={dictionary.key_dim} E={dictionary.value_dim}, "
+        f"training images {list(images.shape)} {str(images.dtype)[6:]} on {images.device.type}"
+    )
+
+
+def resolve_named(backend: Backend, queries: torch.Tensor, dictionary: Dictionary) -> Backend:
+    """`backend` (asked for by name or instance), raising `BackendUnavailable` with its reasons and the problem's
+    description when it cannot run this problem."""
     reasons = backend.unsupported_reasons(queries, dictionary)
     if reasons:
-        raise BackendUnavailable(f"backend {backend.NAME!r} cannot run here: {'; '.join(reasons)}", reasons)
+        raise BackendUnavailable(
+            f"backend {backend.NAME!r} cannot run {describe_inputs(queries, dictionary)}: {'; '.join(reasons)}",
+            reasons,
+        )
     return backend

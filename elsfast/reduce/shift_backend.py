@@ -19,11 +19,9 @@ from typing import ClassVar
 import torch
 
 from ..common.threads import kernel_threads
-from .cpu_backend import CPU_KERNEL_LIMITS, MAX_SPLITS, Cpu, check_options, choose_isa, cpu_kernel_reasons
+from . import cpu_ext
 from .dictionary import Dictionary, PatchDictionary
-from .partials import empty_partial_states, fold_partial_states, import_extension
-from .registry import Backend, BackendOutput, BackendUnavailable, register_backend
-from .state import logit_scales
+from .registry import Backend, BackendOutput, BackendUnavailable, describe_inputs, register_backend
 
 __all__ = ["Shifts", "group_rectangles", "query_images"]
 
@@ -88,20 +86,20 @@ class Shifts(Backend):
 
     NAME = "shifts"
     LIMITS: ClassVar[dict[str, str]] = {
-        **CPU_KERNEL_LIMITS,
+        **cpu_ext.CPU_KERNEL_LIMITS,
         "zeros": "needs a zero-padded patch dictionary",
         "rectangles": "needs groups whose positions form rectangles listed row by row (ELS border classes)",
         "whole_images": "needs queries that are the patches of whole images at the dictionary's positions",
     }
 
     def __post_init__(self) -> None:
-        check_options(self, ("splits",))
+        cpu_ext.check_options(self, ("splits",))
 
     def options(self) -> dict:
         return {"splits": self.splits, "isa": self.isa}
 
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
-        reasons = cpu_kernel_reasons(self, queries, dictionary)
+        reasons = cpu_ext.unsupported_reasons(self, queries, dictionary)
         if not isinstance(dictionary, PatchDictionary) or dictionary.padding != "zeros":
             return [*reasons, self.refuse("zeros", getattr(dictionary, "padding", type(dictionary).__name__))]
         rectangles = group_rectangles(dictionary)
@@ -112,7 +110,6 @@ class Shifts(Backend):
             reasons.append(self.refuse("whole_images", f"{queries.shape[1]} queries a group, {S} positions a group"))
         return reasons
 
-    @torch._dynamo.disable  # a kernel called with raw pointers: a graph break for torch.compile, never traced
     def reduce(
         self,
         queries: torch.Tensor,
@@ -122,30 +119,23 @@ class Shifts(Backend):
         memory_budget: int,
         provenance: bool = False,
     ) -> BackendOutput:
+        threads = kernel_threads()
         if provenance:  # the displacement kernel does not track the dominant entry
-            cpu = Cpu(isa=self.isa)
-            out = cpu.reduce(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True)
-            return out._replace(backends=(cpu.NAME,) * queries.shape[0])
+            state, chunks = cpu_ext.reduce_dictionary(
+                queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=True, threads=threads,
+                isa=self.isa,
+            )  # fmt: skip
+            return BackendOutput(state, chunks, backends=("cpu",) * queries.shape[0])
         images = query_images(queries, dictionary)
         if isinstance(images, str):
             reason = self.refuse("whole_images", images)
-            raise BackendUnavailable(f"backend 'shifts' cannot run here: {reason}", [reason])
-        images = images.contiguous()
-        ext = import_extension("elsfast._cpu")
-        isa = choose_isa(ext, self.isa)
-        groups = group_rectangles(dictionary).contiguous()
-        G, M, _ = queries.shape
-        B, C = images.shape[:2]
-        N, _, H, W = dictionary.images.shape
-        blocks = math.ceil(N / ext.lanes(isa))
-        threads = kernel_threads()
-        splits = self.splits or max(1, min(MAX_SPLITS, blocks, math.ceil(2 * threads / B)))
-        train = dictionary.images.to(queries.device).contiguous()
-        m, l, acc, _, _ = empty_partial_states(splits, G, M, C, queries.device)
-        ext.reduce_shifts(
-            *(t.data_ptr() for t in (images, train, groups, m, l, acc)),
-            B, C, H, W, N, G, M, dictionary.patch_size, splits,
-            *logit_scales(abar),
-            train.dtype == torch.uint8, threads, isa,
+            problem = describe_inputs(queries, dictionary)
+            raise BackendUnavailable(f"backend 'shifts' cannot run {problem}: {reason}", [reason])
+        M = queries.shape[1]
+        blocks = math.ceil(dictionary.num_images / cpu_ext.lanes(cpu_ext.choose_isa(self.isa)))
+        splits = self.splits or max(1, min(cpu_ext.MAX_SPLITS, blocks, math.ceil(2 * threads / images.shape[0])))
+        state = cpu_ext.reduce_shifts(
+            images, dictionary, group_rectangles(dictionary), queries_per_group=M, abar=abar, splits=splits,
+            threads=threads, isa=self.isa,
         )  # fmt: skip
-        return BackendOutput(fold_partial_states(dictionary, m, l, acc, None, None), blocks)
+        return BackendOutput(state, blocks)

@@ -36,11 +36,10 @@ from typing import ClassVar
 import torch
 
 from ..common import cache as disk_cache
-from . import policy
 from .caches import MemoryCache, content_hash
 from .dictionary import Dictionary
 from .distinct import DistinctEntries, distinct_entries, resolve_storage
-from .registry import FP_TOLERANCES, Backend, BackendOutput, Tolerance, register_backend
+from .registry import FP_TOLERANCES, Backend, BackendOutput, ExactReduce, Tolerance, register_backend
 from .state import LOG2E, ReduceState
 from .topk_index import (
     KINDS,
@@ -63,13 +62,16 @@ INDEX_CACHE_BYTES = 4 << 30  # built indexes kept in memory by one TopK object
 
 
 def _exact_reduce(
-    queries: torch.Tensor, dictionary: Dictionary, abar: float, memory_budget: int, provenance: bool
+    exact: ExactReduce,
+    queries: torch.Tensor,
+    dictionary: Dictionary,
+    abar: float,
+    memory_budget: int,
+    provenance: bool,
 ) -> tuple[BackendOutput, tuple[str, ...], int]:
-    """The queries top-k does not answer, on the exact backend `auto` runs: its output, what ran per group and
-    the pairs it scored."""
-    backend, out = policy.run(
-        "auto", queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance
-    )
+    """The queries top-k does not answer, on `exact` (the exact reduction `policy.run` passes in: `auto`'s): its
+    output, what ran per group and the pairs it scored."""
+    backend, out = exact(queries, dictionary, abar=abar, memory_budget=memory_budget, provenance=provenance)
     G, M, _ = queries.shape
     names = out.backends or (backend.NAME,) * G
     return out, names, G * M * dictionary.size if out.pairs is None else out.pairs
@@ -312,7 +314,10 @@ class TopK(Backend):
         abar: float,
         memory_budget: int,
         provenance: bool = False,
+        exact: ExactReduce,
     ) -> BackendOutput:
+        """Top-k where its bound is within tolerance, `exact` (given by `policy.run`: the exact backend `auto`
+        picks) for the other queries and the groups top-k does not pay for (module docstring)."""
         G, M, D = queries.shape
         dtype, device = queries.dtype, queries.device
         state = ReduceState.empty(G, M, dictionary.value_dim, dtype=dtype, device=device, provenance=provenance)
@@ -349,7 +354,7 @@ class TopK(Backend):
             parts = [self.NAME] if group_approximate else []
             if len(rows_exact):
                 out, exact_names, exact_pairs = _exact_reduce(
-                    queries[g : g + 1, rows_exact], dg, abar, memory_budget, provenance
+                    exact, queries[g : g + 1, rows_exact], dg, abar, memory_budget, provenance
                 )
                 state.assign_(g, rows_exact, out.state)
                 chunks += out.chunks
@@ -359,7 +364,9 @@ class TopK(Backend):
             approximate += group_approximate
         if whole_groups:
             sub = dictionary.select_groups(whole_groups)
-            out, exact_names, exact_pairs = _exact_reduce(queries[whole_groups], sub, abar, memory_budget, provenance)
+            out, exact_names, exact_pairs = _exact_reduce(
+                exact, queries[whole_groups], sub, abar, memory_budget, provenance
+            )
             for i, g in enumerate(whole_groups):
                 state.assign_(g, torch.arange(M, device=device), out.state.take(groups=slice(i, i + 1)))
                 names[g] = exact_names[i]

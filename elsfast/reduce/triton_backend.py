@@ -106,6 +106,9 @@ class Triton(Backend):
             first time a kind of problem comes, and keep the fastest (`elsfast.reduce.tuning`: kept per device,
             key shape, precision and size class, in memory and in the disk cache). Excludes block_m and block_n.
             The first call of each kind then costs a compile and three timed runs per candidate.
+
+    `memory_budget` is not used: the kernel gathers the keys from the training images tile by tile in on-chip
+    memory and allocates only its partial states (splits x G x M x (E + 4) values).
     """
 
     precision: str = "auto"
