@@ -441,7 +441,7 @@ def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, resume_from=f"{out}.ckpt", callback=crash)
+        elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, seed=0, resume_from=f"{out}.ckpt", callback=crash)
     ckpt = Path(f"{out}.ckpt")
     # mark the saved state, so that a resumed run is told apart from one that started over
     state = torch.load(ckpt, weights_only=True)
@@ -451,9 +451,9 @@ def test_sample_resumes_from_its_checkpoint(tmp_path, capsys):
     args = ["sample", "--limit", "40", "--n", "2", "--steps", "5", "--quiet", "--out", str(out)]
     assert main([*args, "--save", str(tmp_path / "s.pt")]) == 0
     assert not ckpt.exists()
-    resumed = elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, resume_from=tmp_path / "copy.ckpt")
+    resumed = elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, seed=0, resume_from=tmp_path / "copy.ckpt")
     torch.testing.assert_close(load_samples(tmp_path / "s.pt"), resumed, rtol=0, atol=0)
-    assert not torch.equal(resumed, elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False))
+    assert not torch.equal(resumed, elsfast.sample(m, n=2, steps=5, patch_size=3, progress=False, seed=0))
     assert main([*args, "--resume-from", "none"]) == 0
     assert not list(tmp_path.glob("*.ckpt"))
 
