@@ -3,6 +3,7 @@ stats of the whole dictionary and the same provenance on ties (issue #17, part 4
 wherever the shards, chunks and tiles put them, and the lowest global id wins; the README's torchrun example."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -52,9 +53,27 @@ WORKER = textwrap.dedent(
 )
 
 
-def run_two_ranks(tmp_path, worker: str, data: dict) -> list[dict]:
+def run_two_ranks(tmp_path, worker: str, data: dict, tries: int = 2) -> list[dict]:
     """Run `worker` (the source of a script: rank, world size, init method, data path, output path) as two gloo
-    ranks over `data`; returns each rank's saved results."""
+    ranks over `data`; returns each rank's saved results.
+
+    A rank that aborts with "terminate called without an active exception" (SIGABRT from a C++ thread left
+    running, seen once in 20 runs of the sharded-gradient worker on a loaded 2-core machine, never reproduced alone)
+    gets the whole run tried again, once: a wrong result or any other failure fails at once."""
+    try:
+        return _two_ranks(tmp_path / f"try{tries}", worker, data)
+    except RankAborted:
+        if tries <= 1:
+            raise
+        return run_two_ranks(tmp_path, worker, data, tries - 1)
+
+
+class RankAborted(AssertionError):
+    """A rank died of SIGABRT."""
+
+
+def _two_ranks(tmp_path, worker: str, data: dict) -> list[dict]:
+    tmp_path.mkdir(parents=True)
     torch.save(data, tmp_path / "d.pt")
     script = tmp_path / "worker.py"
     script.write_text(worker)
@@ -70,8 +89,10 @@ def run_two_ranks(tmp_path, worker: str, data: dict) -> list[dict]:
         )
         for r in range(2)
     ]
-    for p in procs:
-        output, _ = p.communicate(timeout=300)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, output in zip(procs, outputs, strict=True):
+        if p.returncode == -signal.SIGABRT and "terminate called without an active exception" in output:
+            raise RankAborted(output)
         assert p.returncode == 0, output
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(2)]
 

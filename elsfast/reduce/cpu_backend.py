@@ -60,6 +60,9 @@ class Cpu(Backend):
     def unsupported_reasons(self, queries: torch.Tensor, dictionary: Dictionary) -> list[str]:
         return cpu_ext.unsupported_reasons(self, queries, dictionary)
 
+    # eager, not traced: inductor's fusion of the input preparation would change the last bits of the result
+    # (the kernel itself is a custom op, `elsfast.reduce.cpu_ext` / `cuda_ext`, traceable when called directly)
+    @torch._dynamo.disable
     def reduce(
         self,
         queries: torch.Tensor,

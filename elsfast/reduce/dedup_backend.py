@@ -177,6 +177,9 @@ class Dedup(Backend):
             return None
         return table
 
+    # eager, not traced: inductor's fusion of the input preparation would change the last bits of the result
+    # (the kernel itself is a custom op, `elsfast.reduce.cpu_ext` / `cuda_ext`, traceable when called directly)
+    @torch._dynamo.disable
     def reduce(
         self,
         queries: torch.Tensor,

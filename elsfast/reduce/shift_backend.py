@@ -110,6 +110,9 @@ class Shifts(Backend):
             reasons.append(self.refuse("whole_images", f"{queries.shape[1]} queries a group, {S} positions a group"))
         return reasons
 
+    # eager, not traced: inductor's fusion of the input preparation would change the last bits of the result
+    # (the kernel itself is a custom op, `elsfast.reduce.cpu_ext` / `cuda_ext`, traceable when called directly)
+    @torch._dynamo.disable
     def reduce(
         self,
         queries: torch.Tensor,
