@@ -79,6 +79,7 @@ def _grid_arg(p: argparse.ArgumentParser) -> None:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train`, `calibrate`, `compare` and `reproduce` to the `elsfast` sub-command parser."""
+    from ..nets.models import ARCHS
     from ..research.reproduce import PRESETS
 
     t = commands.add_parser(
@@ -90,7 +91,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     add_data_args(t)
     g = t.add_argument_group("network")
-    g.add_argument("--arch", default="resnet", choices=("resnet", "unet"), help="(default: resnet)")
+    g.add_argument(
+        "--arch",
+        default="resnet",
+        choices=ARCHS,
+        help="unet-sa: the UNet with self-attention at 16x16 and 8x8 on 32x32 images (default: resnet)",
+    )
     g.add_argument("--padding", default="zeros", choices=("zeros", "circular"), help="(default: zeros)")
     g.add_argument("--conditional", action="store_true", help="class-conditional on the dataset's labels")
     g.add_argument("--channels", type=_channels, help="ResNet width (256) or UNet widths, e.g. 64,128,256")

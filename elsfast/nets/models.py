@@ -16,6 +16,12 @@ bias-like term): no normalisation layers anywhere, as in the paper.
   3x3 stride-2 convs go down, nearest-neighbour upsampling + 3x3 conv goes up, skips are concatenated. No
   attention. H and W must be divisible by 2^(levels - 1) (4 by default): both 28 x 28 MNIST (28 -> 14 -> 7)
   and 32 x 32 images work as they are; other sizes raise ValueError (pad them, e.g. `datasets.load(pad_to=32)`).
+- the same UNet with self-attention (arch "unet-sa", the paper's Section 6 network, after Ho et al. 2020):
+  `attention` lists the levels (0 = full resolution) whose residual blocks are each followed by a global
+  self-attention block over all H x W positions (GroupNorm, one 1x1 qkv projection, `heads` heads, a 1x1 output
+  projection, residual); the middle block gets one too when the bottom level is listed. The default for
+  "unet-sa" is levels 1 and 2: 16 x 16 and 8 x 8 on 32 x 32 images. Attention sees the whole image, so such a
+  network is neither local nor shift-equivariant, which is what the paper's last Table-1 row tests.
 
 Padding is `zeros` or `circular` for every convolution. A circular ResNet commutes with circular shifts; a
 circular UNet with shifts by multiples of 2^(levels - 1).
@@ -49,7 +55,7 @@ __all__ = [
 ]
 
 PADDINGS = ("zeros", "circular")
-ARCHS = ("resnet", "unet")
+ARCHS = ("resnet", "unet", "unet-sa")
 TIME_FREQS = 128
 """Width of the sinusoidal time features (before the MLP)."""
 
@@ -158,13 +164,35 @@ class _ResBlock(nn.Module):
         return self.skip(x) + self.conv2(h)
 
 
+class _SelfAttention(nn.Module):
+    """Residual global self-attention over the H x W positions of `[B, c, H, W]` (Ho et al. 2020): GroupNorm,
+    a 1x1 conv to queries, keys and values, `heads` heads of scaled dot-product attention, a 1x1 conv out."""
+
+    def __init__(self, channels: int, heads: int = 1):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention heads ({heads}) must divide the channels ({channels})")
+        self.heads = int(heads)
+        self.norm = nn.GroupNorm(math.gcd(32, channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)  # [b, heads, h * w, c / heads]
+        return x + self.out(a.transpose(-1, -2).reshape(b, c, h, w))
+
+
 class UNet(nn.Module):
-    """A convolution-only UNet: `len(channels)` scales, `blocks` residual blocks per level and path, no attention.
+    """A UNet: `len(channels)` scales, `blocks` residual blocks per level and path, optional self-attention.
 
     Encoder level i: `blocks` x ResBlock(-> channels[i]), then (except at the bottom) a 3x3 stride-2 conv.
     Bottom: one more ResBlock. Decoder level i (from the bottom up): nearest x2 upsampling + 3x3 conv,
     concatenate the encoder's level-i output, `blocks` x ResBlock(-> channels[i]). Output: relu, 3x3 conv to C.
-    H and W must be divisible by 2^(len(channels) - 1).
+    H and W must be divisible by 2^(len(channels) - 1). With `attention` (level indices, 0 = full resolution),
+    every ResBlock of those levels, on both paths, is followed by a `heads`-head self-attention block, and the
+    middle block too when the bottom level is listed; without it the network is convolution-only.
     """
 
     def __init__(
@@ -175,12 +203,20 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         blocks: int = 1,
         emb_dim: int | None = None,
+        attention: Sequence[int] = (),
+        heads: int = 1,
     ):
         super().__init__()
         self.in_channels = int(in_channels)
         self.channels = tuple(int(c) for c in channels)
         if not self.channels:
             raise ValueError("channels must list at least one width")
+        self.attention = tuple(sorted({int(level) for level in attention}))
+        if any(not 0 <= level < len(self.channels) for level in self.attention):
+            raise ValueError(f"attention levels must lie in 0..{len(self.channels) - 1}, got {list(attention)}")
+        self.heads = int(heads)
+        if self.heads < 1:
+            raise ValueError(f"heads must be at least 1, got {heads}")
         self.blocks = int(blocks)
         if self.blocks < 1:
             raise ValueError(f"blocks must be at least 1, got {blocks}")
@@ -191,16 +227,21 @@ class UNet(nn.Module):
         ch, d, p = self.channels, self.emb_dim, padding
         self.conv_in = _conv3x3(self.in_channels, ch[0], p)
         self.down = nn.ModuleList()
+        self.down_attention = nn.ModuleList()
         self.downsample = nn.ModuleList()
         prev = ch[0]
         for i, c in enumerate(ch):
             self.down.append(nn.ModuleList(_ResBlock(prev if k == 0 else c, c, d, p) for k in range(self.blocks)))
+            self.down_attention.append(self._attention_blocks(i, c))
             prev = c
             if i < len(ch) - 1:
                 self.downsample.append(_conv3x3(c, c, p, stride=2))
         self.mid = _ResBlock(ch[-1], ch[-1], d, p)
+        bottom = len(ch) - 1
+        self.mid_attention = _SelfAttention(ch[-1], self.heads) if bottom in self.attention else nn.Identity()
         self.upsample = nn.ModuleList()
         self.up = nn.ModuleList()
+        self.up_attention = nn.ModuleList()
         for i in range(len(ch) - 2, -1, -1):
             self.upsample.append(_conv3x3(ch[i + 1], ch[i + 1], p))
             self.up.append(
@@ -208,7 +249,13 @@ class UNet(nn.Module):
                     _ResBlock(ch[i + 1] + ch[i] if k == 0 else ch[i], ch[i], d, p) for k in range(self.blocks)
                 )
             )
+            self.up_attention.append(self._attention_blocks(i, ch[i]))
         self.conv_out = _conv3x3(ch[0], self.in_channels, p)
+
+    def _attention_blocks(self, level: int, channels: int) -> nn.ModuleList:
+        """One self-attention block per ResBlock of `level` if it is listed in `attention`, else none."""
+        count = self.blocks if level in self.attention else 0
+        return nn.ModuleList(_SelfAttention(channels, self.heads) for _ in range(count))
 
     @property
     def factor(self) -> int:
@@ -225,19 +272,26 @@ class UNet(nn.Module):
         e = F.silu(self.embed(x, t, labels))
         h = self.conv_in(x)
         skips = []
-        for i, level in enumerate(self.down):
-            for block in level:
-                h = block(h, e)
+        for i, (level, attend) in enumerate(zip(self.down, self.down_attention, strict=True)):
+            h = _level(level, attend, h, e)
             skips.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
-        h = self.mid(h, e)
-        for up, level, skip in zip(self.upsample, self.up, reversed(skips[:-1]), strict=True):
+        h = self.mid_attention(self.mid(h, e))
+        decoder = zip(self.upsample, self.up, self.up_attention, reversed(skips[:-1]), strict=True)
+        for up, level, attend, skip in decoder:
             h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-            h = torch.cat([h, skip], dim=1)
-            for block in level:
-                h = block(h, e)
+            h = _level(level, attend, torch.cat([h, skip], dim=1), e)
         return self.conv_out(F.relu(h))
+
+
+def _level(blocks: nn.ModuleList, attention: nn.ModuleList, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """A UNet level: its ResBlocks in turn, each followed by its attention block where the level has them."""
+    for k, block in enumerate(blocks):
+        h = block(h, e)
+        if attention:
+            h = attention[k](h)
+    return h
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,10 +303,10 @@ def model_config(model: nn.Module) -> dict:
     if isinstance(model, ResNet):
         arch, channels = "resnet", model.channels
     elif isinstance(model, UNet):
-        arch, channels = "unet", list(model.channels)
+        arch, channels = ("unet-sa" if model.attention else "unet"), list(model.channels)
     else:
         raise ValueError(f"model_config knows ResNet and UNet, got {type(model).__name__}")
-    return {
+    config = {
         "arch": arch,
         "in_channels": model.in_channels,
         "channels": channels,
@@ -261,23 +315,33 @@ def model_config(model: nn.Module) -> dict:
         "num_classes": model.num_classes,
         "emb_dim": model.emb_dim,
     }
+    if arch == "unet-sa":
+        config.update(attention=list(model.attention), heads=model.heads)
+    return config
 
 
-_DEFAULTS = {"resnet": {"channels": 256, "blocks": 6}, "unet": {"channels": [64, 128, 256], "blocks": 1}}
+_DEFAULTS = {
+    "resnet": {"channels": 256, "blocks": 6},
+    "unet": {"channels": [64, 128, 256], "blocks": 1},
+    "unet-sa": {"channels": [64, 128, 256], "blocks": 1, "attention": [1, 2], "heads": 1},
+}
 
 
 def build_model(config: dict) -> nn.Module:
     """A fresh (randomly initialised) network from a plain dict.
 
-    Keys: `arch` ("resnet" | "unet", required), `in_channels` (1), `channels` (ResNet: int, 256; UNet: list,
-    [64, 128, 256]), `blocks` (ResNet: 6 residual layers; UNet: 1 block per level), `padding` ("zeros"),
-    `num_classes` (None = unconditional), `emb_dim` (None = the architecture's default). Unknown keys raise.
+    Keys: `arch` ("resnet" | "unet" | "unet-sa", required), `in_channels` (1), `channels` (ResNet: int, 256;
+    UNet: list, [64, 128, 256]), `blocks` (ResNet: 6 residual layers; UNet: 1 block per level), `padding`
+    ("zeros"), `num_classes` (None = unconditional), `emb_dim` (None = the architecture's default); "unet-sa"
+    only: `attention` (levels with self-attention, [1, 2]) and `heads` (1). Unknown keys raise.
     """
     config = dict(config)
     arch = str(config.pop("arch", "")).lower()
     if arch not in ARCHS:
         raise ValueError(f"model config needs arch in {ARCHS}, got {arch or None!r}")
     allowed = {"in_channels", "channels", "blocks", "padding", "num_classes", "emb_dim"}
+    if arch == "unet-sa":
+        allowed |= {"attention", "heads"}
     unknown = sorted(set(config) - allowed)
     if unknown:
         raise ValueError(f"unknown model config keys {unknown}; known: {sorted(allowed)}")

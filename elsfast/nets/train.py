@@ -78,7 +78,8 @@ class TrainConfig:
 
     - dataset, root, pad_to, limit: passed to `elsfast.datasets.load(dataset, "train", root, pad_to=, limit=)`
       (ignored except `limit` when `train` is given `images`). The paper pads MNIST-type data to 32x32.
-    - arch "resnet" | "unet"; channels: ResNet width (int, 256) or UNet widths per scale (list, [64, 128, 256]);
+    - arch "resnet" | "unet" | "unet-sa" (the UNet with self-attention at 16x16 and 8x8 on 32x32 images,
+      `elsfast.nets.models`); channels: ResNet width (int, 256) or UNet widths per scale (list, [64, 128, 256]);
       None picks the architecture's default. blocks: ResNet residual layers (6) / UNet blocks per level (1).
     - padding "zeros" | "circular"; conditional: class-conditional on the dataset's labels (num_classes from the
       dataset, or labels.max() + 1, unless given).

@@ -71,6 +71,11 @@ class Preset:
     calibrate_machine: str = "els"  # the machine whose P(t) is calibrated (the paper: LS for the CelebA UNet)
     paper_r: float | None = None  # the paper's Table 1 median for this configuration (of `calibrate_machine`)
     needs_gpu: bool = False  # paper-scale: refused without a GPU unless forced
+    # a fixed P(t) instead of a calibration (any `patch_size` spec: a per-step list or a published list's name),
+    # and where it comes from: the paper compares its attention UNet with the ELS machine at the scales
+    # calibrated for the CIFAR-10 ResNet, not recalibrated (App. C)
+    scales: tuple[int, ...] | str | None = None
+    scales_source: str = ""
 
 
 def _cpu_preset(train: TrainConfig, notes: str, **preset) -> Preset:
@@ -172,6 +177,46 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
     )
 
 
+# The paper's attention row (Section 6, App. C): a class-conditional UNet with self-attention, compared with the ELS
+# machine at the P(t) calibrated for the CIFAR-10 ResNet. At CPU scale that P(t) is `cifar10-small`'s calibration
+# (docs/reproduction/cifar10-small/calibration.json, measured 2026-12-02 and reproduced exactly 2026-12-03).
+CIFAR10_SMALL_SCALES = (3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 9, 9, 9, 9)
+
+PRESETS["cifar10-sa-small"] = _cpu_preset(
+    TrainConfig(
+        dataset="cifar10",
+        limit=2000,
+        arch="unet-sa",
+        channels=[32, 64, 128],
+        blocks=1,
+        padding="zeros",
+        conditional=True,
+        lr=5e-4,
+        max_steps=1200,
+        checkpoint_every=200,
+    ),
+    "reduced scale for a 2-core CPU: a small class-conditional UNet with self-attention at 16x16 and 8x8 (widths "
+    "32, 64, 128), the first 2,000 CIFAR-10 training images, 1,200 training steps, compared with the ELS machine "
+    "at cifar10-small's calibrated P(t), not recalibrated, as the paper did; needs the data",
+    paper_r=0.77,
+    scales=CIFAR10_SMALL_SCALES,
+    scales_source="cifar10-small's calibrated P(t) (the CIFAR-10 ResNet's, as in the paper)",
+)
+PRESETS["cifar10-unet-sa-zeros"] = Preset(
+    train=TrainConfig(dataset="cifar10", arch="unet-sa", padding="zeros", conditional=True),
+    sizes=(3, 5, 7, 9, 11, 13, 15, 17),
+    calibration_seeds=10,
+    comparison_seeds=100,
+    paper_r=0.77,
+    needs_gpu=True,
+    scales="CIFAR10_ResNet_zeros_conditional",
+    scales_source="the published P(t) of the paper's CIFAR-10 ResNet (zeros, class-conditional)",
+    notes="the paper's CIFAR-10 UNet with self-attention (zeros, class-conditional; widths 64, 128, 256, attention "
+    "at 16x16 and 8x8), compared at the CIFAR-10 ResNet's published P(t), not recalibrated, Table 1: ELS r = "
+    "0.77; needs a GPU",
+)
+
+
 OUTPUTS = {
     "network.pt": "network",
     "calibration.json": "calibration",
@@ -200,7 +245,9 @@ def preset_cost(preset: Preset, images: torch.Tensor, labels: torch.Tensor | Non
     return {
         "network_steps": int(steps),
         "network_epochs": config.epochs if config.max_steps is None else None,
-        "calibration_evaluations": preset.calibration_seeds * evaluations * len(preset.sizes),
+        "calibration_evaluations": 0
+        if preset.scales is not None
+        else preset.calibration_seeds * evaluations * len(preset.sizes),
         "comparison_evaluations": preset.comparison_seeds * evaluations * len(preset.machines),
         "pairs_per_evaluation": pairs,
     }
@@ -359,9 +406,11 @@ def _calibration_stage(run: _Run, model, padding: str, network_tag: str, progres
     return calibration
 
 
-def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult, report: dict) -> dict:
-    """Report: `reproduction.json` with the headline numbers (written atomically); returns its content."""
+def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult | None, report: dict) -> dict:
+    """Report: `reproduction.json` with the headline numbers (written atomically); returns its content.
+    `calibration` is None for a preset with fixed scales (`Preset.scales`)."""
     preset = run.preset
+    calibrated = {"calibration": str(run.out / "calibration.json")} if calibration is not None else {}
     summary = {
         "preset": run.name,
         "notes": preset.notes,
@@ -369,10 +418,11 @@ def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult
         "calibrated_machine": preset.calibrate_machine,
         "cost": cost,
         "training": {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished", "stopped")},
-        "scales": calibration.scales,
+        "scales": report["config"]["scales"],
+        "scales_source": "calibrated" if calibration is not None else preset.scales_source,
         "grid": run.grid,
         "summary": report["summary"],
-        "files": {"network": run.config.out, "calibration": str(run.out / "calibration.json"), **report["files"]},
+        "files": {"network": run.config.out, **calibrated, **report["files"]},
         "torch": torch.__version__,
         "device": run.device or "cpu",
     }
@@ -440,13 +490,14 @@ def reproduce(
     model, model_config, _ = load_checkpoint(run.config.out, device=device)
     padding = model_config["model"]["padding"]
     network_tag = f"{run.config.out} at step {trained['steps']}"
-    calibration = _calibration_stage(run, model, padding, network_tag, progress)
+    fixed = run.preset.scales is not None  # compared at a given P(t) (`Preset.scales`), not calibrated
+    calibration = None if fixed else _calibration_stage(run, model, padding, network_tag, progress)
     report = compare(
         model,
         run.data.images,
         run.labels,
         out_dir=out / "report",
-        scales=calibration,
+        scales=run.preset.scales if fixed else calibration,
         seeds=range(1000, 1000 + run.preset.comparison_seeds),  # disjoint from the calibration seeds
         steps=run.preset.steps,
         conditional=run.config.conditional,
