@@ -37,6 +37,14 @@ def test_train_calibrate_compare(tmp_path, capsys):
     code = main(["calibrate", *args, "--seeds", "1", "--steps", "3", "--out", str(bare), "--plot", "p.jpg"])
     assert code == 2 and ".svg" in capsys.readouterr().err
 
+    attentive = tmp_path / "sa.pt"
+    sa = ["--arch", "unet-sa", "--channels", "4,8", "--pad-to", "32", "--max-steps", "1"]
+    assert main(["train", *data, *sa, "--batch-size", "4", "--device", "cpu", "-q", "--out", str(attentive)]) == 0
+    from elsfast.nets.train import load_checkpoint
+
+    assert load_checkpoint(attentive)[1]["model"]["attention"] == [1]
+    capsys.readouterr()
+
     report = tmp_path / "report"
     assert (
         main(["compare", *args, "--scales", str(calib), "--seeds", "2", "--steps", "3", "--out-dir", str(report)]) == 0

@@ -186,3 +186,66 @@ def test_network_denoiser_of_calibrate_is_deprecated():
         denoiser = network_denoiser(lambda x, abar, labels: torch.zeros_like(x))
     assert isinstance(denoiser, NetworkDenoiser)
     torch.testing.assert_close(denoiser(torch.ones(1, 1, 2, 2), 0.25, 0), torch.full((1, 1, 2, 2), 2.0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the UNet with self-attention (arch "unet-sa")
+
+
+def test_self_attention_block_is_softmax_attention_in_float64():
+    """The attention block against a float64 brute force: x + W_o softmax(q k^T / sqrt(d)) v per head, with q, k,
+    v the 1x1 projections of GroupNorm(x)."""
+    from elsfast.nets.models import UNet
+
+    torch.manual_seed(3)
+    net = UNet(in_channels=1, channels=(8, 16), attention=[1], heads=2).double()
+    block = net.down_attention[1][0]
+    for p in block.parameters():  # random affine norm and biases, so that every term is exercised
+        p.data.normal_()
+    x = torch.randn(2, 16, 3, 5, dtype=torch.float64)
+    h = torch.nn.functional.group_norm(x, block.norm.num_groups, block.norm.weight, block.norm.bias, block.norm.eps)
+    qkv = torch.einsum("oc,bcn->bon", block.qkv.weight[:, :, 0, 0], h.flatten(2)) + block.qkv.bias[None, :, None]
+    q, k, v = qkv.reshape(2, 3, 2, 8, 15).unbind(1)  # [b, head, d, n]
+    weights = torch.softmax(torch.einsum("bhdn,bhdm->bhnm", q, k) / math.sqrt(8), dim=-1)
+    attended = torch.einsum("bhnm,bhdm->bhdn", weights, v).reshape(2, 16, 15)
+    out = torch.einsum("oc,bcn->bon", block.out.weight[:, :, 0, 0], attended) + block.out.bias[None, :, None]
+    torch.testing.assert_close(block(x), x + out.reshape(2, 16, 3, 5), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_makes_the_unet_non_local():
+    """A pixel far outside the convolution-only UNet's receptive field changes nothing at the opposite corner of
+    the convolution-only network's output, and changes the attention UNet's."""
+    x = torch.randn(1, 1, 64, 64)
+    far = x.clone()
+    far[..., 63, 63] += 1.0
+    t = torch.tensor([0.5])
+    local = _seeded(UNet, channels=(4, 8), blocks=1)
+    assert (local(far, t) - local(x, t))[..., 0, 0].abs().max() == 0
+    attentive = _seeded(UNet, channels=(4, 8), blocks=1, attention=[1])
+    assert (attentive(far, t) - attentive(x, t))[..., 0, 0].abs().max() > 1e-6
+
+
+def test_circular_attention_unet_commutes_with_shifts_by_multiples_of_its_factor():
+    model = _seeded(UNet, channels=(4, 8, 8), padding="circular", attention=[1, 2], heads=2, num_classes=3)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 2])
+    shifted = model(torch.roll(x, (4, 8), (-2, -1)), t, y)
+    torch.testing.assert_close(shifted, torch.roll(model(x, t, y), (4, 8), (-2, -1)), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_unet_config_round_trips_and_bad_settings_are_refused():
+    model = _seeded(UNet, in_channels=3, channels=(8, 16, 16), attention=[2, 1], heads=2, num_classes=4)
+    config = model_config(model)
+    assert config["arch"] == "unet-sa" and config["attention"] == [1, 2] and config["heads"] == 2
+    rebuilt = build_model(config)
+    rebuilt.load_state_dict(model.state_dict())
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 3])
+    torch.testing.assert_close(rebuilt(x, t, y), model(x, t, y))
+    default = model_config(build_model({"arch": "unet-sa"}))
+    assert default["channels"] == [64, 128, 256] and default["attention"] == [1, 2] and default["heads"] == 1
+    assert "attention" not in model_config(build_model({"arch": "unet", "channels": [4, 8]}))
+    with pytest.raises(ValueError, match="unknown model config keys"):
+        build_model({"arch": "unet", "attention": [1]})
+    with pytest.raises(ValueError, match=r"attention levels must lie in 0\.\.1"):
+        UNet(channels=(4, 8), attention=[2])
+    with pytest.raises(ValueError, match="heads"):
+        UNet(channels=(4, 6), attention=[1], heads=4)

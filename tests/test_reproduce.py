@@ -1,6 +1,8 @@
 """The reproduction pipeline end to end on a tiny preset, and its resumability."""
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -109,6 +111,36 @@ def test_every_table1_row_is_a_preset_with_its_cost():
     assert cost["comparison_evaluations"] == 100 * 19 * 3
     conditional = preset_cost(PRESETS["cifar10-resnet-zeros"], data.images[:, :1].expand(-1, 3, -1, -1), data.labels)
     assert conditional["pairs_per_evaluation"]["is"][3] == int((data.labels == data.labels[0]).sum())
+
+
+def test_the_attention_presets_compare_at_the_resnet_scales_without_calibrating():
+    """The paper's attention row: an attention UNet compared at the CIFAR-10 ResNet's P(t), not recalibrated."""
+    from elsfast.common.scales import reference_scales
+
+    small, paper = PRESETS["cifar10-sa-small"], PRESETS["cifar10-unet-sa-zeros"]
+    assert small.train.arch == paper.train.arch == "unet-sa" and small.train.conditional and paper.train.conditional
+    assert not small.needs_gpu and paper.needs_gpu and small.paper_r == paper.paper_r == 0.77
+    committed = json.loads(Path("docs/reproduction/cifar10-small/calibration.json").read_text())["scales"]
+    assert list(small.scales) == committed  # cifar10-small's calibration, as measured
+    assert paper.scales == "CIFAR10_ResNet_zeros_conditional" and paper.scales in reference_scales()
+
+
+def test_a_preset_with_fixed_scales_trains_and_compares_without_calibrating(tiny, tmp_path):
+    fixed = replace(
+        tiny,
+        train=replace(tiny.train, arch="unet-sa", channels=[4, 8], pad_to=32),
+        scales=(1, 1, 3, 3),
+        scales_source="given",
+    )
+    summary = reproduce(fixed, tmp_path, progress=False)
+    assert not (tmp_path / "calibration.json").exists() and "calibration" not in summary["files"]
+    assert summary["scales"] == [1, 1, 3, 3] and summary["scales_source"] == "given"
+    assert summary["cost"]["calibration_evaluations"] == 0
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert saved["config"]["scales"] == [1, 1, 3, 3]
+    from elsfast.nets.train import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "network.pt")[1]["model"]["arch"] == "unet-sa"
 
 
 # ---------------------------------------------------------------------------------------------- issue 27

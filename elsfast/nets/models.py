@@ -20,8 +20,9 @@ bias-like term): no normalisation layers anywhere, as in the paper.
   `attention` lists the levels (0 = full resolution) whose residual blocks are each followed by a global
   self-attention block over all H x W positions (GroupNorm, one 1x1 qkv projection, `heads` heads, a 1x1 output
   projection, residual); the middle block gets one too when the bottom level is listed. The default for
-  "unet-sa" is levels 1 and 2: 16 x 16 and 8 x 8 on 32 x 32 images. Attention sees the whole image, so such a
-  network is neither local nor shift-equivariant, which is what the paper's last Table-1 row tests.
+  "unet-sa" is every level below full resolution: levels 1 and 2, 16 x 16 and 8 x 8, on 32 x 32 images.
+  Attention sees the whole image, so such a network is not local, which is what the paper's last Table-1 row
+  tests (with circular padding it still commutes with circular shifts by multiples of 2^(levels - 1)).
 
 Padding is `zeros` or `circular` for every convolution. A circular ResNet commutes with circular shifts; a
 circular UNet with shifts by multiples of 2^(levels - 1).
@@ -323,7 +324,7 @@ def model_config(model: nn.Module) -> dict:
 _DEFAULTS = {
     "resnet": {"channels": 256, "blocks": 6},
     "unet": {"channels": [64, 128, 256], "blocks": 1},
-    "unet-sa": {"channels": [64, 128, 256], "blocks": 1, "attention": [1, 2], "heads": 1},
+    "unet-sa": {"channels": [64, 128, 256], "blocks": 1, "heads": 1},
 }
 
 
@@ -333,7 +334,8 @@ def build_model(config: dict) -> nn.Module:
     Keys: `arch` ("resnet" | "unet" | "unet-sa", required), `in_channels` (1), `channels` (ResNet: int, 256;
     UNet: list, [64, 128, 256]), `blocks` (ResNet: 6 residual layers; UNet: 1 block per level), `padding`
     ("zeros"), `num_classes` (None = unconditional), `emb_dim` (None = the architecture's default); "unet-sa"
-    only: `attention` (levels with self-attention, [1, 2]) and `heads` (1). Unknown keys raise.
+    only: `attention` (levels with self-attention; default every level below full resolution, [1, 2] for three
+    scales: 16x16 and 8x8 on 32x32 images) and `heads` (1). Unknown keys raise.
     """
     config = dict(config)
     arch = str(config.pop("arch", "")).lower()
@@ -352,6 +354,8 @@ def build_model(config: dict) -> nn.Module:
         return ResNet(**kw)
     if isinstance(kw["channels"], int):
         raise ValueError(f"a UNet's channels is a list of widths per scale, got {kw['channels']!r}")
+    if arch == "unet-sa" and kw.get("attention") is None:  # every level below full resolution, as Ho et al.
+        kw["attention"] = list(range(1, len(kw["channels"]))) or [0]
     return UNet(**kw)
 
 
