@@ -192,7 +192,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "reproduce",
         help="train, calibrate and compare in one resumable command",
         description="Presets: "
-        + "; ".join(f"{name}: {preset.notes}" for name, preset in PRESETS.items())
+        + "; ".join(f"{name}: {preset.notes} (protocol {preset.protocol})" for name, preset in PRESETS.items())
         + ". Run the same command again to resume: a finished stage is never redone (the training time limit counts "
         "all runs together), and a finished reproduction prints its results. Paper-scale presets need a GPU "
         "(--force to run one without).",

@@ -144,8 +144,7 @@ PRESETS: dict[str, Preset] = {
         sizes=(3, 5, 7, 9, 11, 13, 15, 17),
         calibration_seeds=10,
         comparison_seeds=100,
-        notes="the paper's MNIST ResNet (zeros) configuration (SPEC section 3), Table 1 protocol (network 150 "
-        "steps, machines 20); needs a GPU",
+        notes="the paper's MNIST ResNet (zeros) configuration (SPEC section 3); needs a GPU",
         needs_gpu=True,
         protocol="table1",
     ),
@@ -185,8 +184,8 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
         protocol="table1",
         notes=(
             f"the paper's {_dataset} {_arch.upper() if _arch == 'unet' else 'ResNet'} ({_padding}"
-            f"{', class-conditional' if _conditional else ''}) configuration, Table 1 (network 150 steps, machines "
-            f"20): {_machine.upper()} r = {_r}; needs a GPU"
+            f"{', class-conditional' if _conditional else ''}) configuration, Table 1: {_machine.upper()} r = {_r}; "
+            "needs a GPU"
         ),
     )
 
@@ -229,8 +228,8 @@ PRESETS["cifar10-unet-sa-zeros"] = Preset(
     scales="CIFAR10_ResNet_zeros_conditional",
     scales_source="the published P(t) of the paper's CIFAR-10 ResNet (zeros, class-conditional)",
     notes="the paper's CIFAR-10 UNet with self-attention (zeros, class-conditional; widths 64, 128, 256, attention "
-    "at 16x16 and 8x8), compared at the CIFAR-10 ResNet's published P(t), not recalibrated, Table 1 (network 150 "
-    "steps, machines 20): ELS r = 0.77; needs a GPU",
+    "at 16x16 and 8x8), compared at the CIFAR-10 ResNet's published P(t), not recalibrated, Table 1: ELS r = "
+    "0.77; needs a GPU",
 )
 
 
