@@ -274,7 +274,7 @@ def test_reproduce_with_a_protocol_records_it_and_refuses_another(tiny, tmp_path
         reproduce(replace(tiny, steps=20), tmp_path / "bad", progress=False, protocol="table9")
     assert not (tmp_path / "bad").exists()
 
-    preset = replace(tiny, steps=20, protocol="table1", sizes=(3,), calibration_seeds=1, comparison_seeds=1)
+    preset = replace(tiny, steps=20, protocol="table1", machines=("is",), scales=(3,) * 20, comparison_seeds=1)
     summary = reproduce(preset, tmp_path, progress=False, train_steps=1)
     saved = json.loads((tmp_path / "reproduction.json").read_text())
     for record in (summary, saved):
