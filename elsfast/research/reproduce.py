@@ -292,7 +292,6 @@ class _Run:
     data: datasets.Dataset
     device: str | None
     grid: str
-    network_steps: int  # the comparison's network steps (the protocol's; `preset.steps` for none)
 
     @property
     def config(self) -> TrainConfig:
@@ -303,12 +302,10 @@ class _Run:
         return self.data.labels if self.config.conditional else None
 
 
-def _validate(
-    preset: str | Preset, train_steps: int | None, out: Path, protocol: str | None
-) -> tuple[str, Preset, int]:
+def _validate(preset: str | Preset, train_steps: int | None, out: Path, protocol: str | None) -> tuple[str, Preset]:
     """Validate: the preset, the arguments (the protocol, `protocol` or the preset's, agreeing with its steps),
-    and the outputs (writable, and replaceable by this command) before any work. Returns the preset's name, the
-    preset with the protocol of this run, and the network's comparison steps."""
+    and the outputs (writable, and replaceable by this command) before any work. Returns the preset's name and
+    the preset with the protocol of this run."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -324,11 +321,11 @@ def _validate(
             f"protocol {preset.protocol!r} runs the machines for {chosen.steps} steps, but preset {name} runs them "
             f"for {preset.steps}: give a protocol with {preset.steps} machine steps, or a preset with protocol=None"
         )
-    network_steps = protocol_steps(preset.protocol, preset.steps, None)[1]  # an unknown name is refused here
+    protocol_steps(preset.protocol, preset.steps, None)  # an unknown name is refused here
     for file, kind in OUTPUTS.items():  # refused now rather than after hours of work
         if file != "network.pt" or not (out / file).exists():  # an existing network.pt is resumed (and checked)
             check_replaceable(out / file, kind)
-    return name, preset, network_steps
+    return name, preset
 
 
 def _configure(
@@ -343,7 +340,6 @@ def _configure(
     comparison_seeds: int | None,
     checkpoint_minutes: float | None,
     grid: str,
-    network_steps: int,
 ) -> _Run:
     """Configure: the preset with this call's training limits, seeds and paths; its training data."""
     train = preset.train
@@ -359,7 +355,7 @@ def _configure(
     seeds = comparison_seeds if comparison_seeds is not None else preset.comparison_seeds
     preset = replace(preset, train=config, comparison_seeds=seeds)  # what this run does, for its cost
     data = datasets.load(config.dataset, root=config.root, pad_to=config.pad_to, limit=config.limit)
-    return _Run(name, preset, out, data, device, grid, network_steps)
+    return _Run(name, preset, out, data, device, grid)
 
 
 def _check_gpu(run: _Run, force: bool) -> None:
@@ -503,7 +499,7 @@ def reproduce(
     the machines 20 from the same noise at the same t; "table2", both 20); reproduction.json records it, with the
     network's steps and first t. A comparison in `report/` made with another protocol is refused, not mixed."""
     out = Path(out_dir)
-    name, preset, network_steps = _validate(preset, train_steps, out, protocol)
+    name, preset = _validate(preset, train_steps, out, protocol)
     run = _configure(
         name,
         preset,
@@ -515,7 +511,6 @@ def reproduce(
         comparison_seeds=comparison_seeds,
         checkpoint_minutes=checkpoint_minutes,
         grid=grid,
-        network_steps=network_steps,
     )
     _check_gpu(run, force)
     cost = preset_cost(run.preset, run.data.images, run.data.labels)
@@ -538,7 +533,7 @@ def reproduce(
         scales=run.preset.scales if fixed else calibration,
         seeds=range(1000, 1000 + run.preset.comparison_seeds),  # disjoint from the calibration seeds
         steps=run.preset.steps,
-        network_steps=run.network_steps,
+        protocol=run.preset.protocol,
         conditional=run.config.conditional,
         machines=run.preset.machines,
         padding=padding,
