@@ -65,3 +65,42 @@ def test_research_commands_reject_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("elsfast: error:") == 5 and "Traceback" not in err
     assert "--scales: calibrated scales 'MNIST_UNet_zeros:sideways': unknown reading 'sideways'" in err
+
+
+def test_compare_and_reproduce_take_a_protocol(tmp_path, capsys, monkeypatch):
+    """`--protocol` on `elsfast compare` runs and reports the paper's step counts (contradicting --steps or
+    --network-steps is refused before anything loads); on `elsfast reproduce` it reaches `reproduce` and the
+    protocol is printed with the results."""
+    import elsfast.research.reproduce as reproduce_module
+
+    ckpt = tmp_path / "net.pt"
+    data = ["--dataset", "mnist-embedded", "--limit", "20"]
+    net = ["--channels", "8", "--blocks", "1", "--batch-size", "8", "--device", "cpu", "-q"]
+    assert main(["train", *data, *net, "--max-steps", "1", "--out", str(ckpt)]) == 0
+    args = ["compare", "--checkpoint", str(ckpt), "--device", "cpu", "-q", "--seeds", "1", "--machines", "is"]
+    assert main([*args, "--protocol", "table2", "--out-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "protocol table2: network 20 steps from t = 0.95, machines 20 steps" in out
+    config = json.loads((tmp_path / "r" / "results.json").read_text())["config"]
+    assert (config["protocol"], config["network_steps"], config["network_start_t"]) == ("table2", 20, 0.95)
+    assert main([*args, "--protocol", "table1", "--network-steps", "20", "--out-dir", str(tmp_path / "x")]) == 2
+    assert main([*args, "--protocol", "table1", "--steps", "10", "--out-dir", str(tmp_path / "x")]) == 2
+    assert main([*args, "--protocol", "table3", "--out-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    refused = "table1 runs the network for 150 steps and the machines for 20, but --steps 20 --network-steps 20 was"
+    assert f"argument --protocol: {refused} given" in err
+    assert "but --steps 10 was given" in err and "invalid choice: 'table3'" in err
+    assert not (tmp_path / "x").exists()
+
+    seen = {}
+
+    def fake_reproduce(preset, out_dir, **kw):
+        seen.update(kw, preset=preset)
+        return {"protocol": kw["protocol"], "steps": 20, "network_steps": 150, "network_start_t": 0.95, "summary": {}}
+
+    monkeypatch.setattr(reproduce_module, "reproduce", fake_reproduce)
+    argv = ["reproduce", "mnist-small", "--out-dir", str(tmp_path / "p"), "--device", "cpu", "-q"]
+    assert main([*argv, "--protocol", "table1"]) == 0
+    assert seen["protocol"] == "table1" and seen["preset"] == "mnist-small"
+    assert "protocol table1: network 150 steps from t = 0.95" in capsys.readouterr().out
+    assert main(argv) == 0 and seen["protocol"] is None  # the preset's

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from elsfast.common.schedules import get_schedule
 from elsfast.machine import ScoreMachine
 from elsfast.research.compare import compare, load_results
 
@@ -198,3 +199,108 @@ def test_results_written_before_the_grid_option_resume(train, tmp_path):
     del data["config"]["grid"]
     path.write_text(json.dumps(data))
     assert compare(ElsNetwork(images), images, out_dir=tmp_path, **kw)["computed"] == 0
+
+
+# ---------------------------------------------------------------------------------------------- issue 28, item 2
+
+
+class AbarNetwork(ElsNetwork):
+    """An ELS "network" that records the abar of every call."""
+
+    def __init__(self, images, labels=None):
+        super().__init__(images, labels)
+        self.abars = []
+
+    def __call__(self, x, abar, labels):
+        self.abars.append(abar)
+        return super().__call__(x, abar, labels)
+
+
+@pytest.mark.parametrize("grid", ["machine", "network"])
+def test_more_network_steps_start_at_the_machines_first_t(train, tmp_path, grid):
+    """network_steps != steps: the network runs from the same noise at the machines' first t (3/4 for 4 machine
+    steps on the machine grid, 1 on the network grid) down to 0 in equal steps; results.json records its first t."""
+    from elsfast.common.schedules import abar_cosine_legacy
+
+    images, _ = train
+    net = AbarNetwork(images)
+    kw = dict(seeds=[0], steps=4, network_steps=9, machines=("els",), progress=False, network="els3", grid=grid)
+    report = compare(net, images, out_dir=tmp_path, **kw)
+    first, updates = (3 / 4, 8) if grid == "machine" else (1.0, 9)
+    assert net.abars == [abar_cosine_legacy(first * j / updates) for j in range(updates, 0, -1)]
+    assert net.abars[0] == abar_cosine_legacy(first)  # the machines' first abar (theirs: 3 or 4 updates of 1/4)
+    assert report["config"]["network_start_t"] == first and report["config"]["protocol"] is None
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"network: 9 steps from t = {first:g}, where the machines start" in summary
+    assert "none of the paper's protocols" in summary
+
+
+class LinearNetwork:
+    """A cheap eps_fn, eps = x / 2, recording the abar of every call."""
+
+    def __init__(self):
+        self.abars = []
+
+    def __call__(self, x, abar, labels):
+        self.abars.append(abar)
+        return 0.5 * x
+
+
+def test_both_protocols_end_to_end(train, tmp_path):
+    """protocol="table1": the network makes 149 updates from t = 19/20, the machines 19; "table2": both 19; the
+    protocol, the network's steps and its first t are in results.json and summary.md; the same step counts
+    given without a name are recorded as that protocol, and a resumed run with the other protocol is refused."""
+    images, _ = train
+    kw = dict(seeds=[0], machines=("is",), progress=False, network="half")
+    for name, calls in (("table1", 149), ("table2", 19)):
+        net = LinearNetwork()
+        report = compare(net, images, out_dir=tmp_path / name, protocol=name, **kw)
+        config = report["config"]
+        assert len(net.abars) == calls and net.abars[0] == get_schedule("cosine-legacy")(19 / 20)
+        assert (config["protocol"], config["steps"], config["network_start_t"]) == (name, 20, 0.95)
+        assert config["network_steps"] == {"table1": 150, "table2": 20}[name]
+        saved = json.loads((tmp_path / name / "results.json").read_text())["config"]
+        assert saved["protocol"] == name and saved["network_start_t"] == 0.95
+        summary = (tmp_path / name / "summary.md").read_text()
+        assert f"protocol `{name}` (the paper's Table {name[-1]}" in summary
+        assert f"network: {config['network_steps']} steps from t = 0.95" in summary
+    unnamed = compare(LinearNetwork(), images, out_dir=tmp_path / "table1", network_steps=150, **kw)
+    assert unnamed["computed"] == 0 and unnamed["config"]["protocol"] == "table1"
+    with pytest.raises(ValueError, match="network_steps: saved 150, now 20"):
+        compare(LinearNetwork(), images, out_dir=tmp_path / "table1", protocol="table2", **kw)
+
+
+def test_contradictory_protocols_are_refused(train, tmp_path):
+    from elsfast.research.protocols import protocol_steps
+
+    images, _ = train
+    kw = dict(out_dir=tmp_path, seeds=[0], machines=("is",), progress=False)
+    with pytest.raises(ValueError, match="protocol 'table1' runs the machines for 20 steps and the network for 150"):
+        compare(ElsNetwork(images), images, protocol="table1", network_steps=20, **kw)
+    with pytest.raises(ValueError, match=r"protocol 'table2'.*steps=10 was given"):
+        compare(ElsNetwork(images), images, protocol="table2", steps=10, **kw)
+    with pytest.raises(ValueError, match="unknown protocol 'table3'; known: table1, table2"):
+        compare(ElsNetwork(images), images, protocol="table3", **kw)
+    assert protocol_steps("table1", 20, 150) == (20, 150) and protocol_steps(None, 7, None) == (7, 7)
+    assert not (tmp_path / "results.json").exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize("network_steps", [STEPS, 9])
+def test_results_written_before_the_protocols_resume_as_what_they_were(train, tmp_path, network_steps):
+    """A results.json without `protocol` and `network_start_t` (written before them) resumes when its network
+    started where it starts now (network_steps = steps), and is refused when it started on its own grid at
+    (n-1)/n rather than at the machines' first t."""
+    images, _ = train
+    kw = dict(seeds=range(1), steps=STEPS, network_steps=network_steps, progress=False, network="els3")
+    compare(ElsNetwork(images), images, out_dir=tmp_path, machines=("els",), **kw)
+    path = tmp_path / "results.json"
+    data = json.loads(path.read_text())
+    for key in ("protocol", "network_start_t", "grid"):
+        del data["config"][key]
+    path.write_text(json.dumps(data))
+    if network_steps == STEPS:
+        again = compare(ElsNetwork(images), images, out_dir=tmp_path, machines=("els",), **kw)
+        assert again["computed"] == 0 and again["config"]["network_start_t"] == (STEPS - 1) / STEPS
+    else:
+        with pytest.raises(ValueError, match=r"network_start_t: saved 0.888.*now 0.833"):
+            compare(ElsNetwork(images), images, out_dir=tmp_path, machines=("els",), **kw)

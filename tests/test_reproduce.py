@@ -266,3 +266,54 @@ def test_an_interrupted_reproduction_keeps_its_training_and_resumes(tmp_path, si
 
     resumed = reproduce(_tiny_preset(max_steps=100000), tmp_path, progress=False, train_steps=ckpt["step"] + 1)
     assert resumed["training"]["steps"] == ckpt["step"] + 1 and resumed["training"]["finished"]
+
+
+# ---------------------------------------------------------------------------------------------- issue 28, item 2
+
+
+def test_every_preset_names_its_protocol_and_the_cpu_presets_keep_their_reports():
+    """The paper-scale presets (Table 1 rows, mnist-paper, the attention UNet) and cifar10-sa-small compare with
+    the paper's Table 1 protocol; the CPU presets with a committed report keep the protocol it measured."""
+    from pathlib import Path
+
+    from elsfast.research.protocols import PROTOCOLS
+    from elsfast.research.reproduce import TABLE1
+
+    table1 = {f"{d}-{a}-{p}" for d, a, p, *_ in TABLE1} | {"mnist-paper", "cifar10-unet-sa-zeros", "cifar10-sa-small"}
+    for name, preset in PRESETS.items():
+        assert preset.protocol in PROTOCOLS and PROTOCOLS[preset.protocol].steps == preset.steps, name
+        assert (preset.protocol == "table1") == (name in table1), name
+    reports = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
+    committed = [p for p in sorted(reports.glob("*/results.json")) if p.parent.name in PRESETS]
+    assert {p.parent.name for p in committed} >= {"mnist-small", "fashion-mnist-small", "cifar10-small", "faces-small"}
+    for path in committed:
+        config = json.loads(path.read_text())["config"]
+        protocol = PROTOCOLS[PRESETS[path.parent.name].protocol]
+        assert (protocol.steps, protocol.network_steps) == (config["steps"], config["network_steps"]), path
+
+
+def test_reproduce_with_a_protocol_records_it_and_refuses_another(tiny, tmp_path):
+    """A preset's protocol runs the comparison (table1: the network 150 steps from the machines' t = 19/20);
+    reproduction.json records it; `protocol=` overrides it, and a report/ made with another protocol is refused;
+    a protocol whose machine steps are not the preset's is refused before any work."""
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="protocol 'table1' runs the machines for 20 steps, but preset custom runs"):
+        reproduce(replace(tiny, protocol="table1"), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="protocol 'table2' runs the machines for 20 steps"):
+        reproduce(tiny, tmp_path / "bad", progress=False, protocol="table2")
+    with pytest.raises(ValueError, match="unknown protocol"):
+        reproduce(replace(tiny, steps=20), tmp_path / "bad", progress=False, protocol="table9")
+    assert not (tmp_path / "bad").exists()
+
+    preset = replace(tiny, steps=20, protocol="table1", machines=("is",), scales=(3,) * 20, comparison_seeds=1)
+    summary = reproduce(preset, tmp_path, progress=False, train_steps=1)
+    saved = json.loads((tmp_path / "reproduction.json").read_text())
+    for record in (summary, saved):
+        assert record["protocol"] == "table1" and record["steps"] == 20
+        assert record["network_steps"] == 150 and record["network_start_t"] == 0.95
+    report = json.loads((tmp_path / "report" / "results.json").read_text())["config"]
+    assert (report["protocol"], report["network_steps"]) == ("table1", 150)
+    with pytest.raises(ValueError, match="network_steps: saved 150, now 20"):
+        reproduce(preset, tmp_path, progress=False, train_steps=1, protocol="table2")
+    assert reproduce(preset, tmp_path, progress=False, train_steps=1)["protocol"] == "table1"

@@ -293,3 +293,104 @@ def test_ddim_start_at_t_one_is_the_network_grid():
     assert [d["i"] for d in seen] == [5, 4, 3, 2, 1] and seen[0]["t"] == 1.0
     with pytest.raises(ValueError, match="start must lie in"):
         elsfast.ddim_sample(lambda x, abar, i: x, x, steps=5, start=6, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- issue 28, item 2
+
+
+def test_grid_times_keep_each_grid_bit_for_bit_and_share_the_first_t():
+    """`grid_times` of a sampler sharing its own start is the grid i / n bit for bit (so every caller of the step
+    grids is unchanged); a 150-step network sharing the start of a 20-step machine begins at 19/20 on the machine
+    grid (149 equal updates) and at 1 on the network grid (150 updates)."""
+    from fractions import Fraction
+
+    from elsfast.sampling.ddim import grid_times
+
+    for n in range(2, 301):
+        assert grid_times("machine", n) == [i / n for i in range(n)]
+        assert grid_times("network", n) == [i / n for i in range(n + 1)]
+        assert grid_times("machine", n, shared_start=n) == [i / n for i in range(n)]
+    times = grid_times("machine", 150, shared_start=20)
+    assert len(times) == 150 and times[-1] == 19 / 20 and times[0] == 0.0
+    assert times == [float(Fraction(19, 20) * Fraction(i, 149)) for i in range(150)]  # the nearest floats
+    assert grid_times("network", 150, shared_start=20) == [i / 150 for i in range(151)]
+    assert grid_times("machine", 20, shared_start=150)[-1] == 149 / 150
+    with pytest.raises(ValueError, match="unknown step grid"):
+        grid_times("both", 20)
+    with pytest.raises(ValueError, match="shared_start must be at least 2"):
+        grid_times("machine", 20, shared_start=1)
+
+
+def _float64_ddim(denoise, x, t_first, updates: int, abar_of):
+    """An independent float64 DDIM loop (eta = 0): `updates` equal steps from t_first (a Fraction) down to 0, each
+    t the float nearest the exact fraction."""
+    from fractions import Fraction
+
+    seen = []
+    for j in range(updates, 0, -1):
+        t, t_prev = (float(Fraction(t_first) * Fraction(k, updates)) for k in (j, j - 1))
+        a, a_prev = abar_of(t), abar_of(t_prev)
+        seen.append(a)
+        x0 = denoise(x, a)
+        eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    return x, seen
+
+
+def test_ddim_on_grid_times_is_the_float64_reference_loop():
+    """The 150-step network of the paper's Table 1, run from the machines' first t on the machine grid: the abar
+    sequence it is evaluated at begins at abar(19/20), the machines' first, and the trajectory matches a float64
+    reference loop of 149 equal steps from t = 19/20."""
+    from elsfast.sampling.ddim import grid_times
+
+    g = torch.Generator().manual_seed(28)
+    x = torch.randn(2, 1, 4, 4, generator=g, dtype=torch.float64)
+    w = torch.randn(16, 16, generator=g, dtype=torch.float64) / 4
+
+    def denoise(y, abar):  # a nonlinear stand-in for a network's x0 prediction
+        return torch.tanh((y.reshape(2, 16) @ w).reshape(y.shape) * math.sqrt(abar) + abar)
+
+    abar_of = get_schedule("cosine-legacy")
+    from fractions import Fraction
+
+    expected, expected_abars = _float64_ddim(denoise, x, Fraction(19, 20), 149, abar_of)
+    machine_abars = []
+    elsfast.ddim_sample(lambda y, a, i: machine_abars.append(a) or y, x, steps=20, progress=False)
+    abars = []
+    out = elsfast.ddim_sample(
+        lambda y, a, i: abars.append(a) or denoise(y, a), x, times=grid_times("machine", 150, shared_start=20),
+        progress=False,
+    )  # fmt: skip
+    assert len(abars) == 149 and abars[0] == machine_abars[0] == abar_of(19 / 20)
+    assert abars == expected_abars
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    # the network grid: both from t = 1, the network 150 updates of 1/150
+    expected, expected_abars = _float64_ddim(denoise, x, Fraction(1), 150, abar_of)
+    abars.clear()
+    out = elsfast.ddim_sample(
+        lambda y, a, i: abars.append(a) or denoise(y, a), x, times=grid_times("network", 150, shared_start=20),
+        progress=False,
+    )  # fmt: skip
+    assert len(abars) == 150 and abars == expected_abars and abars[0] == abar_of(1.0)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_ddim_times_of_the_step_grid_are_bit_identical_and_checked():
+    from elsfast.sampling.ddim import grid_times
+
+    x = torch.randn(1, 1, 3, 3, generator=torch.Generator().manual_seed(5))
+
+    def denoiser(y, abar, i):
+        return torch.sin(y * (1 + abar)) + 0.01 * i
+
+    for grid, start in (("machine", None), ("network", 20)):
+        a = elsfast.ddim_sample(denoiser, x, steps=20, start=start, progress=False)
+        b = elsfast.ddim_sample(denoiser, x, times=grid_times(grid, 20), progress=False)
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="either times or steps"):
+        elsfast.ddim_sample(denoiser, x, steps=20, times=grid_times("machine", 20), progress=False)
+    with pytest.raises(ValueError, match="either times or steps"):
+        elsfast.ddim_sample(denoiser, x, start=3, times=[0.0, 0.5], progress=False)
+    for bad in ([0.5, 0.9], [0.0, 0.5, 0.5], [0.0], [0.0, 1.5], [0.0, 0.6, 0.3]):
+        with pytest.raises(ValueError, match="times must increase strictly from 0"):
+            elsfast.ddim_sample(denoiser, x, times=bad, progress=False)

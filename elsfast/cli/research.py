@@ -77,6 +77,18 @@ def _grid_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _protocol_arg(p: argparse.ArgumentParser, default_help: str) -> None:
+    from ..research.protocols import PROTOCOLS
+
+    p.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        help="the paper's step counts, the network from the same noise at the machines' first t: "
+        + "; ".join(f"{k}: {v.description}" for k, v in PROTOCOLS.items())
+        + f" ({default_help})",
+    )
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     """Add `train`, `calibrate`, `compare` and `reproduce` to the `elsfast` sub-command parser."""
     from ..nets.models import ARCHS
@@ -163,7 +175,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--seeds", type=at_least(1), default=100, metavar="N", help="seeds 0..N-1 (default: 100)")
     m.add_argument("--steps", type=at_least(2), default=20, help="machine steps (default: 20)")
-    m.add_argument("--network-steps", type=at_least(2), help="network steps (default: --steps; the paper: 150)")
+    m.add_argument(
+        "--network-steps",
+        type=at_least(2),
+        help="network steps, from the machines' first t (default: --steps; the paper's Table 1: 150)",
+    )
+    _protocol_arg(m, "default: none, the steps given; --steps and --network-steps must agree with it")
     m.add_argument("--machines", default="els,ls,is", help="comma list of machines (default: els,ls,is)")
     _grid_arg(m)
     m.add_argument("--out-dir", required=True, metavar="DIR")
@@ -175,7 +192,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "reproduce",
         help="train, calibrate and compare in one resumable command",
         description="Presets: "
-        + "; ".join(f"{name}: {preset.notes}" for name, preset in PRESETS.items())
+        + "; ".join(f"{name}: {preset.notes} (protocol {preset.protocol})" for name, preset in PRESETS.items())
         + ". Run the same command again to resume: a finished stage is never redone (the training time limit counts "
         "all runs together), and a finished reproduction prints its results. Paper-scale presets need a GPU "
         "(--force to run one without).",
@@ -198,6 +215,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
     _grid_arg(r)
+    _protocol_arg(r, "default: the preset's")
     _common(r)
     r.set_defaults(func=_cmd_reproduce)
 
@@ -323,7 +341,16 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from ..machine import MACHINES
     from ..research.calibrate import CalibrationResult
     from ..research.compare import compare
+    from ..research.protocols import PROTOCOLS
 
+    chosen = PROTOCOLS.get(args.protocol)
+    if chosen is not None and (args.steps != chosen.steps or args.network_steps not in (None, chosen.network_steps)):
+        raise CLIError(
+            f"argument --protocol: {args.protocol} runs the network for {chosen.network_steps} steps and the machines "
+            f"for {chosen.steps}, but --steps {args.steps}"
+            + ("" if args.network_steps is None else f" --network-steps {args.network_steps}")
+            + " was given: leave them out, or give no --protocol"
+        )
     machines = tuple(m.strip() for m in args.machines.split(",") if m.strip())
     unknown = [m for m in machines if m not in MACHINES]
     if unknown or not machines:
@@ -366,12 +393,23 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         network=str(Path(args.checkpoint).resolve()),
         progress=not args.quiet,
         grid=args.grid,
+        protocol=args.protocol,
     )
+    _print_protocol(report["config"])
     _print_summary(report["summary"])
     if report["figures_skipped"]:
         print(f"{PROG}: hist.png and scatter.png skipped: {report['figures_skipped']}")
     print(f"{PROG}: report -> {report['files']['summary']}")
     return 0
+
+
+def _print_protocol(config: dict) -> None:
+    """The protocol of a comparison (`config`: results.json's, or reproduction.json with the same keys)."""
+    name = f"protocol {config['protocol']}" if config["protocol"] else "no protocol of the paper's"
+    print(
+        f"{PROG}: {name}: network {config['network_steps']} steps from t = {config['network_start_t']:.6g}, "
+        f"machines {config['steps']} steps, the same noise"
+    )
 
 
 def _print_summary(summary: dict) -> None:
@@ -402,7 +440,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         grid=args.grid,
         checkpoint_minutes=args.checkpoint_minutes,
         force=args.force,
+        protocol=args.protocol,
     )
+    _print_protocol(summary)
     _print_summary(summary["summary"])
     print(f"{PROG}: reproduction -> {Path(args.out_dir) / 'reproduction.json'}")
     return 0

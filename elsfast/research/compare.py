@@ -3,9 +3,11 @@
 For every seed the network and each machine start from the *same* initial noise
 (`torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(seed))`, float32 on the CPU) and, for
 class-conditional runs, the same label. The network runs the one DDIM sampler (`elsfast.ddim_sample`) through
-its eps (`network_steps` steps, e.g. 150 as in the paper, default `steps`); every machine runs `elsfast.sample`
-with `steps` steps and the patch-size schedule `scales` (ignored by IS and ES). Each machine image is scored
-against the network image with
+its eps (`network_steps` steps, e.g. 150 as in the paper's Table 1, default `steps`) from the machines' first t
+(`elsfast.sampling.ddim.grid_times`); every machine runs `elsfast.sample` with `steps` steps and the patch-size
+schedule `scales` (ignored by IS and ES). `protocol` names the paper's step counts (`elsfast.research.protocols`:
+"table1", network 150 and machines 20; "table2", 20 and 20). Each machine image is scored against the network
+image with
 
 - Pearson r (`elsfast.research.metrics.pearson_r`): what the paper calls "r^2"; the paper's numbers are medians of it;
 - R^2 (`elsfast.research.metrics.r_squared`), the coefficient of determination with the network image as the reference.
@@ -52,9 +54,10 @@ from ..machine import MACHINES, ScoreMachine
 from ..nets.models import NetworkDenoiser
 from ..plots.style import machine_name, matplotlib_missing
 from ..sampling import ddim_sample
-from ..sampling.ddim import GRIDS, grid_start
+from ..sampling.ddim import GRIDS, grid_start, grid_times
 from .calibrate import CalibrationResult, as_eps_fn, label_tensor, seed_labels, seed_noise
 from .metrics import pearson_r, r_squared
+from .protocols import PROTOCOLS, protocol_of, protocol_steps
 
 __all__ = ["compare", "load_results", "plot_results", "summarize"]
 
@@ -100,6 +103,13 @@ def _normalise(obj):
 
 def _check_config(path: Path, saved: dict, config: dict) -> None:
     saved = {"grid": "machine", **saved}  # results written before the grid was an option used elsfast's grid
+    if "network_start_t" not in saved:  # written before the protocols: the network started on its own grid
+        n = saved["network_steps"]
+        saved = {
+            "protocol": protocol_of(saved["steps"], n),
+            "network_start_t": grid_start(saved["grid"], n) / n,
+            **saved,
+        }
     if saved == config:
         return
     keys = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
@@ -154,13 +164,20 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "n/a" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+def _protocol_text(protocol: str | None) -> str:
+    if protocol is None:
+        return "none of the paper's protocols (other step counts)"
+    return f"protocol `{protocol}` ({PROTOCOLS[protocol].description})"
+
+
 def _summary_markdown(config: dict, summary: dict, seeds: list[int], files: dict, skipped: str | None) -> str:
     machines = config["machines"]
     lines = [
         "# Network vs analytic machines",
         "",
-        f"{len(seeds)} seeds; network: `{config['network']}`; machines: {config['steps']} steps; network: "
-        f"{config['network_steps']} steps; step grid `{config.get('grid', 'machine')}` "
+        f"{len(seeds)} seeds; network: `{config['network']}`; {_protocol_text(config['protocol'])}; "
+        f"machines: {config['steps']} steps; network: {config['network_steps']} steps from "
+        f"t = {config['network_start_t']:.6g}, where the machines start; step grid `{config.get('grid', 'machine')}` "
         f"({GRIDS[config.get('grid', 'machine')]}, the same noise for all); "
         f"schedule `{config['schedule']}`; padding `{config['padding']}`; "
         f"{'class-conditional' if config['conditional'] else 'unconditional'}; training set "
@@ -283,6 +300,7 @@ def compare(
     grid_seeds: int = 8,
     progress: bool = True,
     grid: str = "machine",
+    protocol: str | None = None,
 ) -> dict:
     """Compare a network with the machines seed by seed (see the module docstring); resumable.
 
@@ -297,7 +315,8 @@ def compare(
             of t, the name of a published list, a `CalibrationResult`, or the path of a calibration JSON file.
         seeds: the seeds to compare (the paper uses 100).
         steps: the machines' sampler steps (the paper: 20).
-        network_steps: the network's sampler steps, default `steps` (the paper: 150), from the same noise.
+        network_steps: the network's sampler steps, default `steps` (the paper's Table 1: 150), from the same
+            noise at the same t as the machines' first step, down to t = 0 in equal steps (`grid_times`).
         labels: per-seed labels for conditional runs (default seed % num_classes; see `calibrate.seed_labels`).
         conditional: default: whether `train_labels` is given. Both the network and the machines get the label.
         machines: names among "els", "ls", "is", "es".
@@ -311,6 +330,10 @@ def compare(
             "machine" (noise at t = (n-1)/n, elsfast's sampler and the authors' machine sampler) or "network"
             (noise at t = 1, the authors' network sampler; the machines then also make n updates from t = 1).
             The report states it.
+        protocol: the paper's step counts by name (`elsfast.research.protocols.PROTOCOLS`): "table1" (network
+            150 steps, machines 20) or "table2" (both 20); `steps` and `network_steps`, if given, must agree with
+            it (ValueError otherwise). results.json's `config.protocol` names the protocol the step counts match
+            (None for others), `config.network_start_t` the network's first t.
 
     Returns the report: `config`, `seeds`, `rows` (in seed order), `summary` (see `summarize`), `computed` (seeds
     computed by this call), `files` (paths written) and `figures_skipped`: None, or why hist.png and scatter.png
@@ -320,7 +343,7 @@ def compare(
     tag = _network_tag(eps_fn, network)
     run = _validate(
         as_eps_fn(eps_fn, schedule), train_images, train_labels, image_shape, machines, seeds, labels,
-        conditional, steps, network_steps, schedule, grid, padding, machine_options,
+        conditional, steps, network_steps, schedule, grid, padding, machine_options, protocol,
     )  # fmt: skip
     config = _configure(run, tag, scales)
     out_dir = Path(out_dir)
@@ -347,14 +370,14 @@ class _Run:
     schedule: str | Callable[[float], float]
     grid: str
     start: int  # the machines' first step on the grid (`ddim_sample`'s start)
-    network_start: int  # the network's
+    network_times: tuple[float, ...]  # the network's grid, from the machines' first t (`grid_times`)
     padding: str
     options: dict
 
 
 def _validate(
     eps_fn, train_images, train_labels, image_shape, machines, seeds, labels, conditional, steps, network_steps,
-    schedule, grid, padding, machine_options,
+    schedule, grid, padding, machine_options, protocol,
 ) -> _Run:  # fmt: skip
     """`compare`'s arguments checked (ValueError naming the argument) and normalised."""
     if not isinstance(train_images, torch.Tensor) or train_images.dim() != 4:
@@ -376,21 +399,23 @@ def _validate(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError("seeds must be a non-empty list of distinct integers")
     seed_label = dict(zip(seeds, seed_labels(seeds, labels, classes), strict=True))
-    network_steps = steps if network_steps is None else int(network_steps)
+    steps, network_steps = protocol_steps(protocol, steps, network_steps)
     if steps < 2 or network_steps < 2:
         raise ValueError(f"steps and network_steps must be at least 2, got {steps} and {network_steps}")
     get_schedule(schedule)
-    start, network_start = grid_start(grid, steps, schedule), grid_start(grid, network_steps, schedule)
+    start = grid_start(grid, steps, schedule)
+    network_times = tuple(grid_times(grid, network_steps, shared_start=steps, schedule=schedule))
     options = dict(machine_options or {})
     return _Run(
         eps_fn, train_images, train_labels_used, shape, machines, seeds, seed_label, int(steps), network_steps,
-        schedule, grid, start, network_start, padding, options,
+        schedule, grid, start, network_times, padding, options,
     )  # fmt: skip
 
 
 def _configure(run: _Run, tag: str | None, scales) -> dict:
     """The run's configuration as results.json records it (a resumed run must match it): training set, network
-    tag, machines, steps, step grid, schedule, per-step patch sizes, noise and machine options."""
+    tag, machines, steps, protocol, the network's first t, step grid, schedule, per-step patch sizes, noise and
+    machine options."""
     return _normalise(
         {
             "train_shape": list(run.train_images.shape),
@@ -401,6 +426,8 @@ def _configure(run: _Run, tag: str | None, scales) -> dict:
             "padding": run.padding,
             "steps": run.steps,
             "network_steps": run.network_steps,
+            "protocol": protocol_of(run.steps, run.network_steps),
+            "network_start_t": run.network_times[-1],
             "grid": run.grid,
             "schedule": schedule_name(run.schedule),
             "scales": _scale_list(scales, run.steps),
@@ -454,9 +481,7 @@ def _run_seeds(out_dir: Path, run: _Run, config: dict, rows: dict[int, dict], to
         y = label_tensor([run.seed_label[seed]])
         network = NetworkDenoiser(run.eps_fn, labels=y)
         images = {
-            "network": ddim_sample(
-                network, noise, steps=run.network_steps, schedule=run.schedule, progress=False, start=run.network_start
-            )
+            "network": ddim_sample(network, noise, times=run.network_times, schedule=run.schedule, progress=False)
         }
         for name, m in built.items():
             images[name] = ddim_sample(

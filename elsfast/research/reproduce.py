@@ -22,6 +22,11 @@ Presets:
   paper's padding and conditioning), with the paper's training (SPEC section 3) and the machine the paper found
   best calibrated (LS for the faces UNet, ELS elsewhere). They need a GPU and the data; `reproduce` prints each
   one's cost (network steps, machine evaluations and pairs) before it starts.
+
+Every preset names its comparison protocol (`Preset.protocol`, `elsfast.research.protocols`): the paper-scale
+presets and `cifar10-sa-small` the paper's Table 1 (network 150 DDIM steps, machines 20, from the same noise at the
+same t), the other CPU presets Table 2 (both 20), as their committed reports in docs/reproduction/ measured.
+`reproduce(..., protocol=)` overrides it for one run; reproduction.json records it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from ..nets.train import (
 from ..plots.style import matplotlib_missing
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
+from .protocols import PROTOCOLS, protocol_steps
 
 __all__ = ["OUTPUTS", "PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
 
@@ -76,10 +82,15 @@ class Preset:
     # calibrated for the CIFAR-10 ResNet, not recalibrated (App. C)
     scales: tuple[int, ...] | str | None = None
     scales_source: str = ""
+    # the comparison protocol (`elsfast.research.protocols.PROTOCOLS`: "table1", network 150 steps and machines
+    # 20; "table2", both 20), or None: the network runs `steps` as the machines do
+    protocol: str | None = None
 
 
 def _cpu_preset(train: TrainConfig, notes: str, **preset) -> Preset:
-    """A reduced-scale preset for a 2-core CPU: P(t) calibrated over 3..13 on 6 seeds, compared on 30 seeds."""
+    """A reduced-scale preset for a 2-core CPU: P(t) calibrated over 3..13 on 6 seeds, compared on 30 seeds, by
+    default with the paper's Table 2 protocol (network and machines 20 steps), as the committed reports were."""
+    preset = {"protocol": "table2", **preset}
     return Preset(
         train=train, sizes=(3, 5, 7, 9, 11, 13), calibration_seeds=6, comparison_seeds=30, notes=notes, **preset
     )
@@ -135,6 +146,7 @@ PRESETS: dict[str, Preset] = {
         comparison_seeds=100,
         notes="the paper's MNIST ResNet (zeros) configuration (SPEC section 3); needs a GPU",
         needs_gpu=True,
+        protocol="table1",
     ),
 }
 
@@ -169,6 +181,7 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
         calibrate_machine=_machine,
         paper_r=_r,
         needs_gpu=True,
+        protocol="table1",
         notes=(
             f"the paper's {_dataset} {_arch.upper() if _arch == 'unet' else 'ResNet'} ({_padding}"
             f"{', class-conditional' if _conditional else ''}) configuration, Table 1: {_machine.upper()} r = {_r}; "
@@ -197,8 +210,10 @@ PRESETS["cifar10-sa-small"] = _cpu_preset(
     ),
     "reduced scale for a 2-core CPU: a small class-conditional UNet with self-attention at 16x16 and 8x8 (widths "
     "32, 64, 128), the first 2,000 CIFAR-10 training images, 1,200 training steps, compared with the ELS machine "
-    "at cifar10-small's calibrated P(t), not recalibrated, as the paper did; needs the data",
+    "at cifar10-small's calibrated P(t), not recalibrated, as the paper did, with the paper's Table 1 protocol "
+    "(network 150 steps, machines 20; the paper's Table 1 row, r = 0.77); needs the data",
     paper_r=0.77,
+    protocol="table1",
     scales=CIFAR10_SMALL_SCALES,
     scales_source="cifar10-small's calibrated P(t) (the CIFAR-10 ResNet's, as in the paper)",
 )
@@ -209,6 +224,7 @@ PRESETS["cifar10-unet-sa-zeros"] = Preset(
     comparison_seeds=100,
     paper_r=0.77,
     needs_gpu=True,
+    protocol="table1",
     scales="CIFAR10_ResNet_zeros_conditional",
     scales_source="the published P(t) of the paper's CIFAR-10 ResNet (zeros, class-conditional)",
     notes="the paper's CIFAR-10 UNet with self-attention (zeros, class-conditional; widths 64, 128, 256, attention "
@@ -286,9 +302,10 @@ class _Run:
         return self.data.labels if self.config.conditional else None
 
 
-def _validate(preset: str | Preset, train_steps: int | None, out: Path) -> tuple[str, Preset]:
-    """Validate: the preset, the arguments, and the outputs (writable, and replaceable by this command)
-    before any work."""
+def _validate(preset: str | Preset, train_steps: int | None, out: Path, protocol: str | None) -> tuple[str, Preset]:
+    """Validate: the preset, the arguments (the protocol, `protocol` or the preset's, agreeing with its steps),
+    and the outputs (writable, and replaceable by this command) before any work. Returns the preset's name and
+    the preset with the protocol of this run."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
@@ -297,6 +314,14 @@ def _validate(preset: str | Preset, train_steps: int | None, out: Path) -> tuple
         name = "custom"
     if train_steps is not None and train_steps < 1:
         raise ValueError(f"train_steps must be >= 1, got {train_steps}")
+    preset = replace(preset, protocol=preset.protocol if protocol is None else protocol)
+    chosen = PROTOCOLS.get(preset.protocol)
+    if chosen is not None and chosen.steps != preset.steps:
+        raise ValueError(
+            f"protocol {preset.protocol!r} runs the machines for {chosen.steps} steps, but preset {name} runs them "
+            f"for {preset.steps}: give a protocol with {preset.steps} machine steps, or a preset with protocol=None"
+        )
+    protocol_steps(preset.protocol, preset.steps, None)  # an unknown name is refused here
     for file, kind in OUTPUTS.items():  # refused now rather than after hours of work
         if file != "network.pt" or not (out / file).exists():  # an existing network.pt is resumed (and checked)
             check_replaceable(out / file, kind)
@@ -421,6 +446,10 @@ def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult
         "scales": report["config"]["scales"],
         "scales_source": "calibrated" if calibration is not None else preset.scales_source,
         "grid": run.grid,
+        "protocol": report["config"]["protocol"],
+        "steps": report["config"]["steps"],
+        "network_steps": report["config"]["network_steps"],
+        "network_start_t": report["config"]["network_start_t"],
         "summary": report["summary"],
         "files": {"network": run.config.out, **calibrated, **report["files"]},
         "torch": torch.__version__,
@@ -444,6 +473,7 @@ def reproduce(
     grid: str = "machine",
     checkpoint_minutes: float | None = None,
     force: bool = False,
+    protocol: str | None = None,
 ) -> dict:
     """Run (or resume) a reproduction into `out_dir`: `network.pt`, `calibration.json`/`.png`, `report/`
     (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary.
@@ -464,9 +494,12 @@ def reproduce(
     before anything is loaded.
 
     `grid` is the comparison's step grid, the same for the network and the machines (`compare`'s `grid`:
-    "machine", noise at t = (n-1)/n, or "network", noise at t = 1 as in the authors' network sampler)."""
+    "machine", noise at t = (n-1)/n, or "network", noise at t = 1 as in the authors' network sampler).
+    `protocol` replaces the preset's comparison protocol (`Preset.protocol`: "table1", the network 150 steps and
+    the machines 20 from the same noise at the same t; "table2", both 20); reproduction.json records it, with the
+    network's steps and first t. A comparison in `report/` made with another protocol is refused, not mixed."""
     out = Path(out_dir)
-    name, preset = _validate(preset, train_steps, out)
+    name, preset = _validate(preset, train_steps, out, protocol)
     run = _configure(
         name,
         preset,
@@ -500,6 +533,7 @@ def reproduce(
         scales=run.preset.scales if fixed else calibration,
         seeds=range(1000, 1000 + run.preset.comparison_seeds),  # disjoint from the calibration seeds
         steps=run.preset.steps,
+        protocol=run.preset.protocol,
         conditional=run.config.conditional,
         machines=run.preset.machines,
         padding=padding,
