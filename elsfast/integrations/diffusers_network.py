@@ -169,6 +169,15 @@ class DiffusersNetwork:
             )
         return step
 
+    def check_schedule(self, schedule, times) -> None:
+        """ValueError, before any step runs, unless the network can be fed the abar of `schedule` at every time
+        of `times` (`timestep`)."""
+        from ..common.schedules import get_schedule
+
+        abar_of = get_schedule(schedule)
+        for t in times:
+            self.timestep(abar_of(t))
+
     def check_labels(self, labels: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """`labels` `[batch]` int64 as the network takes them: required when it is conditional (ValueError if
         missing, of another length or outside [0, num_classes)), refused when it is not."""
@@ -189,7 +198,9 @@ class DiffusersNetwork:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, abar: float, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """eps `[B, C, H, W]` (x's dtype and device) for noisy images `x` `[B, C, H, W]` at noise level abar."""
+        """eps `[B, C, H, W]` for noisy images `x` `[B, C, H, W]` at noise level abar: the network runs in its own
+        dtype, the conversion of its output to epsilon in x's dtype (float64 x: a float64 conversion), on x's
+        device."""
         if tuple(x.shape[1:]) != self.image_shape:
             raise ValueError(f"x must be [B, {', '.join(map(str, self.image_shape))}], got {list(x.shape)}")
         labels = self.check_labels(labels, x.shape[0])
@@ -199,8 +210,8 @@ class DiffusersNetwork:
         dtype = torch.int64 if isinstance(step, int) else torch.float32
         timestep = torch.full((x.shape[0],), step, dtype=dtype, device=param.device)
         kwargs = {} if labels is None else {"class_labels": labels.to(param.device)}
-        out = self.unet(xin, timestep, **kwargs).sample
-        return eps_from_prediction(xin, out, abar, self.prediction_type).to(x.device, x.dtype)
+        out = self.unet(xin, timestep, **kwargs).sample.to(x.device, x.dtype)
+        return eps_from_prediction(x, out, abar, self.prediction_type)  # in x's precision
 
     def __repr__(self) -> str:
         kind = "class-conditional" if self.conditional else "unconditional"
@@ -294,7 +305,8 @@ def load_diffusers_network(
         where = Path(scheduler) if scheduler is not None else scheduler_path
         scheduler = _load_scheduler(where / _SCHEDULER_CONFIG if where.is_dir() else where)
     check_prediction_type(scheduler_config(scheduler), PREDICTS)  # before the weights are read
-    unet = diffusers.UNet2DModel.from_pretrained(model_dir, local_files_only=True)
-    if device is not None or dtype is not None:
-        unet = unet.to(device=device, dtype=dtype)
+    options = {} if dtype is None else {"torch_dtype": dtype}
+    unet = diffusers.UNet2DModel.from_pretrained(model_dir, local_files_only=True, low_cpu_mem_usage=False, **options)
+    if device is not None:
+        unet = unet.to(device)
     return DiffusersNetwork(unet, scheduler, path=directory)

@@ -111,11 +111,21 @@ def resolve_network(
     return as_eps_fn(network, schedule), schedule, None
 
 
-def check_network_fits(eps_fn, image_shape: Sequence[int], conditional: bool, classes: Sequence[int] | None) -> None:
+def check_network_fits(
+    eps_fn,
+    image_shape: Sequence[int],
+    conditional: bool,
+    classes: Sequence[int] | None,
+    schedule: str | Callable[[float], float] | None = None,
+    times: Sequence[float] = (),
+) -> None:
     """For a `DiffusersNetwork` (other eps_fns say nothing about themselves): ValueError unless its image shape is
-    `image_shape`, it is class-conditional exactly when the run is, and it knows every class of `classes`."""
+    `image_shape`, it is class-conditional exactly when the run is, it knows every class of `classes`, and it can
+    be fed the abar of `schedule` at each of `times` (the times it will be evaluated at)."""
     if not isinstance(eps_fn, DiffusersNetwork):
         return
+    if schedule is not None:
+        eps_fn.check_schedule(schedule, times)
     if tuple(eps_fn.image_shape) != tuple(int(s) for s in image_shape):
         raise ValueError(
             f"the network {eps_fn.tag} takes images of shape {eps_fn.image_shape}, the machines' training images "
@@ -381,10 +391,10 @@ def calibrate(
         raise ValueError("a conditional calibration needs machines built with train_labels")
     classes = first.labels.unique().tolist() if conditional else None
     labels = seed_labels(seeds, labels_for_seed, classes)
-    check_network_fits(eps_fn, shape, conditional, classes)
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
     get_schedule(schedule)  # validates the name
+    check_network_fits(eps_fn, shape, conditional, classes, schedule, [i / steps for i in range(1, steps)])
 
     S, K = len(seeds), len(sizes)
     best = torch.zeros(S, steps, dtype=torch.int64)

@@ -376,12 +376,13 @@ def _validate(
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError("seeds must be a non-empty list of distinct integers")
     seed_label = dict(zip(seeds, seed_labels(seeds, labels, classes), strict=True))
-    check_network_fits(eps_fn, shape, conditional, classes)
     network_steps = steps if network_steps is None else int(network_steps)
     if steps < 2 or network_steps < 2:
         raise ValueError(f"steps and network_steps must be at least 2, got {steps} and {network_steps}")
     get_schedule(schedule)
     start, network_start = grid_start(grid, steps, schedule), grid_start(grid, network_steps, schedule)
+    network_times = [i / network_steps for i in range(1, network_start + 1)]  # where the network is evaluated
+    check_network_fits(eps_fn, shape, conditional, classes, schedule, network_times)
     options = dict(machine_options or {})
     return _Run(
         eps_fn, train_images, train_labels_used, shape, machines, seeds, seed_label, int(steps), network_steps,

@@ -422,6 +422,7 @@ def _given_network(run: _Run, network) -> tuple[_Run, object, str]:
         raise ValueError("reproduce's network must be a diffusers network: a DiffusersNetwork or 'diffusers:DIR'")
     data = run.data
     conditional = bool(eps_fn.conditional)
+    check_network_fits(eps_fn, tuple(data.images.shape[1:]), conditional, None)
     if conditional and data.labels is None:
         raise ValueError(f"the network {tag} is class-conditional, but {data.name} has no labels")
     classes = data.num_classes or (None if data.labels is None else int(data.labels.max()) + 1)
@@ -430,7 +431,6 @@ def _given_network(run: _Run, network) -> tuple[_Run, object, str]:
             f"the network {tag} has {eps_fn.num_classes} classes and preset {run.name}'s data {data.name} has "
             f"{classes}: use a network trained on that data"
         )
-    check_network_fits(eps_fn, tuple(data.images.shape[1:]), conditional, None)
     run = replace(run, preset=replace(run.preset, train=replace(run.config, conditional=conditional)))
     return run, eps_fn, tag
 
