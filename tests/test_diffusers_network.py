@@ -234,6 +234,8 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="learned time embedding"):
         learned = DiffusersNetwork(tiny_unet(time_embedding_type="learned", num_train_timesteps=1000), scheduler())
         learned(torch.zeros(1, 1, SIZE, SIZE), 0.5)
+    with pytest.raises(ValueError, match="no sample_size"):
+        DiffusersNetwork(UNet2DModel(**{**tiny_unet().config, "sample_size": None}), scheduler())
     with pytest.raises(ValueError, match="output channels"):
         DiffusersNetwork(UNet2DModel(**{**tiny_unet().config, "out_channels": 2}), scheduler())
     net = DiffusersNetwork(tiny_unet(classes=3), scheduler())

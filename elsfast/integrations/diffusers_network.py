@@ -147,7 +147,9 @@ class DiffusersNetwork:
         alphas = getattr(scheduler, "alphas_cumprod", None)
         if alphas is None:
             raise TypeError(f"the scheduler has no alphas_cumprod: {type(scheduler).__name__}")
-        size = config["sample_size"]
+        size = config.get("sample_size")
+        if size is None:
+            raise ValueError("the UNet2DModel has no sample_size in its config: its image shape is unknown")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         self.unet = unet.eval()
         self.image_shape = (int(config["in_channels"]), int(h), int(w))
