@@ -16,7 +16,7 @@ from elsfast.common.fingerprint import training_set_sha256
 PACKAGE = Path(elsfast.__file__).resolve().parent
 
 # The elsfast packages each package may import (besides itself): the rule each package's docstring quotes as
-# `quoted_rule(package)`. The dependency direction is one way: cli -> research/integrations -> sampling/nets ->
+# `quoted_rule(package)`. The dependency direction is one way: cli -> research -> integrations -> sampling/nets ->
 # machine -> reduce/datasets/plots -> common, and not every lower package (nets never the reduction, sampling never
 # the datasets).
 IMPORTS: dict[str, tuple[str, ...]] = {
@@ -28,7 +28,7 @@ IMPORTS: dict[str, tuple[str, ...]] = {
     "machine": ("common", "reduce", "datasets"),
     "sampling": ("common", "reduce", "machine"),
     "nets": ("common", "datasets"),
-    "research": ("common", "reduce", "datasets", "plots", "machine", "sampling", "nets"),
+    "research": ("common", "reduce", "datasets", "plots", "machine", "sampling", "nets", "integrations"),
     "integrations": ("common", "reduce", "machine", "sampling"),
     "cli": ("common", "reduce", "datasets", "plots", "machine", "sampling", "nets", "research", "integrations"),
 }

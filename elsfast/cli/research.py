@@ -59,6 +59,37 @@ def _checkpoint_minutes_arg(p, default: float | None) -> None:
     )
 
 
+def _network_spec(text: str) -> str:
+    from ..integrations.diffusers_network import SPEC_PREFIX, is_network_spec
+
+    if not is_network_spec(text) or len(text) == len(SPEC_PREFIX):
+        raise argparse.ArgumentTypeError(
+            f"expected {SPEC_PREFIX}DIR (a diffusers model or pipeline directory), got {text!r}"
+        )
+    return text
+
+
+_NETWORK_HELP = (
+    "a diffusers UNet2DModel or pipeline directory on disk (read offline), run on its own scheduler's noise schedule"
+)
+
+
+def _network_args(p: argparse.ArgumentParser) -> None:
+    """--checkpoint PATH.pt or --network diffusers:DIR (one of them), and the data of a --network run."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
+    which.add_argument("--network", type=_network_spec, metavar="diffusers:DIR", help=_NETWORK_HELP)
+    g = p.add_argument_group("data of a --network run (a --checkpoint names its own)")
+    g.add_argument(
+        "--dataset",
+        metavar="NAME|PATH",
+        help="the machines' training set (required with --network): mnist, fashion-mnist, cifar10, faces, "
+        "mnist-embedded, or an .npz file or image folder",
+    )
+    g.add_argument("--pad-to", type=at_least(1), metavar="SIZE", help="zero-pad the images to SIZE x SIZE")
+    g.add_argument("--limit", type=at_least(1), metavar="N", help="use only the first N training images")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto: cuda when available (default)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -144,7 +175,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "eps is most cosine-similar to the network's; write the per-step median (and every seed's choice) as "
         "JSON, usable as a patch-size list, and a plot of P(t).",
     )
-    c.add_argument("--checkpoint", required=True, metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
+    _network_args(c)
     c.add_argument("--machine", default="els", choices=("els", "ls"), help="(default: els)")
     c.add_argument("--sizes", type=odd_patch_size, nargs="+", default=[3, 5, 7, 9, 11, 13, 15, 17], metavar="P")
     c.add_argument("--seeds", type=at_least(1), default=10, metavar="N", help="seeds 0..N-1 (default: 10)")
@@ -155,7 +186,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         metavar="PATH.png",
         help="figure of P(t): .png, .svg or .pdf (default: the --out path with .png; needs elsfast[plots])",
     )
-    c.add_argument("--data-root", metavar="DIR", help="data directory of the checkpoint's dataset ($ELSFAST_DATA)")
+    c.add_argument("--data-root", metavar="DIR", help="data directory of the named datasets ($ELSFAST_DATA)")
     _common(c)
     c.set_defaults(func=_cmd_calibrate)
 
@@ -166,7 +197,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "summary table in the layout of the paper's Table 1, image grids and plots into --out-dir. Finished "
         "seeds are not recomputed when the command is run again.",
     )
-    m.add_argument("--checkpoint", required=True, metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
+    _network_args(m)
     m.add_argument(
         "--scales",
         default="3",
@@ -184,7 +215,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     m.add_argument("--machines", default="els,ls,is", help="comma list of machines (default: els,ls,is)")
     _grid_arg(m)
     m.add_argument("--out-dir", required=True, metavar="DIR")
-    m.add_argument("--data-root", metavar="DIR", help="data directory of the checkpoint's dataset ($ELSFAST_DATA)")
+    m.add_argument("--data-root", metavar="DIR", help="data directory of the named datasets ($ELSFAST_DATA)")
     _common(m)
     m.set_defaults(func=_cmd_compare)
 
@@ -214,6 +245,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="run a paper-scale preset without a GPU (refused otherwise, with its estimated training time)",
     )
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
+    r.add_argument(
+        "--network",
+        type=_network_spec,
+        metavar="diffusers:DIR",
+        help=_NETWORK_HELP + ": calibrated and compared on the preset's data and settings, with no training stage",
+    )
     _grid_arg(r)
     _protocol_arg(r, "default: the preset's")
     _common(r)
@@ -286,11 +323,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _network_and_data(args: argparse.Namespace):
-    """The checkpoint's network and the training set it was trained on (for the machines)."""
+    """The network and the machines' training set: a checkpoint's network and the data it was trained on, or a
+    diffusers network (`--network`) and `--dataset` (labelled when the network is class-conditional, zero
+    padding)."""
     from .. import datasets
     from ..nets.train import load_checkpoint
 
     device = check_device(args.device, name="argument --device")
+    if args.network is not None:
+        from ..integrations.diffusers_network import load_diffusers_network
+
+        if args.dataset is None:
+            raise CLIError("--network needs --dataset: the machines' training set")
+        try:
+            model = load_diffusers_network(args.network, device=device)
+        except (OSError, ValueError) as err:
+            raise CLIError(f"argument --network: {err}") from None
+        data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)
+        if model.conditional and data.labels is None:
+            raise CLIError(f"argument --network: the network is class-conditional, but {data.name} has no labels")
+        labels = data.labels if model.conditional else None
+        return model, {"model": {"padding": "zeros"}}, data, labels, device
+    given = [f"--{k.replace('_', '-')}" for k in ("dataset", "pad_to", "limit") if getattr(args, k) is not None]
+    if given:
+        raise CLIError(f"{', '.join(given)}: a --checkpoint names its own training data (these go with --network)")
     model, config, _ = load_checkpoint(args.checkpoint, device=device)
     root = args.data_root or config.get("root")
     data = datasets.load(config["dataset"], root=root, pad_to=config.get("pad_to"), limit=config.get("limit"))
@@ -390,7 +446,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         conditional=labels is not None,
         machines=machines,
         padding=config["model"]["padding"],
-        network=str(Path(args.checkpoint).resolve()),
+        network=None if args.network is not None else str(Path(args.checkpoint).resolve()),
         progress=not args.quiet,
         grid=args.grid,
         protocol=args.protocol,
@@ -428,6 +484,10 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         if file != "network.pt" or not (out / file).exists():
             check_outputs({"--out-dir": (str(out / file), kind)})
     device = check_device(args.device, name="argument --device")
+    if args.network is not None:
+        given = [f"--{k.replace('_', '-')}" for k in ("train_minutes", "train_steps") if getattr(args, k) is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)}: there is no training with --network")
     summary = reproduce(
         args.preset,
         args.out_dir,
@@ -441,6 +501,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         checkpoint_minutes=args.checkpoint_minutes,
         force=args.force,
         protocol=args.protocol,
+        network=args.network,
     )
     _print_protocol(summary)
     _print_summary(summary["summary"])

@@ -5,6 +5,9 @@
   `ddim_scheduler_config` / `make_ddim_scheduler`, a `DDIMScheduler` that reproduces `elsfast.sample`.
 - `elsfast.integrations.k_diffusion`: `ELSDenoiser`, a k-diffusion-style denoiser `D(x, sigma)` in the
   variance-exploding convention, and `get_sigmas_elsfast`, the sigmas that make Euler equal `elsfast.sample`.
+- `elsfast.integrations.diffusers_network`: the other way round, a diffusers `UNet2DModel` saved on disk as the
+  network that `elsfast.research` calibrates and compares the machines against (`load_diffusers_network`); it
+  imports diffusers only when it loads one.
 
 `import elsfast` imports neither. `elsfast.integrations.diffusers` imports diffusers when it is imported (ELSUNet
 is a diffusers model); k-diffusion is never imported. An optional library that is installed but fails to import

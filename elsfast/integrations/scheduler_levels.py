@@ -12,7 +12,10 @@ A diffusers scheduler holds its noise levels in one of two tables:
   level is the scheduler's to float rounding.
 
 `prediction_type` is what the model returns, converted exactly from the machine's x0 prediction D at abar:
-"epsilon" (x - sqrt(abar) D) / sqrt(1 - abar), "sample" D, "v_prediction" sqrt(abar) eps - sqrt(1 - abar) D.
+"epsilon" (x - sqrt(abar) D) / sqrt(1 - abar), "sample" D, "v_prediction" sqrt(abar) eps - sqrt(1 - abar) D
+(`convert_prediction`); and back, a network's output to epsilon (`eps_from_prediction`): "sample" x0 gives
+(x - sqrt(abar) x0) / sqrt(1 - abar), "v_prediction" v gives sqrt(abar) v + sqrt(1 - abar) x, for
+x = sqrt(abar) x0 + sqrt(1 - abar) eps.
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ import warnings
 
 import torch
 
-__all__ = ["MIN_ABAR", "PREDICTION_TYPES", "check_scheduler", "convert_prediction", "table_abar"]
+__all__ = [
+    "MIN_ABAR",
+    "PREDICTION_TYPES",
+    "check_prediction_type",
+    "check_scheduler",
+    "convert_prediction",
+    "eps_from_prediction",
+    "table_abar",
+]
 
 MIN_ABAR = 1e-12
 """abar below this (zero-terminal-SNR schedules) is raised to it."""
@@ -34,6 +45,17 @@ def scheduler_config(scheduler) -> dict:
     """The scheduler's config as a dict ({} when it has none)."""
     config = getattr(scheduler, "config", None)
     return dict(config) if config is not None else {}
+
+
+def check_prediction_type(config: dict, who: str, hint: str = "") -> str:
+    """The scheduler config's `prediction_type` (default "epsilon"); ValueError beginning with `who` (e.g.
+    "ELSUNet predicts") and ending with `hint` unless it is one of `PREDICTION_TYPES`."""
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise ValueError(
+            f"{who} {', '.join(PREDICTION_TYPES)}, but the scheduler has prediction_type={prediction!r}{hint}"
+        )
+    return prediction
 
 
 def check_scheduler(scheduler) -> None:
@@ -49,12 +71,7 @@ def check_scheduler(scheduler) -> None:
     n = int(config.get("num_train_timesteps", len(alphas)))
     if n != len(alphas):
         raise ValueError(f"the scheduler has num_train_timesteps={n} but {len(alphas)} alphas_cumprod")
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(
-            f"ELSUNet predicts {', '.join(PREDICTION_TYPES)}, but the scheduler has prediction_type={prediction!r}: "
-            "configure it with prediction_type='epsilon'"
-        )
+    check_prediction_type(config, "ELSUNet predicts", ": configure it with prediction_type='epsilon'")
     if config.get("clip_sample", False):
         warnings.warn(
             "the scheduler clips x0 predictions to [-1, 1] (clip_sample=True); the paper's sampler does not: "
@@ -123,4 +140,16 @@ def convert_prediction(x: torch.Tensor, x0: torch.Tensor, abar: float, predictio
         return eps
     if prediction_type == "v_prediction":
         return math.sqrt(abar) * eps - math.sqrt(1.0 - abar) * x0
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+def eps_from_prediction(x: torch.Tensor, output: torch.Tensor, abar: float, prediction_type: str) -> torch.Tensor:
+    """The epsilon a network's `output` of `prediction_type` implies for input x `[B, C, H, W]` (same shape) at
+    noise level abar in (0, 1) (see the module docstring): the inverse of `convert_prediction`."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "sample":
+        return (x - math.sqrt(abar) * output) / math.sqrt(1.0 - abar)
+    if prediction_type == "v_prediction":
+        return math.sqrt(abar) * output + math.sqrt(1.0 - abar) * x
     raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")

@@ -10,6 +10,9 @@ The network enters as a plain callable `eps_fn(x, abar, labels) -> eps` (`x` `[B
 `labels` `[B]` int64 or None), so any model works, and so does an analytic machine posing as a network (which
 is how the tests check that calibration recovers a known P). A `torch.nn.Module` with the signature of
 `elsfast.nets.models` (`model(x, t, labels) -> eps`) is wrapped with `elsfast.nets.models.eps_at` automatically.
+A diffusers model directory enters as a loaded `elsfast.integrations.diffusers_network.DiffusersNetwork` or as the
+spec string "diffusers:DIR" (`resolve_network`): its own noise schedule is then the schedule of the run (the
+machines and the network see the same abar at every step) unless `schedule` is given explicitly.
 
 Layout of the result: `CalibrationResult.scales` is a list of length `steps` whose entry i is the patch size at
 t = i / steps, exactly the layout of `elsfast.reference_scales()`, so `elsfast.sample(..., patch_size=result.scales)`
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..common.fileio import atomic_write, describe_file
 from ..common.schedules import get_schedule, schedule_name, x0_from_eps
+from ..integrations.diffusers_network import DiffusersNetwork, is_network_spec, load_diffusers_network
 from ..machine import ScoreMachine
 from ..nets.models import NetworkDenoiser, eps_at
 from ..sampling import ddim_sample
@@ -46,8 +50,10 @@ __all__ = [
     "EpsFn",
     "as_eps_fn",
     "calibrate",
+    "check_network_fits",
     "label_tensor",
     "network_denoiser",
+    "resolve_network",
     "seed_labels",
     "seed_noise",
 ]
@@ -85,6 +91,57 @@ def as_eps_fn(network, schedule: str | Callable[[float], float] = "cosine-legacy
     if not callable(network):
         raise TypeError(f"the network must be a torch.nn.Module or a callable eps_fn(x, abar, labels), got {network!r}")
     return network
+
+
+def resolve_network(
+    network, schedule: str | Callable[[float], float] | None = None
+) -> tuple[EpsFn, str | Callable[[float], float], str | None]:
+    """`(eps_fn, schedule, tag)` of a run on `network`: a spec "diffusers:DIR" is loaded
+    (`load_diffusers_network`); a `DiffusersNetwork` is its own eps_fn, runs on its own schedule unless `schedule`
+    is given (then it is fed the fractional timestep of each abar, see `elsfast.integrations.diffusers_network`) and
+    has a tag (its directory and a hash of its weights); anything else goes through `as_eps_fn` on `schedule`
+    (default "cosine-legacy") and has no tag."""
+    if isinstance(network, str):
+        if not is_network_spec(network):
+            raise ValueError(f"a network given as a string must be a spec 'diffusers:DIR', got {network!r}")
+        network = load_diffusers_network(network)
+    if isinstance(network, DiffusersNetwork):
+        return network, network.schedule if schedule is None else schedule, network.tag
+    schedule = "cosine-legacy" if schedule is None else schedule
+    return as_eps_fn(network, schedule), schedule, None
+
+
+def check_network_fits(
+    eps_fn,
+    image_shape: Sequence[int],
+    conditional: bool,
+    classes: Sequence[int] | None,
+    schedule: str | Callable[[float], float] | None = None,
+    times: Sequence[float] = (),
+) -> None:
+    """For a `DiffusersNetwork` (other eps_fns say nothing about themselves): ValueError unless its image shape is
+    `image_shape`, it is class-conditional exactly when the run is, it knows every class of `classes`, and it can
+    be fed the abar of `schedule` at each of `times` (the times it will be evaluated at)."""
+    if not isinstance(eps_fn, DiffusersNetwork):
+        return
+    if schedule is not None:
+        eps_fn.check_schedule(schedule, times)
+    if tuple(eps_fn.image_shape) != tuple(int(s) for s in image_shape):
+        raise ValueError(
+            f"the network {eps_fn.tag} takes images of shape {eps_fn.image_shape}, the machines' training images "
+            f"have shape {tuple(image_shape)}"
+        )
+    if eps_fn.conditional != bool(conditional):
+        kind = "class-conditional" if eps_fn.conditional else "unconditional"
+        run = "class-conditional" if conditional else "unconditional"
+        raise ValueError(
+            f"the network {eps_fn.tag} is {kind} and the run is {run}: pass conditional={eps_fn.conditional} (and "
+            "training labels for a conditional run)"
+        )
+    if classes is not None and eps_fn.num_classes is not None and max(classes) >= eps_fn.num_classes:
+        raise ValueError(
+            f"the network {eps_fn.tag} knows {eps_fn.num_classes} classes; the training labels go up to {max(classes)}"
+        )
 
 
 def network_denoiser(
@@ -288,15 +345,16 @@ def calibrate(
     steps: int = 20,
     labels_for_seed=None,
     conditional: bool | None = None,
-    schedule: str | Callable[[float], float] = "cosine-legacy",
+    schedule: str | Callable[[float], float] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
 ) -> CalibrationResult:
     """Calibrate P(t) of a machine against a network (see the module docstring).
 
     Args:
-        eps_fn: the network, `eps_fn(x, abar, labels) -> eps`, or a `torch.nn.Module` (wrapped by `as_eps_fn`,
-            which maps abar to the network's time on `schedule`).
+        eps_fn: the network, `eps_fn(x, abar, labels) -> eps`, a `torch.nn.Module` (wrapped by `as_eps_fn`,
+            which maps abar to the network's time on `schedule`), or a diffusers network (a `DiffusersNetwork` or
+            "diffusers:DIR", see `resolve_network`; the result then records its tag as `network`).
         machines: the candidate machines: one `ScoreMachine` evaluated at every size of `sizes`, a dict
             {P: ScoreMachine}, or a factory P -> ScoreMachine (called once per size).
         image_shape: (C, H, W); default and check: the machines' image shape.
@@ -307,9 +365,11 @@ def calibrate(
             `seed % num_classes`; an int, a mapping, a callable or a sequence aligned with `seeds`). Both the
             network and the machines get it.
         conditional: whether the run is class-conditional; default: whether the machines have training labels.
+        schedule: the noise schedule of the sampler (a name or a callable t -> abar); default: a diffusers
+            network's own, else "cosine-legacy".
         batch_size: seeds per batch (default all at once).
     """
-    eps_fn = as_eps_fn(eps_fn, schedule)
+    eps_fn, schedule, tag = resolve_network(eps_fn, schedule)
     sizes, by_size = _machines_by_size(machines, sizes)
     if not sizes:
         raise ValueError("no candidate patch sizes")
@@ -334,6 +394,7 @@ def calibrate(
     if steps < 2:
         raise ValueError(f"steps must be at least 2, got {steps}")
     get_schedule(schedule)  # validates the name
+    check_network_fits(eps_fn, shape, conditional, classes, schedule, [i / steps for i in range(1, steps)])
 
     S, K = len(seeds), len(sizes)
     best = torch.zeros(S, steps, dtype=torch.int64)
@@ -369,4 +430,5 @@ def calibrate(
             "train_shape": list(first.images.shape),
             "train_sha256": first.fingerprint,
         },
+        network=tag,
     )

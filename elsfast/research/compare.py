@@ -33,7 +33,6 @@ Output directory (`out_dir`):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import warnings
@@ -46,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..common.fileio import atomic_write, check_replaceable
-from ..common.fingerprint import training_set_sha256
+from ..common.fingerprint import module_sha256, training_set_sha256
 from ..common.imageio import make_grid
 from ..common.scales import PatchSizeSpec, resolve_patch_size
 from ..common.schedules import get_schedule, schedule_name
@@ -55,7 +54,7 @@ from ..nets.models import NetworkDenoiser
 from ..plots.style import machine_name, matplotlib_missing
 from ..sampling import ddim_sample
 from ..sampling.ddim import GRIDS, grid_start, grid_times
-from .calibrate import CalibrationResult, as_eps_fn, label_tensor, seed_labels, seed_noise
+from .calibrate import CalibrationResult, check_network_fits, label_tensor, resolve_network, seed_labels, seed_noise
 from .metrics import pearson_r, r_squared
 from .protocols import PROTOCOLS, protocol_of, protocol_steps
 
@@ -69,11 +68,7 @@ def _network_tag(network, tag: str | None) -> str | None:
     if tag is not None:
         return str(tag)
     if isinstance(network, torch.nn.Module):
-        digest = hashlib.sha256()
-        for name, value in sorted(network.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        return f"module-sha256:{digest.hexdigest()}"
+        return f"module-sha256:{module_sha256(network)}"
     return None
 
 
@@ -294,7 +289,7 @@ def compare(
     conditional: bool | None = None,
     machines: Sequence[str] = ("els", "ls", "is"),
     padding: str = "zeros",
-    schedule: str | Callable[[float], float] = "cosine-legacy",
+    schedule: str | Callable[[float], float] | None = None,
     network: str | None = None,
     machine_options: dict | None = None,
     grid_seeds: int = 8,
@@ -305,8 +300,9 @@ def compare(
     """Compare a network with the machines seed by seed (see the module docstring); resumable.
 
     Args:
-        eps_fn: the network, `eps_fn(x, abar, labels) -> eps`, or a `torch.nn.Module` `model(x, t, labels)`
-            (wrapped with `elsfast.nets.models.eps_at` on `schedule`).
+        eps_fn: the network, `eps_fn(x, abar, labels) -> eps`, a `torch.nn.Module` `model(x, t, labels)`
+            (wrapped with `elsfast.nets.models.eps_at` on `schedule`), or a diffusers network (a
+            `DiffusersNetwork` or "diffusers:DIR", `elsfast.research.calibrate.resolve_network`).
         train_images, train_labels: the machines' training set (`[N, C, H, W]` float in [-1, 1] or uint8;
             labels `[N]` for class-conditional runs).
         image_shape: (C, H, W); checked against the training images (default: theirs).
@@ -321,9 +317,12 @@ def compare(
         conditional: default: whether `train_labels` is given. Both the network and the machines get the label.
         machines: names among "els", "ls", "is", "es".
         padding: the machines' padding ("zeros" or "circular"): match the network's.
+        schedule: the noise schedule of the network and the machines (a name or a callable t -> abar); default:
+            a diffusers network's own, else "cosine-legacy".
         network: a tag identifying the network (e.g. its checkpoint path and step), recorded in results.json so
-            that resuming with another network raises; default for a `torch.nn.Module`: a hash of its weights,
-            for a plain callable: None (not checked).
+            that resuming with another network raises; default for a diffusers network: its directory and a hash
+            of its weights, for a `torch.nn.Module`: a hash of its weights, for a plain callable: None (not
+            checked).
         machine_options: extra `ScoreMachine` arguments (`backend`, `device`, `dtype`, `memory_budget`).
         grid_seeds: how many seeds (the first ones) go into grid.png.
         grid: the step grid of the network and of every machine, the same for all (`elsfast.sampling.ddim.GRIDS`):
@@ -340,9 +339,10 @@ def compare(
     were not drawn (matplotlib missing: `pip install elsfast[plots]`; the numbers and grid.png are written all
     the same, and a warning says so).
     """
-    tag = _network_tag(eps_fn, network)
+    resolved, schedule, own_tag = resolve_network(eps_fn, schedule)
+    tag = _network_tag(eps_fn, network if network is not None else own_tag)
     run = _validate(
-        as_eps_fn(eps_fn, schedule), train_images, train_labels, image_shape, machines, seeds, labels,
+        resolved, train_images, train_labels, image_shape, machines, seeds, labels,
         conditional, steps, network_steps, schedule, grid, padding, machine_options, protocol,
     )  # fmt: skip
     config = _configure(run, tag, scales)
@@ -405,6 +405,7 @@ def _validate(
     get_schedule(schedule)
     start = grid_start(grid, steps, schedule)
     network_times = tuple(grid_times(grid, network_steps, shared_start=steps, schedule=schedule))
+    check_network_fits(eps_fn, shape, conditional, classes, schedule, network_times[1:])  # where it is evaluated
     options = dict(machine_options or {})
     return _Run(
         eps_fn, train_images, train_labels_used, shape, machines, seeds, seed_label, int(steps), network_steps,

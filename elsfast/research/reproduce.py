@@ -27,6 +27,11 @@ Every preset names its comparison protocol (`Preset.protocol`, `elsfast.research
 presets and `cifar10-sa-small` the paper's Table 1 (network 150 DDIM steps, machines 20, from the same noise at the
 same t), the other CPU presets Table 2 (both 20), as their committed reports in docs/reproduction/ measured.
 `reproduce(..., protocol=)` overrides it for one run; reproduction.json records it.
+
+With `network=` (a `DiffusersNetwork` or "diffusers:DIR", `elsfast.research.calibrate.resolve_network`) there is no
+training stage: the preset's data and settings calibrate and compare that network, on its own noise schedule. The
+run is class-conditional exactly when the network is; a network whose image shape differs from the preset's data,
+or whose class count differs from the data's, is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch
 from .. import datasets
 from ..common.checks import check_device
 from ..common.fileio import atomic_write, check_replaceable
+from ..integrations.diffusers_network import is_network_spec, load_diffusers_network
 from ..machine import ScoreMachine
 from ..nets.train import (
     TrainConfig,
@@ -54,7 +60,7 @@ from ..nets.train import (
     train,
 )
 from ..plots.style import matplotlib_missing
-from .calibrate import CalibrationResult, calibrate
+from .calibrate import CalibrationResult, calibrate, check_network_fits, resolve_network
 from .compare import compare
 from .protocols import PROTOCOLS, protocol_steps
 
@@ -431,9 +437,34 @@ def _calibration_stage(run: _Run, model, padding: str, network_tag: str, progres
     return calibration
 
 
-def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult | None, report: dict) -> dict:
+def _given_network(run: _Run, network) -> tuple[_Run, object, str]:
+    """The run on a given network (no training): `(run, eps_fn, tag)`, the run class-conditional exactly when the
+    network is; ValueError when the network does not fit the preset's data (image shape, labels, class count)."""
+    if is_network_spec(network):
+        network = load_diffusers_network(network, device=run.device)
+    eps_fn, _, tag = resolve_network(network)
+    if tag is None:
+        raise ValueError("reproduce's network must be a diffusers network: a DiffusersNetwork or 'diffusers:DIR'")
+    data = run.data
+    conditional = bool(eps_fn.conditional)
+    check_network_fits(eps_fn, tuple(data.images.shape[1:]), conditional, None)
+    if conditional and data.labels is None:
+        raise ValueError(f"the network {tag} is class-conditional, but {data.name} has no labels")
+    classes = data.num_classes or (None if data.labels is None else int(data.labels.max()) + 1)
+    if conditional and eps_fn.num_classes is not None and eps_fn.num_classes != classes:
+        raise ValueError(
+            f"the network {tag} has {eps_fn.num_classes} classes and preset {run.name}'s data {data.name} has "
+            f"{classes}: use a network trained on that data"
+        )
+    run = replace(run, preset=replace(run.preset, train=replace(run.config, conditional=conditional)))
+    return run, eps_fn, tag
+
+
+def _report(
+    run: _Run, cost: dict, trained: dict | None, calibration: CalibrationResult | None, report: dict, network: str
+) -> dict:
     """Report: `reproduction.json` with the headline numbers (written atomically); returns its content.
-    `calibration` is None for a preset with fixed scales (`Preset.scales`)."""
+    `calibration` is None for a preset with fixed scales (`Preset.scales`); `trained` None for a given network."""
     preset = run.preset
     calibrated = {"calibration": str(run.out / "calibration.json")} if calibration is not None else {}
     summary = {
@@ -442,7 +473,11 @@ def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult
         "paper_r": preset.paper_r,
         "calibrated_machine": preset.calibrate_machine,
         "cost": cost,
-        "training": {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished", "stopped")},
+        "network": network,
+        "conditional": run.config.conditional,
+        "training": None
+        if trained is None
+        else {k: trained[k] for k in ("total_steps", "steps", "loss", "total_seconds", "finished", "stopped")},
         "scales": report["config"]["scales"],
         "scales_source": "calibrated" if calibration is not None else preset.scales_source,
         "grid": run.grid,
@@ -451,7 +486,7 @@ def _report(run: _Run, cost: dict, trained: dict, calibration: CalibrationResult
         "network_steps": report["config"]["network_steps"],
         "network_start_t": report["config"]["network_start_t"],
         "summary": report["summary"],
-        "files": {"network": run.config.out, **calibrated, **report["files"]},
+        "files": {"network": run.config.out if trained is not None else network, **calibrated, **report["files"]},
         "torch": torch.__version__,
         "device": run.device or "cpu",
     }
@@ -474,6 +509,7 @@ def reproduce(
     checkpoint_minutes: float | None = None,
     force: bool = False,
     protocol: str | None = None,
+    network=None,
 ) -> dict:
     """Run (or resume) a reproduction into `out_dir`: `network.pt`, `calibration.json`/`.png`, `report/`
     (see `elsfast.research.compare`) and `reproduction.json` with the headline numbers. Returns that summary.
@@ -497,7 +533,10 @@ def reproduce(
     "machine", noise at t = (n-1)/n, or "network", noise at t = 1 as in the authors' network sampler).
     `protocol` replaces the preset's comparison protocol (`Preset.protocol`: "table1", the network 150 steps and
     the machines 20 from the same noise at the same t; "table2", both 20); reproduction.json records it, with the
-    network's steps and first t. A comparison in `report/` made with another protocol is refused, not mixed."""
+    network's steps and first t. A comparison in `report/` made with another protocol is refused, not mixed.
+
+    `network`: a diffusers network (`DiffusersNetwork` or "diffusers:DIR") to calibrate and compare instead of
+    training one (see the module docstring); the training arguments are then not used."""
     out = Path(out_dir)
     name, preset = _validate(preset, train_steps, out, protocol)
     run = _configure(
@@ -512,17 +551,25 @@ def reproduce(
         checkpoint_minutes=checkpoint_minutes,
         grid=grid,
     )
-    _check_gpu(run, force)
+    if network is not None:
+        run, model, network_tag = _given_network(run, network)
+    else:
+        _check_gpu(run, force)  # the training's cost
     cost = preset_cost(run.preset, run.data.images, run.data.labels)
+    if network is not None:
+        cost = {**cost, "network_steps": 0, "network_epochs": None}  # nothing to train
     log.info("elsfast reproduce %s: %s", name, describe_cost(cost))
     if progress:
         print(f"elsfast reproduce {name}: {describe_cost(cost)}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
 
-    trained = _train_stage(run, progress)
-    model, model_config, _ = load_checkpoint(run.config.out, device=device)
-    padding = model_config["model"]["padding"]
-    network_tag = f"{run.config.out} at step {trained['steps']}"
+    if network is None:
+        trained = _train_stage(run, progress)
+        model, model_config, _ = load_checkpoint(run.config.out, device=device)
+        padding = model_config["model"]["padding"]
+        network_tag = f"{run.config.out} at step {trained['steps']}"
+    else:
+        trained, padding = None, run.config.padding
     fixed = run.preset.scales is not None  # compared at a given P(t) (`Preset.scales`), not calibrated
     calibration = None if fixed else _calibration_stage(run, model, padding, network_tag, progress)
     report = compare(
@@ -541,4 +588,4 @@ def reproduce(
         progress=progress,
         grid=grid,
     )
-    return _report(run, cost, trained, calibration, report)
+    return _report(run, cost, trained, calibration, report, network_tag)
