@@ -51,6 +51,7 @@ from ..nets.train import (
 from ..plots.style import matplotlib_missing
 from .calibrate import CalibrationResult, calibrate
 from .compare import compare
+from .departure import departure
 
 __all__ = ["OUTPUTS", "PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
 
@@ -76,6 +77,7 @@ class Preset:
     # calibrated for the CIFAR-10 ResNet, not recalibrated (App. C)
     scales: tuple[int, ...] | str | None = None
     scales_source: str = ""
+    departure: bool = False  # after the comparison, where the network leaves the ELS mosaic (`research.departure`)
 
 
 def _cpu_preset(train: TrainConfig, notes: str, **preset) -> Preset:
@@ -201,6 +203,7 @@ PRESETS["cifar10-sa-small"] = _cpu_preset(
     paper_r=0.77,
     scales=CIFAR10_SMALL_SCALES,
     scales_source="cifar10-small's calibrated P(t) (the CIFAR-10 ResNet's, as in the paper)",
+    departure=True,
 )
 PRESETS["cifar10-unet-sa-zeros"] = Preset(
     train=TrainConfig(dataset="cifar10", arch="unet-sa", padding="zeros", conditional=True),
@@ -211,6 +214,7 @@ PRESETS["cifar10-unet-sa-zeros"] = Preset(
     needs_gpu=True,
     scales="CIFAR10_ResNet_zeros_conditional",
     scales_source="the published P(t) of the paper's CIFAR-10 ResNet (zeros, class-conditional)",
+    departure=True,
     notes="the paper's CIFAR-10 UNet with self-attention (zeros, class-conditional; widths 64, 128, 256, attention "
     "at 16x16 and 8x8), compared at the CIFAR-10 ResNet's published P(t), not recalibrated, Table 1: ELS r = "
     "0.77; needs a GPU",
@@ -507,4 +511,7 @@ def reproduce(
         progress=progress,
         grid=grid,
     )
+    if run.preset.departure:  # report/departure/: |network - ELS| beside the ELS provenance, seed by seed
+        found = departure(out / "report", run.data.images, run.labels, progress=progress)
+        report["files"]["departure"] = found["files"]["departure"]
     return _report(run, cost, trained, calibration, report)
