@@ -492,17 +492,23 @@ def _finish(report_dir, out_dir, machine, config, tolerance, rows, seeds, worst,
     if skipped is not None:
         warnings.warn(f"the departure figures were skipped: {skipped}", stacklevel=3)
     else:
+        worst_seeds = _worst(chosen, worst)
         panels = {}
         for s in seeds:
+            draw = s in todo or not _figure_path(out_dir, s).exists()
+            if not draw and s not in worst_seeds:
+                continue
             stored = torch.load(report_dir / "samples" / f"seed_{s:05d}.pt", map_location="cpu", weights_only=True)
             data = torch.load(_data_path(out_dir, s), map_location="cpu", weights_only=True)
-            panels[s] = _panels(stored, data, rows[s], machine)
-            if s in todo or not _figure_path(out_dir, s).exists():
-                save_departure_figure(_figure_path(out_dir, s), **panels[s], machine=machine)
+            panel = _panels(stored, data, rows[s], machine)
+            if draw:
+                save_departure_figure(_figure_path(out_dir, s), **panel, machine=machine)
+            if s in worst_seeds:
+                panels[s] = panel
         files["figures"] = [str(_figure_path(out_dir, s)) for s in seeds]
-        shown = [panels[s] for s in _worst(chosen, worst)]
-        if shown:
+        if worst_seeds:
+            items = [panels[s] for s in worst_seeds]
             points = [(row["image"]["interior_mean"], row["image"]["boundary_mean"], row["seed"]) for row in chosen]
-            files["worst"] = str(save_worst_seeds_figure(out_dir / "worst.png", shown, points, machine=machine))
+            files["worst"] = str(save_worst_seeds_figure(out_dir / "worst.png", items, points, machine=machine))
     data = _write_json(out_dir, machine, config, tolerance, rows, worst, files, seeds)
     return {**data, "computed": len(todo), "figures_skipped": skipped}
