@@ -144,6 +144,15 @@ def test_boundaries_between_images_and_at_seams():
     assert torch.equal(dep.mosaic_boundaries(batch, by="patch"), torch.stack([patch, patch]))
     with pytest.raises(ValueError, match="by must be one of image, patch"):
         dep.mosaic_boundaries(prov, by="pixel")
+    # graded: how many of the 4-neighbours are inconsistent
+    count = dep.inconsistent_neighbours(prov, by="patch")
+    expected = torch.tensor([[0, 0, 1, 1, 0, 0], [1, 1, 2, 1, 0, 0], [1, 1, 2, 1, 0, 0], [0, 0, 1, 1, 0, 0]])
+    assert torch.equal(count, expected)
+    profile = dep.neighbour_profile(0.1 + 0.1 * count.double(), count)
+    assert profile["pixels"] == [12, 10, 2, 0, 0] and profile["mean"][3:] == [None, None]
+    assert profile["mean"][:3] == [pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)]
+    assert profile["pearson"] == pytest.approx(1.0)
+    assert dep.neighbour_profile(torch.ones(4, 6), count)["pearson"] is None  # a constant departure: no correlation
 
 
 def test_a_copy_that_wraps_round_is_consistent_only_with_wrap():
@@ -174,11 +183,17 @@ def test_departure_only_at_boundaries_gives_the_expected_ratio():
     network[0] = 0.6  # one channel of three departs by 0.6: the map says 0.2
     assert torch.allclose(dep.departure_map(network, machine), torch.full((4, 6), 0.2, dtype=torch.float64))
 
+    count = dep.inconsistent_neighbours(prov, by="image")
+    c["neighbours"] = dep.neighbour_profile(departure, count)
+    only["neighbours"] = dep.neighbour_profile(torch.where(boundary, 0.5, 0.0).double(), count)
     rows = [
-        {"mean_departure": 0.2, "image": c, "patch": c},
-        {"mean_departure": 0.4, "image": only, "patch": only},
+        {"mean_departure": 0.2, "pearson_entropy": 0.5, "image": c, "patch": c},
+        {"mean_departure": 0.4, "pearson_entropy": None, "image": only, "patch": only},
     ]
     s = dep.summarize_departure(rows)
+    assert s["image"]["pooled_mean_by_neighbours"] == [pytest.approx(0.05), pytest.approx(0.4), None, None, None]
+    assert s["image"]["median_pearson_neighbours"] == pytest.approx(1.0)
+    assert s["median_pearson_entropy"] == 0.5
     assert s["image"]["seeds"] == 1 and s["image"]["median_ratio"] == pytest.approx(3.0)
     assert s["image"]["above_one"] == 1.0
     assert s["image"]["pooled_boundary_mean"] == pytest.approx((0.3 * 8 + 0.5 * 8) / 16)

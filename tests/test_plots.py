@@ -66,7 +66,9 @@ FIGURES = {
     "scatter": lambda path: save_r_scatter(path, R["is"], R["els"], "els"),
     "provenance": lambda path: save_provenance_figure(path, *_provenance_args()[0], **_provenance_args()[1]),
     "departure": lambda path: save_departure_figure(path, **_departure_panels(1)[0]),
-    "worst-seeds": lambda path: save_worst_seeds_figure(path, _departure_panels(), [(0.1, 0.2, 0), (0.2, 0.1, 7)]),
+    "worst-seeds": lambda path: save_worst_seeds_figure(
+        path, _departure_panels(), [(0, [0.1, 0.2, None, 0.3, 0.4]), (7, [0.2] * 5)], [0.15, 0.2, 0.2, 0.25, 0.3]
+    ),
 }
 
 

@@ -8,9 +8,9 @@ colours of `elsfast explain`), with black lines between neighbouring pixels from
 mosaic's boundaries).
 
 `worst_seeds_figure`: the seeds where network and machine agree least, one row each in the layout above (one
-colour scale for every departure map), beside a scatter over all seeds of the mean departure on boundary pixels
-against the mean inside consistent regions (above the diagonal: the network departs more where the mosaic is
-inconsistent), the rows' seeds marked.
+colour scale for every departure map), beside the mean departure against the number of a pixel's 4-neighbours
+from another training image, per seed and over all seeds (rising: the network departs more where the mosaic is
+inconsistent), the rows' seeds in red.
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ def _row(axes, panel: dict, machine: str, vmax: float):
     note = f"|network - {name}|"
     if contrast is not None:
         note += f"\nboundary/interior {_fmt(contrast.get('ratio'), 2)}"
+        if "neighbours" in contrast:
+            note += f"\ncorr. with boundaries {_fmt(contrast['neighbours']['pearson'], 2)}"
     image = _show(axes[2], depart, note, cmap=DEPARTURE_CMAP, vmin=0.0, vmax=vmax)
     _show(axes[3], colours, f"{name} sources: {sources} image{'s' * (sources != 1)}")
     if len(edges):
@@ -122,7 +124,8 @@ def departure_figure(
     `network`, `machine_image`: `[C, H, W]` float in [-1, 1] (C = 1 or 3); `departure` `[H, W]` (e.g.
     `research.departure.departure_map`); `provenance` the machine image's `Provenance` (`[H, W]` tensors);
     `seed`, `r` (the machine's Pearson r with the network)
-    and `contrast` (`research.departure.boundary_contrast`, its `ratio` shown) annotate the panels.
+    and `contrast` (a row's `image` entry of `departure.json`: its `ratio` and, if there, `neighbours.pearson`,
+    shown) annotate the panels.
     """
     panel = {"network": network, "machine_image": machine_image, "departure": departure, "provenance": provenance}
     panel.update({k: v for k, v in (("seed", seed), ("r", r), ("contrast", contrast)) if v is not None})
@@ -139,23 +142,24 @@ def departure_figure(
 
 def worst_seeds_figure(
     panels: Sequence[dict],
-    points: Sequence[tuple[float | None, float | None, int]] = (),
+    curves: Sequence[tuple[int, Sequence[float | None]]] = (),
+    pooled: Sequence[float | None] | None = None,
     *,
     machine: str = "els",
     title: str | None = None,
 ):
     """A matplotlib `Figure`: one row per seed of `panels` (dicts with the arguments of `departure_figure`:
-    `network`, `machine_image`, `departure`, `provenance`, optional `seed`, `r`, `contrast`), their
-    departure maps on one colour scale; and, when `points` (interior mean, boundary mean, seed) are given, the
-    scatter of every seed's boundary mean against its interior mean (seeds of `panels` circled)."""
+    `network`, `machine_image`, `departure`, `provenance`, optional `seed`, `r`, `contrast`), their departure maps
+    on one colour scale; and, when `curves` are given, the mean departure against the number of a pixel's
+    inconsistent 4-neighbours (0..4): one line per seed (`(seed, five means, None where no pixel)`; the seeds of
+    `panels` in red) and `pooled` (over all seeds) in black."""
     if not panels:
         raise ValueError("no seeds to draw")
     name = machine_name(machine)
     vmax = _vmax([p["departure"] for p in panels])
-    valid = [(x, y, s) for x, y, s in points if x is not None and y is not None]
     with styled():
-        fig = new_figure(8.4 + (3.6 if valid else 0.0), 0.6 + 2.0 * len(panels))
-        if valid:
+        fig = new_figure(8.4 + (3.6 if curves else 0.0), 0.6 + 2.0 * len(panels))
+        if curves:
             left, right = fig.subfigures(1, 2, width_ratios=(8.4, 3.6))
         else:
             left, right = fig, None
@@ -174,26 +178,28 @@ def worst_seeds_figure(
         )
         if right is not None:
             ax = right.subplots()
-            x = np.array([p[0] for p in valid])
-            y = np.array([p[1] for p in valid])
             shown = {p.get("seed") for p in panels}
-            mark = np.array([p[2] in shown for p in valid])
-            top = float(max(x.max(), y.max())) * 1.05 or 1.0
-            ax.plot([0, top], [0, top], color="#9e9e9e", lw=1, ls="--", label="equal")
-            above = int(np.sum(y > x))
-            ax.scatter(x[~mark], y[~mark], s=18, color=machine_color(machine), alpha=0.7, lw=0,
-                       label=f"a seed (boundary higher on {above} of {len(valid)})")  # fmt: skip
-            if mark.any():
-                ax.scatter(x[mark], y[mark], s=40, facecolor="none", edgecolor="#d62728", lw=1.4,
-                           label="seeds shown")  # fmt: skip
-            ax.set_xlim(0, top)
-            ax.set_ylim(0, top)
-            ax.set_aspect("equal")
-            ax.set_xlabel("mean departure inside regions", fontsize=9)
-            ax.set_ylabel("mean departure on boundaries", fontsize=9)
+            ks = np.arange(5)
+            for seed, means in curves:
+                y = np.array([np.nan if v is None else v for v in means], dtype=np.float64)
+                style = (
+                    dict(color="#d62728", alpha=0.9, lw=1.4, marker="o", ms=3, zorder=3)
+                    if seed in shown
+                    else dict(color=machine_color(machine), alpha=0.3, lw=0.8, zorder=2)
+                )
+                ax.plot(ks, y, **style)
+            if pooled is not None:
+                y = np.array([np.nan if v is None else v for v in pooled], dtype=np.float64)
+                ax.plot(ks, y, color="black", lw=2.2, marker="s", ms=4, label="all seeds' pixels", zorder=4)
+            ax.plot([], [], color="#d62728", lw=1.4, marker="o", ms=3, label="seeds shown")
+            ax.plot([], [], color=machine_color(machine), alpha=0.3, lw=0.8, label="other seeds")
+            ax.set_xticks(ks)
+            ax.set_xlabel("inconsistent 4-neighbours of the pixel\n(from another training image)", fontsize=9)
+            ax.set_ylabel(f"mean |network - {name}|", fontsize=9)
+            ax.set_ylim(bottom=0)
             ax.tick_params(labelsize=7)
             ax.legend(loc="lower right", fontsize=7)
-            ax.set_title("every seed", fontsize=10)
+            ax.set_title("departure against the mosaic's boundaries", fontsize=10)
     return fig
 
 

@@ -21,7 +21,10 @@ inconsistent.
    another training image (the question of the paper's figures); "patch", also pixels whose 4-neighbour comes
    from the same training image but not from the adjacent pixel of the same copy (every seam of the mosaic);
 4. `boundary_contrast`: the mean departure on boundary pixels, inside the consistent regions, and their ratio
-   (above 1: the network departs more where the mosaic is inconsistent).
+   (above 1: the network departs more where the mosaic is inconsistent); and, graded, `neighbour_profile`: the
+   mean departure against the number (0..4) of a pixel's inconsistent 4-neighbours and their correlation (for
+   mosaics where nearly every pixel is on a boundary, as ELS's at P = 3 on 2,000 CIFAR-10 images), and the
+   correlation of the departure with the provenance's posterior entropy (`pearson_entropy`).
 
 Output, in `out_dir` (default `report_dir/departure`), written atomically after every seed so an interrupted run
 resumes (a seed whose row and data file exist, computed from the same `samples/` file, is not recomputed; a
@@ -32,8 +35,8 @@ different machine or comparison configuration raises ValueError); no file elsfas
   `results.json`);
 - `seed_NNNNN.pt`: the seed's departure map, provenance and re-run image (to redraw the figures);
 - `seed_NNNNN.png`: network | machine | departure map | provenance (`elsfast.plots.departure.departure_figure`);
-- `worst.png`: the `worst` seeds where network and machine agree least, with every seed's boundary mean against
-  its interior mean (`elsfast.plots.departure.worst_seeds_figure`).
+- `worst.png`: the `worst` seeds where network and machine agree least, beside every seed's mean departure
+  against the number of inconsistent neighbours (`elsfast.plots.departure.worst_seeds_figure`).
 
 The figures need matplotlib (`pip install elsfast[plots]`): without it they are skipped with a warning and the
 numbers are written all the same.
@@ -62,6 +65,7 @@ from ..sampling import ddim_sample
 from ..sampling.ddim import grid_start
 from .calibrate import label_tensor, seed_noise
 from .compare import load_results
+from .metrics import pearson_r
 
 __all__ = [
     "BOUNDARIES",
@@ -70,8 +74,10 @@ __all__ = [
     "boundary_contrast",
     "departure",
     "departure_map",
+    "inconsistent_neighbours",
     "load_departure",
     "mosaic_boundaries",
+    "neighbour_profile",
     "rerun_machine",
     "summarize_departure",
 ]
@@ -105,20 +111,19 @@ def departure_map(network: torch.Tensor, machine: torch.Tensor) -> torch.Tensor:
     return (network.double().cpu() - machine.double().cpu()).abs().mean(dim=-3)
 
 
-def mosaic_boundaries(provenance: Provenance, *, by: str = "image", wrap: bool = False) -> torch.Tensor:
-    """Boundary pixels of the mosaic, bool `[..., H, W]` like `provenance.source_image` (see `BOUNDARIES`).
+def inconsistent_neighbours(provenance: Provenance, *, by: str = "image", wrap: bool = False) -> torch.Tensor:
+    """How many of each pixel's 4-neighbours (inside the image) the mosaic joins inconsistently, int64 `[..., H, W]`
+    in 0..4, like `provenance.source_image` (see `BOUNDARIES`).
 
-    A pixel is on a boundary when the edge to one of its 4-neighbours inside the image is inconsistent: with
-    `by="image"` when the two sources are different training images; with `by="patch"` also when they are the
-    same training image but the neighbour's source pixel is not the source pixel's own neighbour in that
-    direction (differences taken modulo H and W when `wrap`, for circular padding). The image border is no
-    boundary.
+    With `by="image"` an edge is inconsistent when its two sources are different training images; with
+    `by="patch"` also when they are the same training image but the neighbour's source pixel is not the source
+    pixel's own neighbour in that direction (differences taken modulo H and W when `wrap`, for circular padding).
     """
     if by not in BOUNDARIES:
         raise ValueError(f"by must be one of {', '.join(BOUNDARIES)}, got {by!r}")
     image = provenance.source_image
     H, W = image.shape[-2:]
-    out = torch.zeros(image.shape, dtype=torch.bool, device=image.device)
+    out = torch.zeros(image.shape, dtype=torch.int64, device=image.device)
     sy, sx = provenance.source_y.long(), provenance.source_x.long()
     for dim, size in ((-2, H), (-1, W)):
         first = [slice(None)] * image.dim()
@@ -133,9 +138,15 @@ def mosaic_boundaries(provenance: Provenance, *, by: str = "image", wrap: bool =
             if wrap:
                 step, shift = step % size, shift % (W if dim == -2 else H)
             broken = broken | (step != 1) | (shift != 0)
-        out[first] |= broken
-        out[second] |= broken
+        out[first] += broken.long()
+        out[second] += broken.long()
     return out
+
+
+def mosaic_boundaries(provenance: Provenance, *, by: str = "image", wrap: bool = False) -> torch.Tensor:
+    """Boundary pixels of the mosaic, bool `[..., H, W]`: those with at least one inconsistent 4-neighbour
+    (`inconsistent_neighbours`; `BOUNDARIES`). The image border is no boundary."""
+    return inconsistent_neighbours(provenance, by=by, wrap=wrap) > 0
 
 
 def _mean(values: torch.Tensor) -> float | None:
@@ -166,12 +177,36 @@ def boundary_contrast(departure: torch.Tensor, boundary: torch.Tensor) -> dict:
     }
 
 
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    r = float(pearson_r(a.double().reshape(1, -1), b.double().reshape(1, -1))[0])
+    return r if math.isfinite(r) else None
+
+
+def neighbour_profile(departure: torch.Tensor, neighbours: torch.Tensor) -> dict:
+    """The departure against the number of inconsistent 4-neighbours, for one seed (`departure` float `[H, W]`,
+    `neighbours` int `[H, W]` from `inconsistent_neighbours`): `mean[k]` the mean departure of the pixels with k
+    inconsistent neighbours (None when there is none), `pixels[k]` their number, k = 0..4, and `pearson` the
+    correlation of departure and count over the pixels (None when either is constant). A graded answer where
+    nearly every pixel is on a boundary."""
+    if departure.shape != neighbours.shape:
+        raise ValueError(f"departure {list(departure.shape)} and neighbours {list(neighbours.shape)} differ")
+    departure, neighbours = departure.cpu(), neighbours.cpu()
+    return {
+        "mean": [_mean(departure[neighbours == k]) for k in range(5)],
+        "pixels": [int((neighbours == k).sum()) for k in range(5)],
+        "pearson": _pearson(departure, neighbours),
+    }
+
+
 def summarize_departure(rows: Sequence[dict]) -> dict:
     """Over seeds (rows of `departure.json`), for each boundary definition (`BOUNDARIES`): `seeds` (with a
     ratio), `median_ratio`, `above_one` (fraction of those seeds whose boundary mean exceeds the interior mean),
     `pooled_boundary_mean` and `pooled_interior_mean` (the mean departure over all boundary, resp. interior,
-    pixels of all seeds), `pooled_ratio` and `mean_boundary_fraction`; and `mean_departure` (median over seeds
-    of the mean departure per pixel)."""
+    pixels of all seeds), `pooled_ratio`, `mean_boundary_fraction`, `median_pearson_neighbours` (median over seeds
+    of the correlation of departure and number of inconsistent neighbours) and `pooled_mean_by_neighbours` (the
+    mean departure of all pixels with k = 0..4 inconsistent neighbours); and `median_mean_departure` (median over
+    seeds of the mean departure per pixel) and `median_pearson_entropy` (median over seeds of the correlation of
+    departure and the provenance's posterior entropy)."""
     out: dict = {"seeds": len(rows)}
     for by in BOUNDARIES:
         parts = [row[by] for row in rows]
@@ -191,9 +226,27 @@ def summarize_departure(rows: Sequence[dict]) -> dict:
             if pooled["boundary"] is not None and pooled["interior"]
             else None,
             "mean_boundary_fraction": float(np.mean([p["boundary_fraction"] for p in parts])) if parts else None,
+            "median_pearson_neighbours": _median([p["neighbours"]["pearson"] for p in parts]),
+            "pooled_mean_by_neighbours": _pooled_profile([p["neighbours"] for p in parts]),
         }
     means = [row["mean_departure"] for row in rows]
     out["median_mean_departure"] = float(np.median(means)) if means else None
+    out["median_pearson_entropy"] = _median([row["pearson_entropy"] for row in rows])
+    return out
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.median(finite)) if finite else None
+
+
+def _pooled_profile(profiles: Sequence[dict]) -> list[float | None]:
+    """Mean departure of all pixels with k inconsistent neighbours over every seed, k = 0..4."""
+    out = []
+    for k in range(5):
+        pixels = sum(p["pixels"][k] for p in profiles)
+        total = sum(p["mean"][k] * p["pixels"][k] for p in profiles if p["mean"][k] is not None)
+        out.append(total / pixels if pixels else None)
     return out
 
 
@@ -440,8 +493,10 @@ def _row(out_dir: Path, seed: int, result: dict, machine: str, stored: dict, ima
         "mean_departure": float(depart.mean()),
         "sources": int(prov.source_image.unique().numel()),
     }
+    row["pearson_entropy"] = _pearson(depart, prov.entropy)
     for by in BOUNDARIES:
-        row[by] = boundary_contrast(depart, mosaic_boundaries(prov, by=by, wrap=wrap))
+        count = inconsistent_neighbours(prov, by=by, wrap=wrap)
+        row[by] = {**boundary_contrast(depart, count > 0), "neighbours": neighbour_profile(depart, count)}
     return json.loads(json.dumps(row))
 
 
@@ -508,7 +563,8 @@ def _finish(report_dir, out_dir, machine, config, tolerance, rows, seeds, worst,
         files["figures"] = [str(_figure_path(out_dir, s)) for s in seeds]
         if worst_seeds:
             items = [panels[s] for s in worst_seeds]
-            points = [(row["image"]["interior_mean"], row["image"]["boundary_mean"], row["seed"]) for row in chosen]
-            files["worst"] = str(save_worst_seeds_figure(out_dir / "worst.png", items, points, machine=machine))
+            curves = [(row["seed"], row["image"]["neighbours"]["mean"]) for row in chosen]
+            pooled = summarize_departure(chosen)["image"]["pooled_mean_by_neighbours"]
+            files["worst"] = str(save_worst_seeds_figure(out_dir / "worst.png", items, curves, pooled, machine=machine))
     data = _write_json(out_dir, machine, config, tolerance, rows, worst, files, seeds)
     return {**data, "computed": len(todo), "figures_skipped": skipped}
