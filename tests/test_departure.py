@@ -315,7 +315,7 @@ def test_cli_departure(tmp_path, capsys):
     assert json.loads((tmp_path / "departure" / "departure.json").read_text())["seeds"] == [0, 1]
 
 
-def test_reproduce_runs_departure_for_a_preset_that_asks(tmp_path):
+def test_reproduce_runs_departure_for_a_preset_that_asks(tmp_path, capsys):
     from elsfast.nets.train import TrainConfig
     from elsfast.research.reproduce import PRESETS, Preset, reproduce
 
@@ -345,3 +345,6 @@ def test_reproduce_runs_departure_for_a_preset_that_asks(tmp_path):
     saved = dep.load_departure(tmp_path / "report" / "departure")
     assert saved["seeds"] == [1000, 1001] and summary["files"]["departure"].endswith("departure.json")
     assert all(row["reproduced"]["bitwise"] for row in saved["rows"])
+    # the command line finds the network checkpoint the comparison names, and its training set
+    assert main(["departure", str(tmp_path / "report"), "--quiet"]) == 0
+    assert "2 seeds (0 computed now)" in capsys.readouterr().out
