@@ -1,7 +1,8 @@
 """The paper's experiments on top of the machines and networks: `calibrate` (P(t) by cosine similarity to a
 network), `compare` (network vs machine images, Table 1's Pearson r), `reproduce` (train -> calibrate -> compare
 presets), `creativity` (how far a sample is from its nearest training patches), `explain` (per-pixel provenance of
-a sample), `metrics` (the correlations they report). May import every lower layer (`common`, `reduce`,
+a sample), `departure` (where a compared network leaves the machine's mosaic), `metrics` (the correlations they
+report). May import every lower layer (`common`, `reduce`,
 `datasets`, `plots`, `machine`, `sampling`, `nets`); nothing below imports it.
 
 Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.datasets`,
