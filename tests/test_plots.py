@@ -19,6 +19,7 @@ pytest.importorskip("matplotlib")
 from elsfast.common.provenance import Provenance
 from elsfast.plots.calibration import save_calibration_figure
 from elsfast.plots.comparison import save_r_histogram, save_r_scatter
+from elsfast.plots.departure import save_departure_figure, save_worst_seeds_figure
 from elsfast.plots.provenance import save_provenance_figure
 from elsfast.research.calibrate import CalibrationResult
 
@@ -47,11 +48,27 @@ def _provenance_args():
 
 R = {"els": [0.9, 0.95, float("nan"), 0.8], "ls": [0.5, 0.4, 0.6, None], "is": [0.2, 0.3, 0.1, 0.25]}
 
+
+def _departure_panels(n: int = 2) -> list[dict]:
+    """Seeds of `elsfast.plots.departure`'s figures: images, a departure map, a provenance and numbers."""
+    g = torch.Generator().manual_seed(3)
+    (sample, prov, _), _ = _provenance_args()
+    return [
+        {"network": sample, "machine_image": sample.flip(-1), "departure": torch.rand(8, 8, generator=g),
+         "provenance": prov, "seed": k, "r": 0.5 + 0.1 * k, "contrast": {"ratio": 1.5}}
+        for k in range(n)
+    ]  # fmt: skip
+
+
 FIGURES = {
     "calibration": lambda path: save_calibration_figure(path, *_calibration_args()),
     "histogram": lambda path: save_r_histogram(path, R),
     "scatter": lambda path: save_r_scatter(path, R["is"], R["els"], "els"),
     "provenance": lambda path: save_provenance_figure(path, *_provenance_args()[0], **_provenance_args()[1]),
+    "departure": lambda path: save_departure_figure(path, **_departure_panels(1)[0]),
+    "worst-seeds": lambda path: save_worst_seeds_figure(
+        path, _departure_panels(), [(0, [0.1, 0.2, None, 0.3, 0.4]), (7, [0.2] * 5)], [0.15, 0.2, 0.2, 0.25, 0.3]
+    ),
 }
 
 

@@ -1,5 +1,5 @@
 """The `elsfast` command line: `elsfast sample`, `explain`, `measure`, `info`, `scales`, `train`, `calibrate`,
-`compare`, `reproduce`.
+`compare`, `reproduce`, `departure`.
 
     elsfast sample --out grid.png                      # 16 ELS samples from the embedded MNIST subset
     elsfast sample --dataset mnist --data-root /data --n 64 --patch-size 5 --out grid.png --save x.npz
@@ -15,10 +15,10 @@ written only once sampling has finished, atomically, and never over a file elsfa
 
 This package module holds only `build_parser()` and `main()` (the console script `elsfast = "elsfast.cli:main"`
 and `python -m elsfast`). The commands live in one module per family, each with `add_commands(subparsers)`:
-`elsfast.cli.sample` (sample, explain, measure), `elsfast.cli.info` (info, scales) and `elsfast.cli.research`
-(train, calibrate, compare, reproduce); `elsfast.cli.args` holds what they share (argument types and groups,
-`CLIError`, `PROG`). The import direction is one way: this module -> the families -> `args` -> the library;
-no family imports another family or this module.
+`elsfast.cli.sample` (sample, explain, measure), `elsfast.cli.info` (info, scales), `elsfast.cli.research`
+(train, calibrate, compare, reproduce) and `elsfast.cli.departure` (departure); `elsfast.cli.args` holds what they
+share (argument types and groups, `CLIError`, `PROG`). The import direction is one way: this module -> the
+families -> `args` -> the library; no family imports another family or this module.
 
 Imports of other elsfast packages (tests/test_layout.py): `elsfast.common`, `elsfast.reduce`, `elsfast.datasets`,
 `elsfast.plots`, `elsfast.machine`, `elsfast.sampling`, `elsfast.nets`, `elsfast.research`, `elsfast.integrations`.
@@ -31,7 +31,7 @@ import sys
 from collections.abc import Sequence
 
 from ..common.checks import parse_bytes
-from . import info, research, sample
+from . import departure, info, research, sample
 from .args import PROG, CLIError, Parser
 
 __all__ = ["CLIError", "build_parser", "main", "parse_bytes"]
@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_commands(commands)
     info.add_commands(commands)
     research.add_commands(commands)
+    departure.add_commands(commands)
     return parser
 
 

@@ -87,6 +87,10 @@ KINDS: dict[str, tuple[str, str]] = {
         "`elsfast measure --json` or `elsfast explain`",
     ),
     "reproduction": ("the summary of `elsfast reproduce` (`reproduction.json`)", "`elsfast reproduce --out-dir`"),
+    "departure": (
+        "an elsfast departure analysis (`elsfast departure`: where the network leaves the mosaic)",
+        "`elsfast departure` on the same comparison",
+    ),
 }
 """The kinds of output elsfast writes: kind -> (what such a file is, what may replace it), in words."""
 
@@ -99,6 +103,7 @@ _FORMAT_KINDS = {
     "elsfast-compare": "comparison",
     "elsfast-calibration": "calibration",
     "elsfast-machine": "machine",
+    "elsfast-departure": "departure",
 }
 _TYPE_WORDS = {
     "empty": "an empty file",

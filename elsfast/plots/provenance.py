@@ -38,6 +38,7 @@ __all__ = [
     "provenance_figure",
     "provenance_panels",
     "save_provenance_figure",
+    "source_colours",
 ]
 
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -93,6 +94,19 @@ def offset_colours(dy: np.ndarray, dx: np.ndarray, largest: float | None = None)
     value = np.where(distance > 0, 0.25 + 0.75 * np.minimum(distance / max(largest, 1e-12), 1.0), 0.0)
     hsv = np.stack([hue, np.ones_like(hue), value], axis=-1)
     return np.round(hsv_to_rgb(hsv) * 255).astype(np.uint8)
+
+
+def source_colours(source_image: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The source map of one sample: `source_image` `[H, W]` (training index of every pixel) -> (uint8 RGB
+    `[H, W, 3]`, every pixel in its source's `palette_colour`; the sources as (training index, pixels), most
+    pixels first (ties: lower index first), rank r coloured `palette_colour(r)`)."""
+    source_image = np.asarray(source_image, dtype=np.int64)
+    ids, counts = np.unique(source_image, return_counts=True)
+    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    lut_ids = np.array([index for index, _ in order], dtype=np.int64)
+    lut = np.array([palette_colour(r) for r in range(len(order))], dtype=np.uint8).reshape(-1, 3)
+    sorter = np.argsort(lut_ids)
+    return lut[sorter[np.searchsorted(lut_ids, source_image, sorter=sorter)]], order
 
 
 @dataclass
@@ -199,16 +213,10 @@ def provenance_panels(
             f"train_images must have shape [N, {C}, {H}, {W}] like the sample, got {list(train_images.shape)}"
         )
     prov = _one(provenance, H, W)
-    ids, counts = np.unique(prov["source_image"], return_counts=True)
-    order = sorted(zip(ids.tolist(), counts.tolist(), strict=True), key=lambda p: (-p[1], p[0]))
+    source, order = source_colours(prov["source_image"])
     for index, _ in order[:top]:
         if not 0 <= index < train_images.shape[0]:
             raise ValueError(f"provenance names training image {index}, but there are {train_images.shape[0]}")
-
-    lut_ids = np.array([index for index, _ in order])
-    lut = np.array([palette_colour(r) for r in range(len(order))], dtype=np.uint8)
-    sorter = np.argsort(lut_ids)
-    source = lut[sorter[np.searchsorted(lut_ids, prov["source_image"], sorter=sorter)]]
 
     ys, xs = np.arange(H)[:, None], np.arange(W)[None, :]
     dy, dx = prov["source_y"] - ys, prov["source_x"] - xs

@@ -62,6 +62,7 @@ from ..nets.train import (
 from ..plots.style import matplotlib_missing
 from .calibrate import CalibrationResult, calibrate, check_network_fits, resolve_network
 from .compare import compare
+from .departure import departure
 from .protocols import PROTOCOLS, protocol_steps
 
 __all__ = ["OUTPUTS", "PRESETS", "TABLE1", "Preset", "describe_cost", "preset_cost", "reproduce"]
@@ -91,6 +92,7 @@ class Preset:
     # the comparison protocol (`elsfast.research.protocols.PROTOCOLS`: "table1", network 150 steps and machines
     # 20; "table2", both 20), or None: the network runs `steps` as the machines do
     protocol: str | None = None
+    departure: bool = False  # after the comparison, where the network leaves the ELS mosaic (`research.departure`)
 
 
 def _cpu_preset(train: TrainConfig, notes: str, **preset) -> Preset:
@@ -222,6 +224,7 @@ PRESETS["cifar10-sa-small"] = _cpu_preset(
     protocol="table1",
     scales=CIFAR10_SMALL_SCALES,
     scales_source="cifar10-small's calibrated P(t) (the CIFAR-10 ResNet's, as in the paper)",
+    departure=True,
 )
 PRESETS["cifar10-unet-sa-zeros"] = Preset(
     train=TrainConfig(dataset="cifar10", arch="unet-sa", padding="zeros", conditional=True),
@@ -233,6 +236,7 @@ PRESETS["cifar10-unet-sa-zeros"] = Preset(
     protocol="table1",
     scales="CIFAR10_ResNet_zeros_conditional",
     scales_source="the published P(t) of the paper's CIFAR-10 ResNet (zeros, class-conditional)",
+    departure=True,
     notes="the paper's CIFAR-10 UNet with self-attention (zeros, class-conditional; widths 64, 128, 256, attention "
     "at 16x16 and 8x8), compared at the CIFAR-10 ResNet's published P(t), not recalibrated, Table 1: ELS r = "
     "0.77; needs a GPU",
@@ -588,4 +592,8 @@ def reproduce(
         progress=progress,
         grid=grid,
     )
+    if run.preset.departure:  # report/departure/: |network - ELS| beside the ELS provenance, seed by seed
+        schedule = getattr(model, "schedule", None) if network is not None else None  # a given network's own
+        found = departure(out / "report", run.data.images, run.labels, schedule=schedule, progress=progress)
+        report["files"]["departure"] = found["files"]["departure"]
     return _report(run, cost, trained, calibration, report, network_tag)
