@@ -167,7 +167,8 @@ def worst_seeds_figure(
         image = None
         for k, panel in enumerate(panels):
             image = _row(axes[k], panel, machine, vmax)
-        bar = left.colorbar(image, ax=list(axes[:, 2]), shrink=0.6, pad=0.02)
+        # below the rows: beside one column, constrained layout in a subfigure let it overlap the next column
+        bar = left.colorbar(image, ax=list(axes.ravel()), location="bottom", shrink=0.5, aspect=40, pad=0.01)
         bar.set_label(f"|network - {name}|, mean over channels", fontsize=8)
         bar.ax.tick_params(labelsize=7)
         left.suptitle(
