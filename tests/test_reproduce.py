@@ -9,6 +9,8 @@ import pytest
 from elsfast.nets.train import TrainConfig
 from elsfast.research.reproduce import PRESETS, Preset, reproduce
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture
 def tiny():
@@ -120,7 +122,7 @@ def test_the_attention_presets_compare_at_the_resnet_scales_without_calibrating(
     small, paper = PRESETS["cifar10-sa-small"], PRESETS["cifar10-unet-sa-zeros"]
     assert small.train.arch == paper.train.arch == "unet-sa" and small.train.conditional and paper.train.conditional
     assert not small.needs_gpu and paper.needs_gpu and small.paper_r == paper.paper_r == 0.77
-    committed = json.loads(Path("docs/reproduction/cifar10-small/calibration.json").read_text())["scales"]
+    committed = json.loads((ROOT / "docs/reproduction/cifar10-small/calibration.json").read_text())["scales"]
     assert list(small.scales) == committed  # cifar10-small's calibration, as measured
     assert paper.scales == "CIFAR10_ResNet_zeros_conditional" and paper.scales in reference_scales()
 
