@@ -1,5 +1,6 @@
 import os
 import random
+import signal
 import sys
 import zlib
 from pathlib import Path
@@ -55,6 +56,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ctrl_c():
+    """SIGINT raises KeyboardInterrupt in this process and reaches the processes it starts, even when pytest itself
+    was started with SIGINT ignored (`nohup ... &` from a non-interactive shell: children inherit the ignore)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

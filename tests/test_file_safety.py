@@ -57,6 +57,7 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.usefixtures("ctrl_c")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_kill_mid_write_leaves_the_old_file(tmp_path, sig):
     target, ready = tmp_path / "out.bin", tmp_path / "ready"

@@ -233,6 +233,7 @@ def _read_in_background(stream, into: list) -> None:
     threading.Thread(target=pump, daemon=True).start()
 
 
+@pytest.mark.usefixtures("ctrl_c")
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_reproduction_keeps_its_training_and_resumes(tmp_path, sig):
     """Issue 27: SIGINT or SIGTERM before the first checkpoint (every 100,000 steps here) writes the training

@@ -210,6 +210,7 @@ def test_checkpoints_every_few_minutes_of_wall_time(tmp_path, monkeypatch):
         train(dataclasses.replace(base, checkpoint_minutes=-1), images=images, overwrite=True, progress=False)
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_ctrl_c_writes_the_checkpoint_and_the_run_resumes_exactly(tmp_path, monkeypatch):
     """Issue 27: SIGINT during the loop stops it between two steps and writes the checkpoint (stopped
     "interrupted") before the KeyboardInterrupt; resumed, the run ends with an uninterrupted run's weights."""
