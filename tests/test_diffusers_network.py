@@ -350,6 +350,12 @@ def test_cli_calibrate_compare_reproduce_with_network(tmp_path, capsys):
     assert main(argv) == 0
     assert "ELS: median Pearson r" in capsys.readouterr().out
     assert load_results(report)["config"]["network"] == saved["network"]
+    # departure re-runs the machine on the network's schedule: found from the directory results.json names
+    assert main(["departure", str(report), "--dataset", str(npz), "-q"]) == 0
+    assert "bit for bit on 2" in capsys.readouterr().out
+    other = save_pipeline(tmp_path / "o", tiny_unet(classes=3), scheduler("linear", "epsilon"))
+    assert main(["departure", str(report), "--dataset", str(npz), "--network", f"diffusers:{other}", "-q"]) == 2
+    assert "but the comparison ran on diffusers-timesteps(scaled_linear" in capsys.readouterr().err
     # refusals: both or neither of --checkpoint / --network, --network without --dataset, a non-spec, a shape the
     # preset's data does not have (mnist-small: 28 x 28 digits), a network that is not there
     assert main(["calibrate", *args, "--checkpoint", "x.pt", "--out", str(tmp_path / "c.json")]) == 2

@@ -3,7 +3,9 @@
 
 `add_commands(subparsers)` adds the sub-command; `_cmd_departure` runs it. The machines' training set comes from
 the network checkpoint (`--checkpoint`, by default the checkpoint the comparison names when it is a file) or from
-the data options (`--dataset`, ...); its SHA-256 is checked against the comparison's. This module may import
+the data options (`--dataset`, ...); its SHA-256 is checked against the comparison's. A comparison of a diffusers
+network ran on that network's noise schedule: it is read from the network (`--network diffusers:DIR`, by default
+the directory the comparison names). This module may import
 `elsfast.cli.args` and the library (lazily inside the command); no other cli module.
 """
 
@@ -54,6 +56,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--pad-to", type=at_least(1), metavar="SIZE", help="with --dataset: zero-pad to SIZE x SIZE")
     g.add_argument("--limit", type=at_least(1), metavar="N", help="with --dataset: the first N training images")
     d.add_argument(
+        "--network",
+        metavar="diffusers:DIR",
+        help="the comparison's diffusers network, whose noise schedule the machine re-runs on (default: the "
+        "directory results.json names, for a comparison of a diffusers network)",
+    )
+    d.add_argument(
         "--seeds", type=at_least(1), metavar="N", help="only the first N seeds of the comparison (default: all)"
     )
     d.add_argument("--worst", type=at_least(0), default=6, metavar="K", help="seeds in worst.png (default: 6)")
@@ -84,6 +92,30 @@ def _named_checkpoint(report_dir: Path) -> str | None:
         return None
     path = Path(tag.rsplit(" at step ", 1)[0])
     return str(path) if file_kind(path) == "network" else None
+
+
+def _network_schedule(args: argparse.Namespace, config: dict):
+    """The noise schedule of the comparison's diffusers network (`--network`, else the directory results.json names),
+    or None for a comparison on a named schedule; CLIError when it cannot be found or is not the comparison's."""
+    from ..integrations.diffusers_network import SPEC_PREFIX, is_network_spec, load_diffusers_network
+
+    recorded, tag = config["schedule"], config.get("network")
+    spec = args.network
+    if spec is None and isinstance(tag, str) and is_network_spec(tag):
+        spec = tag.rsplit(" (module-sha256:", 1)[0]
+    if spec is None:
+        if recorded.startswith("diffusers-timesteps("):
+            raise CLIError(f"the comparison ran on a diffusers network's schedule: pass --network {SPEC_PREFIX}DIR")
+        return None
+    if not is_network_spec(spec):
+        raise CLIError(f"argument --network: expected {SPEC_PREFIX}DIR, got {spec!r}")
+    try:
+        schedule = load_diffusers_network(spec).schedule
+    except (OSError, ValueError, TypeError) as e:
+        raise CLIError(f"argument --network: {e}") from None
+    if repr(schedule) != recorded:
+        raise CLIError(f"the network {spec} runs on {schedule!r}, but the comparison ran on {recorded}")
+    return schedule
 
 
 def _training_set(args: argparse.Namespace):
@@ -121,6 +153,7 @@ def _cmd_departure(args: argparse.Namespace) -> int:
     results = load_results(report)
     if results is None:
         raise CLIError(f"argument REPORT_DIR: {report / 'results.json'} does not exist: run 'elsfast compare' first")
+    schedule = _network_schedule(args, results["config"])
     images, labels = _training_set(args)
     if not results["config"]["conditional"]:
         labels = None
@@ -133,6 +166,7 @@ def _cmd_departure(args: argparse.Namespace) -> int:
         seeds=seeds[: args.seeds] if args.seeds else None,
         machine=args.machine,
         worst=args.worst,
+        schedule=schedule,
         machine_options=options,
         tolerance=args.tolerance,
         progress=not args.quiet,
