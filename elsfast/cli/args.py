@@ -2,11 +2,11 @@
 
 It holds `PROG`, the defaults every command shares, `CLIError` (a bad command line: one `elsfast: error: ...`
 line, exit status 2), the `Parser` whose errors raise it, the argument types (`integer`, `at_least`,
-`odd_patch_size`, `byte_count`, `labels_spec`, `scales_name`), the argument groups (`add_data_args`,
-`add_machine_args`, `add_sampling_args`) and the checks more than one command runs (`check_outputs`,
-`load_dataset`). Every other module of `elsfast.cli` imports from here; this module imports only argparse and the
-library (`elsfast.common`, and lazily `elsfast.machine`, `elsfast.reduce`, `elsfast.datasets`), never another
-cli module.
+`odd_patch_size`, `byte_count`, `labels_spec`, `scales_name`, `network_spec`), the argument groups
+(`add_data_args`, `add_machine_args`, `add_sampling_args`) and the checks and loads more than one command runs
+(`check_outputs`, `load_dataset`, `checkpoint_training_set`). Every other module of `elsfast.cli` imports from here;
+this module imports only argparse and the library (`elsfast.common`, and lazily `elsfast.machine`,
+`elsfast.reduce`, `elsfast.datasets`, `elsfast.integrations`), never another cli module.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ __all__ = [
     "at_least",
     "byte_count",
     "check_outputs",
+    "checkpoint_training_set",
     "integer",
     "labels_spec",
     "load_dataset",
+    "network_spec",
     "odd_patch_size",
     "scales_name",
 ]
@@ -248,9 +250,31 @@ def check_outputs(outputs: dict[str, tuple[str | None, str | None]]) -> None:
 
 def load_dataset(args: argparse.Namespace):
     """The training set named by the data group (--dataset, --data-root, --pad-to, --limit)."""
+    return _load_training_set(args.dataset, args.data_root, args.pad_to, args.limit)
+
+
+def checkpoint_training_set(config: dict, data_root: str | None):
+    """The training set a network checkpoint was trained on (`config`: its stored train config), read from
+    `data_root` (--data-root) or else the root it was trained from."""
+    root = data_root or config.get("root")
+    return _load_training_set(config["dataset"], root, config.get("pad_to"), config.get("limit"))
+
+
+def _load_training_set(name, root, pad_to, limit):
     from .. import datasets
 
     try:
-        return datasets.load(args.dataset, "train", args.data_root, pad_to=args.pad_to, limit=args.limit)
+        return datasets.load(name, "train", root, pad_to=pad_to, limit=limit)
     except datasets.DatasetNotFoundError as e:
         raise CLIError(f"{e} On the command line: --data-root DIR.") from None
+
+
+def network_spec(text: str) -> str:
+    """Argument type of --network: a spec `diffusers:DIR` naming a diffusers model or pipeline directory."""
+    from ..integrations.diffusers_network import SPEC_PREFIX, is_network_spec
+
+    if not is_network_spec(text) or len(text) == len(SPEC_PREFIX):
+        raise argparse.ArgumentTypeError(
+            f"expected {SPEC_PREFIX}DIR (a diffusers model or pipeline directory), got {text!r}"
+        )
+    return text

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .args import PROG, CLIError, at_least
+from .args import PROG, CLIError, at_least, checkpoint_training_set, load_dataset, network_spec
 
 __all__ = ["add_commands"]
 
@@ -57,6 +57,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=at_least(1), metavar="N", help="with --dataset: the first N training images")
     d.add_argument(
         "--network",
+        type=network_spec,
         metavar="diffusers:DIR",
         help="the comparison's diffusers network, whose noise schedule the machine re-runs on (default: the "
         "directory results.json names, for a comparison of a diffusers network)",
@@ -107,8 +108,6 @@ def _network_schedule(args: argparse.Namespace, config: dict):
         if recorded.startswith("diffusers-timesteps("):
             raise CLIError(f"the comparison ran on a diffusers network's schedule: pass --network {SPEC_PREFIX}DIR")
         return None
-    if not is_network_spec(spec):
-        raise CLIError(f"argument --network: expected {SPEC_PREFIX}DIR, got {spec!r}")
     try:
         schedule = load_diffusers_network(spec).schedule
     except (OSError, ValueError, TypeError) as e:
@@ -120,27 +119,21 @@ def _network_schedule(args: argparse.Namespace, config: dict):
 
 def _training_set(args: argparse.Namespace):
     """(images, labels) of the machines: from --dataset, else from the checkpoint's dataset."""
-    from .. import datasets
-
     if args.dataset is not None and args.checkpoint is not None:
         raise CLIError("give --checkpoint or --dataset, not both")
-    try:
-        if args.dataset is not None:
-            data = datasets.load(args.dataset, "train", args.data_root, pad_to=args.pad_to, limit=args.limit)
-            return data.images, data.labels
-        checkpoint = args.checkpoint or _named_checkpoint(Path(args.report_dir))
-        if checkpoint is None:
-            raise CLIError(
-                f"the comparison in {args.report_dir} names no network checkpoint on disk: pass --checkpoint "
-                "PATH.pt or --dataset NAME (and --data-root, --pad-to, --limit as for the comparison)"
-            )
-        from ..nets.train import load_checkpoint
+    if args.dataset is not None:
+        data = load_dataset(args)
+        return data.images, data.labels
+    checkpoint = args.checkpoint or _named_checkpoint(Path(args.report_dir))
+    if checkpoint is None:
+        raise CLIError(
+            f"the comparison in {args.report_dir} names no network checkpoint on disk: pass --checkpoint "
+            "PATH.pt or --dataset NAME (and --data-root, --pad-to, --limit as for the comparison)"
+        )
+    from ..nets.train import load_checkpoint
 
-        _, config, _ = load_checkpoint(checkpoint)
-        root = args.data_root or config.get("root")
-        data = datasets.load(config["dataset"], root=root, pad_to=config.get("pad_to"), limit=config.get("limit"))
-    except datasets.DatasetNotFoundError as e:
-        raise CLIError(f"{e} On the command line: --data-root DIR.") from None
+    _, config, _ = load_checkpoint(checkpoint)
+    data = checkpoint_training_set(config, args.data_root)
     return data.images, data.labels
 
 

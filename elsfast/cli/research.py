@@ -16,7 +16,19 @@ from pathlib import Path
 
 from ..common.checks import check_device
 from ..plots.style import check_figure_path, matplotlib_missing
-from .args import PROG, CLIError, add_data_args, at_least, check_outputs, integer, odd_patch_size, seed_arg
+from .args import (
+    PROG,
+    CLIError,
+    add_data_args,
+    at_least,
+    check_outputs,
+    checkpoint_training_set,
+    integer,
+    load_dataset,
+    network_spec,
+    odd_patch_size,
+    seed_arg,
+)
 
 __all__ = ["add_commands"]
 
@@ -59,16 +71,6 @@ def _checkpoint_minutes_arg(p, default: float | None) -> None:
     )
 
 
-def _network_spec(text: str) -> str:
-    from ..integrations.diffusers_network import SPEC_PREFIX, is_network_spec
-
-    if not is_network_spec(text) or len(text) == len(SPEC_PREFIX):
-        raise argparse.ArgumentTypeError(
-            f"expected {SPEC_PREFIX}DIR (a diffusers model or pipeline directory), got {text!r}"
-        )
-    return text
-
-
 _NETWORK_HELP = (
     "a diffusers UNet2DModel or pipeline directory on disk (read offline), run on its own scheduler's noise schedule"
 )
@@ -78,7 +80,7 @@ def _network_args(p: argparse.ArgumentParser) -> None:
     """--checkpoint PATH.pt or --network diffusers:DIR (one of them), and the data of a --network run."""
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", metavar="PATH.pt", help="network checkpoint from 'elsfast train'")
-    which.add_argument("--network", type=_network_spec, metavar="diffusers:DIR", help=_NETWORK_HELP)
+    which.add_argument("--network", type=network_spec, metavar="diffusers:DIR", help=_NETWORK_HELP)
     g = p.add_argument_group("data of a --network run (a --checkpoint names its own)")
     g.add_argument(
         "--dataset",
@@ -247,7 +249,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     r.add_argument("--data-root", metavar="DIR", help="data directory ($ELSFAST_DATA)")
     r.add_argument(
         "--network",
-        type=_network_spec,
+        type=network_spec,
         metavar="diffusers:DIR",
         help=_NETWORK_HELP + ": calibrated and compared on the preset's data and settings, with no training stage",
     )
@@ -326,7 +328,6 @@ def _network_and_data(args: argparse.Namespace):
     """The network and the machines' training set: a checkpoint's network and the data it was trained on, or a
     diffusers network (`--network`) and `--dataset` (labelled when the network is class-conditional, zero
     padding)."""
-    from .. import datasets
     from ..nets.train import load_checkpoint
 
     device = check_device(args.device, name="argument --device")
@@ -339,7 +340,7 @@ def _network_and_data(args: argparse.Namespace):
             model = load_diffusers_network(args.network, device=device)
         except (OSError, ValueError) as err:
             raise CLIError(f"argument --network: {err}") from None
-        data = datasets.load(args.dataset, root=args.data_root, pad_to=args.pad_to, limit=args.limit)
+        data = load_dataset(args)
         if model.conditional and data.labels is None:
             raise CLIError(f"argument --network: the network is class-conditional, but {data.name} has no labels")
         labels = data.labels if model.conditional else None
@@ -348,8 +349,7 @@ def _network_and_data(args: argparse.Namespace):
     if given:
         raise CLIError(f"{', '.join(given)}: a --checkpoint names its own training data (these go with --network)")
     model, config, _ = load_checkpoint(args.checkpoint, device=device)
-    root = args.data_root or config.get("root")
-    data = datasets.load(config["dataset"], root=root, pad_to=config.get("pad_to"), limit=config.get("limit"))
+    data = checkpoint_training_set(config, args.data_root)
     labels = data.labels if config.get("conditional") else None
     return model, config, data, labels, device
 
