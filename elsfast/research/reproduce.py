@@ -109,6 +109,10 @@ def _cpu_preset(train: TrainConfig, notes: str, **preset) -> Preset:
 _SMALL_RESNET = dict(
     arch="resnet", channels=64, blocks=6, padding="zeros", conditional=True, lr=5e-4, checkpoint_every=200
 )
+# the small UNet of the CPU presets (widths 32, 64, 128; one residual block per level), zero padding, 1,200 steps
+_SMALL_UNET = dict(
+    limit=2000, channels=[32, 64, 128], blocks=1, padding="zeros", lr=5e-4, max_steps=1200, checkpoint_every=200
+)
 
 PRESETS: dict[str, Preset] = {
     "mnist-small": _cpu_preset(
@@ -128,18 +132,7 @@ PRESETS: dict[str, Preset] = {
         paper_r=0.95,
     ),
     "faces-small": _cpu_preset(
-        TrainConfig(
-            dataset="faces",
-            limit=2000,
-            arch="unet",
-            channels=[32, 64, 128],
-            blocks=1,
-            padding="zeros",
-            conditional=False,
-            lr=5e-4,
-            max_steps=1200,
-            checkpoint_every=200,
-        ),
+        TrainConfig(dataset="faces", arch="unet", conditional=False, **_SMALL_UNET),
         "reduced scale for a 2-core CPU: a small unconditional UNet (widths 32, 64, 128), the first 2,000 "
         "32x32 grey faces standing in for CelebA, LS calibrated as for the paper's CelebA UNet, 1,200 training "
         "steps; needs the data",
@@ -204,18 +197,7 @@ for _dataset, _arch, _padding, _conditional, _machine, _r in TABLE1:
 CIFAR10_SMALL_SCALES = (3, 3, 3, 3, 3, 3, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 9, 9, 9, 9)
 
 PRESETS["cifar10-sa-small"] = _cpu_preset(
-    TrainConfig(
-        dataset="cifar10",
-        limit=2000,
-        arch="unet-sa",
-        channels=[32, 64, 128],
-        blocks=1,
-        padding="zeros",
-        conditional=True,
-        lr=5e-4,
-        max_steps=1200,
-        checkpoint_every=200,
-    ),
+    TrainConfig(dataset="cifar10", arch="unet-sa", conditional=True, **_SMALL_UNET),
     "reduced scale for a 2-core CPU: a small class-conditional UNet with self-attention at 16x16 and 8x8 (widths "
     "32, 64, 128), the first 2,000 CIFAR-10 training images, 1,200 training steps, compared with the ELS machine "
     "at cifar10-small's calibrated P(t), not recalibrated, as the paper did, with the paper's Table 1 protocol "
